@@ -1,0 +1,220 @@
+//! Map layouts shared by the socklb eBPF programs and user space.
+//!
+//! Every type here is `#[repr(C)]` without implicit padding, so the kernel,
+//! the programs and the agent agree on each byte. Addresses are four 32-bit
+//! words in network byte order, as the kernel hands them to `sock_addr`
+//! programs; IPv4 is stored v4-mapped (`::ffff:a.b.c.d`), so one key serves
+//! AF_INET sockets and AF_INET6 sockets that use v4-mapped destinations.
+#![no_std]
+
+/// An IPv6 or v4-mapped IPv4 address: four words in network byte order.
+pub type Addr = [u32; 4];
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Capacity of `SERVICES`: service keys (VIP, port, protocol).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend slots, summed over all services.
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Translated (socket, backend) pairs remembered for the reverse hooks.
+pub const REVERSE_ENTRIES: u32 = 131_072;
+/// Remembered backend choices (ClientIP affinity and UDP socket stickiness).
+pub const STICKY_ENTRIES: u32 = 65_536;
+
+/// The third word of a v4-mapped address (`0000:ffff` in network byte order).
+pub const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+
+/// Converts an IPv4 address word (network byte order) to its v4-mapped form.
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+/// Whether `addr` is a v4-mapped IPv4 address.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Whether `addr` is a loopback address (`127.0.0.0/8` v4-mapped, or `::1`).
+#[inline(always)]
+pub const fn is_loopback(addr: &Addr) -> bool {
+    if is_v4_mapped(addr) {
+        // The first octet is the lowest-addressed byte of the word.
+        u32::from_be(addr[3]) >> 24 == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_be(1)
+    }
+}
+
+/// An address and a port: a backend, or the VIP a translated socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Endpoint {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    pub vip: Addr,
+    /// Network byte order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`: the service's master entry. Its backends sit in
+/// `BACKEND_SLOTS` under `(id, 1..=backend_count)`; the agent writes those
+/// slots before this entry and removes surplus slots after it, so a
+/// concurrent lookup always sees a complete set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Agent-assigned, below `MAX_SERVICES`; indexes `SERVICE_STATS`.
+    pub id: u32,
+    /// 0: connect and sendmsg are refused with ECONNREFUSED.
+    pub backend_count: u32,
+    /// ClientIP session affinity; 0 = none.
+    pub affinity_timeout_secs: u32,
+    pub _pad: u32,
+}
+
+/// Key of `BACKEND_SLOTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    /// 1..=backend_count.
+    pub slot: u32,
+}
+
+/// Key of `MEMBERS`: present while `backend` belongs to the service, so a
+/// remembered choice can be checked in one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub backend: Endpoint,
+}
+
+/// What a [`StickyKey`] remembers a backend for.
+pub const STICKY_CLIENT_IP: u32 = 1;
+pub const STICKY_UDP_SOCKET: u32 = 2;
+
+/// Key of `STICKY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct StickyKey {
+    /// The netns cookie for `STICKY_CLIENT_IP` (every socket of a pod shares
+    /// its IP and network namespace), the socket cookie for `STICKY_UDP_SOCKET`.
+    pub client: u64,
+    pub service_id: u32,
+    pub kind: u32,
+}
+
+/// Value of `STICKY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sticky {
+    pub backend: Endpoint,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last connection that used it.
+    pub last_used_ns: u64,
+}
+
+/// Key of `REVERSE`: a translated socket and the backend it was sent to;
+/// the value is the VIP endpoint the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ReverseKey {
+    pub cookie: u64,
+    pub backend: Endpoint,
+    pub _pad: u32,
+}
+
+/// Per-service counters (`SERVICE_STATS`, per CPU, indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceCounters {
+    /// Connects and datagrams sent to a backend.
+    pub translations: u64,
+    /// Connects and datagrams refused because the service had no backend.
+    pub rejects: u64,
+}
+
+/// Indexes of `GUEST_ADDRS`.
+pub const GUEST_ADDR_V4: u32 = 0;
+pub const GUEST_ADDR_V6: u32 = 1;
+
+/// Map names as the programs declare them (and as they are pinned).
+pub mod map_names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const MEMBERS: &str = "MEMBERS";
+    pub const STICKY: &str = "STICKY";
+    pub const REVERSE: &str = "REVERSE";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const GUEST_ADDRS: &str = "GUEST_ADDRS";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        MEMBERS,
+        STICKY,
+        REVERSE,
+        SERVICE_STATS,
+        GUEST_ADDRS,
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data without padding or pointers.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for StickyKey {}
+    unsafe impl aya::Pod for Sticky {}
+    unsafe impl aya::Pod for ReverseKey {}
+    unsafe impl aya::Pod for ServiceCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<BackendSlotKey>(), 8);
+        assert_eq!(size_of::<MemberKey>(), 24);
+        assert_eq!(size_of::<StickyKey>(), 16);
+        assert_eq!(size_of::<Sticky>(), 32);
+        assert_eq!(size_of::<ReverseKey>(), 32);
+        assert_eq!(size_of::<ServiceCounters>(), 16);
+    }
+
+    #[test]
+    fn address_classes() {
+        let v4 = |a: [u8; 4]| v4_mapped(u32::from_ne_bytes(a));
+        assert!(is_v4_mapped(&v4([10, 96, 0, 1])));
+        assert!(is_loopback(&v4([127, 0, 0, 1])));
+        assert!(is_loopback(&v4([127, 1, 2, 3])));
+        assert!(!is_loopback(&v4([10, 0, 0, 127])));
+        let v6_loopback = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        assert!(is_loopback(&v6_loopback));
+        assert!(!is_v4_mapped(&v6_loopback));
+    }
+}

@@ -1,0 +1,409 @@
+//! socklb's cgroup `sock_addr` programs.
+//!
+//! Forward hooks (connect4/6, sendmsg4/6) rewrite a service VIP:port to a
+//! backend once per connection (per datagram for unconnected UDP) and
+//! remember the translation in `REVERSE` under the socket cookie. Reverse
+//! hooks (recvmsg4/6, getpeername4/6) use it to show the application the VIP
+//! it asked for. getsockname4/6 hide a loopback local address that only
+//! exists because the backend is loopback (see `local_view`).
+//!
+//! A destination that is not a service costs one hash lookup.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_NO_PREALLOC, bpf_sock, bpf_sock_addr},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use socklb_common::{
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_SERVICES,
+    MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES, STICKY_UDP_SOCKET,
+    Service, ServiceCounters, ServiceKey, Sticky, StickyKey, is_loopback, is_v4_mapped, v4_mapped,
+};
+
+// Services are rewritten by user space while programs read them: without
+// preallocation a replaced element is freed only after an RCU grace period,
+// so a reader never sees it reused.
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+#[map]
+static BACKEND_SLOTS: HashMap<BackendSlotKey, Endpoint> =
+    HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+#[map]
+static MEMBERS: HashMap<MemberKey, u8> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+#[map]
+static STICKY: LruHashMap<StickyKey, Sticky> = LruHashMap::pinned(STICKY_ENTRIES, 0);
+#[map]
+static REVERSE: LruHashMap<ReverseKey, Endpoint> = LruHashMap::pinned(REVERSE_ENTRIES, 0);
+#[map]
+static SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+/// The guest's own addresses (v4-mapped, v6), all-zero when unknown.
+#[map]
+static GUEST_ADDRS: Array<Addr> = Array::pinned(2, 0);
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+enum Verdict {
+    Pass,
+    Backend(Endpoint),
+    Refuse,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx, false)
+}
+
+// The kernel runs sendmsg hooks only for datagrams that carry a destination,
+// that is, on unconnected UDP sockets.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward4(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx)
+}
+
+#[cgroup_sock_addr(getsockname4)]
+pub fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let local = v4_mapped(unsafe { (*sa).user_ip4 });
+    let peer = |sk: *mut bpf_sock| v4_mapped(unsafe { (*sk).dst_ip4 });
+    if let Some(shown) = local_view(&ctx, &local, peer) {
+        unsafe { (*sa).user_ip4 = shown[3] };
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getsockname6)]
+pub fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let local = read_user_ip6(sa);
+    // One 4-byte load per word, the only width the verifier accepts here.
+    let peer = |sk: *mut bpf_sock| unsafe {
+        [
+            (&raw const (*sk).dst_ip6[0]).read_volatile(),
+            (&raw const (*sk).dst_ip6[1]).read_volatile(),
+            (&raw const (*sk).dst_ip6[2]).read_volatile(),
+            (&raw const (*sk).dst_ip6[3]).read_volatile(),
+        ]
+    };
+    if let Some(shown) = local_view(&ctx, &local, peer) {
+        write_user_ip6(sa, &shown);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn forward4(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let dst = Endpoint {
+        addr: v4_mapped(unsafe { (*sa).user_ip4 }),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    match translate(ctx, &dst, unconnected_udp) {
+        Verdict::Pass => ALLOW,
+        Verdict::Backend(backend) => {
+            unsafe {
+                (*sa).user_ip4 = backend.addr[3];
+                (*sa).user_port = u32::from(backend.port);
+            }
+            ALLOW
+        }
+        Verdict::Refuse => refuse(),
+    }
+}
+
+#[inline(always)]
+fn forward6(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let dst = Endpoint {
+        addr: read_user_ip6(sa),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    match translate(ctx, &dst, unconnected_udp) {
+        Verdict::Pass => ALLOW,
+        Verdict::Backend(backend) => {
+            write_user_ip6(sa, &backend.addr);
+            unsafe { (*sa).user_port = u32::from(backend.port) };
+            ALLOW
+        }
+        Verdict::Refuse => refuse(),
+    }
+}
+
+/// Fails the connect or sendmsg with ECONNREFUSED, as kube-proxy's REJECT.
+#[inline(always)]
+fn refuse() -> i32 {
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
+    let key = ServiceKey {
+        vip: dst.addr,
+        port: dst.port,
+        proto: unsafe { (*ctx.sock_addr).protocol } as u8,
+        _pad: 0,
+    };
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return Verdict::Pass;
+    };
+    let Some(backend) = choose_backend(ctx, &key, &service, unconnected_udp) else {
+        count(service.id, |c| c.rejects += 1);
+        return Verdict::Refuse;
+    };
+    let reverse_key = ReverseKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend,
+        _pad: 0,
+    };
+    // Unconnected UDP comes here per datagram: skip the write when the
+    // translation is already remembered.
+    if unsafe { REVERSE.get(&reverse_key) } != Some(dst) {
+        let _ = REVERSE.insert(&reverse_key, dst, 0);
+    }
+    count(service.id, |c| c.translations += 1);
+    Verdict::Backend(backend)
+}
+
+/// A remembered backend if the service wants one kept (ClientIP affinity, or
+/// an unconnected UDP socket) and it is still a member; else a random one.
+#[inline(always)]
+fn choose_backend(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    service: &Service,
+    unconnected_udp: bool,
+) -> Option<Endpoint> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    let sticky_key = if service.affinity_timeout_secs != 0 {
+        StickyKey {
+            client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            service_id: service.id,
+            kind: STICKY_CLIENT_IP,
+        }
+    } else if unconnected_udp {
+        StickyKey {
+            client: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            service_id: service.id,
+            kind: STICKY_UDP_SOCKET,
+        }
+    } else {
+        return random_backend(key, service);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(sticky) = STICKY.get_ptr_mut(&sticky_key) {
+        let sticky = unsafe { &mut *sticky };
+        let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
+        let fresh = timeout_ns == 0 || now.wrapping_sub(sticky.last_used_ns) <= timeout_ns;
+        let member = MemberKey {
+            service_id: service.id,
+            backend: sticky.backend,
+        };
+        if fresh && unsafe { MEMBERS.get(&member) }.is_some() {
+            // kube-proxy's `recent` match restarts the timeout on every use.
+            sticky.last_used_ns = now;
+            return Some(sticky.backend);
+        }
+    }
+    let backend = random_backend(key, service)?;
+    let sticky = Sticky {
+        backend,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = STICKY.insert(&sticky_key, &sticky, 0);
+    Some(backend)
+}
+
+#[inline(always)]
+fn random_backend(key: &ServiceKey, service: &Service) -> Option<Endpoint> {
+    if let Some(backend) = backend_in_slot(service) {
+        return Some(backend);
+    }
+    // The service shrank between reading its entry and its slot (the agent
+    // removes surplus slots after writing the entry): re-read it once.
+    let service = unsafe { SERVICES.get(key) }?;
+    backend_in_slot(service)
+}
+
+#[inline(always)]
+fn backend_in_slot(service: &Service) -> Option<Endpoint> {
+    let index = unsafe { bpf_get_prandom_u32() }.checked_rem(service.backend_count)?;
+    let slot = BackendSlotKey {
+        service_id: service.id,
+        slot: index + 1,
+    };
+    unsafe { BACKEND_SLOTS.get(&slot) }.copied()
+}
+
+#[inline(always)]
+fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
+    if let Some(counters) = SERVICE_STATS.get_ptr_mut(service_id) {
+        bump(unsafe { &mut *counters });
+    }
+}
+
+/// The VIP endpoint the application asked for, if this socket was
+/// translated to `peer`.
+#[inline(always)]
+fn original_vip(ctx: &SockAddrContext, peer: &Endpoint) -> Option<Endpoint> {
+    let key = ReverseKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend: *peer,
+        _pad: 0,
+    };
+    unsafe { REVERSE.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn reverse4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let peer = Endpoint {
+        addr: v4_mapped(unsafe { (*sa).user_ip4 }),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    if let Some(vip) = original_vip(ctx, &peer) {
+        unsafe {
+            (*sa).user_ip4 = vip.addr[3];
+            (*sa).user_port = u32::from(vip.port);
+        }
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let peer = Endpoint {
+        addr: read_user_ip6(sa),
+        port: user_port(sa),
+        _pad: 0,
+    };
+    if let Some(vip) = original_vip(ctx, &peer) {
+        write_user_ip6(sa, &vip.addr);
+        unsafe { (*sa).user_port = u32::from(vip.port) };
+    }
+    ALLOW
+}
+
+/// What getsockname should show instead of `local`, if anything.
+///
+/// A socket translated from a non-loopback VIP to a loopback backend gets a
+/// loopback local address from routing, one the application never asked
+/// for and could not have had towards the VIP. It is shown the guest's own
+/// address of that family instead, the address it would have had with
+/// kube-proxy. Every other local address is shown as it is.
+#[inline(always)]
+fn local_view(
+    ctx: &SockAddrContext,
+    local: &Addr,
+    peer_addr: impl FnOnce(*mut bpf_sock) -> Addr,
+) -> Option<Addr> {
+    if !is_loopback(local) {
+        return None;
+    }
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let peer = Endpoint {
+        addr: peer_addr(sk),
+        port: unsafe { (*sk).dst_port },
+        _pad: 0,
+    };
+    let vip = original_vip(ctx, &peer)?;
+    if is_loopback(&vip.addr) {
+        return None;
+    }
+    let index = if is_v4_mapped(local) {
+        GUEST_ADDR_V4
+    } else {
+        GUEST_ADDR_V6
+    };
+    let guest = *GUEST_ADDRS.get(index)?;
+    (guest != [0; 4]).then_some(guest)
+}
+
+#[inline(always)]
+fn user_port(sa: *mut bpf_sock_addr) -> u16 {
+    // The port sits in network byte order in the low half of the word.
+    unsafe { (*sa).user_port as u16 }
+}
+
+// The verifier accepts only 4-byte accesses to user_ip6, one word at a time.
+#[inline(always)]
+fn read_user_ip6(sa: *mut bpf_sock_addr) -> Addr {
+    unsafe {
+        [
+            (&raw const (*sa).user_ip6[0]).read_volatile(),
+            (&raw const (*sa).user_ip6[1]).read_volatile(),
+            (&raw const (*sa).user_ip6[2]).read_volatile(),
+            (&raw const (*sa).user_ip6[3]).read_volatile(),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
+    unsafe {
+        (&raw mut (*sa).user_ip6[0]).write_volatile(addr[0]);
+        (&raw mut (*sa).user_ip6[1]).write_volatile(addr[1]);
+        (&raw mut (*sa).user_ip6[2]).write_volatile(addr[2]);
+        (&raw mut (*sa).user_ip6[3]).write_volatile(addr[3]);
+    }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,166 @@
+//! Agent configuration, merged from (highest first) command-line flags,
+//! `SOCKLB_*` environment variables, `socklb.*` keys on the kernel command
+//! line, and built-in defaults. Flags and environment arrive already merged
+//! by clap in `main`; this module adds the kernel command line and defaults.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::kernel::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The cgroup the programs attach to (the guest's root cgroup).
+    pub cgroup: PathBuf,
+    /// The bpffs directory that holds socklb's pins.
+    pub bpffs: PathBuf,
+    /// A table file to program at start (and again on SIGHUP).
+    pub table: Option<PathBuf>,
+    pub log_level: slog::Level,
+    /// The guest's own addresses shown by getsockname in place of loopback;
+    /// empty: the first global address of each family on the guest's
+    /// interfaces.
+    pub pod_ips: Vec<IpAddr>,
+}
+
+/// Settings given as flags or environment variables; `None` = not given.
+#[derive(Clone, Debug, Default)]
+pub struct Given {
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+    pub table: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub pod_ips: Vec<IpAddr>,
+}
+
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+impl Config {
+    /// Merges `given` over the `socklb.*` keys of `kernel_cmdline` over the
+    /// defaults.
+    pub fn resolve(given: Given, kernel_cmdline: &str) -> Result<Config> {
+        let mut cmdline = CmdlineKeys::default();
+        for word in kernel_cmdline.split_whitespace() {
+            let Some((key, value)) = word.strip_prefix("socklb.").and_then(|w| w.split_once('='))
+            else {
+                continue;
+            };
+            match key {
+                "cgroup" => cmdline.cgroup = Some(value.into()),
+                "bpffs" => cmdline.bpffs = Some(value.into()),
+                "table" => cmdline.table = Some(value.into()),
+                "log_level" => cmdline.log_level = Some(value.into()),
+                "pod_ip" => {
+                    for ip in value.split(',') {
+                        cmdline.pod_ips.push(ip.parse().with_context(|| {
+                            format!(
+                                "kernel command line socklb.pod_ip: {ip:?} is not an IP address"
+                            )
+                        })?);
+                    }
+                }
+                // Keys of later versions or other components are not ours to refuse.
+                _ => {}
+            }
+        }
+        let log_level = given
+            .log_level
+            .or(cmdline.log_level)
+            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+        Ok(Config {
+            cgroup: given
+                .cgroup
+                .or(cmdline.cgroup)
+                .unwrap_or_else(|| DEFAULT_CGROUP.into()),
+            bpffs: given
+                .bpffs
+                .or(cmdline.bpffs)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join("socklb")),
+            table: given.table.or(cmdline.table),
+            log_level: parse_level(&log_level)?,
+            pod_ips: if given.pod_ips.is_empty() {
+                cmdline.pod_ips
+            } else {
+                given.pod_ips
+            },
+        })
+    }
+}
+
+#[derive(Default)]
+struct CmdlineKeys {
+    cgroup: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    table: Option<PathBuf>,
+    log_level: Option<String>,
+    pod_ips: Vec<IpAddr>,
+}
+
+pub fn parse_level(text: &str) -> Result<slog::Level> {
+    match text {
+        "critical" => Ok(slog::Level::Critical),
+        "error" => Ok(slog::Level::Error),
+        "warning" | "warn" => Ok(slog::Level::Warning),
+        "info" => Ok(slog::Level::Info),
+        "debug" => Ok(slog::Level::Debug),
+        "trace" => Ok(slog::Level::Trace),
+        other => {
+            bail!("log level {other:?} is not one of critical, error, warning, info, debug, trace")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let config = Config::resolve(Given::default(), "quiet console=ttyS0").unwrap();
+        assert_eq!(config.cgroup, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(config.bpffs, PathBuf::from("/sys/fs/bpf/socklb"));
+        assert_eq!(config.table, None);
+        assert_eq!(config.log_level, slog::Level::Info);
+        assert!(config.pod_ips.is_empty());
+    }
+
+    #[test]
+    fn kernel_cmdline_fills_what_flags_leave_out() {
+        let given = Given {
+            log_level: Some("debug".into()),
+            ..Given::default()
+        };
+        let config = Config::resolve(
+            given,
+            "console=ttyS0 socklb.log_level=error socklb.table=/etc/t.yaml \
+             socklb.pod_ip=10.244.0.5,fd00::5 socklb.future_key=1",
+        )
+        .unwrap();
+        assert_eq!(config.log_level, slog::Level::Debug);
+        assert_eq!(config.table, Some(PathBuf::from("/etc/t.yaml")));
+        assert_eq!(
+            config.pod_ips,
+            vec![
+                "10.244.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::resolve(Given::default(), "socklb.pod_ip=10.0.0.x").unwrap_err();
+        assert!(format!("{err:#}").contains("socklb.pod_ip: \"10.0.0.x\""));
+        let given = Given {
+            log_level: Some("loud".into()),
+            ..Given::default()
+        };
+        assert!(
+            Config::resolve(given, "")
+                .unwrap_err()
+                .to_string()
+                .contains("\"loud\"")
+        );
+    }
+}

@@ -1,0 +1,608 @@
+//! The eBPF datapath: load, adopt pinned maps, attach and pin links, and
+//! program service tables into the maps.
+//!
+//! Pins under the bpffs directory `DIR`:
+//! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
+//! - `DIR/links/<hook>`: one link per hook; it keeps the program attached
+//!   while no agent runs. A later agent attaches its own programs first and
+//!   only then drops the old links, so no connect goes untranslated.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use slog::{Logger, info};
+use socklb_common::{
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MemberKey, ReverseKey,
+    ServiceCounters, Sticky, StickyKey, is_v4_mapped, map_names, v4_mapped,
+};
+
+use crate::table::{Protocol, Service, ServiceKey, Table};
+
+/// The programs, built by build.rs from ebpf/programs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
+
+/// A hook: the program's symbol and the name its link is pinned under.
+pub struct Hook {
+    pub program: &'static str,
+    pub name: &'static str,
+}
+
+pub const HOOKS: [Hook; 10] = [
+    Hook {
+        program: "lb_connect4",
+        name: "connect4",
+    },
+    Hook {
+        program: "lb_connect6",
+        name: "connect6",
+    },
+    Hook {
+        program: "lb_sendmsg4",
+        name: "sendmsg4",
+    },
+    Hook {
+        program: "lb_sendmsg6",
+        name: "sendmsg6",
+    },
+    Hook {
+        program: "lb_recvmsg4",
+        name: "recvmsg4",
+    },
+    Hook {
+        program: "lb_recvmsg6",
+        name: "recvmsg6",
+    },
+    Hook {
+        program: "lb_getpeername4",
+        name: "getpeername4",
+    },
+    Hook {
+        program: "lb_getpeername6",
+        name: "getpeername6",
+    },
+    Hook {
+        program: "lb_getsockname4",
+        name: "getsockname4",
+    },
+    Hook {
+        program: "lb_getsockname6",
+        name: "getsockname6",
+    },
+];
+
+/// What `apply` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// A service as the maps hold it.
+struct Programmed {
+    entry: socklb_common::Service,
+    backends: Vec<Endpoint>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service>,
+    slots: HashMap<MapData, BackendSlotKey, Endpoint>,
+    members: HashMap<MapData, MemberKey, u8>,
+    stats: PerCpuArray<MapData, ServiceCounters>,
+    guest_addrs: Array<MapData, Addr>,
+    log: Logger,
+}
+
+impl Datapath {
+    /// Loads the programs into the kernel, adopting maps pinned under `dir`
+    /// (creating and pinning them when absent).
+    pub fn load(dir: &Path, log: &Logger) -> Result<Datapath> {
+        let maps_dir = dir.join("maps");
+        let links_dir = dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        check_pinned_layouts(&maps_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(PROGRAMS)
+            .context("loading the eBPF object")?;
+        for hook in &HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, hook)?;
+            program.load().with_context(|| {
+                format!(
+                    "the kernel refused the {} program (attach type cgroup/{}): it needs \
+                     BPF_PROG_TYPE_CGROUP_SOCK_ADDR with that attach type",
+                    hook.program, hook.name
+                )
+            })?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+        };
+        let services = HashMap::try_from(take(map_names::SERVICES)?)?;
+        let slots = HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?;
+        let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
+        let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
+        let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
+        let log = log.new(slog::o!("component" => "datapath"));
+        info!(log, "programs loaded"; "bpffs" => dir.display().to_string());
+        Ok(Datapath {
+            ebpf,
+            links_dir,
+            services,
+            slots,
+            members,
+            stats,
+            guest_addrs,
+            log,
+        })
+    }
+
+    /// Attaches every hook to `cgroup` and pins its link, replacing the link
+    /// an earlier agent pinned only once the new one is attached.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+        for hook in &HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+            // A cgroup bpf_link always coexists with other links (the kernel
+            // refuses attach flags on links), so the old and new programs
+            // overlap for a moment: the first rewrites, the second passes.
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "attaching {} to cgroup {} failed (the kernel needs CONFIG_CGROUP_BPF)",
+                        hook.name,
+                        cgroup.display()
+                    )
+                })?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            let pin = self.links_dir.join(hook.name);
+            // bpffs reserves names with dots for itself.
+            let staged = self.links_dir.join(format!("{}_staged", hook.name));
+            // A staged pin left by an agent that died mid-replacement holds a
+            // duplicate link: dropping it detaches that duplicate.
+            remove_if_present(&staged)?;
+            link.pin(&staged)
+                .with_context(|| format!("cannot pin link {}", staged.display()))?;
+            let replaced = pin.exists();
+            if replaced {
+                let old = PinnedLink::from_pin(&pin)
+                    .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+                drop(old.unpin()?);
+            }
+            fs::rename(&staged, &pin).with_context(|| {
+                format!("cannot rename {} to {}", staged.display(), pin.display())
+            })?;
+            info!(self.log, "attached"; "hook" => hook.name, "cgroup" => cgroup.display().to_string(),
+                  "replaced_previous" => replaced);
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold exactly `table`, one service at a time, each
+    /// update atomic for concurrent lookups (see the order in `upsert`).
+    /// Removals and shrinking services go first, so the maps never hold more
+    /// than the larger of the old and the new table.
+    pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
+        let mut current = self.read_programmed()?;
+        let mut summary = ApplySummary::default();
+        let wanted: BTreeMap<socklb_common::ServiceKey, &Service> = table
+            .services
+            .iter()
+            .map(|s| (map_key(&s.key), s))
+            .collect();
+
+        let stale: Vec<_> = current
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            let programmed = current.remove(&key).expect("listed above");
+            self.remove(&key, &programmed)?;
+            summary.removed += 1;
+        }
+
+        let used_ids: HashSet<u32> = current.values().map(|p| p.entry.id).collect();
+        let mut free_ids = (0..socklb_common::MAX_SERVICES).filter(|id| !used_ids.contains(id));
+        let mut changes = Vec::new();
+        for (key, service) in &wanted {
+            let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
+            let old = current.remove(key);
+            let entry = socklb_common::Service {
+                id: match &old {
+                    Some(old) => old.entry.id,
+                    None => free_ids
+                        .next()
+                        .ok_or_else(|| anyhow!("no free service id"))?,
+                },
+                backend_count: backends.len() as u32,
+                affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
+                _pad: 0,
+            };
+            match &old {
+                Some(old) if old.entry == entry && old.backends == backends => {
+                    summary.unchanged += 1;
+                    continue;
+                }
+                Some(_) => summary.updated += 1,
+                None => summary.added += 1,
+            }
+            changes.push((*key, entry, backends, old));
+        }
+        changes.sort_by_key(|(_, entry, _, old)| {
+            i64::from(entry.backend_count)
+                - old.as_ref().map_or(0, |o| i64::from(o.entry.backend_count))
+        });
+        for (key, entry, backends, old) in changes {
+            self.upsert(&key, entry, &backends, old)?;
+        }
+        info!(self.log, "table applied"; "services" => table.services.len(),
+              "added" => summary.added, "updated" => summary.updated,
+              "removed" => summary.removed, "unchanged" => summary.unchanged);
+        Ok(summary)
+    }
+
+    /// The table as the maps hold it (names are not kept in the datapath).
+    pub fn read_table(&self) -> Result<Table> {
+        let services = self
+            .read_programmed()?
+            .into_iter()
+            .map(|(key, programmed)| Service {
+                name: None,
+                key: table_key(&key),
+                affinity_timeout_secs: match programmed.entry.affinity_timeout_secs {
+                    0 => None,
+                    secs => Some(secs),
+                },
+                backends: programmed.backends.iter().map(socket_addr).collect(),
+            })
+            .collect();
+        Ok(Table { services })
+    }
+
+    /// Tells getsockname the guest's own addresses (see the programs'
+    /// `local_view`); `None` clears a family.
+    pub fn set_guest_addrs(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<()> {
+        let v4 = v4.map_or([0; 4], |ip| addr_words(IpAddr::V4(ip)));
+        let v6 = v6.map_or([0; 4], |ip| addr_words(IpAddr::V6(ip)));
+        self.guest_addrs.set(GUEST_ADDR_V4, v4, 0)?;
+        self.guest_addrs.set(GUEST_ADDR_V6, v6, 0)?;
+        Ok(())
+    }
+
+    /// Removes backend slots and members whose service is gone: an agent
+    /// killed in the middle of an update can leave them, and a later service
+    /// given the same id must not inherit them.
+    pub fn sweep_orphans(&mut self) -> Result<()> {
+        let live: std::collections::HashMap<u32, u32> = self
+            .services
+            .iter()
+            .map(|item| item.map(|(_, e)| (e.id, e.backend_count)))
+            .collect::<Result<_, _>>()?;
+        let orphan_slots: Vec<BackendSlotKey> = self
+            .slots
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| {
+                live.get(&key.service_id)
+                    .is_none_or(|count| key.slot > *count)
+            })
+            .collect();
+        for key in &orphan_slots {
+            self.slots.remove(key)?;
+        }
+        let orphan_members: Vec<MemberKey> = self
+            .members
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| !live.contains_key(&key.service_id))
+            .collect();
+        for key in &orphan_members {
+            self.members.remove(key)?;
+        }
+        if !orphan_slots.is_empty() || !orphan_members.is_empty() {
+            info!(self.log, "removed leftovers of an interrupted update";
+                  "slots" => orphan_slots.len(), "members" => orphan_members.len());
+        }
+        Ok(())
+    }
+
+    fn read_programmed(&self) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+        let mut programmed = BTreeMap::new();
+        for item in self.services.iter() {
+            let (key, entry) = item.context("reading the services map")?;
+            let backends = (1..=entry.backend_count)
+                .map(|slot| {
+                    self.slots
+                        .get(
+                            &BackendSlotKey {
+                                service_id: entry.id,
+                                slot,
+                            },
+                            0,
+                        )
+                        .with_context(|| {
+                            format!("service {} lacks backend slot {slot}", table_key(&key))
+                        })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            programmed.insert(key, Programmed { entry, backends });
+        }
+        Ok(programmed)
+    }
+
+    /// Writes one service so that a concurrent lookup sees the old set or
+    /// the new one: members and slots first, the entry (with the count)
+    /// next, surplus slots and members last.
+    fn upsert(
+        &mut self,
+        key: &socklb_common::ServiceKey,
+        entry: socklb_common::Service,
+        backends: &[Endpoint],
+        old: Option<Programmed>,
+    ) -> Result<()> {
+        let (old_entry, old_backends) = match old {
+            Some(old) => (Some(old.entry), old.backends),
+            None => {
+                // A fresh id may have counted for a removed service.
+                let zero =
+                    vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+                self.stats.set(entry.id, PerCpuValues::try_from(zero)?, 0)?;
+                (None, Vec::new())
+            }
+        };
+        let old_set: HashSet<Endpoint> = old_backends.iter().copied().collect();
+        let new_set: HashSet<Endpoint> = backends.iter().copied().collect();
+        let member = |backend: Endpoint| MemberKey {
+            service_id: entry.id,
+            backend,
+        };
+        for backend in new_set.difference(&old_set) {
+            self.members.insert(member(*backend), 1, 0)?;
+        }
+        for (index, backend) in backends.iter().enumerate() {
+            if old_backends.get(index) != Some(backend) {
+                let slot = BackendSlotKey {
+                    service_id: entry.id,
+                    slot: index as u32 + 1,
+                };
+                self.slots.insert(slot, backend, 0)?;
+            }
+        }
+        if old_entry != Some(entry) {
+            self.services.insert(key, entry, 0)?;
+        }
+        for slot in backends.len() + 1..=old_backends.len() {
+            self.slots.remove(&BackendSlotKey {
+                service_id: entry.id,
+                slot: slot as u32,
+            })?;
+        }
+        for backend in old_set.difference(&new_set) {
+            self.members.remove(&member(*backend))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
+        let id = programmed.entry.id;
+        self.services.remove(key)?;
+        for slot in 1..=programmed.entry.backend_count {
+            self.slots.remove(&BackendSlotKey {
+                service_id: id,
+                slot,
+            })?;
+        }
+        for backend in &programmed.backends {
+            self.members.remove(&MemberKey {
+                service_id: id,
+                backend: *backend,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes every link and map socklb pinned under `dir`; dropping the links
+/// detaches the programs from their cgroup.
+pub fn detach(dir: &Path, log: &Logger) -> Result<()> {
+    if !dir.exists() {
+        info!(log, "nothing pinned"; "bpffs" => dir.display().to_string());
+        return Ok(());
+    }
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        if !sub.exists() {
+            continue;
+        }
+        for entry in fs::read_dir(&sub).with_context(|| format!("cannot list {}", sub.display()))? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+            info!(log, "unpinned"; "pin" => path.display().to_string());
+        }
+        fs::remove_dir(&sub).with_context(|| format!("cannot remove {}", sub.display()))?;
+    }
+    fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, hook: &Hook) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(hook.program)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {}", hook.program))?
+        .try_into()
+        .with_context(|| format!("{} is not a cgroup sock_addr program", hook.program))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses pinned maps whose layout differs from this build's (an agent of
+/// another version left them): adopting them would misread every entry.
+fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
+    use std::mem::size_of;
+    let layouts = [
+        (
+            map_names::SERVICES,
+            size_of::<socklb_common::ServiceKey>(),
+            size_of::<socklb_common::Service>(),
+        ),
+        (
+            map_names::BACKEND_SLOTS,
+            size_of::<BackendSlotKey>(),
+            size_of::<Endpoint>(),
+        ),
+        (map_names::MEMBERS, size_of::<MemberKey>(), size_of::<u8>()),
+        (
+            map_names::STICKY,
+            size_of::<StickyKey>(),
+            size_of::<Sticky>(),
+        ),
+        (
+            map_names::REVERSE,
+            size_of::<ReverseKey>(),
+            size_of::<Endpoint>(),
+        ),
+        (
+            map_names::SERVICE_STATS,
+            size_of::<u32>(),
+            size_of::<ServiceCounters>(),
+        ),
+        (map_names::GUEST_ADDRS, size_of::<u32>(), size_of::<Addr>()),
+    ];
+    for (name, key_size, value_size) in layouts {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
+                 remove the old datapath with `socklb-agent --detach --bpffs {}` first",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                maps_dir.parent().unwrap_or(maps_dir).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An address as the programs see it (v4 as v4-mapped).
+pub fn addr_words(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    }
+}
+
+fn ip_of(addr: &Addr) -> IpAddr {
+    if is_v4_mapped(addr) {
+        IpAddr::V4(Ipv4Addr::from(addr[3].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    }
+}
+
+fn endpoint(addr: &SocketAddr) -> Endpoint {
+    Endpoint {
+        addr: addr_words(addr.ip()),
+        port: addr.port().to_be(),
+        _pad: 0,
+    }
+}
+
+fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
+    SocketAddr::new(ip_of(&endpoint.addr), u16::from_be(endpoint.port))
+}
+
+fn map_key(key: &ServiceKey) -> socklb_common::ServiceKey {
+    socklb_common::ServiceKey {
+        vip: addr_words(key.vip),
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn table_key(key: &socklb_common::ServiceKey) -> ServiceKey {
+    ServiceKey {
+        vip: ip_of(&key.vip),
+        port: u16::from_be(key.port),
+        protocol: if key.proto == socklb_common::PROTO_UDP {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for text in [
+            "10.96.0.20:80",
+            "[fd00::a]:53",
+            "[::1]:1",
+            "127.0.0.1:65535",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_addr(&endpoint(&addr)), addr);
+            let key = ServiceKey {
+                vip: addr.ip(),
+                port: addr.port(),
+                protocol: Protocol::Udp,
+            };
+            assert_eq!(table_key(&map_key(&key)), key);
+        }
+    }
+
+    #[test]
+    fn v4_is_stored_v4_mapped_in_network_order() {
+        let words = addr_words("10.96.0.20".parse().unwrap());
+        let v6: Ipv6Addr = "::ffff:10.96.0.20".parse().unwrap();
+        assert_eq!(words, addr_words(IpAddr::V6(v6)));
+        assert_eq!(words[3].to_ne_bytes(), [10, 96, 0, 20]);
+    }
+}

@@ -1,0 +1,9 @@
+//! socklb-agent: the guest side of socklb. It loads the socket-LB eBPF
+//! programs, attaches them to the guest's root cgroup, pins everything so
+//! the datapath outlives the agent, and programs service tables.
+
+pub mod config;
+pub mod datapath;
+pub mod kernel;
+pub mod logging;
+pub mod table;
