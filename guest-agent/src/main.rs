@@ -1,8 +1,4 @@
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;

@@ -1,1 +1,563 @@
+//! Test harness: a sandbox of a fresh cgroup, a private bpffs mount and two
+//! network namespaces (a client "pod" and a backends host joined by veth),
+//! with the real agent and real sockets. Everything it creates is removed
+//! when it drops, also when a test fails.
+//!
+//! Safety: clients that reach a VIP or a backend run only inside the client
+//! namespace; the agent attaches only to the sandbox's cgroup.
 
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+
+/// The client namespace's addresses: the pod.
+pub const CLIENT_IP: &str = "10.244.0.1";
+pub const CLIENT_IP6: &str = "fd00:244::1";
+/// Backend addresses live in the backends namespace, 10.244.1.N and
+/// fd00:244::1:N for N in 1..=BACKEND_HOSTS.
+pub const BACKEND_HOSTS: u8 = 4;
+
+pub fn backend_ip(n: u8) -> String {
+    format!("10.244.1.{n}")
+}
+
+pub fn backend_ip6(n: u8) -> String {
+    format!("fd00:244::1:{n}")
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// The socklb-agent binary: $SOCKLB_AGENT_BIN, else from the target
+/// directory the tests run from (`cargo xtask test` builds it first).
+pub fn agent_bin() -> PathBuf {
+    built_binary("socklb-agent", "SOCKLB_AGENT_BIN")
+}
+
+/// The test servers and clients; cargo builds them for integration tests.
+fn testkit_bin() -> PathBuf {
+    built_binary("socklb-testkit", "SOCKLB_TESTKIT_BIN")
+}
+
+fn built_binary(name: &str, override_var: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_var) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let target_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let binary = target_dir.join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (cargo build -p socklb-agent -p socklb-tests) or set {override_var}",
+        binary.display()
+    );
+    binary
+}
+
+/// The cgroup2 mount, from /proc/mounts.
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })
+        .expect("cgroup2 is not mounted")
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// What a sandbox has created, undone in reverse order on drop.
+enum Created {
+    Cgroup(PathBuf),
+    Mount(PathBuf),
+    Netns(String),
+    EtcNetns(PathBuf),
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub cgroup: PathBuf,
+    pub client_ns: String,
+    pub backend_ns: String,
+    pub workdir: tempfile::TempDir,
+    /// The agent's --bpffs directory, inside the sandbox's own bpffs mount.
+    pub bpffs: PathBuf,
+    created: Vec<Created>,
+    processes: Mutex<Vec<Child>>,
+}
+
+impl Sandbox {
+    pub fn create() -> Sandbox {
+        let id = format!(
+            "socklb-t{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let workdir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .expect("tempdir");
+        let mut sandbox = Sandbox {
+            cgroup: cgroup2_mount().join(&id),
+            client_ns: format!("{id}-c"),
+            backend_ns: format!("{id}-b"),
+            bpffs: workdir.path().join("bpffs").join("socklb"),
+            id,
+            workdir,
+            created: Vec::new(),
+            processes: Mutex::new(Vec::new()),
+        };
+        sandbox.build();
+        sandbox
+    }
+
+    fn build(&mut self) {
+        fs::create_dir(&self.cgroup).expect("create test cgroup");
+        self.created.push(Created::Cgroup(self.cgroup.clone()));
+
+        let bpffs_mount = self.bpffs.parent().expect("parent").to_path_buf();
+        fs::create_dir(&bpffs_mount).expect("bpffs mount point");
+        mount(
+            Some("bpf"),
+            &bpffs_mount,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a private bpffs");
+        self.created.push(Created::Mount(bpffs_mount));
+
+        for ns in [self.client_ns.clone(), self.backend_ns.clone()] {
+            run("ip", &["netns", "add", &ns]);
+            self.created.push(Created::Netns(ns.clone()));
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let (c, b) = (self.client_ns.as_str(), self.backend_ns.as_str());
+        // Both ends are born inside their namespaces: no name in the host's.
+        run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns",
+                b,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("{CLIENT_IP}/16"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                c,
+                "addr",
+                "add",
+                &format!("{CLIENT_IP6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        for n in 1..=BACKEND_HOSTS {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    b,
+                    "addr",
+                    "add",
+                    &format!("{}/16", backend_ip(n)),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "-n",
+                    b,
+                    "addr",
+                    "add",
+                    &format!("{}/64", backend_ip6(n)),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            );
+        }
+        run("ip", &["-n", c, "link", "set", "eth0", "up"]);
+        run("ip", &["-n", b, "link", "set", "eth0", "up"]);
+    }
+
+    /// Writes a table file into the sandbox's directory.
+    pub fn table(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.workdir.path().join(name);
+        fs::write(&path, yaml).expect("write table");
+        path
+    }
+
+    /// Starts the agent on this sandbox's cgroup and bpffs and waits until
+    /// it is ready.
+    pub fn start_agent(&self, table: Option<&Path>) -> Agent {
+        let mut command = Command::new(agent_bin());
+        command
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args([
+                "--pod-ip",
+                &format!("{CLIENT_IP},{CLIENT_IP6}"),
+                "--log-level",
+                "debug",
+            ]);
+        if let Some(table) = table {
+            command.arg("--table").arg(table);
+        }
+        let agent = Agent::spawn(command);
+        agent.wait_for("ready");
+        agent
+    }
+
+    /// Runs the agent once with extra arguments (e.g. `--detach`) to its end.
+    pub fn agent_once(&self, args: &[&str]) -> std::process::Output {
+        Command::new(agent_bin())
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(args)
+            .output()
+            .expect("run socklb-agent")
+    }
+
+    /// Starts a backend server (`socklb-testkit serve`) in the backends
+    /// namespace and waits until it listens.
+    pub fn backend(&self, id: &str, tcp: &[&str], udp: &[&str]) {
+        let mut args = vec!["serve", "--id", id];
+        for a in tcp {
+            args.extend(["--tcp", a]);
+        }
+        for a in udp {
+            args.extend(["--udp", a]);
+        }
+        self.spawn_ready(self.in_netns(&self.backend_ns, &testkit_bin(), &args));
+    }
+
+    /// Starts a server in the client namespace (a backend local to the pod).
+    pub fn local_server(&self, id: &str, tcp: &str) {
+        let command = self.in_netns(
+            &self.client_ns,
+            &testkit_bin(),
+            &["serve", "--id", id, "--tcp", tcp],
+        );
+        self.spawn_ready(command);
+    }
+
+    /// Starts the test DNS server in the backends namespace.
+    pub fn dns_server(&self, udp: &str, name: &str, a: &str) {
+        let command = self.in_netns(
+            &self.backend_ns,
+            &testkit_bin(),
+            &["dns", "--udp", udp, "--name", name, "--a", a],
+        );
+        self.spawn_ready(command);
+    }
+
+    fn spawn_ready(&self, mut command: Command) {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read server");
+        assert_eq!(line.trim(), "ready", "server did not start");
+        self.processes.lock().unwrap().push(child);
+    }
+
+    /// A testkit client inside the pod: client namespace and test cgroup.
+    pub fn client(&self, args: &[&str]) -> Vec<Value> {
+        collect(self.pod_command(&testkit_bin(), args))
+    }
+
+    /// A testkit client in the client namespace but outside the cgroup.
+    pub fn client_outside_cgroup(&self, args: &[&str]) -> Vec<Value> {
+        collect(self.in_netns(&self.client_ns, &testkit_bin(), args))
+    }
+
+    /// Starts a testkit client in the pod; its output is read as it comes,
+    /// so a chatty client never blocks on a full pipe.
+    pub fn spawn_client(&self, args: &[&str]) -> RunningClient {
+        let mut child = self
+            .pod_command(&testkit_bin(), args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut output = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut output);
+            output
+        });
+        RunningClient { child, reader }
+    }
+
+    /// Runs a program in the pod through `ip netns exec`, which also gives it
+    /// the namespace's /etc/netns/<ns>/resolv.conf (see `resolv_conf`).
+    pub fn pod_exec(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["netns", "exec", self.client_ns.as_str(), program];
+        full.extend_from_slice(args);
+        let mut command = Command::new("ip");
+        command.args(&full);
+        let procs = self.cgroup_procs();
+        // SAFETY: only a write(2) between fork and exec.
+        unsafe {
+            command.pre_exec(move || (&procs).write_all(b"0"));
+        }
+        command.output().expect("ip netns exec")
+    }
+
+    /// Gives the client namespace its own resolv.conf.
+    pub fn resolv_conf(&mut self, content: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.client_ns);
+        fs::create_dir_all(&dir).expect("/etc/netns/<ns>");
+        self.created.push(Created::EtcNetns(dir.clone()));
+        fs::write(dir.join("resolv.conf"), content).expect("resolv.conf");
+    }
+
+    fn cgroup_procs(&self) -> File {
+        OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))
+            .expect("open cgroup.procs")
+    }
+
+    fn in_netns(&self, ns: &str, program: &Path, args: &[&str]) -> Command {
+        let netns = File::open(Path::new("/run/netns").join(ns)).expect("open netns");
+        let mut command = Command::new(program);
+        command.args(args);
+        // SAFETY: only setns(2) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        command
+    }
+
+    fn pod_command(&self, program: &Path, args: &[&str]) -> Command {
+        let procs = self.cgroup_procs();
+        let netns = File::open(Path::new("/run/netns").join(&self.client_ns)).expect("open netns");
+        let mut command = Command::new(program);
+        command.args(args);
+        // SAFETY: only write(2) and setns(2) between fork and exec. Joining
+        // the cgroup first: membership survives the namespace switch.
+        unsafe {
+            command.pre_exec(move || {
+                (&procs).write_all(b"0")?;
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        command
+    }
+}
+
+/// A client started by `Sandbox::spawn_client`.
+pub struct RunningClient {
+    child: Child,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl RunningClient {
+    /// Waits for the client and parses its JSON lines.
+    pub fn finish(mut self) -> Vec<Value> {
+        self.child.wait().expect("wait for client");
+        parse_lines(&self.reader.join().expect("client reader"))
+    }
+}
+
+fn collect(mut command: Command) -> Vec<Value> {
+    let output = command.output().expect("run client");
+    assert!(
+        output.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_lines(&output.stdout)
+}
+
+fn parse_lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for mut child in self.processes.lock().unwrap().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for created in self.created.drain(..).rev() {
+            match created {
+                Created::EtcNetns(dir) => {
+                    let _ = fs::remove_dir_all(dir);
+                }
+                Created::Netns(ns) => {
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+                }
+                // Unmounting drops every pin, which detaches the links.
+                Created::Mount(dir) => {
+                    let _ = umount2(&dir, MntFlags::MNT_DETACH);
+                }
+                Created::Cgroup(dir) => {
+                    // Exiting processes may linger a moment in the cgroup.
+                    for _ in 0..50 {
+                        if fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running socklb-agent and its log.
+pub struct Agent {
+    child: Option<Child>,
+    log: mpsc::Receiver<Value>,
+}
+
+impl Agent {
+    fn spawn(mut command: Command) -> Agent {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn socklb-agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let (send, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "msg": line }));
+                if send.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Agent {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// Waits for the next log record whose message starts with `msg`; fails
+    /// on an error record or after 30 s.
+    pub fn wait_for(&self, msg: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(record) => {
+                    let text = record["msg"].as_str().unwrap_or_default();
+                    assert_ne!(
+                        record["level"], "ERRO",
+                        "agent error while waiting for {msg:?}: {text}"
+                    );
+                    if text.starts_with(msg) {
+                        return record;
+                    }
+                }
+                Err(_) => panic!("agent did not log {msg:?} within 30 s"),
+            }
+        }
+    }
+
+    /// Next error record, or `None` within `timeout`.
+    pub fn next_error(&self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while let Ok(record) = self
+            .log
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if record["level"] == "ERRO" {
+                return Some(record["msg"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        None
+    }
+
+    /// Sends SIGHUP (re-read the table) and waits for the result.
+    pub fn reload(&self) -> Value {
+        kill(self.pid(), Signal::SIGHUP).expect("SIGHUP");
+        self.wait_for("table applied")
+    }
+
+    pub fn signal(&mut self, signal: Signal) -> std::process::ExitStatus {
+        kill(self.pid(), signal).expect("signal agent");
+        self.child
+            .take()
+            .expect("running")
+            .wait()
+            .expect("wait agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

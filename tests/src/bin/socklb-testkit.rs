@@ -1,0 +1,271 @@
+//! Servers and clients for socklb's tests. The harness runs them inside test
+//! network namespaces (clients also inside the test cgroup); every client
+//! prints one JSON object per exchange on stdout.
+//!
+//! Backends answer each TCP connection and each UDP datagram with their id,
+//! so a client sees which backend served it.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        usage();
+    };
+    match command.as_str() {
+        "serve" => serve(rest),
+        "dns" => dns(rest),
+        "tcp" => tcp(rest),
+        "tcp-loop" => tcp_loop(rest),
+        "udp" => udp(rest),
+        "udp-multi" => udp_multi(rest),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: socklb-testkit serve --id ID [--tcp ADDR]... [--udp ADDR]...
+       socklb-testkit dns --udp ADDR --name NAME --a IPV4
+       socklb-testkit tcp ADDR [--count N]
+       socklb-testkit tcp-loop ADDR --ms DURATION
+       socklb-testkit udp ADDR [--count N] [--connected]
+       socklb-testkit udp-multi ADDR..."
+    );
+    std::process::exit(2)
+}
+
+/// Values of every `--name VALUE` in `args`.
+fn values<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+        .collect()
+}
+
+fn value<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    values(args, name)
+        .first()
+        .map(|v| v.parse().unwrap_or_else(|_| usage()))
+        .unwrap_or(default)
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| usage())
+}
+
+fn emit(value: Value) {
+    println!("{value}");
+}
+
+fn error_json(err: &std::io::Error, started: Instant) -> Value {
+    json!({
+        "error": format!("{:?}", err.kind()),
+        "errno": err.raw_os_error(),
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    })
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as u64
+}
+
+fn serve(args: &[String]) {
+    let id = values(args, "--id")
+        .first()
+        .copied()
+        .unwrap_or_else(|| usage())
+        .to_string();
+    let mut threads = Vec::new();
+    for a in values(args, "--tcp") {
+        let listener = TcpListener::bind(addr(a)).expect("bind tcp");
+        let id = id.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let _ = stream.write_all(format!("{id}\n").as_bytes());
+            }
+        }));
+    }
+    for a in values(args, "--udp") {
+        let socket = UdpSocket::bind(addr(a)).expect("bind udp");
+        let id = id.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(id.as_bytes(), from);
+            }
+        }));
+    }
+    println!("ready");
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// A DNS server that knows one name: an A record for it, an empty answer
+/// for any other type, NXDOMAIN for other names.
+fn dns(args: &[String]) {
+    let socket = UdpSocket::bind(addr(values(args, "--udp")[0])).expect("bind dns");
+    let name = values(args, "--name")[0]
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let a: std::net::Ipv4Addr = values(args, "--a")[0].parse().unwrap_or_else(|_| usage());
+    println!("ready");
+    let mut buf = [0u8; 512];
+    while let Ok((len, from)) = socket.recv_from(&mut buf) {
+        if let Some(reply) = dns_reply(&buf[..len], &name, a) {
+            let _ = socket.send_to(&reply, from);
+        }
+    }
+}
+
+fn dns_reply(query: &[u8], name: &str, a: std::net::Ipv4Addr) -> Option<Vec<u8>> {
+    if query.len() < 12 || u16::from_be_bytes([query[4], query[5]]) != 1 {
+        return None;
+    }
+    let mut labels = Vec::new();
+    let mut at = 12;
+    loop {
+        let len = *query.get(at)? as usize;
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).to_ascii_lowercase());
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let question_end = at + 4;
+    let known = labels.join(".") == name;
+    let answer = known && qtype == 1;
+    let mut reply = query.get(..question_end)?.to_vec();
+    // QR, opcode 0, AA, RD copied; RA; RCODE NXDOMAIN (3) for unknown names.
+    reply[2] = 0x84 | (query[2] & 0x01);
+    reply[3] = 0x80 | if known { 0 } else { 3 };
+    reply[6..8].copy_from_slice(&u16::from(answer).to_be_bytes());
+    reply[8..12].fill(0);
+    if answer {
+        // Name pointer to the question, type A, class IN, TTL 30, 4 bytes.
+        reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        reply.extend_from_slice(&a.octets());
+    }
+    Some(reply)
+}
+
+fn tcp_exchange(target: SocketAddr) -> Value {
+    let started = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&target, TIMEOUT) {
+        Ok(stream) => stream,
+        Err(err) => return error_json(&err, started),
+    };
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let mut reply = String::new();
+    if let Err(err) = stream.read_to_string(&mut reply) {
+        return error_json(&err, started);
+    }
+    json!({
+        "backend": reply.trim(),
+        "peer": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "local": stream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+    })
+}
+
+fn tcp(args: &[String]) {
+    let target = addr(&args[0]);
+    for _ in 0..value(args, "--count", 1u32) {
+        emit(tcp_exchange(target));
+    }
+}
+
+/// Connects again and again for `--ms`, one JSON line per connection with
+/// the time it started.
+fn tcp_loop(args: &[String]) {
+    let target = addr(&args[0]);
+    let until = Instant::now() + Duration::from_millis(value(args, "--ms", 1000u64));
+    while Instant::now() < until {
+        let start_us = now_us();
+        let mut result = tcp_exchange(target);
+        result["start_us"] = json!(start_us);
+        emit(result);
+    }
+}
+
+fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(match target {
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    })?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    Ok(socket)
+}
+
+fn udp(args: &[String]) {
+    let target = addr(&args[0]);
+    let connected = args.iter().any(|a| a == "--connected");
+    let started = Instant::now();
+    let socket = match udp_socket_for(target) {
+        Ok(socket) => socket,
+        Err(err) => return emit(error_json(&err, started)),
+    };
+    if connected && let Err(err) = socket.connect(target) {
+        return emit(error_json(&err, started));
+    }
+    let mut buf = [0u8; 1500];
+    for _ in 0..value(args, "--count", 1u32) {
+        let started = Instant::now();
+        let sent = if connected {
+            socket.send(b"ping")
+        } else {
+            socket.send_to(b"ping", target)
+        };
+        if let Err(err) = sent {
+            emit(error_json(&err, started));
+            continue;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((len, source)) => emit(json!({
+                "backend": String::from_utf8_lossy(&buf[..len]),
+                "source": source.to_string(),
+                "peer": socket.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            })),
+            Err(err) => emit(error_json(&err, started)),
+        }
+    }
+}
+
+/// One unconnected socket talking to several VIPs in turn.
+fn udp_multi(args: &[String]) {
+    let targets: Vec<SocketAddr> = args.iter().map(|a| addr(a)).collect();
+    let socket = udp_socket_for(targets[0]).expect("udp socket");
+    let mut buf = [0u8; 1500];
+    for round in 0..3 {
+        for target in &targets {
+            let started = Instant::now();
+            if let Err(err) = socket.send_to(b"ping", target) {
+                emit(error_json(&err, started));
+                continue;
+            }
+            match socket.recv_from(&mut buf) {
+                Ok((len, source)) => emit(json!({
+                    "round": round,
+                    "to": target.to_string(),
+                    "backend": String::from_utf8_lossy(&buf[..len]),
+                    "source": source.to_string(),
+                })),
+                Err(err) => emit(error_json(&err, started)),
+            }
+        }
+    }
+}

@@ -1,0 +1,583 @@
+//! The datapath with real sockets: the agent binary on a test cgroup,
+//! clients in a client namespace, backends in a backends namespace.
+//! Needs root (CI runs as root); `cargo xtask test` runs these.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::process::CommandExt as _,
+    process::Command,
+    thread::sleep,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use socklb_tests::{Sandbox, agent_bin, backend_ip, backend_ip6};
+
+const ENETUNREACH: i64 = 101;
+const ECONNREFUSED: i64 = 111;
+
+fn tcp_backends(n: u8) -> String {
+    (1..=n)
+        .map(|i| format!("{{ip: {}, port: 8080}}", backend_ip(i)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Starts backends b1..=bN serving TCP :8080 and UDP :5353, v4 and v6.
+fn start_backends(sandbox: &Sandbox, n: u8) {
+    for i in 1..=n {
+        let tcp4 = format!("{}:8080", backend_ip(i));
+        let tcp6 = format!("[{}]:8080", backend_ip6(i));
+        let udp4 = format!("{}:5353", backend_ip(i));
+        let udp6 = format!("[{}]:5353", backend_ip6(i));
+        sandbox.backend(&format!("b{i}"), &[&tcp4, &tcp6], &[&udp4, &udp6]);
+    }
+}
+
+fn ok(results: &[Value]) -> &[Value] {
+    for r in results {
+        assert!(r.get("error").is_none(), "exchange failed: {r}");
+    }
+    results
+}
+
+/// The one successful exchange of a client run.
+fn one(results: Vec<Value>) -> Value {
+    assert_eq!(ok(&results).len(), 1, "{results:?}");
+    results.into_iter().next().unwrap()
+}
+
+fn backend_counts(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in ok(results) {
+        *counts
+            .entry(r["backend"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn errno(result: &Value) -> i64 {
+    result["errno"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("expected an error, got {result}"))
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+#[test]
+fn tcp_via_vip_with_port_remap() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{name: default/web, vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let results = sandbox.client(&["tcp", "10.96.0.20:80"]);
+    let r = &ok(&results)[0];
+    assert_eq!(r["backend"], "b1");
+    assert_eq!(r["peer"], "10.96.0.20:80", "getpeername shows the VIP");
+    assert!(
+        r["local"].as_str().unwrap().starts_with("10.244.0.1:"),
+        "{r}"
+    );
+}
+
+#[test]
+fn spreads_over_three_backends() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(3)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let counts = backend_counts(&sandbox.client(&["tcp", "10.96.0.20:80", "--count", "300"]));
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    // Expected 100 each; below 50 is six standard deviations off.
+    assert!(
+        counts.values().all(|&n| n >= 50),
+        "uneven spread: {counts:?}"
+    );
+}
+
+#[test]
+fn udp_via_vip_replies_come_from_the_vip() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let backends = (1..=3)
+        .map(|i| format!("{{ip: {}, port: 5353}}", backend_ip(i)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.10, port: 53, protocol: UDP, backends: [{backends}]}}]"
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+
+    let connected = sandbox.client(&["udp", "10.96.0.10:53", "--connected", "--count", "5"]);
+    for r in ok(&connected) {
+        assert_eq!(r["source"], "10.96.0.10:53");
+        assert_eq!(
+            r["peer"], "10.96.0.10:53",
+            "getpeername of connected UDP shows the VIP"
+        );
+    }
+    assert_eq!(backend_counts(&connected).len(), 1);
+
+    // Unconnected: every datagram of one socket goes to one backend.
+    for _ in 0..3 {
+        let unconnected = sandbox.client(&["udp", "10.96.0.10:53", "--count", "20"]);
+        for r in ok(&unconnected) {
+            assert_eq!(
+                r["source"], "10.96.0.10:53",
+                "recvmsg shows the VIP as source"
+            );
+        }
+        assert_eq!(
+            backend_counts(&unconnected).len(),
+            1,
+            "one socket, one backend"
+        );
+    }
+}
+
+#[test]
+fn one_socket_talks_to_several_vips() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.11, port: 53, protocol: UDP, backends: [{{ip: {}, port: 5353}}]}}
+  - {{vip: 10.96.0.12, port: 53, protocol: UDP, backends: [{{ip: {}, port: 5353}}]}}",
+            backend_ip(1),
+            backend_ip(2)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let results = sandbox.client(&["udp-multi", "10.96.0.11:53", "10.96.0.12:53"]);
+    assert_eq!(ok(&results).len(), 6);
+    for r in &results {
+        assert_eq!(r["source"], r["to"], "each reply maps back to its own VIP");
+        let expected = if r["to"] == "10.96.0.11:53" {
+            "b1"
+        } else {
+            "b2"
+        };
+        assert_eq!(r["backend"], expected);
+    }
+}
+
+#[test]
+fn glibc_resolver_through_a_dns_vip() {
+    let mut sandbox = Sandbox::create();
+    sandbox.dns_server(
+        &format!("{}:5353", backend_ip(1)),
+        "web.socklb.test",
+        "10.96.0.20",
+    );
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{name: kube-system/kube-dns, vip: 10.96.0.10, port: 53, protocol: UDP, \
+             backends: [{{ip: {}, port: 5353}}]}}]",
+            backend_ip(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    sandbox.resolv_conf("nameserver 10.96.0.10\noptions timeout:2 attempts:1\n");
+    let output = sandbox.pod_exec("getent", &["ahostsv4", "web.socklb.test"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "getent failed: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("10.96.0.20 "), "{stdout}");
+}
+
+#[test]
+fn ipv6_vip() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 'fd00:96::20', port: 80, backends: [{{ip: '{}', port: 8080}}]}}
+  - {{vip: 'fd00:96::10', port: 53, protocol: UDP, backends: [{{ip: '{}', port: 5353}}]}}",
+            backend_ip6(1),
+            backend_ip6(2)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let tcp = sandbox.client(&["tcp", "[fd00:96::20]:80"]);
+    assert_eq!(ok(&tcp)[0]["backend"], "b1");
+    assert_eq!(tcp[0]["peer"], "[fd00:96::20]:80");
+    for args in [
+        &["udp", "[fd00:96::10]:53", "--connected"][..],
+        &["udp", "[fd00:96::10]:53", "--count", "3"],
+    ] {
+        for r in ok(&sandbox.client(args)) {
+            assert_eq!(r["backend"], "b2");
+            assert_eq!(r["source"], "[fd00:96::10]:53");
+        }
+    }
+}
+
+#[test]
+fn v4_vip_through_an_inet6_socket() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
+  - {{vip: 10.96.0.10, port: 53, protocol: UDP, backends: [{{ip: {}, port: 5353}}]}}",
+            tcp_backends(1),
+            backend_ip(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let tcp = sandbox.client(&["tcp", "[::ffff:10.96.0.20]:80"]);
+    assert_eq!(ok(&tcp)[0]["backend"], "b1");
+    assert_eq!(tcp[0]["peer"], "[::ffff:10.96.0.20]:80");
+    let connected = sandbox.client(&["udp", "[::ffff:10.96.0.10]:53", "--connected"]);
+    assert_eq!(ok(&connected)[0]["peer"], "[::ffff:10.96.0.10]:53");
+    for r in ok(&sandbox.client(&["udp", "[::ffff:10.96.0.10]:53", "--count", "3"])) {
+        assert_eq!(r["source"], "[::ffff:10.96.0.10]:53");
+    }
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_backend_until_timeout_or_removal() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let table_text = |n: u8, skip: Option<&str>| {
+        let backends: Vec<String> = (1..=n)
+            .filter(|i| Some(format!("b{i}").as_str()) != skip)
+            .map(|i| format!("{{ip: {}, port: 8080}}", backend_ip(i)))
+            .collect();
+        format!(
+            "services: [{{vip: 10.96.0.20, port: 80, affinity: {{clientIP: {{timeoutSeconds: 1}}}}, backends: [{}]}}]",
+            backends.join(", ")
+        )
+    };
+    let table = sandbox.table("t.yaml", &table_text(3, None));
+    let agent = sandbox.start_agent(Some(&table));
+
+    let sticky = backend_counts(&sandbox.client(&["tcp", "10.96.0.20:80", "--count", "20"]));
+    assert_eq!(
+        sticky.len(),
+        1,
+        "within the timeout one backend: {sticky:?}"
+    );
+
+    // After each expiry the choice is random again: eight rounds all on one
+    // backend would happen with probability (1/3)^7.
+    let mut after_expiry = BTreeSet::new();
+    for _ in 0..8 {
+        sleep(Duration::from_millis(1300));
+        after_expiry.insert(one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"].to_string());
+    }
+    assert!(
+        after_expiry.len() > 1,
+        "affinity outlived its timeout: {after_expiry:?}"
+    );
+
+    let kept = one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sandbox.table("t.yaml", &table_text(3, Some(&kept)));
+    agent.reload();
+    let moved = backend_counts(&sandbox.client(&["tcp", "10.96.0.20:80", "--count", "10"]));
+    assert_eq!(moved.len(), 1, "a new affinity after removal: {moved:?}");
+    assert!(
+        !moved.contains_key(&kept),
+        "removed backend {kept} still chosen"
+    );
+}
+
+#[test]
+fn no_backends_refuses_at_once() {
+    let sandbox = Sandbox::create();
+    let table = sandbox.table(
+        "t.yaml",
+        "services:
+  - {vip: 10.96.0.30, port: 80, backends: []}
+  - {vip: 10.96.0.31, port: 53, protocol: UDP}",
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    for args in [
+        &["tcp", "10.96.0.30:80"][..],
+        &["udp", "10.96.0.31:53"],
+        &["udp", "10.96.0.31:53", "--connected"],
+    ] {
+        let r = &sandbox.client(args)[0];
+        assert_eq!(errno(r), ECONNREFUSED, "{args:?}: {r}");
+        assert!(
+            r["elapsed_ms"].as_u64().unwrap() < 1000,
+            "{args:?} was not refused at once: {r}"
+        );
+    }
+}
+
+#[test]
+fn non_vip_destinations_and_other_cgroups_are_untouched() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let direct = sandbox.client(&["tcp", &format!("{}:8080", backend_ip(2))]);
+    assert_eq!(ok(&direct)[0]["backend"], "b2");
+    assert_eq!(direct[0]["peer"], format!("{}:8080", backend_ip(2)));
+    // The client namespace has no route to 10.96/16: an untranslated
+    // connect fails at once with ENETUNREACH and never leaves the namespace.
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.20:81"])[0]),
+        ENETUNREACH,
+        "other port"
+    );
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.21:80"])[0]),
+        ENETUNREACH,
+        "other VIP"
+    );
+    assert_eq!(
+        errno(&sandbox.client_outside_cgroup(&["tcp", "10.96.0.20:80"])[0]),
+        ENETUNREACH,
+        "a process outside the cgroup is not translated"
+    );
+}
+
+#[test]
+fn getsockname_hides_a_loopback_backend() {
+    let sandbox = Sandbox::create();
+    sandbox.local_server("local", "127.0.0.1:9090");
+    let table = sandbox.table(
+        "t.yaml",
+        "services: [{vip: 10.96.0.50, port: 80, backends: [{ip: 127.0.0.1, port: 9090}]}]",
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let via_vip = one(sandbox.client(&["tcp", "10.96.0.50:80"]));
+    assert_eq!(via_vip["backend"], "local");
+    assert_eq!(via_vip["peer"], "10.96.0.50:80");
+    assert!(
+        via_vip["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.244.0.1:"),
+        "the pod's address, not loopback: {via_vip}"
+    );
+    let direct = one(sandbox.client(&["tcp", "127.0.0.1:9090"]));
+    assert!(
+        direct["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{direct}"
+    );
+}
+
+#[test]
+fn backend_set_changes_while_clients_connect() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 4);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(3)
+        ),
+    );
+    let agent = sandbox.start_agent(Some(&table));
+    let client = sandbox.spawn_client(&["tcp-loop", "10.96.0.20:80", "--ms", "3000"]);
+    sleep(Duration::from_millis(800));
+    sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{{ip: {}, port: 8080}}, {{ip: {}, port: 8080}}, {{ip: {}, port: 8080}}]}}]",
+            backend_ip(1),
+            backend_ip(2),
+            backend_ip(4)
+        ),
+    );
+    agent.reload();
+    let acknowledged = now_us();
+    let results = client.finish();
+    let (before, after): (Vec<Value>, Vec<Value>) = ok(&results)
+        .iter()
+        .cloned()
+        .partition(|r| r["start_us"].as_u64().unwrap() < acknowledged);
+    let before = backend_counts(&before);
+    let after = backend_counts(&after);
+    // The new set takes effect before the agent acknowledges it, so b4 may
+    // already appear in the last connections before the acknowledgement.
+    assert!(before.contains_key("b3"), "{before:?}");
+    assert!(
+        !after.contains_key("b3"),
+        "removed backend chosen after the update: {after:?}"
+    );
+    assert!(after.contains_key("b4"), "{after:?}");
+}
+
+#[test]
+fn agent_killed_and_restarted_while_clients_connect() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(3)
+        ),
+    );
+    let mut agent = sandbox.start_agent(Some(&table));
+    let client = sandbox.spawn_client(&["tcp-loop", "10.96.0.20:80", "--ms", "4000"]);
+    sleep(Duration::from_millis(500));
+    agent.signal(Signal::SIGKILL);
+    let killed = now_us();
+    sleep(Duration::from_millis(700));
+    let restarted = now_us();
+    let _agent = sandbox.start_agent(Some(&table));
+    let results = client.finish();
+    let counts = backend_counts(&results);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    let without_agent = results
+        .iter()
+        .filter(|r| (killed..restarted).contains(&r["start_us"].as_u64().unwrap()))
+        .count();
+    let starts: Vec<u64> = results
+        .iter()
+        .map(|r| r["start_us"].as_u64().unwrap())
+        .collect();
+    assert!(
+        without_agent > 0,
+        "no connection was tried while no agent ran ({killed}..{restarted}): {} results, first {:?} last {:?}",
+        results.len(),
+        starts.first(),
+        starts.last()
+    );
+}
+
+#[test]
+fn bad_table_is_refused_and_changes_nothing() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let good = format!(
+        "services: [{{name: web, vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+        tcp_backends(1)
+    );
+    let table = sandbox.table("t.yaml", &good);
+    let check = sandbox.agent_once(&["--check", "--table", table.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let agent = sandbox.start_agent(Some(&table));
+    let bad = "services:
+  - {name: web, vip: 10.96.0.20, port: 80, backends: []}
+  - {name: dns, vip: 10.96.0.10, port: 53, protocol: SCTP}";
+    sandbox.table("t.yaml", bad);
+    let check = sandbox.agent_once(&["--check", "--table", table.to_str().unwrap()]);
+    let message = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(
+        message.contains(r#"service "dns" (services[1]): protocol: "SCTP""#),
+        "{message}"
+    );
+
+    nix::sys::signal::kill(agent.pid(), Signal::SIGHUP).unwrap();
+    let error = agent
+        .next_error(Duration::from_secs(10))
+        .expect("the agent reports the bad table");
+    assert!(
+        error.contains("SCTP") && error.contains("unchanged"),
+        "{error}"
+    );
+    // The first service of the bad table (no backends) was not applied.
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_and_detach_removes_it() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    let mut agent = sandbox.start_agent(Some(&table));
+    assert!(agent.signal(Signal::SIGTERM).success());
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+
+    let detach = sandbox.agent_once(&["--detach"]);
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(!sandbox.bpffs.exists(), "pins left behind");
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.20:80"])[0]),
+        ENETUNREACH
+    );
+}
+
+#[test]
+fn kernel_check_names_what_is_missing() {
+    let sandbox = Sandbox::create();
+    let missing_cgroup = sandbox.workdir.path().join("no-such-cgroup");
+    let not_bpffs = sandbox.workdir.path().join("plain").join("socklb");
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let output = Command::new(agent_bin())
+        .arg("--cgroup")
+        .arg(&missing_cgroup)
+        .arg("--bpffs")
+        .arg(&not_bpffs)
+        .uid(65534)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "must run as root",
+        &format!("cgroup {}: does not exist", missing_cgroup.display()),
+        "is not on a bpf filesystem",
+    ] {
+        assert!(log.contains(expected), "{expected:?} missing from {log}");
+    }
+}
