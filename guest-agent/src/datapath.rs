@@ -447,6 +447,51 @@ pub fn detach(dir: &Path, log: &Logger) -> Result<()> {
     Ok(())
 }
 
+/// One hook's program as the kernel accounts for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookStats {
+    pub hook: &'static str,
+    pub program_id: u32,
+    pub run_count: u64,
+    pub run_time: std::time::Duration,
+}
+
+/// Run count and time of the program behind each pinned link under `dir`.
+/// The kernel accumulates them only while run-time stats are enabled (see
+/// [`enable_run_time_stats`]).
+pub fn hook_stats(dir: &Path) -> Result<Vec<HookStats>> {
+    let mut programs: std::collections::HashMap<u32, aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs()
+            .filter_map(|info| info.ok())
+            .map(|info| (info.id(), info))
+            .collect();
+    HOOKS
+        .iter()
+        .map(|hook| {
+            let pin = dir.join("links").join(hook.name);
+            let link = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+            let program_id = FdLink::from(link).info()?.program_id();
+            let info = programs
+                .remove(&program_id)
+                .with_context(|| format!("program {program_id} of {} is not loaded", hook.name))?;
+            Ok(HookStats {
+                hook: hook.name,
+                program_id,
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            })
+        })
+        .collect()
+}
+
+/// Turns on the kernel's BPF run-time accounting until the returned file
+/// descriptor closes. It costs two clock reads per program run.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time stats (BPF_ENABLE_STATS)")
+}
+
 fn program<'a>(ebpf: &'a mut Ebpf, hook: &Hook) -> Result<&'a mut CgroupSockAddr> {
     ebpf.program_mut(hook.program)
         .ok_or_else(|| anyhow!("the eBPF object has no program {}", hook.program))?

@@ -60,12 +60,16 @@ fn built_binary(name: &str, override_var: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(override_var) {
         return path.into();
     }
+    // Test binaries run from target/<profile>/deps, programs from
+    // target/<profile>: look beside the running binary and one level up.
     let exe = std::env::current_exe().expect("current exe");
-    let target_dir = exe
+    let beside = exe.parent().expect("a directory").join(name);
+    let above = exe
         .parent()
         .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let binary = target_dir.join(name);
+        .expect("a directory")
+        .join(name);
+    let binary = if beside.exists() { beside } else { above };
     assert!(
         binary.exists(),
         "{} is missing: build it first (cargo build -p socklb-agent -p socklb-tests) or set {override_var}",

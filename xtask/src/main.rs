@@ -1,1 +1,296 @@
-fn main() {}
+//! `cargo xtask setup|build|test`: everything a fresh machine needs, and the
+//! project's checks, behind one command each.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+  setup   install what is missing (apt packages, nightly rust-src, bpf-linker); idempotent
+  build   build the agent (with its eBPF programs) and the test binaries
+  test    setup, then formatting, clippy, unit and integration tests (needs root)
+  bench   per-hook cost from BPF run-time stats (needs root)";
+
+/// Debian packages the build and the tests use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2", // ip netns / veth for the test sandboxes
+    "libc-bin", // getent: a real glibc resolver in the DNS test
+];
+
+fn main() -> ExitCode {
+    let command = env::args().nth(1).unwrap_or_default();
+    let result = match command.as_str() {
+        "setup" => setup(),
+        "build" => setup().and_then(|()| build()),
+        "test" => setup().and_then(|()| test()),
+        "bench" => setup().and_then(|()| bench()),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask {command}: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot start {:?}", command.get_program()))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", package])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain (eBPF builds core from source)");
+    run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker must link with the nightly rustc's own LLVM: build it against
+/// the toolchain's libLLVM, through a prefix directory that outlives the
+/// build (its path is baked into bpf-linker as rpath).
+fn bpf_linker() -> Result<()> {
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
+    let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly does not report its LLVM version")?
+        .to_string();
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
+        })
+        .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}/lib", sysroot.display()))?;
+
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".local/share/socklb/bpf-llvm");
+    let stamp = prefix.join("built-against");
+    let wanted = libllvm.display().to_string();
+    let linker_works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if linker_works && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker against {wanted} (about a minute)");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    // The build links `-lLLVM`; the binary then loads the library by its
+    // soname from the rpath, so the prefix offers both names.
+    let soname = libllvm.file_name().expect("a file");
+    for name in [std::ffi::OsStr::new("libLLVM.so"), soname] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    run(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{llvm_major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    run(cargo().args([
+        "build",
+        "-p",
+        "socklb-agent",
+        "-p",
+        "socklb-tests",
+        "--bins",
+    ]))
+}
+
+fn test() -> Result<()> {
+    if !is_root() {
+        bail!("the integration tests create cgroups, namespaces and bpffs mounts: run as root");
+    }
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "socklb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The programs build only for the BPF target, with nightly's build-std.
+    run(Command::new("rustup").current_dir(workspace_root()).args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--package",
+        "socklb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build()?;
+    remove_leftovers()?;
+    run(cargo().args(["test", "--workspace", "--exclude", "socklb-ebpf"]))
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks create cgroups, namespaces and bpffs mounts: run as root");
+    }
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "socklb-agent",
+        "-p",
+        "socklb-tests",
+        "--bins",
+    ]))?;
+    remove_leftovers()?;
+    run(Command::new(workspace_root().join("target/release/socklb-bench")).arg("hooks"))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+/// Removes what an interrupted earlier test run left: the harness names
+/// everything `socklb-t<pid>-<n>` and that process is gone.
+fn remove_leftovers() -> Result<()> {
+    let alive = |name: &str| {
+        name.strip_prefix("socklb-t")
+            .and_then(|rest| rest.split('-').next())
+            .is_some_and(|pid| Path::new("/proc").join(pid).exists())
+    };
+    for line in output(Command::new("ip").args(["netns", "list"]))?.lines() {
+        let ns = line.split_whitespace().next().unwrap_or_default();
+        if ns.starts_with("socklb-t") && !alive(ns) {
+            run(Command::new("ip").args(["netns", "del", ns]))?;
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(dir), Some(fstype)) = (fields.get(1), fields.get(2)) else {
+            continue;
+        };
+        let owner = Path::new(dir).components().find_map(|c| {
+            let c = c.as_os_str().to_str()?;
+            c.starts_with("socklb-t").then_some(c)
+        });
+        match (*fstype, owner) {
+            ("bpf", Some(owner)) if !alive(owner) => run(Command::new("umount").args(["-l", dir]))?,
+            ("cgroup2", _) => {
+                for entry in std::fs::read_dir(dir)?.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("socklb-t") && !alive(&name) {
+                        std::fs::remove_dir(entry.path()).with_context(|| {
+                            format!("cannot remove cgroup {}", entry.path().display())
+                        })?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

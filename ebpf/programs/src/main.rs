@@ -186,7 +186,7 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
         proto: unsafe { (*ctx.sock_addr).protocol } as u8,
         _pad: 0,
     };
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Verdict::Pass;
     };
     let Some(backend) = choose_backend(ctx, &key, &service, unconnected_udp) else {
@@ -199,9 +199,10 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
         _pad: 0,
     };
     // Unconnected UDP comes here per datagram: skip the write when the
-    // translation is already remembered.
-    if unsafe { REVERSE.get(&reverse_key) } != Some(dst) {
-        let _ = REVERSE.insert(&reverse_key, dst, 0);
+    // translation is already remembered. A connect is a socket's first
+    // translation to this backend, so it writes without looking.
+    if !unconnected_udp || unsafe { REVERSE.get(reverse_key) } != Some(dst) {
+        let _ = REVERSE.insert(reverse_key, dst, 0);
     }
     count(service.id, |c| c.translations += 1);
     Verdict::Backend(backend)
@@ -235,7 +236,7 @@ fn choose_backend(
         return random_backend(key, service);
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(sticky) = STICKY.get_ptr_mut(&sticky_key) {
+    if let Some(sticky) = STICKY.get_ptr_mut(sticky_key) {
         let sticky = unsafe { &mut *sticky };
         let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
         let fresh = timeout_ns == 0 || now.wrapping_sub(sticky.last_used_ns) <= timeout_ns;
@@ -243,7 +244,7 @@ fn choose_backend(
             service_id: service.id,
             backend: sticky.backend,
         };
-        if fresh && unsafe { MEMBERS.get(&member) }.is_some() {
+        if fresh && unsafe { MEMBERS.get(member) }.is_some() {
             // kube-proxy's `recent` match restarts the timeout on every use.
             sticky.last_used_ns = now;
             return Some(sticky.backend);
@@ -255,7 +256,7 @@ fn choose_backend(
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = STICKY.insert(&sticky_key, &sticky, 0);
+    let _ = STICKY.insert(sticky_key, sticky, 0);
     Some(backend)
 }
 
@@ -277,7 +278,7 @@ fn backend_in_slot(service: &Service) -> Option<Endpoint> {
         service_id: service.id,
         slot: index + 1,
     };
-    unsafe { BACKEND_SLOTS.get(&slot) }.copied()
+    unsafe { BACKEND_SLOTS.get(slot) }.copied()
 }
 
 #[inline(always)]
@@ -296,7 +297,7 @@ fn original_vip(ctx: &SockAddrContext, peer: &Endpoint) -> Option<Endpoint> {
         backend: *peer,
         _pad: 0,
     };
-    unsafe { REVERSE.get(&key) }.copied()
+    unsafe { REVERSE.get(key) }.copied()
 }
 
 #[inline(always)]
