@@ -7,7 +7,10 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::kernel::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP};
+use crate::{
+    kernel::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP},
+    server::{DEFAULT_VSOCK_PORT, HOST_CID, ListenAddr},
+};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -22,6 +25,13 @@ pub struct Config {
     /// empty: the first global address of each family on the guest's
     /// interfaces.
     pub pod_ips: Vec<IpAddr>,
+    /// Where the API is served.
+    pub listen: ListenAddr,
+    /// vsock peers allowed to call the API.
+    pub allowed_cids: Vec<u32>,
+    /// Keep the kernel's BPF run-time stats on (two clock reads per hook
+    /// run) so Stats reports per-hook time.
+    pub bpf_stats: bool,
 }
 
 /// Settings given as flags or environment variables; `None` = not given.
@@ -32,6 +42,9 @@ pub struct Given {
     pub table: Option<PathBuf>,
     pub log_level: Option<String>,
     pub pod_ips: Vec<IpAddr>,
+    pub listen: Option<String>,
+    pub allowed_cids: Vec<u32>,
+    pub bpf_stats: Option<bool>,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -60,6 +73,15 @@ impl Config {
                         })?);
                     }
                 }
+                "listen" => cmdline.listen = Some(value.into()),
+                "allow_cid" => {
+                    for cid in value.split(',') {
+                        cmdline.allowed_cids.push(cid.parse().with_context(|| {
+                            format!("kernel command line socklb.allow_cid: {cid:?} is not a CID")
+                        })?);
+                    }
+                }
+                "bpf_stats" => cmdline.bpf_stats = Some(matches!(value, "1" | "true" | "on")),
                 // Keys of later versions or other components are not ours to refuse.
                 _ => {}
             }
@@ -84,6 +106,22 @@ impl Config {
             } else {
                 given.pod_ips
             },
+            listen: given
+                .listen
+                .or(cmdline.listen)
+                .unwrap_or_else(|| format!("vsock://-1:{DEFAULT_VSOCK_PORT}"))
+                .parse()?,
+            // The host may always call; more peers only when configured.
+            allowed_cids: [
+                vec![HOST_CID],
+                if given.allowed_cids.is_empty() {
+                    cmdline.allowed_cids
+                } else {
+                    given.allowed_cids
+                },
+            ]
+            .concat(),
+            bpf_stats: given.bpf_stats.or(cmdline.bpf_stats).unwrap_or(false),
         })
     }
 }
@@ -95,6 +133,9 @@ struct CmdlineKeys {
     table: Option<PathBuf>,
     log_level: Option<String>,
     pod_ips: Vec<IpAddr>,
+    listen: Option<String>,
+    allowed_cids: Vec<u32>,
+    bpf_stats: Option<bool>,
 }
 
 pub fn parse_level(text: &str) -> Result<slog::Level> {
@@ -123,6 +164,9 @@ mod tests {
         assert_eq!(config.table, None);
         assert_eq!(config.log_level, slog::Level::Info);
         assert!(config.pod_ips.is_empty());
+        assert_eq!(config.listen, ListenAddr::Vsock { port: 1025 });
+        assert_eq!(config.allowed_cids, vec![2]);
+        assert!(!config.bpf_stats);
     }
 
     #[test]
@@ -134,9 +178,13 @@ mod tests {
         let config = Config::resolve(
             given,
             "console=ttyS0 socklb.log_level=error socklb.table=/etc/t.yaml \
-             socklb.pod_ip=10.244.0.5,fd00::5 socklb.future_key=1",
+             socklb.pod_ip=10.244.0.5,fd00::5 socklb.future_key=1 \
+             socklb.listen=vsock://-1:2000 socklb.allow_cid=3 socklb.bpf_stats=1",
         )
         .unwrap();
+        assert_eq!(config.listen, ListenAddr::Vsock { port: 2000 });
+        assert_eq!(config.allowed_cids, vec![2, 3]);
+        assert!(config.bpf_stats);
         assert_eq!(config.log_level, slog::Level::Debug);
         assert_eq!(config.table, Some(PathBuf::from("/etc/t.yaml")));
         assert_eq!(

@@ -8,7 +8,7 @@
 //!   only then drops the old links, so no connect goes untranslated.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -25,11 +25,11 @@ use aya::{
 };
 use slog::{Logger, info};
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MemberKey, ReverseKey,
-    ServiceCounters, Sticky, StickyKey, is_v4_mapped, map_names, v4_mapped,
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS,
+    MAX_SERVICES, MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_ENTRIES, ServiceCounters, Sticky,
+    StickyKey, is_v4_mapped, map_names, v4_mapped,
 };
-
-use crate::table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, TableError};
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
@@ -98,14 +98,29 @@ struct Programmed {
     backends: Vec<Endpoint>,
 }
 
+/// How full a map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
+    dir: PathBuf,
     links_dir: PathBuf,
     services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service>,
     slots: HashMap<MapData, BackendSlotKey, Endpoint>,
     members: HashMap<MapData, MemberKey, u8>,
     stats: PerCpuArray<MapData, ServiceCounters>,
     guest_addrs: Array<MapData, Addr>,
+    sticky: HashMap<MapData, StickyKey, Sticky>,
+    reverse: HashMap<MapData, ReverseKey, Endpoint>,
+    /// Ids of the programmed services and their total backend slots, kept
+    /// beside the maps so a write checks capacity without reading them all.
+    used_ids: BTreeSet<u32>,
+    slot_count: usize,
     log: Logger,
 }
 
@@ -142,18 +157,31 @@ impl Datapath {
         let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
         let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
         let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
+        let sticky = HashMap::try_from(take(map_names::STICKY)?)?;
+        let reverse = HashMap::try_from(take(map_names::REVERSE)?)?;
         let log = log.new(slog::o!("component" => "datapath"));
-        info!(log, "programs loaded"; "bpffs" => dir.display().to_string());
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
+            dir: dir.to_path_buf(),
             links_dir,
             services,
             slots,
             members,
             stats,
             guest_addrs,
+            sticky,
+            reverse,
+            used_ids: BTreeSet::new(),
+            slot_count: 0,
             log,
-        })
+        };
+        datapath.sweep_orphans()?;
+        let programmed = datapath.read_programmed()?;
+        datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
+        datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
+        info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
+              "adopted_services" => datapath.used_ids.len());
+        Ok(datapath)
     }
 
     /// Attaches every hook to `cgroup` and pins its link, replacing the link
@@ -199,42 +227,107 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the maps hold exactly `table`, one service at a time, each
-    /// update atomic for concurrent lookups (see the order in `upsert`).
-    /// Removals and shrinking services go first, so the maps never hold more
-    /// than the larger of the old and the new table.
+    /// Makes the maps hold exactly `table`.
     pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
         let mut current = self.read_programmed()?;
-        let mut summary = ApplySummary::default();
-        let wanted: BTreeMap<socklb_common::ServiceKey, &Service> = table
-            .services
-            .iter()
-            .map(|s| (map_key(&s.key), s))
-            .collect();
-
-        let stale: Vec<_> = current
+        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> = current
             .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
+            .map(|key| (*key, None))
             .collect();
-        for key in stale {
-            let programmed = current.remove(&key).expect("listed above");
-            self.remove(&key, &programmed)?;
-            summary.removed += 1;
+        for service in &table.services {
+            wanted.insert(map_key(&service.key), Some(service));
+        }
+        let summary = self.write(wanted, &mut current)?;
+        info!(self.log, "table applied"; "services" => table.services.len(),
+              "added" => summary.added, "updated" => summary.updated,
+              "removed" => summary.removed, "unchanged" => summary.unchanged);
+        Ok(summary)
+    }
+
+    /// Adds or replaces `services` (validated each, distinct keys), leaving
+    /// every other service as it is.
+    pub fn upsert(&mut self, services: &[Service]) -> Result<ApplySummary> {
+        let mut wanted = BTreeMap::new();
+        for service in services {
+            if wanted.insert(map_key(&service.key), Some(service)).is_some() {
+                return Err(TableError::Field {
+                    service: service.label(),
+                    field: "vip/port/protocol".into(),
+                    message: format!("{} is listed twice in one request", service.key),
+                }
+                .into());
+            }
+        }
+        let mut current = self.read_some(wanted.keys())?;
+        self.write(wanted, &mut current)
+    }
+
+    /// Removes the services with `keys`; refuses all if one is unknown.
+    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<ApplySummary> {
+        let wanted: BTreeMap<_, Option<&Service>> =
+            keys.iter().map(|key| (map_key(key), None)).collect();
+        let mut current = self.read_some(wanted.keys())?;
+        if let Some(missing) = keys.iter().find(|key| !current.contains_key(&map_key(key))) {
+            return Err(TableError::UnknownService {
+                key: missing.to_string(),
+            }
+            .into());
+        }
+        self.write(wanted, &mut current)
+    }
+
+    /// Brings each listed service to its wanted state (`None`: removed).
+    /// Capacity is checked before anything changes. Each service's update
+    /// is atomic for concurrent lookups (see `write_service`); removals and
+    /// shrinking services go first, so the maps never hold more than the
+    /// larger of the old and the new table.
+    fn write(
+        &mut self,
+        wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>>,
+        current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
+    ) -> Result<ApplySummary> {
+        let mut summary = ApplySummary::default();
+        let old_len = |key| current.get(key).map_or(0, |p: &Programmed| p.backends.len());
+        let services_after = self.used_ids.len() + wanted.iter().filter(|(k, w)| w.is_some() && !current.contains_key(k)).count()
+            - wanted.iter().filter(|(k, w)| w.is_none() && current.contains_key(k)).count();
+        let slots_after = self.slot_count + wanted.values().flatten().map(|s| s.backends.len()).sum::<usize>()
+            - wanted.keys().map(old_len).sum::<usize>();
+        if services_after > MAX_SERVICES as usize {
+            return Err(TableError::Capacity { what: "services", count: services_after, limit: MAX_SERVICES as usize }.into());
+        }
+        if slots_after > MAX_BACKEND_SLOTS as usize {
+            return Err(TableError::Capacity {
+                what: "backends (summed over services)",
+                count: slots_after,
+                limit: MAX_BACKEND_SLOTS as usize,
+            }
+            .into());
         }
 
-        let used_ids: HashSet<u32> = current.values().map(|p| p.entry.id).collect();
-        let mut free_ids = (0..socklb_common::MAX_SERVICES).filter(|id| !used_ids.contains(id));
+        let added = wanted
+            .iter()
+            .filter(|(key, service)| service.is_some() && !current.contains_key(key))
+            .count();
+        let mut free_ids = (0..MAX_SERVICES)
+            .filter(|id| !self.used_ids.contains(id))
+            .take(added)
+            .collect::<Vec<_>>()
+            .into_iter();
         let mut changes = Vec::new();
-        for (key, service) in &wanted {
+        for (key, service) in wanted {
+            let old = current.remove(&key);
+            let Some(service) = service else {
+                if let Some(old) = old {
+                    self.remove(&key, &old)?;
+                    summary.removed += 1;
+                }
+                continue;
+            };
             let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
-            let old = current.remove(key);
             let entry = socklb_common::Service {
                 id: match &old {
                     Some(old) => old.entry.id,
-                    None => free_ids
-                        .next()
-                        .ok_or_else(|| anyhow!("no free service id"))?,
+                    None => free_ids.next().ok_or_else(|| anyhow!("no free service id"))?,
                 },
                 backend_count: backends.len() as u32,
                 affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
@@ -248,18 +341,15 @@ impl Datapath {
                 Some(_) => summary.updated += 1,
                 None => summary.added += 1,
             }
-            changes.push((*key, entry, backends, old));
+            changes.push((key, entry, backends, old));
         }
         changes.sort_by_key(|(_, entry, _, old)| {
             i64::from(entry.backend_count)
                 - old.as_ref().map_or(0, |o| i64::from(o.entry.backend_count))
         });
         for (key, entry, backends, old) in changes {
-            self.upsert(&key, entry, &backends, old)?;
+            self.write_service(&key, entry, &backends, old)?;
         }
-        info!(self.log, "table applied"; "services" => table.services.len(),
-              "added" => summary.added, "updated" => summary.updated,
-              "removed" => summary.removed, "unchanged" => summary.unchanged);
         Ok(summary)
     }
 
@@ -281,6 +371,23 @@ impl Datapath {
         Ok(Table { services })
     }
 
+    pub fn service_count(&self) -> usize {
+        self.used_ids.len()
+    }
+
+    /// Hooks whose link is pinned, i.e. attached.
+    pub fn attached_hooks(&self) -> Vec<&'static str> {
+        HOOKS
+            .iter()
+            .filter(|hook| self.links_dir.join(hook.name).exists())
+            .map(|hook| hook.name)
+            .collect()
+    }
+
+    pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
+        hook_stats(&self.dir)
+    }
+
     /// Tells getsockname the guest's own addresses (see the programs'
     /// `local_view`); `None` clears a family.
     pub fn set_guest_addrs(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<()> {
@@ -294,7 +401,7 @@ impl Datapath {
     /// Removes backend slots and members whose service is gone: an agent
     /// killed in the middle of an update can leave them, and a later service
     /// given the same id must not inherit them.
-    pub fn sweep_orphans(&mut self) -> Result<()> {
+    fn sweep_orphans(&mut self) -> Result<()> {
         let live: std::collections::HashMap<u32, u32> = self
             .services
             .iter()
@@ -332,22 +439,7 @@ impl Datapath {
         let mut programmed = BTreeMap::new();
         for item in self.services.iter() {
             let (key, entry) = item.context("reading the services map")?;
-            let backends = (1..=entry.backend_count)
-                .map(|slot| {
-                    self.slots
-                        .get(
-                            &BackendSlotKey {
-                                service_id: entry.id,
-                                slot,
-                            },
-                            0,
-                        )
-                        .with_context(|| {
-                            format!("service {} lacks backend slot {slot}", table_key(&key))
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            programmed.insert(key, Programmed { entry, backends });
+            programmed.insert(key, self.read_backends(&key, &entry)?);
         }
         Ok(programmed)
     }
@@ -355,7 +447,7 @@ impl Datapath {
     /// Writes one service so that a concurrent lookup sees the old set or
     /// the new one: members and slots first, the entry (with the count)
     /// next, surplus slots and members last.
-    fn upsert(
+    fn write_service(
         &mut self,
         key: &socklb_common::ServiceKey,
         entry: socklb_common::Service,
@@ -402,6 +494,8 @@ impl Datapath {
         for backend in old_set.difference(&new_set) {
             self.members.remove(&member(*backend))?;
         }
+        self.used_ids.insert(entry.id);
+        self.slot_count = self.slot_count + backends.len() - old_backends.len();
         Ok(())
     }
 
@@ -420,7 +514,89 @@ impl Datapath {
                 backend: *backend,
             })?;
         }
+        self.used_ids.remove(&id);
+        self.slot_count -= programmed.backends.len();
         Ok(())
+    }
+
+    /// The programmed state of the services with `keys` (absent ones left out).
+    fn read_some<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k socklb_common::ServiceKey>,
+    ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+        let mut programmed = BTreeMap::new();
+        for key in keys {
+            match self.services.get(key, 0) {
+                Ok(entry) => {
+                    programmed.insert(*key, self.read_backends(key, &entry)?);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(programmed)
+    }
+
+    fn read_backends(
+        &self,
+        key: &socklb_common::ServiceKey,
+        entry: &socklb_common::Service,
+    ) -> Result<Programmed> {
+        let backends = (1..=entry.backend_count)
+            .map(|slot| {
+                self.slots
+                    .get(&BackendSlotKey { service_id: entry.id, slot }, 0)
+                    .with_context(|| format!("service {} lacks backend slot {slot}", table_key(key)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Programmed { entry: *entry, backends })
+    }
+
+    /// Translations and rejects per service, summed over CPUs.
+    pub fn service_stats(&self) -> Result<Vec<(ServiceKey, ServiceCounters)>> {
+        let mut stats = Vec::new();
+        for item in self.services.iter() {
+            let (key, entry) = item?;
+            let per_cpu = self.stats.get(&entry.id, 0)?;
+            let total = per_cpu.iter().fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+                translations: sum.translations + c.translations,
+                rejects: sum.rejects + c.rejects,
+            });
+            stats.push((table_key(&key), total));
+        }
+        stats.sort_by_key(|(key, _)| *key);
+        Ok(stats)
+    }
+
+    /// Entries in use and capacity of each map that fills up.
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage {
+                map: map_names::SERVICES,
+                entries: self.used_ids.len(),
+                capacity: MAX_SERVICES as usize,
+            },
+            MapUsage {
+                map: map_names::BACKEND_SLOTS,
+                entries: self.slot_count,
+                capacity: MAX_BACKEND_SLOTS as usize,
+            },
+            MapUsage {
+                map: map_names::MEMBERS,
+                entries: self.slot_count,
+                capacity: MAX_BACKEND_SLOTS as usize,
+            },
+            MapUsage {
+                map: map_names::STICKY,
+                entries: self.sticky.keys().count(),
+                capacity: STICKY_ENTRIES as usize,
+            },
+            MapUsage {
+                map: map_names::REVERSE,
+                entries: self.reverse.keys().count(),
+                capacity: REVERSE_ENTRIES as usize,
+            },
+        ]
     }
 }
 

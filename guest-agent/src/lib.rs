@@ -6,4 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod kernel;
 pub mod logging;
-pub mod table;
+pub mod rpc;
+pub mod server;
+pub mod services;
+

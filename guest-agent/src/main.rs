@@ -1,20 +1,30 @@
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use nix::sys::signal::{SigSet, Signal};
 use slog::{Logger, error, info};
+use socklb_table::Table;
 use socklb_agent::{
     config::{Config, Given},
     datapath::{self, Datapath},
     kernel, logging,
-    table::Table,
+    rpc::Rpc,
+    server,
+    services::ServiceTable,
 };
 
 const PRECEDENCE: &str = "\
 Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
 variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
-(keys: cgroup, bpffs, table, log_level, pod_ip), built-in defaults.
+(keys: cgroup, bpffs, table, log_level, pod_ip, listen, allow_cid, bpf_stats), built-in \
+defaults.
 
 Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
 SIGHUP re-reads the table file.";
@@ -41,6 +51,17 @@ struct Args {
     /// first global address of each family]
     #[arg(long = "pod-ip", env = "SOCKLB_POD_IP", value_delimiter = ',')]
     pod_ips: Vec<IpAddr>,
+    /// API address: vsock://-1:PORT (a guest) or unix:///path
+    /// [default: vsock://-1:1025]
+    #[arg(long, env = "SOCKLB_LISTEN")]
+    listen: Option<String>,
+    /// A vsock peer CID allowed to call the API besides the host (2)
+    #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
+    allowed_cids: Vec<u32>,
+    /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
+    /// clock reads per hook run)
+    #[arg(long, env = "SOCKLB_BPF_STATS")]
+    bpf_stats: bool,
     /// Validate the table file and exit, without touching the kernel
     #[arg(long, requires = "table", conflicts_with = "detach")]
     check: bool,
@@ -59,6 +80,9 @@ fn main() -> ExitCode {
         table: args.table,
         log_level: args.log_level,
         pod_ips: args.pod_ips,
+        listen: args.listen,
+        allowed_cids: args.allowed_cids,
+        bpf_stats: args.bpf_stats.then_some(true),
     };
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = match Config::resolve(given, &cmdline) {
@@ -85,18 +109,15 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Block the signals we wait for before any thread (the log drain) starts,
-    // so every thread inherits the mask and `sigwait` receives them.
-    let signals = SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
-    if let Err(err) = signals.thread_block() {
-        eprintln!("socklb-agent: cannot block signals: {err}");
-        return ExitCode::FAILURE;
-    }
     let log = logging::logger(config.log_level);
     let result = if detach {
         datapath::detach(&config.bpffs, &log)
     } else {
-        serve(&config, signals, &log)
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")
+            .and_then(|runtime| runtime.block_on(serve(&config, &log)))
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,40 +131,60 @@ fn main() -> ExitCode {
     code
 }
 
-fn serve(config: &Config, signals: SigSet, log: &Logger) -> Result<()> {
+async fn serve(config: &Config, log: &Logger) -> Result<()> {
     // Validate the table before touching the kernel.
     let table = config.table.as_deref().map(Table::from_file).transpose()?;
     kernel::prepare(&config.cgroup, &config.bpffs, log)?;
-    let mut datapath = Datapath::load(&config.bpffs, log)?;
-    datapath.sweep_orphans()?;
+    let mut services = ServiceTable::new(Datapath::load(&config.bpffs, log)?);
     match &table {
         Some(table) => {
-            datapath.apply(table)?;
+            services.sync(table, 0)?;
         }
         None => info!(log, "no table given: keeping the programmed one";
-                      "services" => datapath.read_table()?.services.len()),
+                      "services" => services.datapath().service_count()),
     }
-    set_guest_addrs(&mut datapath, config, log)?;
-    datapath.attach(&config.cgroup)?;
+    set_guest_addrs(services.datapath_mut(), config, log)?;
+    services.datapath_mut().attach(&config.cgroup)?;
+    // Held open for as long as the agent runs.
+    let _run_time_stats = config
+        .bpf_stats
+        .then(datapath::enable_run_time_stats)
+        .transpose()?;
+    let services = Arc::new(Mutex::new(services));
+    let rpc = Arc::new(Rpc::new(services.clone(), config.bpf_stats, log));
+    let mut server = server::start(&config.listen, &config.allowed_cids, rpc, log).await?;
     info!(log, "ready"; "cgroup" => config.cgroup.display().to_string(),
-          "bpffs" => config.bpffs.display().to_string());
+          "bpffs" => config.bpffs.display().to_string(), "listen" => config.listen.to_string());
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
-        match signals.wait().context("waiting for signals")? {
-            Signal::SIGHUP => match &config.table {
-                Some(path) => match Table::from_file(path) {
-                    Ok(table) => {
-                        datapath.apply(&table)?;
-                        set_guest_addrs(&mut datapath, config, log)?;
-                    }
-                    Err(err) => error!(log, "table not applied, the datapath is unchanged: {err}"),
-                },
-                None => info!(log, "SIGHUP without a table file: nothing to re-read"),
-            },
-            signal => {
-                info!(log, "stopping; the datapath stays pinned and working"; "signal" => signal.as_str());
-                return Ok(());
-            }
+        tokio::select! {
+            _ = hangup.recv() => reload(config, &services, log),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
         }
+    }
+    info!(log, "stopping; the datapath stays pinned and working");
+    server.shutdown().await.context("stopping the API server")?;
+    Ok(())
+}
+
+/// SIGHUP: program the table file again; a bad file changes nothing.
+fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
+    let Some(path) = &config.table else {
+        info!(log, "SIGHUP without a table file: nothing to re-read");
+        return;
+    };
+    let mut services = services.lock().expect("table lock");
+    let result = Table::from_file(path).map_err(anyhow::Error::from).and_then(|table| {
+        let generation = services.generation();
+        services.sync(&table, generation)?;
+        set_guest_addrs(services.datapath_mut(), config, log)
+    });
+    if let Err(err) = result {
+        error!(log, "table not applied, the datapath is unchanged: {err:#}");
     }
 }
 

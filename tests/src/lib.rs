@@ -241,21 +241,34 @@ impl Sandbox {
         path
     }
 
-    /// Starts the agent on this sandbox's cgroup and bpffs and waits until
-    /// it is ready.
-    pub fn start_agent(&self, table: Option<&Path>) -> Agent {
+    /// The agent's API address: a unix socket in the sandbox (never vsock:
+    /// this machine's vsock belongs to its infrastructure).
+    pub fn api_addr(&self) -> String {
+        format!("unix://{}", self.workdir.path().join("agent.sock").display())
+    }
+
+    /// socklb-agent on this sandbox's cgroup, bpffs and API socket.
+    pub fn agent_command(&self) -> Command {
         let mut command = Command::new(agent_bin());
         command
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
-            .args([
-                "--pod-ip",
-                &format!("{CLIENT_IP},{CLIENT_IP6}"),
-                "--log-level",
-                "debug",
-            ]);
+            .env("SOCKLB_LISTEN", self.api_addr());
+        command
+    }
+
+    /// Starts the agent and waits until it is ready.
+    pub fn start_agent(&self, table: Option<&Path>) -> Agent {
+        self.start_agent_with(table, &[])
+    }
+
+    pub fn start_agent_with(&self, table: Option<&Path>, extra: &[&str]) -> Agent {
+        let mut command = self.agent_command();
+        command
+            .args(["--pod-ip", &format!("{CLIENT_IP},{CLIENT_IP6}"), "--log-level", "debug"])
+            .args(extra);
         if let Some(table) = table {
             command.arg("--table").arg(table);
         }
@@ -266,11 +279,7 @@ impl Sandbox {
 
     /// Runs the agent once with extra arguments (e.g. `--detach`) to its end.
     pub fn agent_once(&self, args: &[&str]) -> std::process::Output {
-        Command::new(agent_bin())
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
+        self.agent_command()
             .args(args)
             .output()
             .expect("run socklb-agent")

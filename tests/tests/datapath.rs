@@ -564,6 +564,7 @@ fn kernel_check_names_what_is_missing() {
     let not_bpffs = sandbox.workdir.path().join("plain").join("socklb");
     std::fs::create_dir_all(&not_bpffs).unwrap();
     let output = Command::new(agent_bin())
+        .env("SOCKLB_LISTEN", sandbox.api_addr())
         .arg("--cgroup")
         .arg(&missing_cgroup)
         .arg("--bpffs")

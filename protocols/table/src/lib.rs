@@ -1,4 +1,5 @@
-//! The service table: its file format (YAML or JSON) and validation.
+//! The service table both ends of socklb share: its file format (YAML or
+//! JSON), its API form (the `socklb.v1` messages), validation and digest.
 //!
 //! A table is validated whole before anything touches the kernel; every
 //! error names the service and the field.
@@ -11,7 +12,9 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use socklb_common::{MAX_BACKEND_SLOTS, MAX_SERVICES};
+use socklb_protocols::socklb as api;
 
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -96,6 +99,8 @@ pub enum TableError {
         field: String,
         message: String,
     },
+    #[error("service {key} is not programmed")]
+    UnknownService { key: String },
     #[error("table has {count} {what}; the datapath holds at most {limit}")]
     Capacity {
         what: &'static str,
@@ -104,22 +109,24 @@ pub enum TableError {
     },
 }
 
-// The file format, as people write it.
-#[derive(Debug, Deserialize)]
+/// The file format, as people write it (and as `list -o json` prints it).
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct TableFile {
+pub struct TableFile {
     #[serde(default)]
     services: Vec<ServiceEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ServiceEntry {
+    #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     vip: String,
     port: i64,
     #[serde(default = "default_protocol")]
     protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     affinity: Option<AffinityEntry>,
     #[serde(default)]
     backends: Vec<BackendEntry>,
@@ -129,21 +136,21 @@ fn default_protocol() -> String {
     "TCP".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AffinityEntry {
     #[serde(rename = "clientIP")]
     client_ip: ClientIpEntry,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct ClientIpEntry {
     #[serde(rename = "timeoutSeconds")]
     timeout_seconds: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct BackendEntry {
     ip: String,
@@ -179,6 +186,52 @@ impl Table {
             .map(|(index, entry)| entry.validate(index))
             .collect::<Result<Vec<_>, _>>()?;
         Table::new(services)
+    }
+
+    /// Reads and validates the services of an API request.
+    pub fn from_api(services: &[api::Service]) -> Result<Table, TableError> {
+        Table::new(
+            services
+                .iter()
+                .enumerate()
+                .map(|(index, service)| Service::from_api(index, service))
+                .collect::<Result<_, _>>()?,
+        )
+    }
+
+    pub fn to_api(&self) -> Vec<api::Service> {
+        self.services.iter().map(Service::to_api).collect()
+    }
+
+    /// The table in its file format, for printing.
+    pub fn to_file(&self) -> TableFile {
+        TableFile {
+            services: self.services.iter().map(Service::to_entry).collect(),
+        }
+    }
+
+    /// SHA-256 (hex) of what the datapath holds: every service's key,
+    /// affinity and backend set, independent of order and names. Both ends
+    /// compute it: the agent from the maps, the host from what it sent.
+    pub fn digest(&self) -> String {
+        let mut lines: Vec<String> = self
+            .services
+            .iter()
+            .map(|service| {
+                let mut backends: Vec<SocketAddr> = service.backends.clone();
+                backends.sort();
+                let backends: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+                format!(
+                    "{} {} {}\n",
+                    service.key,
+                    service.affinity_timeout_secs.unwrap_or(0),
+                    backends.join(",")
+                )
+            })
+            .collect();
+        lines.sort();
+        let hash = Sha256::digest(lines.concat().as_bytes());
+        hash.iter().map(|byte| format!("{byte:02x}")).collect()
     }
 
     /// Checks what spans services: unique keys and capacity.
@@ -281,6 +334,115 @@ impl Service {
             }
         }
         Ok(self)
+    }
+}
+
+impl Service {
+    /// Reads and validates one service of an API request (`index` names it
+    /// in errors).
+    pub fn from_api(index: usize, service: &api::Service) -> Result<Service, TableError> {
+        let key = service.key.get_or_default();
+        let entry = ServiceEntry {
+            name: (!service.name.is_empty()).then(|| service.name.clone()),
+            vip: key.vip.clone(),
+            port: key.port.into(),
+            protocol: protocol_name(key.protocol),
+            affinity: (service.affinity_timeout_seconds != 0).then(|| AffinityEntry {
+                client_ip: ClientIpEntry {
+                    timeout_seconds: Some(service.affinity_timeout_seconds.into()),
+                },
+            }),
+            backends: service
+                .backends
+                .iter()
+                .map(|b| BackendEntry {
+                    ip: b.ip.clone(),
+                    port: b.port.into(),
+                })
+                .collect(),
+        };
+        entry.validate(index)
+    }
+
+    pub fn to_api(&self) -> api::Service {
+        api::Service {
+            name: self.name.clone().unwrap_or_default(),
+            key: protobuf::MessageField::some(self.key.to_api()),
+            affinity_timeout_seconds: self.affinity_timeout_secs.unwrap_or(0),
+            backends: self
+                .backends
+                .iter()
+                .map(|b| api::Backend {
+                    ip: b.ip().to_string(),
+                    port: b.port().into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn to_entry(&self) -> ServiceEntry {
+        ServiceEntry {
+            name: self.name.clone(),
+            vip: self.key.vip.to_string(),
+            port: self.key.port.into(),
+            protocol: self.key.protocol.to_string(),
+            affinity: self.affinity_timeout_secs.map(|secs| AffinityEntry {
+                client_ip: ClientIpEntry {
+                    timeout_seconds: Some(secs.into()),
+                },
+            }),
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendEntry {
+                    ip: b.ip().to_string(),
+                    port: b.port().into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl ServiceKey {
+    /// Reads a key of an API request (`what` names it in errors).
+    pub fn from_api(what: &str, key: &api::ServiceKey) -> Result<ServiceKey, TableError> {
+        let field = |field: &str, message: String| TableError::Field {
+            service: what.to_string(),
+            field: field.into(),
+            message,
+        };
+        let protocol = match protocol_name(key.protocol).as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => return Err(field("protocol", format!("{other} is not supported"))),
+        };
+        Ok(ServiceKey {
+            vip: parse_ip(&key.vip).map_err(|m| field("vip", m))?,
+            port: parse_port(key.port.into()).map_err(|m| field("port", m))?,
+            protocol,
+        })
+    }
+
+    pub fn to_api(&self) -> api::ServiceKey {
+        api::ServiceKey {
+            vip: self.vip.to_string(),
+            port: self.port.into(),
+            protocol: protobuf::EnumOrUnknown::new(match self.protocol {
+                Protocol::Tcp => api::Protocol::TCP,
+                Protocol::Udp => api::Protocol::UDP,
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn protocol_name(protocol: protobuf::EnumOrUnknown<api::Protocol>) -> String {
+    match protocol.enum_value() {
+        Ok(api::Protocol::TCP) => "TCP".into(),
+        Ok(api::Protocol::UDP) => "UDP".into(),
+        Err(number) => format!("protocol number {number}"),
     }
 }
 

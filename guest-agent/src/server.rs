@@ -1,0 +1,137 @@
+//! Where the agent serves its API: `vsock://-1:PORT` in a guest (only the
+//! host, CID 2, unless more CIDs are allowed) or `unix:///path` for tests
+//! and local use.
+
+use std::{io, path::PathBuf, sync::Arc};
+
+use anyhow::{Context as _, Result, bail};
+use futures::{Stream, StreamExt as _};
+use slog::{Logger, warn};
+use ttrpc::r#async::{Server, transport::Listener};
+
+use crate::rpc::Rpc;
+
+/// The host's CID, the only vsock peer allowed by default.
+pub const HOST_CID: u32 = 2;
+pub const DEFAULT_VSOCK_PORT: u32 = 1025;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Vsock { port: u32 },
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<ListenAddr> {
+        if let Some(rest) = text.strip_prefix("vsock://") {
+            let port = match rest.rsplit_once(':') {
+                Some(("-1" | "", port)) => port
+                    .parse()
+                    .with_context(|| format!("listen address {text:?}: bad port {port:?}"))?,
+                None if rest == "-1" || rest.is_empty() => DEFAULT_VSOCK_PORT,
+                _ => bail!("listen address {text:?}: the agent listens on any CID: vsock://-1:PORT"),
+            };
+            return Ok(ListenAddr::Vsock { port });
+        }
+        if let Some(path) = text.strip_prefix("unix://")
+            && path.starts_with('/')
+        {
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        bail!("listen address {text:?} is neither vsock://-1:PORT nor unix:///path")
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Vsock { port } => write!(f, "vsock://-1:{port}"),
+            ListenAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// Starts serving `rpc` on `addr`.
+pub async fn start(addr: &ListenAddr, allowed_cids: &[u32], rpc: Arc<Rpc>, log: &Logger) -> Result<Server> {
+    let listener = match addr {
+        ListenAddr::Unix(path) => {
+            // A socket file left by an earlier agent would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            let accepts = futures::stream::unfold(listener, |listener| async move {
+                Some((listener.accept().await.map(|(stream, _)| stream), listener))
+            });
+            Listener::new(accepts)
+        }
+        ListenAddr::Vsock { port } => {
+            let listener =
+                tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port))
+                    .with_context(|| format!("cannot listen on vsock port {port}"))?;
+            let accepts = futures::stream::unfold(listener, |listener| async move {
+                let accepted = listener.accept().await.map(|(stream, peer)| (stream, peer.cid()));
+                Some((accepted, listener))
+            });
+            Listener::new(only_from(accepts, allowed_cids.to_vec(), log.clone()))
+        }
+    };
+    let mut server = Server::new().add_listener(listener).register_service(rpc.services());
+    server.start().await.context("starting the ttrpc server")?;
+    Ok(server)
+}
+
+/// Passes accepted connections whose peer CID is allowed; logs and drops
+/// the others.
+pub fn only_from<S: Send + 'static>(
+    accepts: impl Stream<Item = io::Result<(S, u32)>> + Send + 'static,
+    allowed: Vec<u32>,
+    log: Logger,
+) -> impl Stream<Item = io::Result<S>> + Send + 'static {
+    accepts.filter_map(move |accepted| {
+        let passed = match accepted {
+            Ok((stream, cid)) if allowed.contains(&cid) => Some(Ok(stream)),
+            Ok((_, cid)) => {
+                warn!(log, "refused an API connection"; "peer_cid" => cid, "allowed" => format!("{allowed:?}"));
+                None
+            }
+            Err(err) => Some(Err(err)),
+        };
+        std::future::ready(passed)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!("vsock://-1:1025".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock { port: 1025 });
+        assert_eq!("vsock://:7".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock { port: 7 });
+        assert_eq!("unix:///run/a.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/run/a.sock".into()));
+        for bad in ["vsock://3:1025", "vsock://-1:x", "unix://rel.sock", "tcp://1.2.3.4:5"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_allowed_peers_pass() {
+        let log = Logger::root(slog::Discard, slog::o!());
+        let accepts = futures::stream::iter(vec![
+            Ok(("from host", HOST_CID)),
+            Ok(("from another guest", 5)),
+            Err(io::Error::other("accept failed")),
+            Ok(("from an allowed test peer", 3)),
+        ]);
+        let passed: Vec<_> = only_from(accepts, vec![HOST_CID, 3], log).collect().await;
+        let passed: Vec<String> = passed
+            .into_iter()
+            .map(|r| r.map_or_else(|e| e.to_string(), String::from))
+            .collect();
+        assert_eq!(passed, ["from host", "accept failed", "from an allowed test peer"]);
+    }
+}
