@@ -21,7 +21,10 @@ fn main() -> std::io::Result<()> {
         .iter()
         .map(|name| {
             let path = out_dir.join(format!("{name}.rs"));
-            format!("#[path = {:?}]\npub mod {name};\n", path.display().to_string())
+            format!(
+                "#[path = {:?}]\npub mod {name};\n",
+                path.display().to_string()
+            )
         })
         .collect();
     fs::write(out_dir.join("modules.rs"), modules)

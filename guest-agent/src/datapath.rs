@@ -25,9 +25,9 @@ use aya::{
 };
 use slog::{Logger, info};
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS,
-    MAX_SERVICES, MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_ENTRIES, ServiceCounters, Sticky,
-    StickyKey, is_v4_mapped, map_names, v4_mapped,
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_SERVICES,
+    MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_ENTRIES, ServiceCounters, Sticky, StickyKey,
+    is_v4_mapped, map_names, v4_mapped,
 };
 use socklb_table::{Protocol, Service, ServiceKey, Table, TableError};
 
@@ -230,10 +230,8 @@ impl Datapath {
     /// Makes the maps hold exactly `table`.
     pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
         let mut current = self.read_programmed()?;
-        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> = current
-            .keys()
-            .map(|key| (*key, None))
-            .collect();
+        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
+            current.keys().map(|key| (*key, None)).collect();
         for service in &table.services {
             wanted.insert(map_key(&service.key), Some(service));
         }
@@ -249,7 +247,10 @@ impl Datapath {
     pub fn upsert(&mut self, services: &[Service]) -> Result<ApplySummary> {
         let mut wanted = BTreeMap::new();
         for service in services {
-            if wanted.insert(map_key(&service.key), Some(service)).is_some() {
+            if wanted
+                .insert(map_key(&service.key), Some(service))
+                .is_some()
+            {
                 return Err(TableError::Field {
                     service: service.label(),
                     field: "vip/port/protocol".into(),
@@ -287,13 +288,34 @@ impl Datapath {
         current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
     ) -> Result<ApplySummary> {
         let mut summary = ApplySummary::default();
-        let old_len = |key| current.get(key).map_or(0, |p: &Programmed| p.backends.len());
-        let services_after = self.used_ids.len() + wanted.iter().filter(|(k, w)| w.is_some() && !current.contains_key(k)).count()
-            - wanted.iter().filter(|(k, w)| w.is_none() && current.contains_key(k)).count();
-        let slots_after = self.slot_count + wanted.values().flatten().map(|s| s.backends.len()).sum::<usize>()
+        let old_len = |key| {
+            current
+                .get(key)
+                .map_or(0, |p: &Programmed| p.backends.len())
+        };
+        let services_after = self.used_ids.len()
+            + wanted
+                .iter()
+                .filter(|(k, w)| w.is_some() && !current.contains_key(k))
+                .count()
+            - wanted
+                .iter()
+                .filter(|(k, w)| w.is_none() && current.contains_key(k))
+                .count();
+        let slots_after = self.slot_count
+            + wanted
+                .values()
+                .flatten()
+                .map(|s| s.backends.len())
+                .sum::<usize>()
             - wanted.keys().map(old_len).sum::<usize>();
         if services_after > MAX_SERVICES as usize {
-            return Err(TableError::Capacity { what: "services", count: services_after, limit: MAX_SERVICES as usize }.into());
+            return Err(TableError::Capacity {
+                what: "services",
+                count: services_after,
+                limit: MAX_SERVICES as usize,
+            }
+            .into());
         }
         if slots_after > MAX_BACKEND_SLOTS as usize {
             return Err(TableError::Capacity {
@@ -327,7 +349,9 @@ impl Datapath {
             let entry = socklb_common::Service {
                 id: match &old {
                     Some(old) => old.entry.id,
-                    None => free_ids.next().ok_or_else(|| anyhow!("no free service id"))?,
+                    None => free_ids
+                        .next()
+                        .ok_or_else(|| anyhow!("no free service id"))?,
                 },
                 backend_count: backends.len() as u32,
                 affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
@@ -545,11 +569,22 @@ impl Datapath {
         let backends = (1..=entry.backend_count)
             .map(|slot| {
                 self.slots
-                    .get(&BackendSlotKey { service_id: entry.id, slot }, 0)
-                    .with_context(|| format!("service {} lacks backend slot {slot}", table_key(key)))
+                    .get(
+                        &BackendSlotKey {
+                            service_id: entry.id,
+                            slot,
+                        },
+                        0,
+                    )
+                    .with_context(|| {
+                        format!("service {} lacks backend slot {slot}", table_key(key))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Programmed { entry: *entry, backends })
+        Ok(Programmed {
+            entry: *entry,
+            backends,
+        })
     }
 
     /// Translations and rejects per service, summed over CPUs.
@@ -558,10 +593,12 @@ impl Datapath {
         for item in self.services.iter() {
             let (key, entry) = item?;
             let per_cpu = self.stats.get(&entry.id, 0)?;
-            let total = per_cpu.iter().fold(ServiceCounters::default(), |sum, c| ServiceCounters {
-                translations: sum.translations + c.translations,
-                rejects: sum.rejects + c.rejects,
-            });
+            let total = per_cpu
+                .iter()
+                .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+                    translations: sum.translations + c.translations,
+                    rejects: sum.rejects + c.rejects,
+                });
             stats.push((table_key(&key), total));
         }
         stats.sort_by_key(|(key, _)| *key);

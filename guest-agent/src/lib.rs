@@ -9,4 +9,3 @@ pub mod logging;
 pub mod rpc;
 pub mod server;
 pub mod services;
-

@@ -10,7 +10,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use slog::{Logger, error, info};
-use socklb_table::Table;
 use socklb_agent::{
     config::{Config, Given},
     datapath::{self, Datapath},
@@ -19,6 +18,7 @@ use socklb_agent::{
     server,
     services::ServiceTable,
 };
+use socklb_table::Table;
 
 const PRECEDENCE: &str = "\
 Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
@@ -178,11 +178,13 @@ fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
         return;
     };
     let mut services = services.lock().expect("table lock");
-    let result = Table::from_file(path).map_err(anyhow::Error::from).and_then(|table| {
-        let generation = services.generation();
-        services.sync(&table, generation)?;
-        set_guest_addrs(services.datapath_mut(), config, log)
-    });
+    let result = Table::from_file(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|table| {
+            let generation = services.generation();
+            services.sync(&table, generation)?;
+            set_guest_addrs(services.datapath_mut(), config, log)
+        });
     if let Err(err) = result {
         error!(log, "table not applied, the datapath is unchanged: {err:#}");
     }

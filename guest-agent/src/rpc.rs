@@ -112,7 +112,10 @@ impl socklb_ttrpc::Health for Rpc {
         let hooks = self
             .with_table(|t| Ok(t.datapath().attached_hooks()))
             .await?;
-        let mut features = vec!["client-ip-affinity".to_string(), "udp-socket-stickiness".to_string()];
+        let mut features = vec![
+            "client-ip-affinity".to_string(),
+            "udp-socket-stickiness".to_string(),
+        ];
         if self.run_time_stats {
             features.push("bpf-run-time-stats".into());
         }
@@ -138,9 +141,7 @@ impl socklb_ttrpc::Services for Rpc {
     ) -> ttrpc::Result<api::WriteResponse> {
         let table = Table::from_api(&request.services).map_err(invalid)?;
         let generation = request.generation;
-        let written = self
-            .with_table(move |t| t.sync(&table, generation))
-            .await?;
+        let written = self.with_table(move |t| t.sync(&table, generation)).await?;
         Ok(self.written("sync", written))
     }
 
@@ -263,26 +264,45 @@ pub fn prometheus_text(generation: u64, stats: &api::StatsResponse) -> String {
         }
     };
     let service_labels = |s: &api::ServiceStats| {
-        let protocol = if s.key.protocol.value() == api::Protocol::UDP as i32 { "UDP" } else { "TCP" };
-        format!(r#"{{vip="{}",port="{}",protocol="{protocol}"}}"#, s.key.vip, s.key.port)
+        let protocol = if s.key.protocol.value() == api::Protocol::UDP as i32 {
+            "UDP"
+        } else {
+            "TCP"
+        };
+        format!(
+            r#"{{vip="{}",port="{}",protocol="{protocol}"}}"#,
+            s.key.vip, s.key.port
+        )
     };
     family(
         "socklb_service_translations_total",
         "counter",
         "Connects and datagrams sent to a backend of the service.",
-        stats.services.iter().map(|s| (service_labels(s), s.translations.to_string())).collect(),
+        stats
+            .services
+            .iter()
+            .map(|s| (service_labels(s), s.translations.to_string()))
+            .collect(),
     );
     family(
         "socklb_service_rejects_total",
         "counter",
         "Connects and datagrams refused because the service had no backend.",
-        stats.services.iter().map(|s| (service_labels(s), s.rejects.to_string())).collect(),
+        stats
+            .services
+            .iter()
+            .map(|s| (service_labels(s), s.rejects.to_string()))
+            .collect(),
     );
     family(
         "socklb_hook_runs_total",
         "counter",
         "Runs of each hook's program (counted while BPF run-time stats are on).",
-        stats.hooks.iter().map(|h| (format!(r#"{{hook="{}"}}"#, h.hook), h.run_count.to_string())).collect(),
+        stats
+            .hooks
+            .iter()
+            .map(|h| (format!(r#"{{hook="{}"}}"#, h.hook), h.run_count.to_string()))
+            .collect(),
     );
     family(
         "socklb_hook_run_seconds_total",
@@ -291,20 +311,33 @@ pub fn prometheus_text(generation: u64, stats: &api::StatsResponse) -> String {
         stats
             .hooks
             .iter()
-            .map(|h| (format!(r#"{{hook="{}"}}"#, h.hook), format!("{:.9}", h.run_time_ns as f64 / 1e9)))
+            .map(|h| {
+                (
+                    format!(r#"{{hook="{}"}}"#, h.hook),
+                    format!("{:.9}", h.run_time_ns as f64 / 1e9),
+                )
+            })
             .collect(),
     );
     family(
         "socklb_map_entries",
         "gauge",
         "Entries in use per map.",
-        stats.maps.iter().map(|m| (format!(r#"{{map="{}"}}"#, m.map), m.entries.to_string())).collect(),
+        stats
+            .maps
+            .iter()
+            .map(|m| (format!(r#"{{map="{}"}}"#, m.map), m.entries.to_string()))
+            .collect(),
     );
     family(
         "socklb_map_capacity",
         "gauge",
         "Capacity per map.",
-        stats.maps.iter().map(|m| (format!(r#"{{map="{}"}}"#, m.map), m.capacity.to_string())).collect(),
+        stats
+            .maps
+            .iter()
+            .map(|m| (format!(r#"{{map="{}"}}"#, m.map), m.capacity.to_string()))
+            .collect(),
     );
     family(
         "socklb_table_generation",

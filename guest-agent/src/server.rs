@@ -31,7 +31,9 @@ impl std::str::FromStr for ListenAddr {
                     .parse()
                     .with_context(|| format!("listen address {text:?}: bad port {port:?}"))?,
                 None if rest == "-1" || rest.is_empty() => DEFAULT_VSOCK_PORT,
-                _ => bail!("listen address {text:?}: the agent listens on any CID: vsock://-1:PORT"),
+                _ => {
+                    bail!("listen address {text:?}: the agent listens on any CID: vsock://-1:PORT")
+                }
             };
             return Ok(ListenAddr::Vsock { port });
         }
@@ -54,12 +56,18 @@ impl std::fmt::Display for ListenAddr {
 }
 
 /// Starts serving `rpc` on `addr`.
-pub async fn start(addr: &ListenAddr, allowed_cids: &[u32], rpc: Arc<Rpc>, log: &Logger) -> Result<Server> {
+pub async fn start(
+    addr: &ListenAddr,
+    allowed_cids: &[u32],
+    rpc: Arc<Rpc>,
+    log: &Logger,
+) -> Result<Server> {
     let listener = match addr {
         ListenAddr::Unix(path) => {
             // A socket file left by an earlier agent would make bind fail.
             if path.exists() {
-                std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             }
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -69,17 +77,24 @@ pub async fn start(addr: &ListenAddr, allowed_cids: &[u32], rpc: Arc<Rpc>, log: 
             Listener::new(accepts)
         }
         ListenAddr::Vsock { port } => {
-            let listener =
-                tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port))
-                    .with_context(|| format!("cannot listen on vsock port {port}"))?;
+            let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+                tokio_vsock::VMADDR_CID_ANY,
+                *port,
+            ))
+            .with_context(|| format!("cannot listen on vsock port {port}"))?;
             let accepts = futures::stream::unfold(listener, |listener| async move {
-                let accepted = listener.accept().await.map(|(stream, peer)| (stream, peer.cid()));
+                let accepted = listener
+                    .accept()
+                    .await
+                    .map(|(stream, peer)| (stream, peer.cid()));
                 Some((accepted, listener))
             });
             Listener::new(only_from(accepts, allowed_cids.to_vec(), log.clone()))
         }
     };
-    let mut server = Server::new().add_listener(listener).register_service(rpc.services());
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(rpc.services());
     server.start().await.context("starting the ttrpc server")?;
     Ok(server)
 }
@@ -110,10 +125,24 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!("vsock://-1:1025".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock { port: 1025 });
-        assert_eq!("vsock://:7".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock { port: 7 });
-        assert_eq!("unix:///run/a.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/run/a.sock".into()));
-        for bad in ["vsock://3:1025", "vsock://-1:x", "unix://rel.sock", "tcp://1.2.3.4:5"] {
+        assert_eq!(
+            "vsock://-1:1025".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock { port: 1025 }
+        );
+        assert_eq!(
+            "vsock://:7".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock { port: 7 }
+        );
+        assert_eq!(
+            "unix:///run/a.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/a.sock".into())
+        );
+        for bad in [
+            "vsock://3:1025",
+            "vsock://-1:x",
+            "unix://rel.sock",
+            "tcp://1.2.3.4:5",
+        ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
     }
@@ -132,6 +161,9 @@ mod tests {
             .into_iter()
             .map(|r| r.map_or_else(|e| e.to_string(), String::from))
             .collect();
-        assert_eq!(passed, ["from host", "accept failed", "from an allowed test peer"]);
+        assert_eq!(
+            passed,
+            ["from host", "accept failed", "from an allowed test peer"]
+        );
     }
 }

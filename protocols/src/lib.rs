@@ -4,5 +4,8 @@
 
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 
+/// The protobuf runtime the messages were generated for.
+pub use protobuf;
+
 /// The API version a `VersionResponse` reports; clients refuse another major.
 pub const API_VERSION: &str = "1.0";

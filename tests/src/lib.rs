@@ -51,6 +51,11 @@ pub fn agent_bin() -> PathBuf {
     built_binary("socklb-agent", "SOCKLB_AGENT_BIN")
 }
 
+/// The socklb-shim CLI: $SOCKLB_SHIM_BIN, else from the target directory.
+pub fn shim_bin() -> PathBuf {
+    built_binary("socklb-shim", "SOCKLB_SHIM_BIN")
+}
+
 /// The test servers and clients; cargo builds them for integration tests.
 fn testkit_bin() -> PathBuf {
     built_binary("socklb-testkit", "SOCKLB_TESTKIT_BIN")
@@ -72,7 +77,7 @@ fn built_binary(name: &str, override_var: &str) -> PathBuf {
     let binary = if beside.exists() { beside } else { above };
     assert!(
         binary.exists(),
-        "{} is missing: build it first (cargo build -p socklb-agent -p socklb-tests) or set {override_var}",
+        "{} is missing: build it first (cargo xtask build) or set {override_var}",
         binary.display()
     );
     binary
@@ -244,7 +249,10 @@ impl Sandbox {
     /// The agent's API address: a unix socket in the sandbox (never vsock:
     /// this machine's vsock belongs to its infrastructure).
     pub fn api_addr(&self) -> String {
-        format!("unix://{}", self.workdir.path().join("agent.sock").display())
+        format!(
+            "unix://{}",
+            self.workdir.path().join("agent.sock").display()
+        )
     }
 
     /// socklb-agent on this sandbox's cgroup, bpffs and API socket.
@@ -267,7 +275,12 @@ impl Sandbox {
     pub fn start_agent_with(&self, table: Option<&Path>, extra: &[&str]) -> Agent {
         let mut command = self.agent_command();
         command
-            .args(["--pod-ip", &format!("{CLIENT_IP},{CLIENT_IP6}"), "--log-level", "debug"])
+            .args([
+                "--pod-ip",
+                &format!("{CLIENT_IP},{CLIENT_IP6}"),
+                "--log-level",
+                "debug",
+            ])
             .args(extra);
         if let Some(table) = table {
             command.arg("--table").arg(table);

@@ -191,6 +191,8 @@ fn build() -> Result<()> {
         "-p",
         "socklb-agent",
         "-p",
+        "socklb-shim",
+        "-p",
         "socklb-tests",
         "--bins",
     ]))
@@ -241,6 +243,8 @@ fn bench() -> Result<()> {
         "--release",
         "-p",
         "socklb-agent",
+        "-p",
+        "socklb-shim",
         "-p",
         "socklb-tests",
         "--bins",

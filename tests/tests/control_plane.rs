@@ -1,0 +1,470 @@
+//! The control plane end to end: the real agent serving ttrpc on a unix
+//! socket in a test sandbox, driven by the socklb-shim CLI and library, with
+//! real connects through the VIPs it programs. Needs root.
+
+use std::{
+    process::{Command, Output},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use socklb_protocols::{protobuf, socklb as api, socklb_ttrpc::ServicesClient};
+use socklb_shim::{AgentAddr, AgentClient, ClientError, Options};
+use socklb_table::{Service, ServiceKey, Table};
+use socklb_tests::{Sandbox, backend_ip, backend_ip6, shim_bin};
+use ttrpc::Code;
+
+const ENETUNREACH: i64 = 101;
+
+fn shim(sandbox: &Sandbox, args: &[&str]) -> Output {
+    Command::new(shim_bin())
+        .args(["--agent", &sandbox.api_addr(), "--timeout", "10"])
+        .args(args)
+        .output()
+        .expect("run socklb-shim")
+}
+
+fn shim_ok(sandbox: &Sandbox, args: &[&str]) -> String {
+    let output = shim(sandbox, args);
+    assert!(
+        output.status.success(),
+        "socklb-shim {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn start_backends(sandbox: &Sandbox, n: u8) {
+    for i in 1..=n {
+        let tcp4 = format!("{}:8080", backend_ip(i));
+        let tcp6 = format!("[{}]:8080", backend_ip6(i));
+        let udp4 = format!("{}:5353", backend_ip(i));
+        sandbox.backend(&format!("b{i}"), &[&tcp4, &tcp6], &[&udp4]);
+    }
+}
+
+/// The backend a TCP connect through `vip` reached, or its errno.
+fn reach(sandbox: &Sandbox, vip: &str) -> Result<String, i64> {
+    let result = sandbox.client(&["tcp", vip]).remove(0);
+    match result.get("backend") {
+        Some(backend) => Ok(backend.as_str().unwrap().to_string()),
+        None => Err(result["errno"].as_i64().unwrap()),
+    }
+}
+
+fn table_text() -> String {
+    format!(
+        "services:
+  - name: default/web
+    vip: 10.96.0.20
+    port: 80
+    affinity: {{clientIP: {{timeoutSeconds: 60}}}}
+    backends: [{{ip: {b1}, port: 8080}}, {{ip: {b2}, port: 8080}}]
+  - name: kube-system/kube-dns
+    vip: 10.96.0.10
+    port: 53
+    protocol: UDP
+    backends: [{{ip: {b1}, port: 5353}}]
+  - name: default/web-v6
+    vip: 'fd00:96::20'
+    port: 80
+    backends: [{{ip: '{b1v6}', port: 8080}}]
+  - name: default/empty
+    vip: 10.96.0.30
+    port: 80
+",
+        b1 = backend_ip(1),
+        b2 = backend_ip(2),
+        b1v6 = backend_ip6(1)
+    )
+}
+
+/// Services sorted by key, names included, for comparing tables.
+fn sorted(mut table: Table) -> Vec<Service> {
+    table.services.sort_by_key(|s| s.key);
+    table.services
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client(sandbox: &Sandbox) -> AgentClient {
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let options = Options {
+        connect_timeout: Duration::from_secs(10),
+        ..Options::default()
+    };
+    AgentClient::new(sandbox.api_addr().parse().unwrap(), options, &log)
+}
+
+#[test]
+fn apply_then_list_equals_the_file() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let _agent = sandbox.start_agent(None);
+    let file = sandbox.table("t.yaml", &table_text());
+    let applied = shim_ok(&sandbox, &["apply", "-f", file.to_str().unwrap()]);
+    let expected = Table::from_file(&file).unwrap();
+    assert!(applied.contains(&expected.digest()), "{applied}");
+
+    let listed: Value = serde_json::from_str(&shim_ok(&sandbox, &["list", "-o", "json"])).unwrap();
+    assert_eq!(listed["digest"], expected.digest());
+    assert_eq!(listed["generation"], 1);
+    let services = serde_json::json!({ "services": listed["services"] });
+    let listed_table = Table::parse(&services.to_string()).unwrap();
+    assert_eq!(sorted(listed_table), sorted(expected));
+
+    let human = shim_ok(&sandbox, &["list"]);
+    assert!(
+        human.contains("default/web") && human.contains("10.96.0.20:80/TCP"),
+        "{human}"
+    );
+    assert!(reach(&sandbox, "10.96.0.20:80").unwrap().starts_with('b'));
+    assert_eq!(reach(&sandbox, "[fd00:96::20]:80").unwrap(), "b1");
+}
+
+#[test]
+fn incremental_updates() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = client(&sandbox);
+    let table = Table::parse(&table_text()).unwrap();
+    runtime.block_on(client.sync(table.clone())).unwrap();
+
+    let key = |text: &str| -> ServiceKey {
+        let (addr, protocol) = text.split_once('/').unwrap();
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        ServiceKey {
+            vip: addr.ip(),
+            port: addr.port(),
+            protocol: if protocol == "UDP" {
+                socklb_table::Protocol::Udp
+            } else {
+                socklb_table::Protocol::Tcp
+            },
+        }
+    };
+    let new_service = Service {
+        name: Some("default/new".into()),
+        key: key("10.96.0.40:8000/TCP"),
+        affinity_timeout_secs: None,
+        backends: vec![format!("{}:8080", backend_ip(3)).parse().unwrap()],
+    };
+    let changed_web = Service {
+        backends: vec![format!("{}:8080", backend_ip(3)).parse().unwrap()],
+        ..table.services[0].clone()
+    };
+    let written = runtime
+        .block_on(client.upsert(vec![new_service.clone(), changed_web.clone()]))
+        .unwrap();
+    assert_eq!(written.generation, 2);
+    assert_eq!(reach(&sandbox, "10.96.0.40:8000").unwrap(), "b3");
+    for _ in 0..5 {
+        assert_eq!(reach(&sandbox, "10.96.0.20:80").unwrap(), "b3");
+    }
+
+    let written = runtime
+        .block_on(client.delete(vec![key("10.96.0.30:80/TCP"), key("[fd00:96::20]:80/TCP")]))
+        .unwrap();
+    assert_eq!(written.generation, 3);
+    assert_eq!(written.services, 3);
+    assert_eq!(reach(&sandbox, "10.96.0.30:80"), Err(ENETUNREACH));
+
+    let (generation, listed, digest) = runtime.block_on(client.list()).unwrap();
+    let expected = Table {
+        services: vec![changed_web, table.services[1].clone(), new_service],
+    };
+    assert_eq!(generation, 3);
+    assert_eq!(digest, expected.digest());
+    assert_eq!(sorted(listed), sorted(expected));
+}
+
+#[test]
+fn refused_writes_leave_the_table_unchanged() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = client(&sandbox);
+    runtime
+        .block_on(client.sync(Table::parse(&table_text()).unwrap()))
+        .unwrap();
+    let (_, _, digest_before) = runtime.block_on(client.list()).unwrap();
+
+    // Requests a validated `Table` cannot express go through a raw client.
+    let AgentAddr::Unix(path) = sandbox.api_addr().parse().unwrap() else {
+        unreachable!()
+    };
+    let raw = runtime.block_on(async {
+        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        ServicesClient::new(ttrpc::r#async::Client::new(
+            ttrpc::r#async::transport::Socket::new(stream),
+        ))
+    });
+    let service =
+        |name: &str, vip: &str, port: u32, protocol: i32, backends: &[(&str, u32)]| api::Service {
+            name: name.into(),
+            key: protobuf::MessageField::some(api::ServiceKey {
+                vip: vip.into(),
+                port,
+                protocol: protobuf::EnumOrUnknown::from_i32(protocol),
+                ..Default::default()
+            }),
+            backends: backends
+                .iter()
+                .map(|(ip, port)| api::Backend {
+                    ip: (*ip).into(),
+                    port: *port,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+    let refused = |result: ttrpc::Result<api::WriteResponse>| match result {
+        Err(ttrpc::Error::RpcStatus(status)) => (status.code(), status.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let context = || ttrpc::context::with_duration(Duration::from_secs(10));
+    let good_backend = [(backend_ip(1), 8080)];
+    let good_backend: Vec<(&str, u32)> = good_backend
+        .iter()
+        .map(|(ip, p)| (ip.as_str(), *p))
+        .collect();
+
+    let cases: Vec<(&str, ttrpc::Result<api::WriteResponse>, Code, &str)> = vec![
+        (
+            "upsert: a good service beside one with protocol 9",
+            runtime.block_on(raw.upsert(
+                context(),
+                &api::UpsertRequest {
+                    services: vec![
+                        service("ok", "10.96.0.50", 80, 0, &good_backend),
+                        service("bad", "10.96.0.51", 80, 9, &good_backend),
+                    ],
+                    ..Default::default()
+                },
+            )),
+            Code::INVALID_ARGUMENT,
+            r#"service "bad" (services[1]): protocol: "protocol number 9""#,
+        ),
+        (
+            "sync: duplicate key",
+            runtime.block_on(raw.sync(
+                context(),
+                &api::SyncRequest {
+                    generation: 7,
+                    services: vec![
+                        service("a", "10.96.0.60", 80, 0, &good_backend),
+                        service("b", "10.96.0.60", 80, 0, &good_backend),
+                    ],
+                    ..Default::default()
+                },
+            )),
+            Code::INVALID_ARGUMENT,
+            r#"service "b" (10.96.0.60:80/TCP): vip/port/protocol"#,
+        ),
+        (
+            "upsert: backend port 0 and a v6 backend of a v4 VIP",
+            runtime.block_on(raw.upsert(
+                context(),
+                &api::UpsertRequest {
+                    services: vec![service("c", "10.96.0.20", 80, 0, &[(&backend_ip(1), 0)])],
+                    ..Default::default()
+                },
+            )),
+            Code::INVALID_ARGUMENT,
+            "backends[0].port: 0 is not a port",
+        ),
+        (
+            "sync: more services than the maps hold",
+            runtime.block_on(
+                raw.sync(
+                    context(),
+                    &api::SyncRequest {
+                        services: (0..=65_536u32)
+                            .map(|i| {
+                                service(
+                                    "",
+                                    &format!(
+                                        "10.{}.{}.{}",
+                                        96 + (i >> 16),
+                                        (i >> 8) & 255,
+                                        i & 255
+                                    ),
+                                    80,
+                                    0,
+                                    &[],
+                                )
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            Code::RESOURCE_EXHAUSTED,
+            "65537 services; the datapath holds at most 65536",
+        ),
+        (
+            "delete: one known and one unknown key",
+            runtime.block_on(raw.delete(
+                context(),
+                &api::DeleteRequest {
+                    keys: vec![
+                        service("", "10.96.0.20", 80, 0, &[]).key.unwrap(),
+                        service("", "10.96.0.99", 80, 0, &[]).key.unwrap(),
+                    ],
+                    ..Default::default()
+                },
+            )),
+            Code::NOT_FOUND,
+            "service 10.96.0.99:80/TCP is not programmed",
+        ),
+    ];
+    for (what, result, code, message) in cases {
+        let (got_code, got_message) = refused(result);
+        assert_eq!(got_code, code, "{what}: {got_message}");
+        assert!(
+            got_message.contains(message),
+            "{what}: {got_message:?} lacks {message:?}"
+        );
+        let (generation, _, digest) = runtime.block_on(client.list()).unwrap();
+        assert_eq!(digest, digest_before, "{what} changed the table");
+        assert_eq!(generation, 1, "{what} changed the generation");
+    }
+    assert!(reach(&sandbox, "10.96.0.20:80").is_ok());
+    assert_eq!(
+        reach(&sandbox, "10.96.0.50:80"),
+        Err(ENETUNREACH),
+        "half of a refused upsert applied"
+    );
+
+    // The library refuses the same way and keeps its table to resync.
+    let bad = Table::parse("services: [{vip: 10.96.0.70, port: 80}]").unwrap();
+    let mut services = bad.services.clone();
+    services.push(bad.services[0].clone());
+    let err = runtime.block_on(client.upsert(services)).unwrap_err();
+    assert_eq!(err.code(), Some(Code::INVALID_ARGUMENT), "{err}");
+    assert!(matches!(err, ClientError::Refused { .. }));
+}
+
+#[test]
+fn shim_resyncs_a_restarted_agent_by_itself() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let mut agent = sandbox.start_agent(None);
+    let file = sandbox.table("t.yaml", &table_text());
+    let mut watch = Command::new(shim_bin())
+        .args([
+            "--agent",
+            &sandbox.api_addr(),
+            "watch",
+            "-f",
+            file.to_str().unwrap(),
+            "--interval-ms",
+            "200",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socklb-shim watch");
+    let wait_until_reachable = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while reach(&sandbox, "10.96.0.20:80").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the VIP never became reachable"
+            );
+            sleep(Duration::from_millis(100));
+        }
+    };
+    wait_until_reachable("first apply");
+
+    // The agent dies and its datapath is removed: only a resync brings the
+    // service back.
+    agent.signal(Signal::SIGKILL);
+    let detach = sandbox.agent_once(&["--detach"]);
+    assert!(detach.status.success());
+    assert_eq!(reach(&sandbox, "10.96.0.20:80"), Err(ENETUNREACH));
+    let _agent = sandbox.start_agent(None);
+    wait_until_reachable("after the agent restarted");
+
+    // A change of the file is applied too.
+    sandbox.table("t.yaml", &table_text().replace("10.96.0.20", "10.96.0.21"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reach(&sandbox, "10.96.0.21:80").is_err() {
+        assert!(Instant::now() < deadline, "the file change was not applied");
+        sleep(Duration::from_millis(100));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[test]
+fn health_stats_and_metrics() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let file = sandbox.table("t.yaml", &table_text());
+    let _agent = sandbox.start_agent_with(Some(&file), &["--bpf-stats"]);
+    for _ in 0..3 {
+        assert!(reach(&sandbox, "10.96.0.20:80").is_ok());
+    }
+    assert_eq!(sandbox.client(&["tcp", "10.96.0.30:80"])[0]["errno"], 111);
+
+    let health: Value =
+        serde_json::from_str(&shim_ok(&sandbox, &["health", "-o", "json"])).unwrap();
+    assert_eq!(health["status"], "SERVING");
+    assert_eq!(health["api_version"], "1.0");
+    assert_eq!(health["hooks_attached"].as_array().unwrap().len(), 10);
+
+    let stats: Value = serde_json::from_str(&shim_ok(&sandbox, &["stats", "-o", "json"])).unwrap();
+    let service = |vip: &str| {
+        stats["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"]["vip"] == vip)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(service("10.96.0.20")["translations"], "3", "{stats}");
+    assert_eq!(service("10.96.0.30")["rejects"], "1", "{stats}");
+    let connect4 = stats["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "connect4")
+        .unwrap();
+    assert!(
+        connect4["runCount"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 4,
+        "{connect4}"
+    );
+
+    let metrics = shim_ok(&sandbox, &["metrics"]);
+    assert!(
+        metrics.contains(
+            r#"socklb_service_translations_total{vip="10.96.0.20",port="80",protocol="TCP"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"socklb_map_entries{map="SERVICES"} 4"#),
+        "{metrics}"
+    );
+    let human = shim_ok(&sandbox, &["stats"]);
+    assert!(
+        human.contains("10.96.0.20:80/TCP") && human.contains("connect4"),
+        "{human}"
+    );
+}
