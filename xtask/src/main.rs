@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, bail};
 const USAGE: &str = "usage: cargo xtask <command>
   setup   install what is missing (apt packages, nightly rust-src, bpf-linker); idempotent
   build   build the agent (with its eBPF programs) and the test binaries
-  test    setup, then formatting, clippy, unit and integration tests (needs root)
-  bench   per-hook cost from BPF run-time stats (needs root)";
+  test    setup, then formatting, clippy, unit and integration tests, a short fuzz run (needs root)
+  bench   per-hook cost (BPF run-time stats) and control-plane figures (needs root)";
 
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[&str] = &[
@@ -83,7 +83,20 @@ fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     Ok(())
+}
+
+fn cargo_fuzz() -> Result<()> {
+    let installed = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (about a minute)");
+    run(cargo().args(["install", "cargo-fuzz"]))
 }
 
 fn apt_packages() -> Result<()> {
@@ -231,7 +244,21 @@ fn test() -> Result<()> {
     ]))?;
     build()?;
     remove_leftovers()?;
-    run(cargo().args(["test", "--workspace", "--exclude", "socklb-ebpf"]))
+    run(cargo().args(["test", "--workspace", "--exclude", "socklb-ebpf"]))?;
+    // A short run of the API decode + validation fuzzer: long enough to
+    // catch a regression in what it has covered before.
+    run(Command::new("rustup")
+        .current_dir(workspace_root().join("protocols/fuzz"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            "run",
+            "decode_validate",
+            "--",
+            "-max_total_time=15",
+        ]))
 }
 
 fn bench() -> Result<()> {
@@ -250,7 +277,9 @@ fn bench() -> Result<()> {
         "--bins",
     ]))?;
     remove_leftovers()?;
-    run(Command::new(workspace_root().join("target/release/socklb-bench")).arg("hooks"))
+    let bench = workspace_root().join("target/release/socklb-bench");
+    run(Command::new(&bench).arg("hooks"))?;
+    run(Command::new(&bench).arg("control-plane"))
 }
 
 fn is_root() -> bool {

@@ -3,10 +3,20 @@
 //! `hooks`: the cost of each eBPF hook from the kernel's BPF run-time stats,
 //! for traffic to a service VIP and, as the baseline measured in the same
 //! run, to a destination that is not a service.
+//!
+//! `control-plane`: a full Sync of 10,000 services x 8 backends (time to
+//! acknowledgement, agent RSS and map memory after it) and one-service
+//! Upserts, against a bare Health.Check round trip as the baseline.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
 
 use socklb_agent::datapath::{HookStats, enable_run_time_stats, hook_stats};
+use socklb_shim::{AgentClient, Options};
+use socklb_table::{Protocol, Service, ServiceKey, Table};
 use socklb_tests::{Sandbox, backend_ip};
 
 const CALLS: &str = "2000";
@@ -15,8 +25,9 @@ const REPEATS: usize = 3;
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("hooks") => hooks(),
+        Some("control-plane") => control_plane(),
         _ => {
-            eprintln!("usage: socklb-bench hooks");
+            eprintln!("usage: socklb-bench hooks|control-plane");
             std::process::exit(2);
         }
     }
@@ -118,4 +129,146 @@ fn summary(values: &[f64]) -> (f64, f64, f64) {
         sorted[sorted.len() / 2],
         sorted[sorted.len() - 1],
     )
+}
+
+const SERVICES: u32 = 10_000;
+const BACKENDS: u32 = 8;
+const UPSERTS: usize = 1_000;
+
+/// Service `i` of the benchmark table: VIP 10.96.x.y:80, backends spread
+/// over 10.244/16, shifted by `round` so successive tables differ.
+fn bench_service(i: u32, round: u32) -> Service {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+    let backends = (0..BACKENDS)
+        .map(|b| {
+            let host = (i * BACKENDS + b + round) % 65_000 + 1;
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 244, 0, 0)) + host,
+                )),
+                8080,
+            )
+        })
+        .collect();
+    Service {
+        name: Some(format!("bench/svc-{i}")),
+        key: ServiceKey {
+            vip: IpAddr::V4(vip),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        affinity_timeout_secs: None,
+        backends,
+    }
+}
+
+fn control_plane() {
+    let sandbox = Sandbox::create();
+    let agent = sandbox.start_agent(None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let options = Options {
+        call_timeout: Duration::from_secs(300),
+        ..Options::default()
+    };
+    let mut client = AgentClient::new(sandbox.api_addr().parse().unwrap(), options, &log);
+
+    let mut sync_times = Vec::new();
+    for round in 0..REPEATS as u32 {
+        runtime
+            .block_on(client.sync(Table::default()))
+            .expect("empty sync");
+        let table = Table {
+            services: (0..SERVICES).map(|i| bench_service(i, round)).collect(),
+        };
+        let started = Instant::now();
+        let result = runtime.block_on(client.sync(table)).expect("full sync");
+        sync_times.push(started.elapsed().as_secs_f64());
+        assert_eq!(result.services, SERVICES);
+    }
+    let pid = agent.pid().as_raw();
+    let rss_kib = proc_status_kib(pid, "VmRSS:");
+    let map_kib = map_memlock_kib(pid);
+
+    let mut checks = Vec::new();
+    let mut upserts = Vec::new();
+    for n in 0..UPSERTS {
+        let started = Instant::now();
+        runtime.block_on(client.check()).expect("health check");
+        checks.push(started.elapsed().as_secs_f64() * 1e3);
+        let service = bench_service((n as u32 * 7919) % SERVICES, 1_000 + n as u32);
+        let started = Instant::now();
+        runtime
+            .block_on(client.upsert(vec![service]))
+            .expect("upsert");
+        upserts.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let (sync_min, sync_median, sync_max) = summary(&sync_times);
+    let check = percentiles(&mut checks);
+    let upsert = percentiles(&mut upserts);
+    println!("## Control plane ({SERVICES} services x {BACKENDS} backends, unix socket)\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| full Sync to acknowledgement, min / median / max of {REPEATS} | {sync_min:.2} / {sync_median:.2} / {sync_max:.2} s |"
+    );
+    println!(
+        "| agent RSS after the Syncs | {:.1} MiB |",
+        rss_kib as f64 / 1024.0
+    );
+    println!(
+        "| eBPF map memory (memlock, all maps) | {:.1} MiB |",
+        map_kib as f64 / 1024.0
+    );
+    println!(
+        "| Upsert of one service, p50 / p99 of {UPSERTS} | {:.3} / {:.3} ms |",
+        upsert.0, upsert.1
+    );
+    println!(
+        "| Health.Check round trip (baseline), p50 / p99 | {:.3} / {:.3} ms |",
+        check.0, check.1
+    );
+    println!(
+        "| Upsert p50 / Health.Check p50 | {:.1}x |",
+        upsert.0 / check.0
+    );
+}
+
+/// p50 and p99.
+fn percentiles(values: &mut [f64]) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("field in /proc status")
+}
+
+/// Kernel memory charged to the eBPF maps the agent holds open.
+fn map_memlock_kib(pid: i32) -> u64 {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .flatten()
+    {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if info.contains("map_type:") {
+            bytes += info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    bytes / 1024
 }
