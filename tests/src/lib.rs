@@ -28,6 +28,8 @@ use nix::{
 };
 use serde_json::Value;
 
+pub mod vm;
+
 /// The client namespace's addresses: the pod.
 pub const CLIENT_IP: &str = "10.244.0.1";
 pub const CLIENT_IP6: &str = "fd00:244::1";

@@ -9,16 +9,29 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+mod guest;
+
 const USAGE: &str = "usage: cargo xtask <command>
   setup   install what is missing (apt packages, nightly rust-src, bpf-linker); idempotent
   build   build the agent (with its eBPF programs) and the test binaries
   test    setup, then formatting, clippy, unit and integration tests, a short fuzz run (needs root)
+  guest   build the guest image (--kernel own|debian, default own)
   bench   per-hook cost (BPF run-time stats) and control-plane figures (needs root)";
 
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2", // ip netns / veth for the test sandboxes
-    "libc-bin", // getent: a real glibc resolver in the DNS test
+    "iproute2",         // ip netns / veth for the test sandboxes
+    "libc-bin",         // getent: a real glibc resolver in the DNS test
+    "qemu-system-x86",  // the test VM (TCG)
+    "busybox-static",   // the guest's init and tools
+    "linux-source-6.1", // the project's own guest kernel ...
+    "bc",               // ... and what building it takes
+    "bison",
+    "flex",
+    "libelf-dev",
+    "libssl-dev",
+    "dwarves", // pahole: kernel BTF
+    "xz-utils",
 ];
 
 fn main() -> ExitCode {
@@ -28,6 +41,16 @@ fn main() -> ExitCode {
         "build" => setup().and_then(|()| build()),
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench()),
+        "guest" => setup().and_then(|()| {
+            let kernel = guest::Kernel::parse(&kernel_arg().unwrap_or_else(|| "own".into()))?;
+            let image = guest::image(kernel)?;
+            println!(
+                "kernel {}\ninitrd {}",
+                image.kernel.display(),
+                image.initrd.display()
+            );
+            Ok(())
+        }),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -40,6 +63,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The value of `--kernel own|debian`, if given.
+fn kernel_arg() -> Option<String> {
+    let args: Vec<String> = env::args().collect();
+    args.windows(2)
+        .find(|w| w[0] == "--kernel")
+        .map(|w| w[1].clone())
 }
 
 fn workspace_root() -> PathBuf {
@@ -82,9 +113,35 @@ fn output(command: &mut Command) -> Result<String> {
 fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    vhost_device_vsock()?;
     Ok(())
+}
+
+/// The guest's agent is a static musl binary.
+fn musl_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l == guest::MUSL_TARGET) {
+        return Ok(());
+    }
+    eprintln!("setup: adding the {} target", guest::MUSL_TARGET);
+    run(Command::new("rustup").args(["target", "add", guest::MUSL_TARGET]))
+}
+
+/// The vhost-user vsock device of the test VM; the host talks to the guest
+/// through its unix socket (hybrid vsock).
+fn vhost_device_vsock() -> Result<()> {
+    if Command::new("vhost-device-vsock")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing vhost-device-vsock (about a minute)");
+    run(cargo().args(["install", "vhost-device-vsock"]))
 }
 
 fn cargo_fuzz() -> Result<()> {

@@ -27,6 +27,8 @@ fn main() {
         "tcp-loop" => tcp_loop(rest),
         "udp" => udp(rest),
         "udp-multi" => udp_multi(rest),
+        "resolve" => resolve(rest),
+        "guest-exec" => guest_exec(rest),
         _ => usage(),
     }
 }
@@ -38,7 +40,9 @@ fn usage() -> ! {
        socklb-testkit tcp ADDR [--count N]
        socklb-testkit tcp-loop ADDR --ms DURATION
        socklb-testkit udp ADDR [--count N] [--connected]
-       socklb-testkit udp-multi ADDR..."
+       socklb-testkit udp-multi ADDR...
+       socklb-testkit resolve NAME
+       socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)"
     );
     std::process::exit(2)
 }
@@ -267,5 +271,61 @@ fn udp_multi(args: &[String]) {
                 Err(err) => emit(error_json(&err, started)),
             }
         }
+    }
+}
+
+/// Resolves NAME:80 with the C library's resolver (musl in the guest image:
+/// unconnected UDP to the nameserver, replies checked against its address).
+fn resolve(args: &[String]) {
+    use std::net::ToSocketAddrs as _;
+    let started = Instant::now();
+    let name = args.first().unwrap_or_else(|| usage());
+    match (name.as_str(), 80).to_socket_addrs() {
+        Ok(addrs) => emit(json!({
+            "name": name,
+            "addrs": addrs.map(|a| a.ip().to_string()).collect::<Vec<_>>(),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        })),
+        Err(err) => emit(error_json(&err, started)),
+    }
+}
+
+/// Inside a test VM: runs the commands the host sends over vsock, one per
+/// connection: a JSON array (program and arguments) on one line; the answer
+/// is a JSON object with status, stdout and stderr.
+fn guest_exec(args: &[String]) {
+    let port: u32 = value(args, "--port", 1026);
+    let listener =
+        vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port).expect("bind vsock");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut line = String::new();
+            let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+            if std::io::BufRead::read_line(&mut reader, &mut line).is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<Vec<String>>(&line) {
+                Ok(argv) if !argv.is_empty() => {
+                    match std::process::Command::new(&argv[0])
+                        .args(&argv[1..])
+                        .output()
+                    {
+                        Ok(output) => json!({
+                            "status": output.status.code(),
+                            "stdout": String::from_utf8_lossy(&output.stdout),
+                            "stderr": String::from_utf8_lossy(&output.stderr),
+                        }),
+                        Err(err) => {
+                            json!({ "status": null, "stdout": "", "stderr": err.to_string() })
+                        }
+                    }
+                }
+                _ => {
+                    json!({ "status": null, "stdout": "", "stderr": "expected a JSON array of strings" })
+                }
+            };
+            let _ = stream.write_all(answer.to_string().as_bytes());
+        });
     }
 }

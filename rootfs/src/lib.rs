@@ -1,0 +1,208 @@
+//! Builds socklb's guest initramfs: a gzip-compressed newc cpio archive
+//! holding busybox, the init script (`rootfs/init`), the static agent, the
+//! test tools, and the kernel modules a modular kernel needs for vsock.
+
+use std::{
+    fs,
+    io::{Cursor, Write as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use cpio::{NewcBuilder, write_cpio};
+
+const INIT: &str = include_str!("../init");
+const START_AGENT: &str = include_str!("../start-agent");
+
+/// The guest's resolver: the cluster DNS VIP.
+const RESOLV_CONF: &str = "nameserver 10.96.0.10\noptions timeout:2 attempts:2\n";
+
+/// What goes into the image.
+pub struct Spec {
+    /// Statically linked binaries for /bin (socklb-agent, socklb-testkit).
+    pub binaries: Vec<PathBuf>,
+    /// A statically linked busybox.
+    pub busybox: PathBuf,
+    /// Kernel modules to load at boot, in order (empty for a kernel with
+    /// everything built in).
+    pub modules: Vec<PathBuf>,
+}
+
+/// Kernel modules a Debian kernel needs for virtio-pci and vsock, in load
+/// order.
+pub const VSOCK_MODULES: [&str; 8] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+/// Finds `names` under a kernel's module directory (`lib/modules/<release>`).
+pub fn find_modules(modules_dir: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut all = Vec::new();
+    collect_files(modules_dir, &mut all)?;
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|path| {
+                    path.file_name().and_then(|f| f.to_str()) == Some(&format!("{name}.ko"))
+                })
+                .cloned()
+                .with_context(|| {
+                    format!("module {name}.ko not found under {}", modules_dir.display())
+                })
+        })
+        .collect()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the image to `output`; returns its size in bytes.
+pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
+    let mut entries: Vec<(NewcBuilder, Cursor<Vec<u8>>)> = Vec::new();
+    let dir = |name: &str| {
+        (
+            NewcBuilder::new(name).mode(0o040_755),
+            Cursor::new(Vec::new()),
+        )
+    };
+    let file = |name: &str, mode: u32, data: Vec<u8>| {
+        (
+            NewcBuilder::new(name).mode(0o100_000 | mode),
+            Cursor::new(data),
+        )
+    };
+    for name in [
+        "bin",
+        "dev",
+        "etc",
+        "etc/socklb",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+    ] {
+        entries.push(dir(name));
+    }
+    entries.push(file("init", 0o755, INIT.as_bytes().to_vec()));
+    entries.push(file(
+        "bin/start-agent",
+        0o755,
+        START_AGENT.as_bytes().to_vec(),
+    ));
+    entries.push(file(
+        "etc/resolv.conf",
+        0o644,
+        RESOLV_CONF.as_bytes().to_vec(),
+    ));
+    entries.push(file("bin/busybox", 0o755, read(&spec.busybox)?));
+    // The interpreter of /init; init installs busybox's other applets.
+    entries.push((
+        NewcBuilder::new("bin/sh").mode(0o120_777),
+        Cursor::new(b"busybox".to_vec()),
+    ));
+    for binary in &spec.binaries {
+        entries.push(file(
+            &format!("bin/{}", file_name(binary)?),
+            0o755,
+            read(binary)?,
+        ));
+    }
+    let mut load_order = String::new();
+    for module in &spec.modules {
+        let name = file_name(module)?;
+        let Some(stem) = name.strip_suffix(".ko") else {
+            bail!(
+                "{} is not an uncompressed kernel module (.ko)",
+                module.display()
+            );
+        };
+        load_order.push_str(stem);
+        load_order.push('\n');
+        entries.push(file(&format!("lib/modules/{name}"), 0o644, read(module)?));
+    }
+    if !load_order.is_empty() {
+        entries.push(file("etc/socklb/modules", 0o644, load_order.into_bytes()));
+    }
+
+    let out =
+        fs::File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+    let gzip = flate2::write::GzEncoder::new(out, flate2::Compression::best());
+    let mut gzip = write_cpio(entries.into_iter(), gzip).context("writing the cpio archive")?;
+    gzip.flush()?;
+    gzip.finish()?;
+    Ok(fs::metadata(output)?.len())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn file_name(path: &Path) -> Result<&str> {
+    path.file_name()
+        .and_then(|f| f.to_str())
+        .with_context(|| format!("{} has no file name", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_holds_init_binaries_and_module_order() {
+        let dir = std::env::temp_dir().join(format!("socklb-rootfs-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, data: &[u8]| {
+            let path = dir.join(name);
+            fs::write(&path, data).unwrap();
+            path
+        };
+        let spec = Spec {
+            binaries: vec![write("socklb-agent", b"agent")],
+            busybox: write("busybox", b"busybox"),
+            modules: vec![write("virtio.ko", b"m1"), write("vsock.ko", b"m2")],
+        };
+        let image = dir.join("initramfs.cpio.gz");
+        assert!(build(&spec, &image).unwrap() > 0);
+
+        let mut archive = flate2::read::GzDecoder::new(fs::File::open(&image).unwrap());
+        let mut files = std::collections::BTreeMap::new();
+        loop {
+            let mut reader = cpio::NewcReader::new(archive).unwrap();
+            if reader.entry().is_trailer() {
+                break;
+            }
+            let name = reader.entry().name().to_string();
+            let mode = reader.entry().mode();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut data).unwrap();
+            files.insert(name, (mode, data));
+            archive = reader.finish().unwrap();
+        }
+        assert_eq!(files["init"].0, 0o100_755);
+        assert!(String::from_utf8_lossy(&files["init"].1).contains("start-agent"));
+        assert_eq!(files["bin/socklb-agent"].1, b"agent");
+        assert_eq!(files["etc/socklb/modules"].1, b"virtio\nvsock\n");
+        assert_eq!(files["lib/modules/vsock.ko"].1, b"m2");
+        assert_eq!(files["proc"].0, 0o040_755);
+        assert_eq!(files["bin/sh"], (0o120_777, b"busybox".to_vec()));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

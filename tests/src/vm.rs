@@ -1,0 +1,273 @@
+//! A test VM: QEMU (TCG, no NIC) with a vhost-user-vsock device served by
+//! vhost-device-vsock, so the host reaches the guest only through a unix
+//! socket speaking hybrid vsock. Both processes are ended by PID when the
+//! VM drops.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The guest's vsock CID; the host is CID 2.
+pub const GUEST_CID: u32 = 4;
+pub const AGENT_PORT: u32 = 1025;
+/// socklb-testkit guest-exec in the test image.
+pub const EXEC_PORT: u32 = 1026;
+const MEMORY: &str = "512M";
+
+/// A guest kernel and the initramfs to boot it with.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl GuestImage {
+    /// The image `cargo xtask` built for `kernel` ("OWN" or "DEBIAN"), from
+    /// SOCKLB_GUEST_<kernel>_KERNEL and SOCKLB_GUEST_<kernel>_INITRD.
+    pub fn from_env(kernel: &str) -> GuestImage {
+        let var = |what: &str| -> PathBuf {
+            let name = format!("SOCKLB_GUEST_{kernel}_{what}");
+            std::env::var_os(&name)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{name} is not set: cargo xtask test builds the guest images and sets it"
+                    )
+                })
+                .into()
+        };
+        GuestImage {
+            kernel: var("KERNEL"),
+            initrd: var("INITRD"),
+        }
+    }
+}
+
+pub struct Vm {
+    vhost: Child,
+    qemu: Child,
+    /// The hybrid vsock socket (vhost-device-vsock's uds-path).
+    pub uds: PathBuf,
+    pub console: PathBuf,
+    _dir: tempfile::TempDir,
+    pub booted_in: Duration,
+}
+
+impl Vm {
+    /// Boots `image` and waits until the guest's init is up (its console
+    /// says so) or fails after 60 s, showing the console.
+    pub fn boot(image: &GuestImage, extra_cmdline: &str) -> Vm {
+        let dir = tempfile::Builder::new()
+            .prefix("socklb-vm-")
+            .tempdir()
+            .expect("tempdir");
+        let uds = dir.path().join("vsock.sock");
+        let backend = dir.path().join("vhost-user.sock");
+        let console = dir.path().join("console.log");
+        let started = Instant::now();
+        let mut vhost = Command::new("vhost-device-vsock")
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={GUEST_CID},uds-path={},socket={}",
+                uds.display(),
+                backend.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("vhost-device-vsock (cargo xtask setup installs it)");
+        while !backend.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "vhost-device-vsock did not create its socket"
+            );
+            if let Ok(Some(status)) = vhost.try_wait() {
+                panic!("vhost-device-vsock exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let qemu = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-m", MEMORY, "-smp", "1"])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nic",
+                "none",
+                "-monitor",
+                "none",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem0,size={MEMORY},share=on"),
+            ])
+            .args(["-machine", "q35,memory-backend=mem0"])
+            .arg("-chardev")
+            .arg(format!("socket,id=c0,path={}", backend.display()))
+            .args(["-device", "vhost-user-vsock-pci,chardev=c0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (cargo xtask setup installs it)");
+        let mut vm = Vm {
+            vhost,
+            qemu,
+            uds,
+            console,
+            _dir: dir,
+            booted_in: Duration::ZERO,
+        };
+        vm.wait_console("socklb-init: up", Duration::from_secs(60));
+        vm.booted_in = started.elapsed();
+        vm
+    }
+
+    /// The agent's address for socklb-shim.
+    pub fn agent_addr(&self) -> String {
+        format!("hvsock://{}:{AGENT_PORT}", self.uds.display())
+    }
+
+    pub fn console_text(&self) -> String {
+        fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `text`.
+    pub fn wait_console(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.console_text().contains(text) {
+            if let Ok(Some(status)) = self.qemu.try_wait() {
+                panic!(
+                    "QEMU exited ({status}) before {text:?}; console:\n{}",
+                    self.console_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {timeout:?}; console:\n{}",
+                self.console_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a command in the guest (through socklb-testkit guest-exec) and
+    /// returns {status, stdout, stderr}.
+    pub fn exec(&self, argv: &[&str]) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stream = loop {
+            match self.connect(EXEC_PORT) {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => panic!("guest-exec unreachable: {err}"),
+            }
+        };
+        let request = serde_json::to_string(argv).expect("json");
+        stream
+            .write_all(format!("{request}\n").as_bytes())
+            .expect("send command");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read answer");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
+    }
+
+    /// Runs a socklb-testkit client in the guest and parses its JSON lines.
+    pub fn testkit(&self, args: &[&str]) -> Vec<Value> {
+        let mut argv = vec!["socklb-testkit"];
+        argv.extend_from_slice(args);
+        let answer = self.exec(&argv);
+        assert_eq!(answer["status"], 0, "{argv:?} in the guest: {answer}");
+        answer["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+            .collect()
+    }
+
+    /// A hybrid vsock connection to a guest port.
+    pub fn connect(&self, port: u32) -> std::io::Result<UnixStream> {
+        let mut stream = UnixStream::connect(&self.uds)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        if line.starts_with(b"OK ") {
+            Ok(stream)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("guest port {port}: {:?}", String::from_utf8_lossy(&line)),
+            ))
+        }
+    }
+
+    /// Resident memory of a guest process, in KiB (busybox pidof + /proc).
+    pub fn rss_kib(&self, process: &str) -> u64 {
+        let pid = self.exec(&["pidof", process]);
+        let pid = pid["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let status = self.exec(&["cat", &format!("/proc/{pid}/status")]);
+        status["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS for {process} (pid {pid:?})"))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- guest console ---\n{}\n--- end of guest console ---",
+                self.console_text()
+            );
+        }
+        for child in [&mut self.qemu, &mut self.vhost] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `check` passes or `timeout` ends; returns whether it passed.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,159 @@
+//! The guest image: static musl binaries, a kernel (the project's own,
+//! built from kernel-config/, or Debian's linux-image-cloud-amd64), and the
+//! initramfs rootfs/ builds from them.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, output, run, workspace_root};
+
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+const BUSYBOX: &str = "/bin/busybox";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// tinyconfig + kernel-config/fragments, everything built in.
+    Own,
+    /// Debian's linux-image-cloud-amd64: vsock and virtio as modules.
+    Debian,
+}
+
+impl Kernel {
+    pub fn parse(text: &str) -> Result<Kernel> {
+        match text {
+            "own" => Ok(Kernel::Own),
+            "debian" => Ok(Kernel::Debian),
+            other => bail!("--kernel {other:?}: own or debian"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Own => "own",
+            Kernel::Debian => "debian",
+        }
+    }
+}
+
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn cache_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let dir = PathBuf::from(home).join(".cache/socklb");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn progress(line: &str) {
+    eprintln!("==> {line}");
+}
+
+/// Builds what is missing of the guest image for `kernel`.
+pub fn image(kernel: Kernel) -> Result<Guest> {
+    progress("static agent and test tools (musl)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        MUSL_TARGET,
+        "-p",
+        "socklb-agent",
+        "--bin",
+        "socklb-agent",
+        "-p",
+        "socklb-tests",
+        "--bin",
+        "socklb-testkit",
+    ]))?;
+    let release = workspace_root()
+        .join("target")
+        .join(MUSL_TARGET)
+        .join("release");
+    let binaries = vec![release.join("socklb-agent"), release.join("socklb-testkit")];
+    let (kernel_image, modules) = match kernel {
+        Kernel::Own => (
+            socklb_kernel::build(&cache_dir()?, 2, &mut |line| progress(line))?,
+            Vec::new(),
+        ),
+        Kernel::Debian => debian_kernel()?,
+    };
+    let out = workspace_root().join("target/socklb");
+    std::fs::create_dir_all(&out)?;
+    let initrd = out.join(format!("initramfs-{}.cpio.gz", kernel.name()));
+    let spec = socklb_rootfs::Spec {
+        binaries,
+        busybox: BUSYBOX.into(),
+        modules,
+    };
+    let size = socklb_rootfs::build(&spec, &initrd)?;
+    progress(&format!(
+        "initramfs {} ({:.1} MiB; agent {:.1} MiB)",
+        initrd.display(),
+        size as f64 / 1048576.0,
+        std::fs::metadata(&spec.binaries[0])?.len() as f64 / 1048576.0
+    ));
+    Ok(Guest {
+        kernel: kernel_image,
+        initrd,
+    })
+}
+
+/// Debian's cloud kernel, downloaded and unpacked into the cache (never
+/// installed on this machine): the vmlinuz and the vsock modules.
+fn debian_kernel() -> Result<(PathBuf, Vec<PathBuf>)> {
+    let depends = output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+    let package = depends
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .context("linux-image-cloud-amd64 names no kernel package")?
+        .to_string();
+    let dir = cache_dir()?.join("debian").join(&package);
+    let root = dir.join("root");
+    if !root.join("boot").exists() {
+        progress(&format!("downloading {package}"));
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", &package]))?;
+        let deb = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        let unpacking = dir.join("unpacking");
+        let _ = std::fs::remove_dir_all(&unpacking);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacking))?;
+        std::fs::rename(&unpacking, &root)?;
+        std::fs::remove_file(&deb)?;
+    }
+    let vmlinuz = only_entry(&root.join("boot"), "vmlinuz-")?;
+    let release = vmlinuz
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.strip_prefix("vmlinuz-"))
+        .context("vmlinuz name")?
+        .to_string();
+    let modules = socklb_rootfs::find_modules(
+        &root.join("lib/modules").join(release),
+        &socklb_rootfs::VSOCK_MODULES,
+    )?;
+    Ok((vmlinuz, modules))
+}
+
+fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(prefix))
+        })
+        .with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
