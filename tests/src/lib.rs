@@ -313,6 +313,14 @@ impl Sandbox {
         self.spawn_ready(self.in_netns(&self.backend_ns, &testkit_bin(), &args));
     }
 
+    /// Adds an address to the client namespace's loopback device.
+    pub fn add_client_address(&self, cidr: &str) {
+        run(
+            "ip",
+            &["-n", &self.client_ns, "addr", "add", cidr, "dev", "lo"],
+        );
+    }
+
     /// Starts a server in the client namespace (a backend local to the pod).
     pub fn local_server(&self, id: &str, tcp: &str) {
         let command = self.in_netns(

@@ -376,27 +376,39 @@ fn non_vip_destinations_and_other_cgroups_are_untouched() {
 }
 
 #[test]
-fn getsockname_hides_a_loopback_backend() {
+fn getsockname_hides_a_backend_local_to_the_pod() {
     let sandbox = Sandbox::create();
-    sandbox.local_server("local", "127.0.0.1:9090");
+    sandbox.local_server("loopback", "127.0.0.1:9090");
+    sandbox.add_client_address("10.244.0.9/32");
+    sandbox.local_server("local", "10.244.0.9:9090");
     let table = sandbox.table(
         "t.yaml",
-        "services: [{vip: 10.96.0.50, port: 80, backends: [{ip: 127.0.0.1, port: 9090}]}]",
+        "services:
+  - {vip: 10.96.0.50, port: 80, backends: [{ip: 127.0.0.1, port: 9090}]}
+  - {vip: 10.96.0.51, port: 80, backends: [{ip: 10.244.0.9, port: 9090}]}",
     );
     let _agent = sandbox.start_agent(Some(&table));
-    let via_vip = one(sandbox.client(&["tcp", "10.96.0.50:80"]));
-    assert_eq!(via_vip["backend"], "local");
-    assert_eq!(via_vip["peer"], "10.96.0.50:80");
-    assert!(
-        via_vip["local"]
-            .as_str()
-            .unwrap()
-            .starts_with("10.244.0.1:"),
-        "the pod's address, not loopback: {via_vip}"
-    );
+    for (vip, backend) in [("10.96.0.50:80", "loopback"), ("10.96.0.51:80", "local")] {
+        let via_vip = one(sandbox.client(&["tcp", vip]));
+        assert_eq!(via_vip["backend"], backend);
+        assert_eq!(via_vip["peer"], vip);
+        assert!(
+            via_vip["local"]
+                .as_str()
+                .unwrap()
+                .starts_with("10.244.0.1:"),
+            "the pod's address, not the backend's: {via_vip}"
+        );
+    }
+    // Sockets that were not translated keep what routing gave them.
     let direct = one(sandbox.client(&["tcp", "127.0.0.1:9090"]));
     assert!(
         direct["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{direct}"
+    );
+    let direct = one(sandbox.client(&["tcp", "10.244.0.9:9090"]));
+    assert!(
+        direct["local"].as_str().unwrap().starts_with("10.244.0.9:"),
         "{direct}"
     );
 }

@@ -11,23 +11,8 @@ use socklb_shim::{AgentClient, Options};
 use socklb_table::Table;
 use socklb_tests::vm::{GuestImage, Vm, eventually};
 
-const TABLE: &str = "
-services:
-  - name: default/web
-    vip: 10.96.0.20
-    port: 80
-    backends: [{ip: 10.244.1.1, port: 8080}, {ip: 10.244.1.2, port: 8080}, {ip: 10.244.1.3, port: 8080}]
-  - name: kube-system/kube-dns
-    vip: 10.96.0.10
-    port: 53
-    protocol: UDP
-    backends: [{ip: 10.244.2.1, port: 53}]
-  - name: default/echo
-    vip: 10.96.0.11
-    port: 53
-    protocol: UDP
-    backends: [{ip: 10.244.1.2, port: 5353}]
-";
+/// The guest image's example table (the demo applies it too).
+const TABLE: &str = include_str!("../../rootfs/demo-table.yaml");
 
 fn backends(results: &[Value]) -> BTreeSet<String> {
     results

@@ -42,6 +42,8 @@ impl Kernel {
 pub struct Guest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The static agent inside the initramfs.
+    pub agent: PathBuf,
 }
 
 pub fn cache_dir() -> Result<PathBuf> {
@@ -102,6 +104,7 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
     Ok(Guest {
         kernel: kernel_image,
         initrd,
+        agent: spec.binaries[0].clone(),
     })
 }
 

@@ -15,6 +15,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup   install what is missing (apt packages, nightly rust-src, bpf-linker); idempotent
   build   build the agent (with its eBPF programs) and the test binaries
   test    setup, then formatting, clippy, unit and integration tests, a short fuzz run (needs root)
+  demo    a sandbox VM with a working ClusterIP (--kernel own|debian, default own)
   guest   build the guest image (--kernel own|debian, default own)
   bench   per-hook cost (BPF run-time stats) and control-plane figures (needs root)";
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         "build" => setup().and_then(|()| build()),
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench()),
+        "demo" => setup().and_then(|()| demo()),
         "guest" => setup().and_then(|()| {
             let kernel = guest::Kernel::parse(&kernel_arg().unwrap_or_else(|| "own".into()))?;
             let image = guest::image(kernel)?;
@@ -301,7 +303,23 @@ fn test() -> Result<()> {
     ]))?;
     build()?;
     remove_leftovers()?;
-    run(cargo().args(["test", "--workspace", "--exclude", "socklb-ebpf"]))?;
+    // The VM tests boot both guest kernels; they are the ignored tests.
+    let mut test = cargo();
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "socklb-ebpf",
+        "--",
+        "--include-ignored",
+    ]);
+    for kernel in [guest::Kernel::Own, guest::Kernel::Debian] {
+        let image = guest::image(kernel)?;
+        let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
+        test.env(format!("{prefix}_KERNEL"), image.kernel);
+        test.env(format!("{prefix}_INITRD"), image.initrd);
+    }
+    run(&mut test)?;
     // A short run of the API decode + validation fuzzer: long enough to
     // catch a regression in what it has covered before.
     run(Command::new("rustup")
@@ -337,6 +355,31 @@ fn bench() -> Result<()> {
     let bench = workspace_root().join("target/release/socklb-bench");
     run(Command::new(&bench).arg("hooks"))?;
     run(Command::new(&bench).arg("control-plane"))
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo runs QEMU with vhost-user devices: run as root");
+    }
+    let kernel = guest::Kernel::parse(&kernel_arg().unwrap_or_else(|| "own".into()))?;
+    let image = guest::image(kernel)?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "socklb-shim",
+        "-p",
+        "socklb-tests",
+        "--bin",
+        "socklb-shim",
+        "--bin",
+        "socklb-demo",
+    ]))?;
+    run(
+        Command::new(workspace_root().join("target/debug/socklb-demo"))
+            .env("SOCKLB_GUEST_KERNEL", &image.kernel)
+            .env("SOCKLB_GUEST_INITRD", &image.initrd)
+            .env("SOCKLB_GUEST_AGENT", &image.agent),
+    )
 }
 
 fn is_root() -> bool {

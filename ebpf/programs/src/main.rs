@@ -334,20 +334,19 @@ fn reverse6(ctx: &SockAddrContext) -> i32 {
 
 /// What getsockname should show instead of `local`, if anything.
 ///
-/// A socket translated from a non-loopback VIP to a loopback backend gets a
-/// loopback local address from routing, one the application never asked
-/// for and could not have had towards the VIP. It is shown the guest's own
-/// address of that family instead, the address it would have had with
-/// kube-proxy. Every other local address is shown as it is.
+/// A socket translated from a VIP to a backend local to the guest gets its
+/// local address from routing towards that backend: loopback for a
+/// loopback backend, the backend's own address for another local one.
+/// Either is an address the application never asked for and could not have
+/// had towards the VIP; it is shown the guest's own address of that family
+/// instead, the address it would have had with kube-proxy. Every other
+/// local address (and any socket not translated) is shown as it is.
 #[inline(always)]
 fn local_view(
     ctx: &SockAddrContext,
     local: &Addr,
     peer_addr: impl FnOnce(*mut bpf_sock) -> Addr,
 ) -> Option<Addr> {
-    if !is_loopback(local) {
-        return None;
-    }
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
         return None;
@@ -357,6 +356,9 @@ fn local_view(
         port: unsafe { (*sk).dst_port },
         _pad: 0,
     };
+    if !is_loopback(local) && *local != peer.addr {
+        return None;
+    }
     let vip = original_vip(ctx, &peer)?;
     if is_loopback(&vip.addr) {
         return None;
