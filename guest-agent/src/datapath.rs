@@ -288,48 +288,19 @@ impl Datapath {
         current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
     ) -> Result<ApplySummary> {
         let mut summary = ApplySummary::default();
-        let old_len = |key| {
-            current
-                .get(key)
-                .map_or(0, |p: &Programmed| p.backends.len())
-        };
-        let services_after = self.used_ids.len()
-            + wanted
-                .iter()
-                .filter(|(k, w)| w.is_some() && !current.contains_key(k))
-                .count()
-            - wanted
-                .iter()
-                .filter(|(k, w)| w.is_none() && current.contains_key(k))
-                .count();
-        let slots_after = self.slot_count
-            + wanted
-                .values()
-                .flatten()
-                .map(|s| s.backends.len())
-                .sum::<usize>()
-            - wanted.keys().map(old_len).sum::<usize>();
-        if services_after > MAX_SERVICES as usize {
-            return Err(TableError::Capacity {
-                what: "services",
-                count: services_after,
-                limit: MAX_SERVICES as usize,
+        let (mut added, mut removed, mut slots_after) = (0, 0, self.slot_count);
+        for (key, service) in &wanted {
+            let old = current.get(key);
+            match (service, old) {
+                (Some(_), None) => added += 1,
+                (None, Some(_)) => removed += 1,
+                _ => {}
             }
-            .into());
+            slots_after = slots_after + service.map_or(0, |s| s.backends.len())
+                - old.map_or(0, |p| p.backends.len());
         }
-        if slots_after > MAX_BACKEND_SLOTS as usize {
-            return Err(TableError::Capacity {
-                what: "backends (summed over services)",
-                count: slots_after,
-                limit: MAX_BACKEND_SLOTS as usize,
-            }
-            .into());
-        }
+        socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
 
-        let added = wanted
-            .iter()
-            .filter(|(key, service)| service.is_some() && !current.contains_key(key))
-            .count();
         let mut free_ids = (0..MAX_SERVICES)
             .filter(|id| !self.used_ids.contains(id))
             .take(added)

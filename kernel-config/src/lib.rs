@@ -214,8 +214,15 @@ pub fn build(cache: &Path, jobs: usize, progress: &mut dyn FnMut(&str)) -> Resul
     run(&mut make(&[&format!("-j{jobs}"), "bzImage"]))?;
     std::fs::copy(build_dir.join("arch/x86/boot/bzImage"), &image)?;
     std::fs::copy(build_dir.join(".config"), out.join("config"))?;
-    // The object tree is large and not needed once the image is cached.
+    // The object tree is large and not needed once the image is cached;
+    // images of other fragment versions are stale.
     std::fs::remove_dir_all(&build_dir)?;
+    for entry in std::fs::read_dir(cache)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("kernel-") && entry.path() != out {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
     progress(&format!("guest kernel: built {}", image.display()));
     Ok(image)
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use socklb_protocols::{protobuf, socklb as api, socklb_ttrpc::ServicesClient};
 use socklb_shim::{AgentAddr, AgentClient, ClientError, Options};
 use socklb_table::{Service, ServiceKey, Table};
-use socklb_tests::{Sandbox, backend_ip, backend_ip6, shim_bin};
+use socklb_tests::{Sandbox, agent_client, backend_ip, backend_ip6, runtime, shim_bin};
 use ttrpc::Code;
 
 const ENETUNREACH: i64 = 101;
@@ -87,20 +87,12 @@ fn sorted(mut table: Table) -> Vec<Service> {
     table.services
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn client(sandbox: &Sandbox) -> AgentClient {
-    let log = slog::Logger::root(slog::Discard, slog::o!());
     let options = Options {
         connect_timeout: Duration::from_secs(10),
         ..Options::default()
     };
-    AgentClient::new(sandbox.api_addr().parse().unwrap(), options, &log)
+    agent_client(&sandbox.api_addr(), options)
 }
 
 #[test]

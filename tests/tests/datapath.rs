@@ -24,6 +24,17 @@ fn tcp_backends(n: u8) -> String {
         .join(", ")
 }
 
+/// A table file with one service, 10.96.0.20:80/TCP, on b1..=bN:8080.
+fn web_table(sandbox: &Sandbox, n: u8) -> std::path::PathBuf {
+    sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(n)
+        ),
+    )
+}
+
 /// Starts backends b1..=bN serving TCP :8080 and UDP :5353, v4 and v6.
 fn start_backends(sandbox: &Sandbox, n: u8) {
     for i in 1..=n {
@@ -97,13 +108,7 @@ fn tcp_via_vip_with_port_remap() {
 fn spreads_over_three_backends() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(3)
-        ),
-    );
+    let table = web_table(&sandbox, 3);
     let _agent = sandbox.start_agent(Some(&table));
     let counts = backend_counts(&sandbox.client(&["tcp", "10.96.0.20:80", "--count", "300"]));
     assert_eq!(counts.len(), 3, "{counts:?}");
@@ -345,13 +350,7 @@ fn no_backends_refuses_at_once() {
 fn non_vip_destinations_and_other_cgroups_are_untouched() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(1)
-        ),
-    );
+    let table = web_table(&sandbox, 1);
     let _agent = sandbox.start_agent(Some(&table));
     let direct = sandbox.client(&["tcp", &format!("{}:8080", backend_ip(2))]);
     assert_eq!(ok(&direct)[0]["backend"], "b2");
@@ -417,13 +416,7 @@ fn getsockname_hides_a_backend_local_to_the_pod() {
 fn backend_set_changes_while_clients_connect() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 4);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(3)
-        ),
-    );
+    let table = web_table(&sandbox, 3);
     let agent = sandbox.start_agent(Some(&table));
     let client = sandbox.spawn_client(&["tcp-loop", "10.96.0.20:80", "--ms", "3000"]);
     sleep(Duration::from_millis(800));
@@ -459,13 +452,7 @@ fn backend_set_changes_while_clients_connect() {
 fn agent_killed_and_restarted_while_clients_connect() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(3)
-        ),
-    );
+    let table = web_table(&sandbox, 3);
     let mut agent = sandbox.start_agent(Some(&table));
     let client = sandbox.spawn_client(&["tcp-loop", "10.96.0.20:80", "--ms", "4000"]);
     sleep(Duration::from_millis(500));
@@ -542,13 +529,7 @@ fn bad_table_is_refused_and_changes_nothing() {
 fn sigterm_leaves_the_datapath_and_detach_removes_it() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(1)
-        ),
-    );
+    let table = web_table(&sandbox, 1);
     let mut agent = sandbox.start_agent(Some(&table));
     assert!(agent.signal(Signal::SIGTERM).success());
     assert_eq!(

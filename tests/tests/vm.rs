@@ -7,9 +7,12 @@ use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
 use socklb_protocols::socklb::check_response::Status;
-use socklb_shim::{AgentClient, Options};
+use socklb_shim::Options;
 use socklb_table::Table;
-use socklb_tests::vm::{GuestImage, Vm, eventually};
+use socklb_tests::{
+    agent_client, runtime,
+    vm::{GuestImage, Vm, eventually},
+};
 
 /// The guest image's example table (the demo applies it too).
 const TABLE: &str = include_str!("../../rootfs/demo-table.yaml");
@@ -30,16 +33,12 @@ fn backends(results: &[Value]) -> BTreeSet<String> {
 fn e2e(kernel: &str) {
     let image = GuestImage::from_env(kernel);
     let vm = Vm::boot(&image, "");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let runtime = runtime();
     let options = Options {
         connect_timeout: Duration::from_secs(60),
         ..Options::default()
     };
-    let mut client = AgentClient::new(vm.agent_addr().parse().unwrap(), options, &log);
+    let mut client = agent_client(&vm.agent_addr(), options);
 
     // Health over hybrid vsock: the agent accepted the host (CID 2).
     assert_eq!(runtime.block_on(client.check()).unwrap(), Status::SERVING);

@@ -257,9 +257,14 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn build() -> Result<()> {
-    run(cargo().args([
-        "build",
+/// The agent, the shim and the test programs (servers, clients, bench, demo).
+fn build_binaries(release: bool) -> Result<()> {
+    let mut command = cargo();
+    command.arg("build");
+    if release {
+        command.arg("--release");
+    }
+    run(command.args([
         "-p",
         "socklb-agent",
         "-p",
@@ -268,6 +273,10 @@ fn build() -> Result<()> {
         "socklb-tests",
         "--bins",
     ]))
+}
+
+fn build() -> Result<()> {
+    build_binaries(false)
 }
 
 fn test() -> Result<()> {
@@ -340,17 +349,7 @@ fn bench() -> Result<()> {
     if !is_root() {
         bail!("the benchmarks create cgroups, namespaces and bpffs mounts: run as root");
     }
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "socklb-agent",
-        "-p",
-        "socklb-shim",
-        "-p",
-        "socklb-tests",
-        "--bins",
-    ]))?;
+    build_binaries(true)?;
     remove_leftovers()?;
     let bench = workspace_root().join("target/release/socklb-bench");
     run(Command::new(&bench).arg("hooks"))?;
@@ -363,17 +362,7 @@ fn demo() -> Result<()> {
     }
     let kernel = guest::Kernel::parse(&kernel_arg().unwrap_or_else(|| "own".into()))?;
     let image = guest::image(kernel)?;
-    run(cargo().args([
-        "build",
-        "-p",
-        "socklb-shim",
-        "-p",
-        "socklb-tests",
-        "--bin",
-        "socklb-shim",
-        "--bin",
-        "socklb-demo",
-    ]))?;
+    build()?;
     run(
         Command::new(workspace_root().join("target/debug/socklb-demo"))
             .env("SOCKLB_GUEST_KERNEL", &image.kernel)

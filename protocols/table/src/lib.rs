@@ -246,23 +246,30 @@ impl Table {
                 });
             }
         }
-        if services.len() > MAX_SERVICES as usize {
-            return Err(TableError::Capacity {
-                what: "services",
-                count: services.len(),
-                limit: MAX_SERVICES as usize,
-            });
-        }
-        let backends: usize = services.iter().map(|s| s.backends.len()).sum();
-        if backends > MAX_BACKEND_SLOTS as usize {
-            return Err(TableError::Capacity {
-                what: "backends (summed over services)",
-                count: backends,
-                limit: MAX_BACKEND_SLOTS as usize,
-            });
-        }
+        let backends = services.iter().map(|s| s.backends.len()).sum();
+        check_capacity(services.len(), backends)?;
         Ok(Table { services })
     }
+}
+
+/// Refuses a table of more services or backends than the datapath's maps
+/// hold.
+pub fn check_capacity(services: usize, backends: usize) -> Result<(), TableError> {
+    if services > MAX_SERVICES as usize {
+        return Err(TableError::Capacity {
+            what: "services",
+            count: services,
+            limit: MAX_SERVICES as usize,
+        });
+    }
+    if backends > MAX_BACKEND_SLOTS as usize {
+        return Err(TableError::Capacity {
+            what: "backends (summed over services)",
+            count: backends,
+            limit: MAX_BACKEND_SLOTS as usize,
+        });
+    }
+    Ok(())
 }
 
 impl Service {

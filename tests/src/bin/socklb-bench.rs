@@ -15,9 +15,9 @@ use std::{
 };
 
 use socklb_agent::datapath::{HookStats, enable_run_time_stats, hook_stats};
-use socklb_shim::{AgentClient, Options};
+use socklb_shim::Options;
 use socklb_table::{Protocol, Service, ServiceKey, Table};
-use socklb_tests::{Sandbox, backend_ip};
+use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 
 const CALLS: &str = "2000";
 const REPEATS: usize = 3;
@@ -165,16 +165,12 @@ fn bench_service(i: u32, round: u32) -> Service {
 fn control_plane() {
     let sandbox = Sandbox::create();
     let agent = sandbox.start_agent(None);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let runtime = runtime();
     let options = Options {
         call_timeout: Duration::from_secs(300),
         ..Options::default()
     };
-    let mut client = AgentClient::new(sandbox.api_addr().parse().unwrap(), options, &log);
+    let mut client = agent_client(&sandbox.api_addr(), options);
 
     let mut sync_times = Vec::new();
     for round in 0..REPEATS as u32 {
