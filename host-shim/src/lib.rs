@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod client;
 pub mod connect;
+pub mod sources;
 
 pub use addr::AgentAddr;
-pub use client::{AgentClient, ClientError, Options, WriteResult, watch_file};
+pub use client::{AgentClient, ClientError, Options, WriteResult};

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use slog::{Drain as _, Logger, o};
 use socklb_protocols::socklb as api;
-use socklb_shim::{AgentAddr, AgentClient, Options, watch_file};
+use socklb_shim::{
+    AgentAddr, AgentClient, Options,
+    sources::{file::watch_file, kube_watch, kubernetes::Policy},
+};
 use socklb_table::Table;
 
 /// socklb-shim: push Kubernetes service tables into a socklb sandbox.
@@ -46,6 +49,22 @@ enum Command {
     },
     /// Statistics in the Prometheus text format
     Metrics,
+    /// Keep the agent's table equal to what kube-proxy would program for the
+    /// cluster's Services and EndpointSlices, until stopped
+    Kube {
+        /// kubeconfig to use [default: in-cluster, then ~/.kube/config]
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name, for internalTrafficPolicy Local
+        #[arg(long)]
+        node: Option<String>,
+        /// Also serve externalIPs and LoadBalancer ingress IPs as VIPs
+        #[arg(long)]
+        external_vips: bool,
+        /// Milliseconds between batches of changes sent to the agent
+        #[arg(long, default_value_t = 100)]
+        batch_ms: u64,
+    },
     /// Apply FILE on every change until stopped; re-apply after an agent restart
     Watch {
         #[arg(short = 'f', long = "file")]
@@ -161,6 +180,30 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         Command::Metrics => print!("{}", client.metrics().await?),
+        Command::Kube {
+            kubeconfig,
+            node,
+            external_vips,
+            batch_ms,
+        } => {
+            let config = match kubeconfig {
+                Some(path) => {
+                    let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+                }
+                None => kube::Config::infer().await?,
+            };
+            let kube = kube::Client::try_from(config).context("building the Kubernetes client")?;
+            let policy = Policy {
+                node,
+                external_vips,
+            };
+            tokio::select! {
+                () = kube_watch::run(kube, &mut client, policy, Duration::from_millis(batch_ms), &log) => {}
+                signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
+            }
+        }
         Command::Watch { file, interval_ms } => {
             tokio::select! {
                 () = watch_file(&mut client, &file, Duration::from_millis(interval_ms), &log) => {}

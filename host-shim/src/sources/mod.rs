@@ -1,0 +1,5 @@
+//! Where service tables come from: a table file, or a Kubernetes cluster.
+
+pub mod file;
+pub mod kube_watch;
+pub mod kubernetes;
