@@ -28,6 +28,7 @@ use nix::{
 };
 use serde_json::Value;
 
+pub mod apiserver;
 pub mod vm;
 
 /// The client namespace's addresses: the pod.

@@ -1,0 +1,330 @@
+//! socklb-shim following a Kubernetes API server: a fake API server in this
+//! test speaks list + watch (resourceVersion, watch events, bookmarks, 410
+//! Gone) from the fixtures below, the real kube-rs client in the real
+//! `socklb-shim kube` drives a real agent, and pods connect through the
+//! VIPs it programs. Needs root.
+
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use socklb_shim::Options;
+use socklb_tests::{
+    Sandbox, agent_client,
+    apiserver::{FakeApiServer, Kind},
+    backend_ip, runtime, shim_bin,
+    vm::eventually,
+};
+
+fn service(name: &str, spec: Value) -> Value {
+    json!({"metadata": {"namespace": "default", "name": name}, "spec": spec})
+}
+
+fn slice(name: &str, service: &str, ports: Value, endpoints: Value) -> Value {
+    json!({
+        "metadata": {"namespace": "default", "name": name,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+    })
+}
+
+fn endpoint(ip: &str, ready: bool, terminating: bool, node: &str) -> Value {
+    json!({"addresses": [ip], "nodeName": node,
+           "conditions": {"ready": ready, "serving": true, "terminating": terminating}})
+}
+
+/// The agent's table as "vip:port/proto -> [backends]" lines.
+fn agent_lines(sandbox: &Sandbox) -> BTreeSet<String> {
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    let (_, table, _) = runtime.block_on(client.list()).expect("list");
+    table
+        .services
+        .iter()
+        .map(|s| {
+            let backends: Vec<String> = s.backends.iter().map(|b| b.to_string()).collect();
+            let affinity = s
+                .affinity_timeout_secs
+                .map_or(String::new(), |t| format!(" affinity {t}"));
+            format!("{} -> [{}]{affinity}", s.key, backends.join(" "))
+        })
+        .collect()
+}
+
+fn expect(sandbox: &Sandbox, what: &str, lines: &[&str]) {
+    let expected: BTreeSet<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    let converged = eventually(Duration::from_secs(20), || {
+        seen = agent_lines(sandbox);
+        seen == expected
+    });
+    assert!(
+        converged,
+        "{what}: the agent holds\n{seen:#?}\nexpected\n{expected:#?}"
+    );
+}
+
+struct Shim(Child);
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn follows_services_and_endpointslices_like_kube_proxy() {
+    let sandbox = Sandbox::create();
+    for i in 1..=3 {
+        sandbox.backend(
+            &format!("b{i}"),
+            &[&format!("{}:8080", backend_ip(i))],
+            &[&format!("{}:5353", backend_ip(i))],
+        );
+    }
+    let _agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+
+    // Objects in any order: slices before their services.
+    let web_ports = json!([{"name": "http", "port": 8080}]);
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-a",
+            "web",
+            web_ports.clone(),
+            json!([endpoint(&backend_ip(1), true, false, "node-a")]),
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-b",
+            "web",
+            web_ports.clone(),
+            json!([endpoint(&backend_ip(2), true, false, "node-b")]),
+        ),
+    );
+    api.apply(Kind::Service, service("web", json!({
+        "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
+        "ports": [{"name": "http", "port": 80, "targetPort": "http"}, {"name": "sctp", "port": 9, "protocol": "SCTP"}],
+        "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}
+    })));
+    api.apply(Kind::Service, service("dns", json!({
+        "clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}],
+        "internalTrafficPolicy": "Local"
+    })));
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "dns-1",
+            "dns",
+            json!([{"name": "dns", "port": 5353, "protocol": "UDP"}]),
+            json!([
+                endpoint(&backend_ip(1), true, false, "node-a"),
+                endpoint(&backend_ip(3), true, false, "node-b")
+            ]),
+        ),
+    );
+    api.apply(
+        Kind::Service,
+        service(
+            "headless",
+            json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+        ),
+    );
+    api.apply(
+        Kind::Service,
+        service(
+            "ext",
+            json!({"type": "ExternalName", "externalName": "example.org"}),
+        ),
+    );
+
+    let _shim = Shim(
+        Command::new(shim_bin())
+            .args([
+                "--agent",
+                &sandbox.api_addr(),
+                "kube",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+            ])
+            .args(["--node", "node-b", "--external-vips", "--batch-ms", "50"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    let web = format!(
+        "10.96.0.20:80/TCP -> [{}:8080 {}:8080] affinity 60",
+        backend_ip(1),
+        backend_ip(2)
+    );
+    let dns = format!("10.96.0.10:53/UDP -> [{}:5353]", backend_ip(3));
+    expect(&sandbox, "initial sync", &[&web, &dns]);
+    let reached = sandbox.client(&["tcp", "10.96.0.20:80"]);
+    assert!(
+        reached[0]["backend"].as_str().unwrap().starts_with('b'),
+        "{reached:?}"
+    );
+    let resolved = sandbox.client(&["udp", "10.96.0.10:53"]);
+    assert_eq!(
+        resolved[0]["backend"], "b3",
+        "internalTrafficPolicy Local: the node-b endpoint"
+    );
+
+    // An endpoint starts terminating: ready ones only; once none is ready,
+    // the serving terminating ones.
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-a",
+            "web",
+            web_ports.clone(),
+            json!([endpoint(&backend_ip(1), false, true, "node-a")]),
+        ),
+    );
+    let web_b_only = format!("10.96.0.20:80/TCP -> [{}:8080] affinity 60", backend_ip(2));
+    expect(
+        &sandbox,
+        "terminating endpoint left out",
+        &[&web_b_only, &dns],
+    );
+    api.delete(Kind::EndpointSlice, "default", "web-b");
+    let web_terminating = format!("10.96.0.20:80/TCP -> [{}:8080] affinity 60", backend_ip(1));
+    expect(
+        &sandbox,
+        "no ready endpoint: serving terminating ones",
+        &[&web_terminating, &dns],
+    );
+
+    // Bookmarks change nothing; a dropped watch resumes without a relist.
+    let lists = api.lists(Kind::EndpointSlice);
+    api.bookmark();
+    api.drop_watches();
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-b",
+            "web",
+            web_ports.clone(),
+            json!([endpoint(&backend_ip(2), true, false, "node-b")]),
+        ),
+    );
+    expect(
+        &sandbox,
+        "change while the watch was dropped",
+        &[&web_b_only, &dns],
+    );
+    assert_eq!(
+        api.lists(Kind::EndpointSlice),
+        lists,
+        "a dropped watch must not relist"
+    );
+
+    // History compacted while the watch is down: 410 Gone, a relist, and
+    // the table converges without lost or duplicated entries.
+    api.compact();
+    api.drop_watches();
+    api.delete(Kind::Service, "default", "dns");
+    api.apply(
+        Kind::Service,
+        service(
+            "lb",
+            json!({
+                "type": "LoadBalancer", "clusterIP": "10.96.0.30", "externalIPs": ["10.96.1.30"],
+                "ports": [{"name": "http", "port": 80}]
+            }),
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "lb-1",
+            "lb",
+            web_ports.clone(),
+            json!([endpoint(&backend_ip(3), true, false, "node-a")]),
+        ),
+    );
+    let lb = |vip: &str| format!("{vip}:80/TCP -> [{}:8080]", backend_ip(3));
+    expect(
+        &sandbox,
+        "after 410 and relist",
+        &[&web_b_only, &lb("10.96.0.30"), &lb("10.96.1.30")],
+    );
+    assert!(
+        api.lists(Kind::EndpointSlice) > lists,
+        "410 Gone must relist"
+    );
+    assert_eq!(
+        sandbox.client(&["tcp", "10.96.1.30:80"])[0]["backend"],
+        "b3",
+        "an externalIP is a VIP"
+    );
+}
+
+#[test]
+fn resyncs_a_restarted_agent() {
+    let sandbox = Sandbox::create();
+    sandbox.backend("b1", &[&format!("{}:8080", backend_ip(1))], &[]);
+    let mut agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    api.apply(
+        Kind::Service,
+        service(
+            "web",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}),
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-a",
+            "web",
+            json!([{"port": 8080}]),
+            json!([endpoint(&backend_ip(1), true, false, "n")]),
+        ),
+    );
+    let _shim = Shim(
+        Command::new(shim_bin())
+            .args([
+                "--agent",
+                &sandbox.api_addr(),
+                "kube",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap(),
+                "--batch-ms",
+                "50",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    let web = format!("10.96.0.20:80/TCP -> [{}:8080]", backend_ip(1));
+    expect(&sandbox, "initial sync", &[&web]);
+
+    // The agent restarts with an empty datapath; the next change makes the
+    // shim reconnect, and it syncs the whole table first.
+    agent.signal(Signal::SIGKILL);
+    assert!(sandbox.agent_once(&["--detach"]).status.success());
+    let _agent = sandbox.start_agent(None);
+    api.apply(
+        Kind::Service,
+        service(
+            "api",
+            json!({"clusterIP": "10.96.0.21", "ports": [{"port": 80}]}),
+        ),
+    );
+    expect(
+        &sandbox,
+        "after the agent restarted",
+        &[&web, "10.96.0.21:80/TCP -> []"],
+    );
+}
