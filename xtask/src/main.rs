@@ -353,7 +353,8 @@ fn bench() -> Result<()> {
     remove_leftovers()?;
     let bench = workspace_root().join("target/release/socklb-bench");
     run(Command::new(&bench).arg("hooks"))?;
-    run(Command::new(&bench).arg("control-plane"))
+    run(Command::new(&bench).arg("control-plane"))?;
+    run(Command::new(&bench).arg("kube"))
 }
 
 fn demo() -> Result<()> {

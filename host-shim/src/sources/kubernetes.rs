@@ -314,6 +314,8 @@ fn backends(
 pub struct Translation {
     applied: BTreeMap<ServiceKey, Service>,
     owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
+    /// The reverse of `owners`: which Kubernetes Service has a VIP:port.
+    owner_of: BTreeMap<ServiceKey, ObjectKey>,
 }
 
 /// Changes to send, and the state to keep once the agent has them.
@@ -351,30 +353,30 @@ impl Translation {
     ) -> Plan {
         let mut plan = Plan::default();
         let dirty: BTreeSet<ObjectKey> = dirty.into_iter().collect();
+        let mut claimed: BTreeMap<ServiceKey, &ObjectKey> = BTreeMap::new();
         for key in &dirty {
-            let key = key.clone();
-            let previous = self.owners.get(&key).cloned().unwrap_or_default();
+            let previous = self.owners.get(key).cloned().unwrap_or_default();
             let mut owned = BTreeSet::new();
-            for service in cluster.translate(&key, policy, log) {
+            for service in cluster.translate(key, policy, log) {
                 // Owners being recomputed count by their new claims only.
-                let taken = self
-                    .owners
-                    .iter()
-                    .filter(|(owner, _)| !dirty.contains(*owner))
-                    .chain(plan.owners.iter())
-                    .any(|(owner, keys)| *owner != key && keys.contains(&service.key));
-                if taken {
+                let owner = claimed.get(&service.key).copied().or_else(|| {
+                    self.owner_of
+                        .get(&service.key)
+                        .filter(|owner| !dirty.contains(*owner))
+                });
+                if owner.is_some_and(|owner| owner != key) {
                     warn!(log, "VIP already served by another service; skipped";
                           "service" => key.to_string(), "vip" => service.key.to_string());
                     continue;
                 }
                 owned.insert(service.key);
+                claimed.insert(service.key, key);
                 if self.applied.get(&service.key) != Some(&service) {
                     plan.upserts.push(service);
                 }
             }
             plan.deletes.extend(previous.difference(&owned).copied());
-            plan.owners.insert(key, owned);
+            plan.owners.insert(key.clone(), owned);
         }
         // A VIP that moved to another service is replaced, not removed.
         let upserted: BTreeSet<ServiceKey> = plan.upserts.iter().map(|s| s.key).collect();
@@ -391,9 +393,13 @@ impl Translation {
             self.applied.insert(service.key, service);
         }
         for (owner, keys) in plan.owners {
-            if keys.is_empty() {
-                self.owners.remove(&owner);
-            } else {
+            for key in self.owners.remove(&owner).into_iter().flatten() {
+                self.owner_of.remove(&key);
+            }
+            for key in &keys {
+                self.owner_of.insert(*key, owner.clone());
+            }
+            if !keys.is_empty() {
                 self.owners.insert(owner, keys);
             }
         }
@@ -716,5 +722,38 @@ mod tests {
         let plan = translation.plan(&cluster, dirty, &policy, &log);
         assert!(plan.upserts.is_empty());
         assert_eq!(plan.deletes.len(), 2);
+    }
+
+    #[test]
+    fn a_vip_claimed_twice_stays_with_its_first_owner() {
+        let log = log();
+        let policy = Policy {
+            node: None,
+            external_vips: true,
+        };
+        let mut cluster = Cluster::default();
+        cluster.apply_service(service(
+            "a",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}),
+        ));
+        let mut translation = Translation::default();
+        translation.full(&cluster, &policy, &log);
+        let dirty = cluster.apply_service(service(
+            "b",
+            json!({
+            "clusterIP": "10.96.0.21", "externalIPs": ["10.96.0.20"], "ports": [{"port": 80}]}),
+        ));
+        let plan = translation.plan(&cluster, dirty, &policy, &log);
+        assert_eq!(lines(&plan.upserts), ["10.96.0.21:80/TCP -> []"]);
+        translation.commit(plan);
+        // Once "a" is gone, "b" may take the VIP.
+        let mut dirty = cluster.delete_service(&service("a", json!({})));
+        dirty.push(key("b"));
+        let plan = translation.plan(&cluster, dirty, &policy, &log);
+        assert_eq!(lines(&plan.upserts), ["10.96.0.20:80/TCP -> []"]);
+        assert!(
+            plan.deletes.is_empty(),
+            "the VIP moves, it is not removed: {plan:?}"
+        );
     }
 }

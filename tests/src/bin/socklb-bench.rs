@@ -7,6 +7,11 @@
 //! `control-plane`: a full Sync of 10,000 services x 8 backends (time to
 //! acknowledgement, agent RSS and map memory after it) and one-service
 //! Upserts, against a bare Health.Check round trip as the baseline.
+//!
+//! `kube`: the Kubernetes translation at 10,000 services (events per second
+//! of incremental translation, against a full recompute), and the time from
+//! an EndpointSlice change at a (fake) API server to the agent's
+//! acknowledgement through `socklb-shim kube`.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +22,11 @@ use std::{
 use socklb_agent::datapath::{HookStats, enable_run_time_stats, hook_stats};
 use socklb_shim::Options;
 use socklb_table::{Protocol, Service, ServiceKey, Table};
-use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
+use socklb_tests::{
+    Sandbox, agent_client,
+    apiserver::{FakeApiServer, Kind},
+    backend_ip, runtime,
+};
 
 const CALLS: &str = "2000";
 const REPEATS: usize = 3;
@@ -26,8 +35,9 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("hooks") => hooks(),
         Some("control-plane") => control_plane(),
+        Some("kube") => kube(),
         _ => {
-            eprintln!("usage: socklb-bench hooks|control-plane");
+            eprintln!("usage: socklb-bench hooks|control-plane|kube");
             std::process::exit(2);
         }
     }
@@ -267,4 +277,135 @@ fn map_memlock_kib(pid: i32) -> u64 {
         }
     }
     bytes / 1024
+}
+
+fn k8s_service(i: u32) -> serde_json::Value {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+    serde_json::json!({"metadata": {"namespace": "bench", "name": format!("svc-{i}")},
+        "spec": {"clusterIP": vip.to_string(), "ports": [{"name": "http", "port": 80}]}})
+}
+
+/// Service `i`'s slice; `round` shifts its endpoint addresses.
+fn k8s_slice(i: u32, round: u32) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = bench_service(i, round)
+        .backends
+        .iter()
+        .map(|b| serde_json::json!({"addresses": [b.ip().to_string()], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::json!({
+        "metadata": {"namespace": "bench", "name": format!("svc-{i}-abc"),
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints,
+    })
+}
+
+fn kube() {
+    use socklb_shim::sources::kubernetes::{Cluster, Policy, Translation};
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let policy = Policy::default();
+    let mut cluster = Cluster::default();
+    for i in 0..SERVICES {
+        cluster.apply_service(serde_json::from_value(k8s_service(i)).unwrap());
+        cluster.apply_slice(serde_json::from_value(k8s_slice(i, 0)).unwrap());
+    }
+    let mut translation = Translation::default();
+    let mut full = Vec::new();
+    for _ in 0..REPEATS {
+        let started = Instant::now();
+        let services = translation.full(&cluster, &policy, &log);
+        full.push(started.elapsed().as_secs_f64());
+        assert_eq!(services.len(), SERVICES as usize);
+    }
+    let events = 20_000u32;
+    let slices: Vec<_> = (0..events)
+        .map(|n| serde_json::from_value(k8s_slice((n * 7919) % SERVICES, 1 + n)).unwrap())
+        .collect();
+    let started = Instant::now();
+    for slice in slices {
+        let dirty = cluster.apply_slice(slice);
+        let plan = translation.plan(&cluster, dirty, &policy, &log);
+        assert_eq!(plan.upserts.len(), 1);
+        translation.commit(plan);
+    }
+    let per_event = started.elapsed().as_secs_f64() / f64::from(events);
+    let (_, full_median, _) = summary(&full);
+
+    // End to end: fake API server -> socklb-shim kube -> agent.
+    let sandbox = Sandbox::create();
+    let _agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    for i in 0..SERVICES {
+        api.apply(Kind::Service, k8s_service(i));
+        api.apply(Kind::EndpointSlice, k8s_slice(i, 0));
+    }
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    let batch_ms = "10";
+    let mut shim = std::process::Command::new(socklb_tests::shim_bin())
+        .args([
+            "--agent",
+            &sandbox.api_addr(),
+            "kube",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ])
+        .args(["--batch-ms", batch_ms])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("socklb-shim kube");
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = shim.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let (at, line) = received
+            .recv_timeout(Duration::from_secs(120))
+            .expect("shim output");
+        if line.contains(what) {
+            return at;
+        }
+    };
+    let synced_at = wait_for("table synced");
+    let _ = synced_at;
+    let mut latencies = Vec::new();
+    for n in 0..200u32 {
+        let pushed = Instant::now();
+        api.apply(Kind::EndpointSlice, k8s_slice((n * 31) % SERVICES, 100 + n));
+        let acknowledged = wait_for("batch applied");
+        latencies.push((acknowledged - pushed).as_secs_f64() * 1e3);
+    }
+    let _ = shim.kill();
+    let _ = shim.wait();
+    let latency = percentiles(&mut latencies);
+    println!("## Kubernetes translation ({SERVICES} services, one 8-endpoint slice each)\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| full translation of the cluster (baseline), median of {REPEATS} | {:.1} ms |",
+        full_median * 1e3
+    );
+    println!(
+        "| incremental: one EndpointSlice event translated and planned | {:.1} us |",
+        per_event * 1e6
+    );
+    println!(
+        "| events per second the translation sustains | {:.0} |",
+        1.0 / per_event
+    );
+    println!(
+        "| full translation / one incremental event | {:.0}x |",
+        full_median / per_event
+    );
+    println!(
+        "| EndpointSlice change at the API server to the agent's acknowledgement, p50 / p99 of 200 (batch {batch_ms} ms) | {:.1} / {:.1} ms |",
+        latency.0, latency.1
+    );
 }
