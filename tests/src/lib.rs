@@ -35,7 +35,7 @@ pub mod vm;
 pub const CLIENT_IP: &str = "10.244.0.1";
 pub const CLIENT_IP6: &str = "fd00:244::1";
 /// Backend addresses live in the backends namespace, 10.244.1.N and
-/// fd00:244::1:N for N in 1..=BACKEND_HOSTS.
+/// fd00:244::1:N for N in 1..=BACKEND_HOSTS (by default).
 pub const BACKEND_HOSTS: u8 = 4;
 
 pub fn backend_ip(n: u8) -> String {
@@ -133,6 +133,11 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn create() -> Sandbox {
+        Sandbox::with_backend_hosts(BACKEND_HOSTS)
+    }
+
+    /// A sandbox whose backends namespace has `hosts` addresses per family.
+    pub fn with_backend_hosts(hosts: u8) -> Sandbox {
         let id = format!(
             "socklb-t{}-{}",
             std::process::id(),
@@ -152,11 +157,11 @@ impl Sandbox {
             created: Vec::new(),
             processes: Mutex::new(Vec::new()),
         };
-        sandbox.build();
+        sandbox.build(hosts);
         sandbox
     }
 
-    fn build(&mut self) {
+    fn build(&mut self, hosts: u8) {
         fs::create_dir(&self.cgroup).expect("create test cgroup");
         self.created.push(Created::Cgroup(self.cgroup.clone()));
 
@@ -211,7 +216,7 @@ impl Sandbox {
                 "nodad",
             ],
         );
-        for n in 1..=BACKEND_HOSTS {
+        for n in 1..=hosts {
             run(
                 "ip",
                 &[
@@ -311,6 +316,13 @@ impl Sandbox {
         for a in udp {
             args.extend(["--udp", a]);
         }
+        self.spawn_ready(self.in_netns(&self.backend_ns, &testkit_bin(), &args));
+    }
+
+    /// Starts a bulk server (writes until the client closes) in the backends
+    /// namespace.
+    pub fn backend_bulk(&self, bulk: &str) {
+        let args = ["serve", "--id", "bulk", "--bulk", bulk];
         self.spawn_ready(self.in_netns(&self.backend_ns, &testkit_bin(), &args));
     }
 

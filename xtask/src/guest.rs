@@ -70,8 +70,6 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
         "--bin",
         "socklb-agent",
         "-p",
-        "socklb-tests",
-        "--bin",
         "socklb-testkit",
     ]))?;
     let release = workspace_root()

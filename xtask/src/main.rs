@@ -270,6 +270,8 @@ fn build_binaries(release: bool) -> Result<()> {
         "-p",
         "socklb-shim",
         "-p",
+        "socklb-testkit",
+        "-p",
         "socklb-tests",
         "--bins",
     ]))

@@ -189,12 +189,13 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return Verdict::Pass;
     };
-    let Some(backend) = choose_backend(ctx, &key, &service, unconnected_udp) else {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(backend) = choose_backend(ctx, cookie, &key, &service, unconnected_udp) else {
         count(service.id, |c| c.rejects += 1);
         return Verdict::Refuse;
     };
     let reverse_key = ReverseKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         backend,
         _pad: 0,
     };
@@ -213,6 +214,7 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
 #[inline(always)]
 fn choose_backend(
     ctx: &SockAddrContext,
+    cookie: u64,
     key: &ServiceKey,
     service: &Service,
     unconnected_udp: bool,
@@ -228,7 +230,7 @@ fn choose_backend(
         }
     } else if unconnected_udp {
         StickyKey {
-            client: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            client: cookie,
             service_id: service.id,
             kind: STICKY_UDP_SOCKET,
         }

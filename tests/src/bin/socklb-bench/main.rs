@@ -8,10 +8,16 @@
 //! acknowledgement, agent RSS and map memory after it) and one-service
 //! Upserts, against a bare Health.Check round trip as the baseline.
 //!
+//! `datapath`: socklb against direct pod IPs, kube-proxy-style iptables
+//! and nftables at 1, 1,000 and 10,000 services (see `modes`); writes
+//! target/socklb/bench/datapath.md and datapath.svg.
+//!
 //! `kube`: the Kubernetes translation at 10,000 services (events per second
 //! of incremental translation, against a full recompute), and the time from
 //! an EndpointSlice change at a (fake) API server to the agent's
 //! acknowledgement through `socklb-shim kube`.
+
+mod modes;
 
 use std::{
     collections::BTreeMap,
@@ -36,8 +42,9 @@ fn main() {
         Some("hooks") => hooks(),
         Some("control-plane") => control_plane(),
         Some("kube") => kube(),
+        Some("datapath") => datapath(),
         _ => {
-            eprintln!("usage: socklb-bench hooks|control-plane|kube");
+            eprintln!("usage: socklb-bench hooks|control-plane|kube|datapath");
             std::process::exit(2);
         }
     }
@@ -408,4 +415,22 @@ fn kube() {
         "| EndpointSlice change at the API server to the agent's acknowledgement, p50 / p99 of 200 (batch {batch_ms} ms) | {:.1} / {:.1} ms |",
         latency.0, latency.1
     );
+}
+
+fn datapath() {
+    let results = modes::run();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/socklb/bench");
+    std::fs::create_dir_all(&dir).expect("bench output directory");
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let report = format!(
+        "## Datapath: socklb vs direct, iptables, nftables\n\nMachine: {cpus} CPUs, kernel {}; \
+         client with 4 threads, 8 backends, all in network namespaces on this machine.\n\n{}",
+        kernel.trim(),
+        results.markdown()
+    );
+    std::fs::write(dir.join("datapath.md"), &report).expect("write datapath.md");
+    results.plot(&dir.join("datapath.svg")).expect("plot");
+    println!("{report}");
+    println!("(written to {})", dir.display());
 }

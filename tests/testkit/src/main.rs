@@ -28,6 +28,8 @@ fn main() {
         "udp" => udp(rest),
         "udp-multi" => udp_multi(rest),
         "resolve" => resolve(rest),
+        "load" => load(rest),
+        "stream" => stream(rest),
         "guest-exec" => guest_exec(rest),
         _ => usage(),
     }
@@ -35,13 +37,15 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: socklb-testkit serve --id ID [--tcp ADDR]... [--udp ADDR]...
+        "usage: socklb-testkit serve --id ID [--tcp ADDR]... [--udp ADDR]... [--bulk ADDR]...
        socklb-testkit dns --udp ADDR --name NAME --a IPV4
        socklb-testkit tcp ADDR [--count N]
        socklb-testkit tcp-loop ADDR --ms DURATION
        socklb-testkit udp ADDR [--count N] [--connected]
        socklb-testkit udp-multi ADDR...
        socklb-testkit resolve NAME
+       socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
+       socklb-testkit stream ADDR [--ms DURATION]
        socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)"
     );
     std::process::exit(2)
@@ -99,6 +103,18 @@ fn serve(args: &[String]) {
             for stream in listener.incoming().flatten() {
                 let mut stream = stream;
                 let _ = stream.write_all(format!("{id}\n").as_bytes());
+            }
+        }));
+    }
+    for a in values(args, "--bulk") {
+        let listener = TcpListener::bind(addr(a)).expect("bind bulk");
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let block = [0u8; 65536];
+                    while stream.write_all(&block).is_ok() {}
+                });
             }
         }));
     }
@@ -328,4 +344,84 @@ fn guest_exec(args: &[String]) {
             let _ = stream.write_all(answer.to_string().as_bytes());
         });
     }
+}
+
+/// Short connections from `--threads` threads for `--ms`: connect, read the
+/// backend's reply to its end, close; each to a random one of the targets.
+/// Prints connections per second and the latency percentiles.
+fn load(args: &[String]) {
+    let targets: Vec<SocketAddr> = args[0].split(',').map(addr).collect();
+    let threads = value(args, "--threads", 4u32);
+    let duration = Duration::from_millis(value(args, "--ms", 3000u64));
+    let until = Instant::now() + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|n| {
+            let targets = targets.clone();
+            std::thread::spawn(move || {
+                let mut seed = now_us() ^ (u64::from(n) << 32) | 1;
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                let mut buf = Vec::with_capacity(64);
+                while Instant::now() < until {
+                    // xorshift: cheap and good enough to spread over backends.
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let target = targets[(seed % targets.len() as u64) as usize];
+                    let started = Instant::now();
+                    let done = TcpStream::connect(target).and_then(|mut stream| {
+                        buf.clear();
+                        stream.read_to_end(&mut buf)
+                    });
+                    match done {
+                        Ok(_) => latencies.push(started.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (l, e) = worker.join().expect("load thread");
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    emit(json!({
+        "connections": latencies.len(),
+        "errors": errors,
+        "per_sec": latencies.len() as f64 / duration.as_secs_f64(),
+        "p50_us": at(0.50),
+        "p99_us": at(0.99),
+    }));
+}
+
+/// One long-lived connection reading a bulk backend for `--ms`.
+fn stream(args: &[String]) {
+    let target = addr(&args[0]);
+    let duration = Duration::from_millis(value(args, "--ms", 2000u64));
+    let started = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&target, TIMEOUT) {
+        Ok(stream) => stream,
+        Err(err) => return emit(error_json(&err, started)),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes += n as u64,
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    emit(json!({"bytes": bytes, "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9}));
 }
