@@ -29,8 +29,8 @@ pub struct Spec {
 }
 
 /// Kernel modules a Debian kernel needs for virtio-pci and vsock, in load
-/// order.
-pub const VSOCK_MODULES: [&str; 8] = [
+/// order (vsock_loopback lets tests connect from inside the guest).
+pub const VSOCK_MODULES: [&str; 9] = [
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -39,6 +39,7 @@ pub const VSOCK_MODULES: [&str; 8] = [
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "vsock_loopback",
 ];
 
 /// Finds `names` under a kernel's module directory (`lib/modules/<release>`).

@@ -46,6 +46,18 @@ fn e2e(kernel: &str) {
     assert_eq!(version.hooks_attached.len(), 10, "{version:?}");
     assert!(version.kernel_release.starts_with("6.1"), "{version:?}");
 
+    // The peer-CID rule: a connection from inside the guest (loopback
+    // vsock, CID 1) is refused and logged; the host's (CID 2) was served.
+    let probe = vm.testkit(&["vsock-probe", "1", "1025"]);
+    assert_eq!(probe[0]["closed_by_peer"], true, "{probe:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || vm.console_text().lines().any(
+            |l| l.contains("refused an API connection") && l.contains(r#""peer_cid":1"#)
+        )),
+        "no refusal logged:\n{}",
+        vm.console_text()
+    );
+
     let table = Table::parse(TABLE).unwrap();
     runtime.block_on(client.sync(table.clone())).unwrap();
 

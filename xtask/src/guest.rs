@@ -67,9 +67,11 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
         MUSL_TARGET,
         "-p",
         "socklb-agent",
+        "-p",
+        "socklb-testkit",
         "--bin",
         "socklb-agent",
-        "-p",
+        "--bin",
         "socklb-testkit",
     ]))?;
     let release = workspace_root()

@@ -31,6 +31,7 @@ fn main() {
         "load" => load(rest),
         "stream" => stream(rest),
         "guest-exec" => guest_exec(rest),
+        "vsock-probe" => vsock_probe(rest),
         _ => usage(),
     }
 }
@@ -46,7 +47,8 @@ fn usage() -> ! {
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
        socklb-testkit stream ADDR [--ms DURATION]
-       socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)"
+       socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)
+       socklb-testkit vsock-probe CID PORT           (inside a test VM only)"
     );
     std::process::exit(2)
 }
@@ -424,4 +426,25 @@ fn stream(args: &[String]) {
     }
     let seconds = started.elapsed().as_secs_f64();
     emit(json!({"bytes": bytes, "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9}));
+}
+
+/// Connects to a vsock port and tells whether the listener closed the
+/// connection at once (a refused peer) or kept it open (a ttrpc server
+/// waiting for a request).
+fn vsock_probe(args: &[String]) {
+    let (Some(cid), Some(port)) = (
+        args.first().and_then(|a| a.parse().ok()),
+        args.get(1).and_then(|a| a.parse().ok()),
+    ) else {
+        usage();
+    };
+    let started = Instant::now();
+    let mut stream = match vsock::VsockStream::connect_with_cid_port(cid, port) {
+        Ok(stream) => stream,
+        Err(err) => return emit(error_json(&err, started)),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut byte = [0u8; 1];
+    let closed = matches!(stream.read(&mut byte), Ok(0));
+    emit(json!({"connected": true, "closed_by_peer": closed}));
 }
