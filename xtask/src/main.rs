@@ -17,7 +17,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   test    setup, then formatting, clippy, unit and integration tests, a short fuzz run (needs root)
   demo    a sandbox VM with a working ClusterIP (--kernel own|debian, default own)
   guest   build the guest image (--kernel own|debian, default own)
-  bench   per-hook cost (BPF run-time stats) and control-plane figures (needs root)";
+  bench   per-hook cost, control plane, Kubernetes translation, and the datapath against
+          direct, iptables and nftables; tables and a plot in target/socklb/bench (needs root)";
 
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[&str] = &[
@@ -356,7 +357,8 @@ fn bench() -> Result<()> {
     let bench = workspace_root().join("target/release/socklb-bench");
     run(Command::new(&bench).arg("hooks"))?;
     run(Command::new(&bench).arg("control-plane"))?;
-    run(Command::new(&bench).arg("kube"))
+    run(Command::new(&bench).arg("kube"))?;
+    run(Command::new(&bench).arg("datapath"))
 }
 
 fn demo() -> Result<()> {
