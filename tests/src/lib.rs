@@ -98,6 +98,18 @@ pub fn cgroup2_mount() -> PathBuf {
         .expect("cgroup2 is not mounted")
 }
 
+/// Makes the kernel kill the child when the process that started it dies,
+/// so a test or benchmark killed outright leaves no servers, agents or VMs
+/// behind.
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
+    // SAFETY: only prctl(2) between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        })
+    }
+}
+
 fn run(program: &str, args: &[&str]) {
     let output = Command::new(program)
         .args(args)
@@ -272,6 +284,7 @@ impl Sandbox {
             .arg("--bpffs")
             .arg(&self.bpffs)
             .env("SOCKLB_LISTEN", self.api_addr());
+        die_with_parent(&mut command);
         command
     }
 
@@ -428,6 +441,7 @@ impl Sandbox {
         let netns = File::open(Path::new("/run/netns").join(ns)).expect("open netns");
         let mut command = Command::new(program);
         command.args(args);
+        die_with_parent(&mut command);
         // SAFETY: only setns(2) between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -442,6 +456,7 @@ impl Sandbox {
         let netns = File::open(Path::new("/run/netns").join(&self.client_ns)).expect("open netns");
         let mut command = Command::new(program);
         command.args(args);
+        die_with_parent(&mut command);
         // SAFETY: only write(2) and setns(2) between fork and exec. Joining
         // the cgroup first: membership survives the namespace switch.
         unsafe {

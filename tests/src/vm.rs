@@ -71,7 +71,7 @@ impl Vm {
         let backend = dir.path().join("vhost-user.sock");
         let console = dir.path().join("console.log");
         let started = Instant::now();
-        let mut vhost = Command::new("vhost-device-vsock")
+        let mut vhost = crate::die_with_parent(&mut Command::new("vhost-device-vsock"))
             .arg("--vm")
             .arg(format!(
                 "guest-cid={GUEST_CID},uds-path={},socket={}",
@@ -92,7 +92,7 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let qemu = Command::new("qemu-system-x86_64")
+        let qemu = crate::die_with_parent(&mut Command::new("qemu-system-x86_64"))
             .args(["-accel", "tcg", "-cpu", "max", "-m", MEMORY, "-smp", "1"])
             .args([
                 "-nographic",
