@@ -110,6 +110,16 @@ pub fn die_with_parent(command: &mut Command) -> &mut Command {
     }
 }
 
+/// Adds an address to a device of a namespace (IPv6 without duplicate
+/// address detection, so it is usable at once).
+fn add_address(ns: &str, cidr: &str, device: &str) {
+    let mut args = vec!["-n", ns, "addr", "add", cidr, "dev", device];
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    run("ip", &args);
+}
+
 fn run(program: &str, args: &[&str]) {
     let output = Command::new(program)
         .args(args)
@@ -203,57 +213,11 @@ impl Sandbox {
                 b,
             ],
         );
-        run(
-            "ip",
-            &[
-                "-n",
-                c,
-                "addr",
-                "add",
-                &format!("{CLIENT_IP}/16"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                c,
-                "addr",
-                "add",
-                &format!("{CLIENT_IP6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
+        add_address(c, &format!("{CLIENT_IP}/16"), "eth0");
+        add_address(c, &format!("{CLIENT_IP6}/64"), "eth0");
         for n in 1..=hosts {
-            run(
-                "ip",
-                &[
-                    "-n",
-                    b,
-                    "addr",
-                    "add",
-                    &format!("{}/16", backend_ip(n)),
-                    "dev",
-                    "eth0",
-                ],
-            );
-            run(
-                "ip",
-                &[
-                    "-n",
-                    b,
-                    "addr",
-                    "add",
-                    &format!("{}/64", backend_ip6(n)),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            );
+            add_address(b, &format!("{}/16", backend_ip(n)), "eth0");
+            add_address(b, &format!("{}/64", backend_ip6(n)), "eth0");
         }
         run("ip", &["-n", c, "link", "set", "eth0", "up"]);
         run("ip", &["-n", b, "link", "set", "eth0", "up"]);

@@ -78,6 +78,19 @@ pub struct Service {
     pub backends: Vec<SocketAddr>,
 }
 
+/// One line: `VIP:port/proto -> [backend ...]`, and ` affinity N` with
+/// ClientIP affinity.
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
+        write!(f, "{} -> [{}]", self.key, backends.join(" "))?;
+        if let Some(timeout) = self.affinity_timeout_secs {
+            write!(f, " affinity {timeout}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A validated table: unique keys, families consistent, within capacity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Table {
