@@ -175,8 +175,8 @@ impl Datapath {
             slot_count: 0,
             log,
         };
-        datapath.sweep_orphans()?;
         let programmed = datapath.read_programmed()?;
+        datapath.sweep_orphans(&programmed)?;
         datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
         datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
         info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
@@ -396,12 +396,14 @@ impl Datapath {
     /// Removes backend slots and members whose service is gone: an agent
     /// killed in the middle of an update can leave them, and a later service
     /// given the same id must not inherit them.
-    fn sweep_orphans(&mut self) -> Result<()> {
-        let live: std::collections::HashMap<u32, u32> = self
-            .services
-            .iter()
-            .map(|item| item.map(|(_, e)| (e.id, e.backend_count)))
-            .collect::<Result<_, _>>()?;
+    fn sweep_orphans(
+        &mut self,
+        programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
+    ) -> Result<()> {
+        let live: std::collections::HashMap<u32, u32> = programmed
+            .values()
+            .map(|p| (p.entry.id, p.entry.backend_count))
+            .collect();
         let orphan_slots: Vec<BackendSlotKey> = self
             .slots
             .keys()

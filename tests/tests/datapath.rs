@@ -575,3 +575,44 @@ fn kernel_check_names_what_is_missing() {
         assert!(log.contains(expected), "{expected:?} missing from {log}");
     }
 }
+
+#[test]
+fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
+    use aya::maps::{HashMap, MapData};
+    use socklb_common::{BackendSlotKey, Endpoint, MemberKey};
+
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = web_table(&sandbox, 1);
+    let mut agent = sandbox.start_agent(Some(&table));
+    assert!(agent.signal(Signal::SIGTERM).success());
+
+    // What an agent killed between writing slots and the service entry
+    // leaves: a slot and a member of a service id nothing uses.
+    let map = |name: &str| MapData::from_pin(sandbox.bpffs.join("maps").join(name)).unwrap();
+    let mut slots: HashMap<MapData, BackendSlotKey, Endpoint> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("BACKEND_SLOTS"))).unwrap();
+    let mut members: HashMap<MapData, MemberKey, u8> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("MEMBERS"))).unwrap();
+    let orphan_slot = BackendSlotKey {
+        service_id: 4242,
+        slot: 1,
+    };
+    let orphan_member = MemberKey {
+        service_id: 4242,
+        backend: Endpoint::default(),
+    };
+    slots.insert(orphan_slot, Endpoint::default(), 0).unwrap();
+    members.insert(orphan_member, 1, 0).unwrap();
+
+    let _agent = sandbox.start_agent(Some(&table));
+    assert!(slots.get(&orphan_slot, 0).is_err(), "orphan slot kept");
+    assert!(
+        members.get(&orphan_member, 0).is_err(),
+        "orphan member kept"
+    );
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+}
