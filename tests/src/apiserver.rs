@@ -283,6 +283,12 @@ fn serve_watch(
         .take_while(|(rv, ..)| *rv <= from)
         .count();
     loop {
+        // A dropped watch sends nothing more, not even what is pending.
+        if guard.watch_epoch != epoch {
+            drop(guard);
+            let _ = stream.write_all(b"0\r\n\r\n");
+            return;
+        }
         let pending: Vec<Value> = guard.events[sent..]
             .iter()
             .filter(|(_, k, ..)| *k == kind)
@@ -299,7 +305,7 @@ fn serve_watch(
             guard = lock.lock().unwrap();
             continue;
         }
-        if guard.watch_epoch != epoch || Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             drop(guard);
             let _ = stream.write_all(b"0\r\n\r\n");
             return;
