@@ -150,15 +150,16 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         .bpf_stats
         .then(datapath::enable_run_time_stats)
         .transpose()?;
+    // Handlers first: a SIGHUP right after "ready" must reload, not kill.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let services = Arc::new(Mutex::new(services));
     let rpc = Arc::new(Rpc::new(services.clone(), config.bpf_stats, log));
     let mut server = server::start(&config.listen, &config.allowed_cids, rpc, log).await?;
     info!(log, "ready"; "cgroup" => config.cgroup.display().to_string(),
           "bpffs" => config.bpffs.display().to_string(), "listen" => config.listen.to_string());
 
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(config, &services, log),
