@@ -252,6 +252,18 @@ impl Sandbox {
         command
     }
 
+    /// `socklb-shim kube` against this sandbox's agent and the API server of
+    /// `kubeconfig`, with `extra` flags; it dies with the caller.
+    pub fn shim_kube_command(&self, kubeconfig: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(shim_bin());
+        command
+            .args(["--agent", &self.api_addr(), "kube", "--kubeconfig"])
+            .arg(kubeconfig)
+            .args(extra);
+        die_with_parent(&mut command);
+        command
+    }
+
     /// Starts the agent and waits until it is ready.
     pub fn start_agent(&self, table: Option<&Path>) -> Agent {
         self.start_agent_with(table, &[])

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -16,7 +16,7 @@ use socklb_shim::Options;
 use socklb_tests::{
     Sandbox, agent_client,
     apiserver::{FakeApiServer, Kind},
-    backend_ip, runtime, shim_bin,
+    backend_ip, runtime,
     vm::eventually,
 };
 
@@ -138,15 +138,11 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
     );
 
     let _shim = Shim(
-        Command::new(shim_bin())
-            .args([
-                "--agent",
-                &sandbox.api_addr(),
-                "kube",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-            ])
-            .args(["--node", "node-b", "--external-vips", "--batch-ms", "50"])
+        sandbox
+            .shim_kube_command(
+                &kubeconfig,
+                &["--node", "node-b", "--external-vips", "--batch-ms", "50"],
+            )
             .stderr(Stdio::null())
             .spawn()
             .expect("socklb-shim kube"),
@@ -283,16 +279,8 @@ fn resyncs_a_restarted_agent() {
         ),
     );
     let _shim = Shim(
-        Command::new(shim_bin())
-            .args([
-                "--agent",
-                &sandbox.api_addr(),
-                "kube",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--batch-ms",
-                "50",
-            ])
+        sandbox
+            .shim_kube_command(&kubeconfig, &["--batch-ms", "50"])
             .stderr(Stdio::null())
             .spawn()
             .expect("socklb-shim kube"),

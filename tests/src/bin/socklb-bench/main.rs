@@ -347,15 +347,8 @@ fn kube() {
     }
     let kubeconfig = api.kubeconfig(sandbox.workdir.path());
     let batch_ms = "10";
-    let mut shim = std::process::Command::new(socklb_tests::shim_bin())
-        .args([
-            "--agent",
-            &sandbox.api_addr(),
-            "kube",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ])
-        .args(["--batch-ms", batch_ms])
+    let mut shim = sandbox
+        .shim_kube_command(&kubeconfig, &["--batch-ms", batch_ms])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("socklb-shim kube");
