@@ -1,28 +1,54 @@
 //! The ttrpc services (`socklb.v1.Health`, `socklb.v1.Services`). Handlers
 //! are thin: they convert messages, run the table operation on a blocking
-//! thread (map updates are syscalls) and map errors to ttrpc codes.
+//! thread (map updates are syscalls) and map errors to ttrpc codes. A Sync
+//! in parts is staged here until its commit; a List larger than one message
+//! is served in pages from a snapshot taken at its first page.
 
 use std::{
+    collections::VecDeque,
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use async_trait::async_trait;
+use protobuf::Message as _;
 use slog::{Logger, info, warn};
 use socklb_protocols::{
-    API_VERSION,
+    API_VERSION, PART_BYTES,
     socklb::{self as api, check_response::Status},
     socklb_ttrpc,
 };
 use socklb_table::{Service, ServiceKey, Table, TableError};
 use ttrpc::{Code, r#async::TtrpcContext};
 
-use crate::services::{ServiceTable, Written};
+use crate::services::{ServiceTable, StagedSync, StagingError, Written};
+
+/// Listings whose later pages may still be asked for; the oldest is dropped
+/// beyond this (its reader gets Aborted and lists again).
+const LISTINGS_HELD: usize = 4;
 
 pub struct Rpc {
     table: Arc<Mutex<ServiceTable>>,
     run_time_stats: bool,
+    /// Optional kernel features present or missing (kernel::Features).
+    kernel_features: Vec<&'static str>,
+    /// The one Sync in parts being received, if any.
+    staged: Mutex<Option<StagedSync>>,
+    /// Sync and listing ids, never reused while the agent runs.
+    next_id: AtomicU64,
+    listings: Mutex<VecDeque<Listing>>,
     log: Logger,
+}
+
+/// A snapshot of the table served page by page.
+struct Listing {
+    id: u64,
+    generation: u64,
+    digest: String,
+    services: Vec<Service>,
 }
 
 impl Rpc {
@@ -30,8 +56,18 @@ impl Rpc {
         Rpc {
             table,
             run_time_stats,
+            kernel_features: Vec::new(),
+            staged: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            listings: Mutex::new(VecDeque::new()),
             log: log.new(slog::o!("component" => "rpc")),
         }
+    }
+
+    /// Lists `names` (what the kernel offers or lacks) in Version's features.
+    pub fn with_kernel_features(mut self, names: Vec<&'static str>) -> Rpc {
+        self.kernel_features = names;
+        self
     }
 
     /// The ttrpc service map for `ttrpc::r#async::Server::register_service`.
@@ -91,6 +127,36 @@ fn invalid(err: TableError) -> ttrpc::Error {
     status(code_of(&err), err)
 }
 
+/// A refused part of a Sync in parts: Aborted when the sync is gone (the
+/// host starts again), else as for a whole table.
+fn staging_refused(err: StagingError) -> ttrpc::Error {
+    match err {
+        StagingError::Table(err) => invalid(err),
+        StagingError::NotInProgress { .. } => status(Code::ABORTED, err),
+        _ => status(Code::INVALID_ARGUMENT, err),
+    }
+}
+
+/// The services of `listing` from `offset` that fit one page, and the
+/// offset after them. At least one service goes in every page (one service
+/// of the largest size allowed is far below the message limit).
+fn page(listing: &Listing, offset: usize) -> (Vec<api::Service>, usize) {
+    let mut services = Vec::new();
+    let mut bytes = 0;
+    for service in &listing.services[offset..] {
+        let service = service.to_api();
+        // The field's tag and length prefix: at most 6 bytes.
+        let size = service.compute_size() as usize + 6;
+        if !services.is_empty() && bytes + size > PART_BYTES {
+            break;
+        }
+        bytes += size;
+        services.push(service);
+    }
+    let end = offset + services.len();
+    (services, end)
+}
+
 #[async_trait]
 impl socklb_ttrpc::Health for Rpc {
     async fn check(
@@ -119,6 +185,7 @@ impl socklb_ttrpc::Health for Rpc {
         if self.run_time_stats {
             features.push("bpf-run-time-stats".into());
         }
+        features.extend(self.kernel_features.iter().map(|f| f.to_string()));
         Ok(api::VersionResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             api_version: API_VERSION.into(),
@@ -143,6 +210,78 @@ impl socklb_ttrpc::Services for Rpc {
         let generation = request.generation;
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
         Ok(self.written("sync", written))
+    }
+
+    async fn sync_begin(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncBeginRequest,
+    ) -> ttrpc::Result<api::SyncBeginResponse> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut staged = self.staged.lock().expect("staged lock");
+        if let Some(dropped) = staged.take() {
+            warn!(self.log, "a new sync replaces one still staged"; "dropped" => dropped.id, "sync" => id);
+        }
+        let backends = usize::try_from(request.backends).unwrap_or(usize::MAX);
+        *staged = Some(
+            StagedSync::begin(id, request.generation, request.services as usize, backends)
+                .map_err(staging_refused)?,
+        );
+        Ok(api::SyncBeginResponse {
+            sync_id: id,
+            ..Default::default()
+        })
+    }
+
+    async fn sync_part(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncPartRequest,
+    ) -> ttrpc::Result<api::SyncPartResponse> {
+        let mut staged = self.staged.lock().expect("staged lock");
+        let Some(sync) = staged.as_mut().filter(|s| s.id == request.sync_id) else {
+            return Err(staging_refused(StagingError::NotInProgress {
+                id: request.sync_id,
+            }));
+        };
+        match sync.add_part(request.index, &request.services) {
+            Ok(count) => Ok(api::SyncPartResponse {
+                staged: count as u32,
+                ..Default::default()
+            }),
+            Err(err) => {
+                // A refused part ends the sync: nothing of it is applied.
+                *staged = None;
+                Err(staging_refused(err))
+            }
+        }
+    }
+
+    async fn sync_commit(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncCommitRequest,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        let sync = {
+            let mut staged = self.staged.lock().expect("staged lock");
+            match staged.take() {
+                Some(sync) if sync.id == request.sync_id => sync,
+                other => {
+                    *staged = other;
+                    return Err(staging_refused(StagingError::NotInProgress {
+                        id: request.sync_id,
+                    }));
+                }
+            }
+        };
+        let generation = sync.generation;
+        let digest = request.digest;
+        let table = tokio::task::spawn_blocking(move || sync.finish(&digest))
+            .await
+            .map_err(|err| status(Code::INTERNAL, err))?
+            .map_err(staging_refused)?;
+        let written = self.with_table(move |t| t.sync(&table, generation)).await?;
+        Ok(self.written("sync in parts", written))
     }
 
     async fn upsert(
@@ -180,15 +319,65 @@ impl socklb_ttrpc::Services for Rpc {
     async fn list(
         &self,
         _ctx: &TtrpcContext,
-        _: api::ListRequest,
+        request: api::ListRequest,
     ) -> ttrpc::Result<api::ListResponse> {
-        let (generation, table) = self.with_table(|t| t.list()).await?;
-        Ok(api::ListResponse {
-            generation,
-            digest: table.digest(),
-            services: table.to_api(),
+        let (listing, offset) = if request.page_token.is_empty() {
+            let (generation, mut table) = self.with_table(|t| t.list()).await?;
+            table.services.sort_by_key(|s| s.key);
+            let listing = Listing {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                generation,
+                digest: table.digest(),
+                services: table.services,
+            };
+            (listing, 0)
+        } else {
+            let bad_token = || {
+                status(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "page_token {:?} is no token this agent gave",
+                        request.page_token
+                    ),
+                )
+            };
+            let (id, offset) = request
+                .page_token
+                .split_once(':')
+                .and_then(|(id, offset)| Some((id.parse::<u64>().ok()?, offset.parse().ok()?)))
+                .ok_or_else(bad_token)?;
+            let mut listings = self.listings.lock().expect("listings lock");
+            let position = listings.iter().position(|l| l.id == id).ok_or_else(|| {
+                status(
+                    Code::ABORTED,
+                    format!(
+                        "listing {id} is no longer held (newer listings replaced it): list again"
+                    ),
+                )
+            })?;
+            let listing = listings.remove(position).expect("a listing at position");
+            if offset >= listing.services.len() {
+                return Err(bad_token());
+            }
+            (listing, offset)
+        };
+        let (services, end) = page(&listing, offset);
+        let mut response = api::ListResponse {
+            generation: listing.generation,
+            digest: listing.digest.clone(),
+            total_services: listing.services.len() as u32,
+            services,
             ..Default::default()
-        })
+        };
+        if end < listing.services.len() {
+            response.next_page_token = format!("{}:{end}", listing.id);
+            let mut listings = self.listings.lock().expect("listings lock");
+            listings.push_back(listing);
+            if listings.len() > LISTINGS_HELD {
+                listings.pop_front();
+            }
+        }
+        Ok(response)
     }
 
     async fn stats(

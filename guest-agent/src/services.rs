@@ -1,11 +1,12 @@
 //! The agent's service table: validated writes to the datapath, the names
 //! people gave services (the datapath keeps none) and the generation the
-//! host last synced.
+//! host last synced; and the staging of a Sync that arrives in parts.
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use socklb_table::{Service, ServiceKey, Table};
+use socklb_protocols::socklb as api;
+use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use crate::datapath::Datapath;
 
@@ -34,9 +35,22 @@ impl ServiceTable {
         }
     }
 
-    /// Makes the datapath hold exactly `table`.
+    /// Makes the datapath hold exactly `table`, or leaves it as it was.
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
-        self.datapath.apply(table)?;
+        let before = self.datapath.read_table()?;
+        if let Err(err) = self.datapath.apply(table) {
+            // A refused table (capacity) changed nothing; a kernel error half
+            // way did: put the previous table back.
+            if err.downcast_ref::<TableError>().is_some() {
+                return Err(err);
+            }
+            return Err(match self.datapath.apply(&before) {
+                Ok(_) => err.context("the sync failed half way; the previous table is restored"),
+                Err(restore) => err.context(format!(
+                    "the sync failed half way and restoring the previous table failed too: {restore:#}"
+                )),
+            });
+        }
         self.names = table
             .services
             .iter()
@@ -98,5 +112,231 @@ impl ServiceTable {
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
+    }
+}
+
+/// Why a Sync in parts was refused. Any refusal drops what was staged.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error(
+        "sync {id} is not in progress (a newer SyncBegin replaced it, it failed, or the agent restarted)"
+    )]
+    NotInProgress { id: u64 },
+    #[error("sync {id}: part {got} arrived, part {expected} was next")]
+    OutOfOrder { id: u64, got: u32, expected: u32 },
+    #[error("sync {id}: the parts carry {what} {got}, SyncBegin announced {announced}")]
+    Count {
+        id: u64,
+        what: &'static str,
+        got: usize,
+        announced: usize,
+    },
+    #[error("sync {id}: the parts carried a table of digest {got}, the commit expects {expected}")]
+    Digest {
+        id: u64,
+        got: String,
+        expected: String,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+/// A Sync arriving in parts: validated part by part and held in memory;
+/// nothing touches the datapath until `finish` hands over the whole table.
+#[derive(Debug)]
+pub struct StagedSync {
+    pub id: u64,
+    pub generation: u64,
+    announced_services: usize,
+    announced_backends: usize,
+    next_part: u32,
+    backends: usize,
+    services: Vec<Service>,
+}
+
+impl StagedSync {
+    /// Refuses at once a table larger than the datapath holds, before any
+    /// part is sent.
+    pub fn begin(
+        id: u64,
+        generation: u64,
+        services: usize,
+        backends: usize,
+    ) -> Result<StagedSync, StagingError> {
+        socklb_table::check_capacity(services, backends)?;
+        Ok(StagedSync {
+            id,
+            generation,
+            announced_services: services,
+            announced_backends: backends,
+            next_part: 0,
+            backends: 0,
+            services: Vec::with_capacity(services),
+        })
+    }
+
+    /// Validates and stages part `index`; returns the services staged.
+    pub fn add_part(&mut self, index: u32, part: &[api::Service]) -> Result<usize, StagingError> {
+        if index != self.next_part {
+            return Err(StagingError::OutOfOrder {
+                id: self.id,
+                got: index,
+                expected: self.next_part,
+            });
+        }
+        let first = self.services.len();
+        for (offset, service) in part.iter().enumerate() {
+            let service = Service::from_api(first + offset, service)?;
+            self.backends += service.backends.len();
+            self.services.push(service);
+        }
+        self.check_not_above_announced()?;
+        self.next_part += 1;
+        Ok(self.services.len())
+    }
+
+    fn check_not_above_announced(&self) -> Result<(), StagingError> {
+        for (what, got, announced) in [
+            ("services", self.services.len(), self.announced_services),
+            ("backends", self.backends, self.announced_backends),
+        ] {
+            if got > announced {
+                return Err(StagingError::Count {
+                    id: self.id,
+                    what,
+                    got,
+                    announced,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole table, validated across parts (unique keys) and equal to
+    /// what the host meant to send (`digest`).
+    pub fn finish(self, digest: &str) -> Result<Table, StagingError> {
+        for (what, got, announced) in [
+            ("services", self.services.len(), self.announced_services),
+            ("backends", self.backends, self.announced_backends),
+        ] {
+            if got != announced {
+                return Err(StagingError::Count {
+                    id: self.id,
+                    what,
+                    got,
+                    announced,
+                });
+            }
+        }
+        let table = Table::new(self.services)?;
+        let got = table.digest();
+        if got != digest {
+            return Err(StagingError::Digest {
+                id: self.id,
+                got,
+                expected: digest.into(),
+            });
+        }
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(services: &[(&str, u32, &[&str])]) -> Vec<api::Service> {
+        let table = Table::parse(
+            &serde_json::json!({
+                "services": services.iter().map(|(vip, port, backends)| serde_json::json!({
+                    "vip": vip, "port": port,
+                    "backends": backends.iter().map(|ip| serde_json::json!({"ip": ip, "port": 8080}))
+                        .collect::<Vec<_>>(),
+                })).collect::<Vec<_>>()
+            })
+            .to_string(),
+        )
+        .unwrap();
+        table.to_api()
+    }
+
+    #[test]
+    fn parts_make_the_whole_table() {
+        let first = part(&[("10.96.0.1", 80, &["10.244.1.1", "10.244.1.2"])]);
+        let second = part(&[("10.96.0.2", 53, &[]), ("fd00::1", 80, &["fd00:1::1"])]);
+        let whole = Table::from_api(&[first.clone(), second.clone()].concat()).unwrap();
+        let mut staged = StagedSync::begin(1, 7, 3, 3).unwrap();
+        assert_eq!(staged.add_part(0, &first).unwrap(), 1);
+        assert_eq!(staged.add_part(1, &second).unwrap(), 3);
+        assert_eq!(staged.finish(&whole.digest()).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_table_beyond_capacity_is_refused_at_begin() {
+        let err = StagedSync::begin(1, 1, 65_537, 0).unwrap_err();
+        assert!(
+            matches!(err, StagingError::Table(TableError::Capacity { .. })),
+            "{err}"
+        );
+        assert!(StagedSync::begin(1, 1, 1, 262_145).is_err());
+    }
+
+    #[test]
+    fn lost_repeated_or_surplus_parts_are_refused() {
+        let one = part(&[("10.96.0.1", 80, &["10.244.1.1"])]);
+        let two = part(&[("10.96.0.2", 80, &["10.244.1.1"])]);
+        let mut staged = StagedSync::begin(3, 1, 2, 2).unwrap();
+        staged.add_part(0, &one).unwrap();
+        let err = staged.add_part(0, &one).unwrap_err();
+        assert_eq!(err.to_string(), "sync 3: part 0 arrived, part 1 was next");
+        let err = staged.add_part(2, &two).unwrap_err();
+        assert!(matches!(err, StagingError::OutOfOrder { .. }), "{err}");
+
+        let mut staged = StagedSync::begin(4, 1, 1, 1).unwrap();
+        let err = staged
+            .add_part(0, &[one.clone(), two.clone()].concat())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sync 4: the parts carry services 2, SyncBegin announced 1"
+        );
+
+        // A missing part shows at the commit.
+        let mut staged = StagedSync::begin(5, 1, 2, 2).unwrap();
+        staged.add_part(0, &one).unwrap();
+        let err = staged.finish("any").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sync 5: the parts carry services 1, SyncBegin announced 2"
+        );
+    }
+
+    #[test]
+    fn duplicates_across_parts_invalid_services_and_another_digest_are_refused() {
+        let one = part(&[("10.96.0.1", 80, &["10.244.1.1"])]);
+        let mut staged = StagedSync::begin(1, 1, 2, 2).unwrap();
+        staged.add_part(0, &one).unwrap();
+        staged.add_part(1, &one).unwrap();
+        let err = staged.finish("any").unwrap_err();
+        assert!(
+            err.to_string().contains("10.96.0.1:80/TCP is already used"),
+            "{err}"
+        );
+
+        let mut bad = one.clone();
+        bad[0].backends[0].port = 0;
+        let mut staged = StagedSync::begin(1, 1, 2, 2).unwrap();
+        staged.add_part(0, &one).unwrap();
+        let err = staged.add_part(1, &bad).unwrap_err();
+        // Named by its index in the whole table, not in its part.
+        assert!(
+            err.to_string().contains("services[1]") && err.to_string().contains("port"),
+            "{err}"
+        );
+
+        let mut staged = StagedSync::begin(1, 1, 1, 1).unwrap();
+        staged.add_part(0, &one).unwrap();
+        let err = staged.finish(&Table::default().digest()).unwrap_err();
+        assert!(matches!(err, StagingError::Digest { .. }), "{err}");
     }
 }

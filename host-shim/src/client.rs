@@ -1,12 +1,16 @@
 //! A client for socklb-agent that survives agent restarts: every call has a
 //! timeout, a broken connection is re-opened with backoff, and after every
 //! (re)connect the client syncs the whole table it wants the agent to hold.
+//! A table larger than one ttrpc message is synced in parts and listed in
+//! pages (API 1.1); a request that cannot fit a message is an error of its
+//! own, never taken for an unreachable agent.
 
 use std::{future::Future, time::Duration};
 
+use protobuf::Message as _;
 use slog::{Logger, info, warn};
 use socklb_protocols::{
-    API_VERSION,
+    API_VERSION, PART_BYTES, TTRPC_MESSAGE_LIMIT,
     socklb::{self as api, check_response::Status},
     socklb_ttrpc::{HealthClient, ServicesClient},
 };
@@ -46,6 +50,14 @@ pub enum ClientError {
     DigestMismatch { got: String, expected: String },
     #[error("agent speaks API {got}, this client {API_VERSION}")]
     Incompatible { got: String },
+    #[error("{what} is {bytes} bytes, over the {limit}-byte limit of one ttrpc message{hint}")]
+    TooLarge {
+        what: String,
+        bytes: usize,
+        limit: usize,
+        /// How to get it through, when there is a way.
+        hint: String,
+    },
     #[error(transparent)]
     Table(#[from] TableError),
 }
@@ -63,6 +75,9 @@ impl ClientError {
 struct Connection {
     health: HealthClient,
     services: ServicesClient,
+    /// The agent's API minor version: 1 and above take a Sync in parts and
+    /// serve List in pages.
+    api_minor: u32,
 }
 
 /// What the host wants the agent to hold.
@@ -76,6 +91,8 @@ pub struct AgentClient {
     options: Options,
     connection: Option<Connection>,
     desired: Option<Desired>,
+    /// Connections opened so far, for callers that resync by themselves.
+    connections_opened: u64,
     log: Logger,
 }
 
@@ -96,7 +113,37 @@ impl AgentClient {
             options,
             connection: None,
             desired: None,
+            connections_opened: 0,
         }
+    }
+
+    /// How many connections were opened so far. A caller that syncs with
+    /// [`AgentClient::sync_once`] compares it before and after its writes:
+    /// a change means the agent behind may be a new one that needs the
+    /// whole table.
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened
+    }
+
+    /// Makes the agent hold exactly `table` at `generation` and checks the
+    /// digest it read back, but keeps no copy and so does not resync after
+    /// a reconnect: for a caller that shares one table among many agents
+    /// (the node daemon) and resyncs by itself.
+    pub async fn sync_once(
+        &mut self,
+        table: &Table,
+        generation: u64,
+    ) -> Result<WriteResult, ClientError> {
+        let mut result = Err(self.unreachable("not tried".into()));
+        for _attempt in 0..2 {
+            let connection = self.connected().await?;
+            result = self.send_sync(connection, table, generation).await;
+            match result {
+                Err(ClientError::Unreachable { .. }) => self.connection = None,
+                _ => break,
+            }
+        }
+        result
     }
 
     pub async fn check(&mut self) -> Result<Status, ClientError> {
@@ -132,7 +179,9 @@ impl AgentClient {
         // A refused table is not what the host wants: keep the last good one.
         if matches!(
             result,
-            Err(ClientError::Refused { .. } | ClientError::DigestMismatch { .. })
+            Err(ClientError::Refused { .. }
+                | ClientError::DigestMismatch { .. }
+                | ClientError::TooLarge { .. })
         ) {
             self.desired = previous;
         }
@@ -145,6 +194,11 @@ impl AgentClient {
             services: services.iter().map(Service::to_api).collect(),
             ..Default::default()
         };
+        fits_one_message(
+            &request,
+            &format!("an Upsert of {} services", services.len()),
+            " (send fewer services per Upsert, or a Sync)",
+        )?;
         let response = self
             .call(move |c, ctx| {
                 let request = request.clone();
@@ -167,6 +221,11 @@ impl AgentClient {
             keys: keys.iter().map(ServiceKey::to_api).collect(),
             ..Default::default()
         };
+        fits_one_message(
+            &request,
+            &format!("a Delete of {} keys", keys.len()),
+            " (send fewer keys per Delete, or a Sync)",
+        )?;
         let response = self
             .call(move |c, ctx| {
                 let request = request.clone();
@@ -180,13 +239,49 @@ impl AgentClient {
         Ok(write_result(response))
     }
 
-    /// The generation, the table read back from the agent's maps, and its digest.
+    /// The generation, the table read back from the agent's maps, and its
+    /// digest, page by page; checks the pages add up to that digest.
     pub async fn list(&mut self) -> Result<(u64, Table, String), ClientError> {
-        let response = self
-            .call(|c, ctx| async move { c.services.list(ctx, &api::ListRequest::new()).await })
-            .await?;
-        let table = Table::from_api(&response.services)?;
-        Ok((response.generation, table, response.digest))
+        // A listing the agent dropped (others replaced it) is started again.
+        const ATTEMPTS: usize = 3;
+        let mut result = Err(self.unreachable("not tried".into()));
+        for _attempt in 0..ATTEMPTS {
+            result = self.list_pages().await;
+            if !matches!(&result, Err(err) if err.code() == Some(Code::ABORTED)) {
+                break;
+            }
+        }
+        result
+    }
+
+    async fn list_pages(&mut self) -> Result<(u64, Table, String), ClientError> {
+        let mut services = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = api::ListRequest {
+                page_token: std::mem::take(&mut page_token),
+                ..Default::default()
+            };
+            let response = self
+                .call(move |c, ctx| {
+                    let request = request.clone();
+                    async move { c.services.list(ctx, &request).await }
+                })
+                .await?;
+            services.extend(response.services);
+            if response.next_page_token.is_empty() {
+                let table = Table::from_api(&services)?;
+                let got = table.digest();
+                if got != response.digest {
+                    return Err(ClientError::DigestMismatch {
+                        got,
+                        expected: response.digest,
+                    });
+                }
+                return Ok((response.generation, table, response.digest));
+            }
+            page_token = response.next_page_token;
+        }
     }
 
     pub async fn stats(&mut self) -> Result<api::StatsResponse, ClientError> {
@@ -219,13 +314,10 @@ impl AgentClient {
                 tokio::time::timeout(self.options.call_timeout, call(connection, context)).await;
             match outcome {
                 Ok(Ok(response)) => return Ok(response),
-                Ok(Err(ttrpc::Error::RpcStatus(status))) => {
-                    return Err(ClientError::Refused {
-                        code: status.code(),
-                        message: status.message,
-                    });
-                }
-                Ok(Err(err)) => last_failure = err.to_string(),
+                Ok(Err(err)) => match failure(err) {
+                    Failure::Final(err) => return Err(err),
+                    Failure::Connection(reason) => last_failure = reason,
+                },
                 Err(_) => {
                     last_failure = format!("no answer within {:?}", self.options.call_timeout)
                 }
@@ -257,6 +349,7 @@ impl AgentClient {
             match self.open().await {
                 Ok(connection) => {
                     info!(self.log, "connected");
+                    self.connections_opened += 1;
                     self.connection = Some(connection.clone());
                     return Ok(connection);
                 }
@@ -278,48 +371,75 @@ impl AgentClient {
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|err| err.to_string())?;
         let client = ttrpc::r#async::Client::new(socket);
-        let connection = Connection {
-            health: HealthClient::new(client.clone()),
-            services: ServicesClient::new(client),
-        };
+        let health = HealthClient::new(client.clone());
         let context = ttrpc::context::with_duration(self.options.call_timeout);
-        let version = connection
-            .health
+        let version = health
             .version(context, &api::VersionRequest::new())
             .await
             .map_err(|err| err.to_string())?;
-        if major(&version.api_version) != major(API_VERSION) {
-            return Err(ClientError::Incompatible {
-                got: version.api_version,
+        let incompatible = || {
+            ClientError::Incompatible {
+                got: version.api_version.clone(),
             }
-            .to_string());
+            .to_string()
+        };
+        let (got_major, got_minor) = version
+            .api_version
+            .split_once('.')
+            .ok_or_else(incompatible)?;
+        if got_major != major(API_VERSION) {
+            return Err(incompatible());
         }
-        Ok(connection)
+        Ok(Connection {
+            health,
+            services: ServicesClient::new(client),
+            api_minor: got_minor.parse().map_err(|_| incompatible())?,
+        })
     }
 
     async fn sync_desired(&mut self) -> Result<WriteResult, ClientError> {
         let desired = self.desired.as_ref().expect("a desired table");
-        let expected = desired.table.digest();
+        let connection = self.connection.clone().expect("connected");
+        let result = self
+            .send_sync(connection, &desired.table, desired.generation)
+            .await;
+        if matches!(result, Err(ClientError::Unreachable { .. })) {
+            self.connection = None;
+        }
+        result
+    }
+
+    async fn send_sync(
+        &self,
+        connection: Connection,
+        table: &Table,
+        generation: u64,
+    ) -> Result<WriteResult, ClientError> {
+        let expected = table.digest();
         let request = api::SyncRequest {
-            generation: desired.generation,
-            services: desired.table.to_api(),
+            generation,
+            services: table.to_api(),
             ..Default::default()
         };
-        let connection = self.connection.clone().expect("connected");
-        let context = ttrpc::context::with_duration(self.options.call_timeout);
-        let response = match connection.services.sync(context, &request).await {
-            Ok(response) => response,
-            Err(ttrpc::Error::RpcStatus(status)) => {
-                return Err(ClientError::Refused {
-                    code: status.code(),
-                    message: status.message,
-                });
-            }
-            Err(err) => {
-                self.connection = None;
-                return Err(self.unreachable(err.to_string()));
-            }
+        // In one message when it fits, else in parts.
+        let bytes = request.compute_size() as usize;
+        let outcome = if bytes <= PART_BYTES {
+            let context = ttrpc::context::with_duration(self.options.call_timeout);
+            connection.services.sync(context, &request).await
+        } else if connection.api_minor >= 1 {
+            self.sync_in_parts(&connection, request, &expected).await
+        } else {
+            return Err(ClientError::TooLarge {
+                what: format!("a Sync of {} services", request.services.len()),
+                bytes,
+                limit: TTRPC_MESSAGE_LIMIT,
+                hint: ", and the agent's API 1.0 has no Sync in parts (upgrade the agent)".into(),
+            });
         };
+        let response = outcome.map_err(|err| match failure(err) {
+            Failure::Final(err) => err,
+            Failure::Connection(reason) => self.unreachable(reason),
+        })?;
         if response.digest != expected {
             return Err(ClientError::DigestMismatch {
                 got: response.digest,
@@ -329,12 +449,126 @@ impl AgentClient {
         Ok(write_result(response))
     }
 
+    /// SyncBegin, parts of at most `PART_BYTES`, SyncCommit; each call has
+    /// the call timeout. The agent applies nothing before the commit.
+    async fn sync_in_parts(
+        &self,
+        connection: &Connection,
+        request: api::SyncRequest,
+        digest: &str,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        let context = || ttrpc::context::with_duration(self.options.call_timeout);
+        let begin = api::SyncBeginRequest {
+            generation: request.generation,
+            services: request.services.len() as u32,
+            backends: request
+                .services
+                .iter()
+                .map(|s| s.backends.len() as u64)
+                .sum(),
+            ..Default::default()
+        };
+        let sync_id = connection
+            .services
+            .sync_begin(context(), &begin)
+            .await?
+            .sync_id;
+        let mut parts = 0;
+        let mut part = api::SyncPartRequest {
+            sync_id,
+            ..Default::default()
+        };
+        let mut bytes = 0;
+        for service in request.services {
+            // The field's tag and length prefix: at most 6 bytes.
+            let size = service.compute_size() as usize + 6;
+            if !part.services.is_empty() && bytes + size > PART_BYTES {
+                connection.services.sync_part(context(), &part).await?;
+                part.index += 1;
+                part.services.clear();
+                bytes = 0;
+                parts += 1;
+            }
+            bytes += size;
+            part.services.push(service);
+        }
+        if !part.services.is_empty() {
+            connection.services.sync_part(context(), &part).await?;
+            parts += 1;
+        }
+        info!(self.log, "table sent in parts"; "sync" => sync_id, "parts" => parts,
+              "services" => begin.services);
+        let commit = api::SyncCommitRequest {
+            sync_id,
+            digest: digest.into(),
+            ..Default::default()
+        };
+        connection.services.sync_commit(context(), &commit).await
+    }
+
     fn unreachable(&self, reason: String) -> ClientError {
         ClientError::Unreachable {
             addr: self.addr.to_string(),
             reason,
         }
     }
+}
+
+/// How a failed call ends: a final answer, or a connection to re-open.
+enum Failure {
+    Final(ClientError),
+    Connection(String),
+}
+
+fn failure(err: ttrpc::Error) -> Failure {
+    // ttrpc's words for a message over its limit, from either end.
+    const OVERSIZE: &str = "exceed maximum message size";
+    match err {
+        ttrpc::Error::RpcStatus(status) if status.message.contains(OVERSIZE) => {
+            Failure::Final(too_large_from(status.message))
+        }
+        ttrpc::Error::RpcStatus(status) => Failure::Final(ClientError::Refused {
+            code: status.code(),
+            message: status.message,
+        }),
+        ttrpc::Error::Others(message) if message.contains(OVERSIZE) => {
+            Failure::Final(too_large_from(message))
+        }
+        err => Failure::Connection(err.to_string()),
+    }
+}
+
+/// A size error ttrpc raised (the client's own checks should come first).
+fn too_large_from(message: String) -> ClientError {
+    let bytes = message
+        .split_whitespace()
+        .find_map(|word| word.parse().ok())
+        .unwrap_or_default();
+    ClientError::TooLarge {
+        what: "a message".into(),
+        bytes,
+        limit: TTRPC_MESSAGE_LIMIT,
+        hint: format!(" (ttrpc: {message})"),
+    }
+}
+
+/// Refuses, before sending, a request ttrpc would refuse.
+fn fits_one_message(
+    request: &impl protobuf::Message,
+    what: &str,
+    hint: &str,
+) -> Result<(), ClientError> {
+    let bytes = request.compute_size() as usize;
+    // The envelope (service and method names, timeout) needs little more.
+    if bytes > TTRPC_MESSAGE_LIMIT - 4096 {
+        return Err(ClientError::TooLarge {
+            what: what.into(),
+            bytes,
+            limit: TTRPC_MESSAGE_LIMIT,
+            hint: hint.into(),
+        });
+    }
+    Ok(())
 }
 
 fn major(version: &str) -> &str {

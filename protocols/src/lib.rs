@@ -8,4 +8,12 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 pub use protobuf;
 
 /// The API version a `VersionResponse` reports; clients refuse another major.
-pub const API_VERSION: &str = "1.0";
+/// 1.1 added the Sync in parts (SyncBegin/SyncPart/SyncCommit) and List pages.
+pub const API_VERSION: &str = "1.1";
+
+/// The largest message ttrpc sends or accepts, either way.
+pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
+
+/// The most bytes of services one Sync part or one List page carries: half
+/// of [`TTRPC_MESSAGE_LIMIT`], leaving ample room for the envelope.
+pub const PART_BYTES: usize = TTRPC_MESSAGE_LIMIT / 2;

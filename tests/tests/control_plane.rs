@@ -412,7 +412,7 @@ fn health_stats_and_metrics() {
     let health: Value =
         serde_json::from_str(&shim_ok(&sandbox, &["health", "-o", "json"])).unwrap();
     assert_eq!(health["status"], "SERVING");
-    assert_eq!(health["api_version"], "1.0");
+    assert_eq!(health["api_version"], socklb_protocols::API_VERSION);
     assert_eq!(health["hooks_attached"].as_array().unwrap().len(), 10);
 
     let stats: Value = serde_json::from_str(&shim_ok(&sandbox, &["stats", "-o", "json"])).unwrap();
@@ -459,4 +459,208 @@ fn health_stats_and_metrics() {
         human.contains("10.96.0.20:80/TCP") && human.contains("connect4"),
         "{human}"
     );
+}
+
+/// A table at the datapath's capacity: 65,536 services of 4 backends each
+/// (262,144 backends), all served by the sandbox's four backend hosts.
+fn table_at_capacity() -> Table {
+    let backends: Vec<std::net::SocketAddr> = (1..=4)
+        .map(|n| format!("{}:8080", backend_ip(n)).parse().unwrap())
+        .collect();
+    let services = (0..65_536u32)
+        .map(|i| Service {
+            name: Some(format!("load/svc-{i}")),
+            key: ServiceKey {
+                vip: std::net::Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8).into(),
+                port: 80,
+                protocol: socklb_table::Protocol::Tcp,
+            },
+            affinity_timeout_secs: None,
+            backends: backends.clone(),
+        })
+        .collect();
+    Table::new(services).unwrap()
+}
+
+fn raw_services_client(sandbox: &Sandbox, runtime: &tokio::runtime::Runtime) -> ServicesClient {
+    let AgentAddr::Unix(path) = sandbox.api_addr().parse().unwrap() else {
+        unreachable!()
+    };
+    runtime.block_on(async {
+        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        ServicesClient::new(ttrpc::r#async::Client::new(
+            ttrpc::r#async::transport::Socket::new(stream),
+        ))
+    })
+}
+
+#[test]
+fn a_table_at_capacity_syncs_in_parts_and_lists_in_pages() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 4);
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = agent_client(
+        &sandbox.api_addr(),
+        Options {
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(120),
+            ..Options::default()
+        },
+    );
+    let table = table_at_capacity();
+    let request_bytes = protobuf::Message::compute_size(&api::SyncRequest {
+        services: table.to_api(),
+        ..Default::default()
+    });
+    assert!(
+        request_bytes as usize > socklb_protocols::TTRPC_MESSAGE_LIMIT,
+        "the table must not fit one message: {request_bytes} bytes"
+    );
+
+    let started = Instant::now();
+    let written = runtime.block_on(client.sync(table.clone())).unwrap();
+    let sync_time = started.elapsed();
+    assert_eq!(written.services, 65_536);
+    assert_eq!(written.digest, Some(table.digest()));
+    let started = Instant::now();
+    let (generation, listed, digest) = runtime.block_on(client.list()).unwrap();
+    let list_time = started.elapsed();
+    assert_eq!(generation, written.generation);
+    assert_eq!(digest, table.digest());
+    assert_eq!(sorted(listed), sorted(table.clone()));
+    eprintln!(
+        "sync of 65536 services x 4 backends ({request_bytes} bytes): {sync_time:?}; list: {list_time:?}"
+    );
+    assert!(
+        reach(&sandbox, "10.96.255.255:80")
+            .unwrap()
+            .starts_with('b')
+    );
+
+    // A huge Sync whose last service is invalid is refused at that part and
+    // changes nothing; its commit finds no sync.
+    let raw = raw_services_client(&sandbox, &runtime);
+    let context = || ttrpc::context::with_duration(Duration::from_secs(60));
+    let mut services: Vec<api::Service> = table.to_api();
+    for service in &mut services {
+        service.backends.truncate(1);
+    }
+    services.last_mut().unwrap().backends[0].port = 0;
+    let sync_id = runtime
+        .block_on(raw.sync_begin(
+            context(),
+            &api::SyncBeginRequest {
+                generation: 99,
+                services: services.len() as u32,
+                backends: services.len() as u64,
+                ..Default::default()
+            },
+        ))
+        .unwrap()
+        .sync_id;
+    let (first, second) = services.split_at(services.len() / 2);
+    for (index, part) in [first, second].into_iter().enumerate() {
+        let outcome = runtime.block_on(raw.sync_part(
+            context(),
+            &api::SyncPartRequest {
+                sync_id,
+                index: index as u32,
+                services: part.to_vec(),
+                ..Default::default()
+            },
+        ));
+        match (index, outcome) {
+            (0, Ok(staged)) => assert_eq!(staged.staged, 32_768),
+            (1, Err(ttrpc::Error::RpcStatus(status))) => {
+                assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+                assert!(
+                    status.message.contains("services[65535]")
+                        && status.message.contains("backends[0].port"),
+                    "{}",
+                    status.message
+                );
+            }
+            (index, outcome) => panic!("part {index}: {outcome:?}"),
+        }
+    }
+    let commit = runtime.block_on(raw.sync_commit(
+        context(),
+        &api::SyncCommitRequest {
+            sync_id,
+            digest: table.digest(),
+            ..Default::default()
+        },
+    ));
+    assert!(
+        matches!(&commit, Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::ABORTED),
+        "{commit:?}"
+    );
+    // A sync abandoned half way (begun, one part, no commit) changes nothing
+    // either, and one beyond capacity is refused at its beginning.
+    let sync_id = runtime
+        .block_on(raw.sync_begin(
+            context(),
+            &api::SyncBeginRequest {
+                generation: 100,
+                services: 1,
+                backends: 0,
+                ..Default::default()
+            },
+        ))
+        .unwrap()
+        .sync_id;
+    runtime
+        .block_on(raw.sync_part(
+            context(),
+            &api::SyncPartRequest {
+                sync_id,
+                services: vec![Service {
+                    name: None,
+                    key: table.services[0].key,
+                    affinity_timeout_secs: None,
+                    backends: Vec::new(),
+                }
+                .to_api()],
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let over = runtime.block_on(raw.sync_begin(
+        context(),
+        &api::SyncBeginRequest {
+            services: 65_537,
+            ..Default::default()
+        },
+    ));
+    assert!(
+        matches!(&over, Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::RESOURCE_EXHAUSTED
+            && s.message.contains("65537 services")),
+        "{over:?}"
+    );
+    let (generation, listed, digest) = runtime.block_on(client.list()).unwrap();
+    assert_eq!(generation, written.generation);
+    assert_eq!(digest, table.digest());
+    assert_eq!(listed.services.len(), 65_536);
+    assert!(reach(&sandbox, "10.96.0.0:80").unwrap().starts_with('b'));
+}
+
+#[test]
+fn a_request_over_the_message_limit_is_no_unreachable_agent() {
+    let sandbox = Sandbox::create();
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = client(&sandbox);
+    let services = table_at_capacity().services;
+    let err = runtime.block_on(client.upsert(services)).unwrap_err();
+    assert!(
+        matches!(err, ClientError::TooLarge { .. }),
+        "expected TooLarge, got {err}"
+    );
+    assert!(
+        err.to_string().contains("an Upsert of 65536 services"),
+        "{err}"
+    );
+    // The connection is still good.
+    assert!(runtime.block_on(client.list()).is_ok());
 }
