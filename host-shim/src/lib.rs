@@ -5,6 +5,7 @@
 pub mod addr;
 pub mod client;
 pub mod connect;
+pub mod node;
 pub mod sources;
 
 pub use addr::AgentAddr;

@@ -1,12 +1,13 @@
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use slog::{Drain as _, Logger, o};
-use socklb_protocols::socklb as api;
+use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on, socklb as api};
 use socklb_shim::{
     AgentAddr, AgentClient, Options,
+    node::{self, NodeConfig, discovery, status},
     sources::{file::watch_file, kube_watch, kubernetes::Policy},
 };
 use socklb_table::Table;
@@ -16,8 +17,9 @@ use socklb_table::Table;
 #[command(name = "socklb-shim", version)]
 struct Args {
     /// The agent: vsock://CID:PORT, hvsock:///path/to/uds:PORT or unix:///path
+    /// (every command but `node`, which finds the node's agents itself)
     #[arg(long, env = "SOCKLB_AGENT")]
-    agent: AgentAddr,
+    agent: Option<AgentAddr>,
     /// Seconds to wait for one call (and to keep trying to connect)
     #[arg(long, default_value_t = 30)]
     timeout: u64,
@@ -65,6 +67,10 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         batch_ms: u64,
     },
+    /// The node daemon: find every Kata sandbox on this node and keep its
+    /// agent's table equal to what kube-proxy would program, from one watch
+    /// of the API; `node status` shows how each sandbox is doing
+    Node(NodeArgs),
     /// Apply FILE on every change until stopped; re-apply after an agent restart
     Watch {
         #[arg(short = 'f', long = "file")]
@@ -74,6 +80,65 @@ enum Command {
         interval_ms: u64,
     },
 }
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct NodeArgs {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
+    /// This node's name (required: topology and internalTrafficPolicy Local)
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// kubeconfig to use [default: in-cluster, then ~/.kube/config]
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// A directory of Kata sandbox directories (<id>/shim-monitor.sock);
+    /// repeatable; replaces the defaults /run/vc/sbs and /run/kata
+    #[arg(long = "sandbox-root")]
+    sandbox_roots: Vec<PathBuf>,
+    /// A directory of the sandboxes' OCI bundles (<id>/config.json), read
+    /// for the pod's namespace and name; repeatable; replaces the default
+    /// /run/containerd/io.containerd.runtime.v2.task/k8s.io
+    #[arg(long = "bundle-root")]
+    bundle_roots: Vec<PathBuf>,
+    /// socklb-agent's guest vsock port (Kata's own are 1024-1027)
+    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
+    agent_port: u32,
+    /// The daemon's status socket (`socklb-shim node status` reads it)
+    #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+    status_socket: PathBuf,
+    /// Serve Prometheus /metrics and /healthz over HTTP here (e.g. 0.0.0.0:9470)
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Also serve externalIPs and LoadBalancer ingress IPs as VIPs
+    #[arg(long)]
+    external_vips: bool,
+    /// Milliseconds between batches of changes sent to the agents
+    #[arg(long, default_value_t = 100)]
+    batch_ms: u64,
+    /// Milliseconds between rescans of the sandbox roots (inotify wakes one
+    /// at once besides)
+    #[arg(long, default_value_t = 5000)]
+    rescan_ms: u64,
+    /// Whole tables sent to agents at once, at most
+    #[arg(long, default_value_t = 4)]
+    parallel_syncs: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// One row per sandbox: id, pod, agent, state, acknowledged version,
+    /// lag, last error
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// The daemon's status socket
+        #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+        status_socket: PathBuf,
+    },
+}
+
+const DEFAULT_STATUS_SOCKET: &str = "/run/socklb/node.sock";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
@@ -118,8 +183,15 @@ async fn run(args: Args) -> Result<()> {
         connect_timeout: Duration::from_secs(args.timeout),
         ..Options::default()
     };
-    let mut client = AgentClient::new(args.agent, options, &log);
-    match args.command {
+    let command = match args.command {
+        Command::Node(node) => return run_node(node, args.timeout, &log).await,
+        command => command,
+    };
+    let Some(agent) = args.agent else {
+        bail!("--agent (or SOCKLB_AGENT) is required for this command");
+    };
+    let mut client = AgentClient::new(agent, options, &log);
+    match command {
         Command::Apply { file } => {
             let table = Table::from_file(&file)?;
             let result = client.sync(table).await?;
@@ -186,15 +258,7 @@ async fn run(args: Args) -> Result<()> {
             external_vips,
             batch_ms,
         } => {
-            let config = match kubeconfig {
-                Some(path) => {
-                    let kubeconfig = kube::config::Kubeconfig::read_from(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
-                }
-                None => kube::Config::infer().await?,
-            };
-            let kube = kube::Client::try_from(config).context("building the Kubernetes client")?;
+            let kube = kube_client(kubeconfig).await?;
             let policy = Policy {
                 node,
                 external_vips,
@@ -204,6 +268,7 @@ async fn run(args: Args) -> Result<()> {
                 signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
             }
         }
+        Command::Node(_) => unreachable!("handled above"),
         Command::Watch { file, interval_ms } => {
             tokio::select! {
                 () = watch_file(&mut client, &file, Duration::from_millis(interval_ms), &log) => {}
@@ -212,6 +277,70 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()> {
+    if let Some(NodeCommand::Status {
+        output,
+        status_socket,
+    }) = args.command
+    {
+        let text =
+            node::http::get_unix(&status_socket, "/status", Duration::from_secs(timeout_secs))
+                .await
+                .with_context(|| "asking the node daemon (is `socklb-shim node` running?)")?;
+        let report: status::Report =
+            serde_json::from_str(&text).context("reading the daemon's status report")?;
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Output::Table => print!("{}", status::render(&report)),
+        }
+        return Ok(());
+    }
+    let Some(node_name) = args.node.filter(|n| !n.is_empty()) else {
+        bail!(
+            "the node's name is required: --node NAME or NODE_NAME (topology and internalTrafficPolicy Local need it)"
+        );
+    };
+    if let Some(service) = kata_service_on(args.agent_port) {
+        bail!("--agent-port {} is Kata's {service}", args.agent_port);
+    }
+    let config = NodeConfig {
+        node: node_name,
+        sandbox_roots: discovery::roots_or_default(
+            args.sandbox_roots,
+            &discovery::DEFAULT_SANDBOX_ROOTS,
+        ),
+        bundle_roots: discovery::roots_or_default(
+            args.bundle_roots,
+            &discovery::DEFAULT_BUNDLE_ROOTS,
+        ),
+        agent_port: args.agent_port,
+        status_socket: args.status_socket,
+        metrics_addr: args.metrics_addr,
+        batch: Duration::from_millis(args.batch_ms),
+        rescan: Duration::from_millis(args.rescan_ms),
+        external_vips: args.external_vips,
+        call_timeout: Duration::from_secs(timeout_secs),
+        parallel_syncs: args.parallel_syncs,
+    };
+    let kube = kube_client(args.kubeconfig).await?;
+    tokio::select! {
+        result = node::run(config, kube, log) => result,
+        signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
+    }
 }
 
 fn print_services(table: &Table) {

@@ -17,3 +17,26 @@ pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
 /// The most bytes of services one Sync part or one List page carries: half
 /// of [`TTRPC_MESSAGE_LIMIT`], leaving ample room for the envelope.
 pub const PART_BYTES: usize = TTRPC_MESSAGE_LIMIT / 2;
+
+/// The guest vsock port socklb-agent serves on unless told otherwise. Kata's
+/// guest services take 1024–1027 ([`KATA_GUEST_PORTS`]) and Kata has added
+/// them upward from 1024; 1100 leaves that range room to grow and is no
+/// port of another common guest service.
+pub const DEFAULT_AGENT_PORT: u32 = 1100;
+
+/// Guest vsock ports Kata Containers already uses, with the service on each
+/// (kata-types `config/default.rs`, Kata's Developer Guide).
+pub const KATA_GUEST_PORTS: [(u32, &str); 4] = [
+    (1024, "the kata-agent API"),
+    (1025, "kata-agent log forwarding (agent.log_vport)"),
+    (1026, "Kata's debug console"),
+    (1027, "Kata's passfd channel"),
+];
+
+/// The Kata service that uses guest vsock `port`, if any.
+pub fn kata_service_on(port: u32) -> Option<&'static str> {
+    KATA_GUEST_PORTS
+        .iter()
+        .find(|(used, _)| *used == port)
+        .map(|(_, service)| *service)
+}

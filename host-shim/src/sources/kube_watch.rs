@@ -1,9 +1,12 @@
-//! Keeps the agent's table equal to what kube-proxy would program: watches
-//! Services and EndpointSlices with kube-rs, syncs the whole table once
-//! both lists are in, then sends each batch of changed services as Upserts
+//! Keeps a table equal to what kube-proxy would program: watches Services
+//! and EndpointSlices with kube-rs, hands a [`TableSink`] the whole table
+//! once both lists are in, then each batch of changed services as Upserts
 //! and Deletes, at most one batch per `batch` interval. A relist (after a
 //! dropped watch or 410 Gone) replaces what was known and sends only what
-//! differs; a failed write is followed by a full Sync.
+//! differs; a sink that fails a batch gets the whole table next.
+//!
+//! The sink is one agent (`socklb-shim kube`, [`AgentClient`]) or the node
+//! daemon's fan-out to every sandbox on the node.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -14,7 +17,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use slog::{Logger, info, warn};
-use socklb_table::Table;
+use socklb_table::{Service, ServiceKey, Table};
 
 use crate::{
     client::AgentClient,
@@ -36,11 +39,57 @@ impl<K> Listing<K> {
     }
 }
 
+/// Where translated tables go.
+pub trait TableSink {
+    /// The whole table; false if it was not taken (asked again next batch).
+    fn replace(&mut self, table: Table, log: &Logger) -> impl Future<Output = bool>;
+    /// Changes to the last table taken; false asks for the whole table.
+    fn change(
+        &mut self,
+        upserts: &[Service],
+        deletes: &[ServiceKey],
+        log: &Logger,
+    ) -> impl Future<Output = bool>;
+    /// One watch event arrived (for metrics).
+    fn observed_event(&mut self) {}
+}
+
+impl TableSink for AgentClient {
+    async fn replace(&mut self, table: Table, log: &Logger) -> bool {
+        match self.sync(table).await {
+            Ok(result) => {
+                info!(log, "table synced"; "services" => result.services, "generation" => result.generation);
+                true
+            }
+            Err(err) => {
+                warn!(log, "full sync failed; retrying"; "error" => err.to_string());
+                false
+            }
+        }
+    }
+
+    async fn change(&mut self, upserts: &[Service], deletes: &[ServiceKey], log: &Logger) -> bool {
+        if !upserts.is_empty()
+            && let Err(err) = self.upsert(upserts.to_vec()).await
+        {
+            warn!(log, "upsert failed; a full sync follows"; "error" => err.to_string());
+            return false;
+        }
+        if !deletes.is_empty()
+            && let Err(err) = self.delete(deletes.to_vec()).await
+        {
+            warn!(log, "delete failed; a full sync follows"; "error" => err.to_string());
+            return false;
+        }
+        true
+    }
+}
+
 /// Runs until the watch streams end (they do not, short of an error the
 /// caller's runtime ends).
 pub async fn run(
     kube: Client,
-    agent: &mut AgentClient,
+    sink: &mut impl TableSink,
     policy: Policy,
     batch: Duration,
     log: &Logger,
@@ -69,6 +118,7 @@ pub async fn run(
         tokio::select! {
             event = services.next() => match event {
                 Some(Ok(event)) => dirty.extend(on_event(
+                    sink,
                     event,
                     &mut service_listing,
                     &mut cluster,
@@ -81,6 +131,7 @@ pub async fn run(
             },
             event = slices.next() => match event {
                 Some(Ok(event)) => dirty.extend(on_event(
+                    sink,
                     event,
                     &mut slice_listing,
                     &mut cluster,
@@ -96,13 +147,13 @@ pub async fn run(
                     continue;
                 }
                 if !in_sync {
-                    in_sync = full_sync(agent, &cluster, &mut translation, &policy, log).await;
+                    in_sync = full_sync(sink, &cluster, &mut translation, &policy, log).await;
                     if in_sync {
                         dirty.clear();
                     }
                 } else if !dirty.is_empty() {
                     let changed = std::mem::take(&mut dirty);
-                    in_sync = send_changes(agent, &cluster, &mut translation, changed, &policy, log).await;
+                    in_sync = send_changes(sink, &cluster, &mut translation, changed, &policy, log).await;
                 }
             }
         }
@@ -111,6 +162,7 @@ pub async fn run(
 
 /// Feeds one watcher event into `cluster`; returns the services it touched.
 fn on_event<K: Resource>(
+    sink: &mut impl TableSink,
     event: watcher::Event<K>,
     listing: &mut Listing<K>,
     cluster: &mut Cluster,
@@ -118,46 +170,54 @@ fn on_event<K: Resource>(
     delete: fn(&mut Cluster, &K) -> Vec<ObjectKey>,
     replace: fn(&mut Cluster, Vec<K>) -> Vec<ObjectKey>,
 ) -> Vec<ObjectKey> {
+    sink.observed_event();
     match event {
         watcher::Event::Init => {
             listing.items = Some(Vec::new());
             Vec::new()
         }
         watcher::Event::InitApply(object) => {
-            listing.items.get_or_insert_with(Vec::new).push(object);
+            listing
+                .items
+                .get_or_insert_with(Vec::new)
+                .push(trimmed(object));
             Vec::new()
         }
         watcher::Event::InitDone => {
             listing.synced = true;
             replace(cluster, listing.items.take().unwrap_or_default())
         }
-        watcher::Event::Apply(object) => apply(cluster, object),
+        watcher::Event::Apply(object) => apply(cluster, trimmed(object)),
         watcher::Event::Delete(object) => delete(cluster, &object),
     }
 }
 
+/// The annotation `kubectl apply` keeps a whole copy of the object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what translation never reads and what makes objects large
+/// (managedFields, kubectl's copy of the object), before it is stored.
+fn trimmed<K: Resource>(mut object: K) -> K {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
+    }
+    object
+}
+
 async fn full_sync(
-    agent: &mut AgentClient,
+    sink: &mut impl TableSink,
     cluster: &Cluster,
     translation: &mut Translation,
     policy: &Policy,
     log: &Logger,
 ) -> bool {
     let services = translation.full(cluster, policy, log);
-    let table = match Table::new(services) {
-        Ok(table) => table,
+    match Table::new(services) {
+        Ok(table) => sink.replace(table, log).await,
         Err(err) => {
             warn!(log, "the cluster's services do not fit the datapath"; "error" => err.to_string());
-            return false;
-        }
-    };
-    match agent.sync(table).await {
-        Ok(result) => {
-            info!(log, "table synced"; "services" => result.services, "generation" => result.generation);
-            true
-        }
-        Err(err) => {
-            warn!(log, "full sync failed; retrying"; "error" => err.to_string());
             false
         }
     }
@@ -165,7 +225,7 @@ async fn full_sync(
 
 /// Sends the changes of `changed` services; false asks for a full sync.
 async fn send_changes(
-    agent: &mut AgentClient,
+    sink: &mut impl TableSink,
     cluster: &Cluster,
     translation: &mut Translation,
     changed: BTreeSet<ObjectKey>,
@@ -177,16 +237,7 @@ async fn send_changes(
         return true;
     }
     let (upserts, deletes) = (plan.upserts.len(), plan.deletes.len());
-    if !plan.upserts.is_empty()
-        && let Err(err) = agent.upsert(plan.upserts.clone()).await
-    {
-        warn!(log, "upsert failed; a full sync follows"; "error" => err.to_string());
-        return false;
-    }
-    if !plan.deletes.is_empty()
-        && let Err(err) = agent.delete(plan.deletes.clone()).await
-    {
-        warn!(log, "delete failed; a full sync follows"; "error" => err.to_string());
+    if !sink.change(&plan.upserts, &plan.deletes, log).await {
         return false;
     }
     translation.commit(plan);

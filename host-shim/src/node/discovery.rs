@@ -1,0 +1,274 @@
+//! Finding the node's Kata sandboxes the way Kata's own tools do: every
+//! `<root>/<sandbox id>/shim-monitor.sock` under the sandbox roots (the Go
+//! runtime's `/run/vc/sbs`, runtime-rs's `/run/kata`), followed with
+//! inotify plus a periodic rescan; `GET /agent-url` on that socket names
+//! the sandbox's vsock (`vsock://CID:1024`) or hybrid vsock
+//! (`hvsock:///path:1024`), and socklb's agent port replaces Kata's.
+//! Also where the pod's namespace and name come from: the CRI annotations
+//! in the sandbox's OCI bundle (`config.json`), when the bundle is found.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use inotify::{Inotify, WatchMask};
+use slog::{Logger, warn};
+use tokio::sync::watch;
+
+use crate::addr::AgentAddr;
+
+/// The Go runtime's and runtime-rs's sandbox directories.
+pub const DEFAULT_SANDBOX_ROOTS: [&str; 2] = ["/run/vc/sbs", "/run/kata"];
+/// Where containerd (CRI) keeps the bundles of Kubernetes sandboxes.
+pub const DEFAULT_BUNDLE_ROOTS: [&str; 1] =
+    ["/run/containerd/io.containerd.runtime.v2.task/k8s.io"];
+/// The management socket Kata's shim serves in each sandbox directory.
+pub const MONITOR_SOCKET: &str = "shim-monitor.sock";
+
+/// A sandbox directory with its management socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub id: String,
+    pub socket: PathBuf,
+}
+
+/// Every sandbox under `roots`, by id; an id under two roots counts once
+/// (the first root's).
+pub fn scan(roots: &[PathBuf]) -> BTreeMap<String, Found> {
+    let mut found = BTreeMap::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let socket = entry.path().join(MONITOR_SOCKET);
+            let Ok(id) = entry.file_name().into_string() else {
+                continue;
+            };
+            if socket.exists() && !found.contains_key(&id) {
+                found.insert(id.clone(), Found { id, socket });
+            }
+        }
+    }
+    found
+}
+
+/// Publishes the sandboxes under `roots` on `found` whenever they change,
+/// until the receivers are gone. inotify on the roots and on each sandbox
+/// directory (its socket appears after the directory) wakes a rescan at
+/// once; the periodic rescan catches what inotify cannot (a root created
+/// later, a full event queue).
+pub async fn follow(
+    roots: Vec<PathBuf>,
+    rescan: Duration,
+    found: watch::Sender<BTreeMap<String, Found>>,
+    log: Logger,
+) {
+    let mut events = match Inotify::init().and_then(|i| i.into_event_stream(vec![0u8; 4096])) {
+        Ok(events) => Some(events),
+        Err(err) => {
+            warn!(log, "inotify unavailable; only rescanning periodically"; "error" => err.to_string());
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(rescan);
+    loop {
+        let now = scan(&roots);
+        if let Some(events) = &events {
+            let mask = WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::MOVED_TO
+                | WatchMask::ONLYDIR;
+            let mut watches = events.watches();
+            // Adding a watch again is harmless; a missing root just fails.
+            let sandbox_dirs = now.values().filter_map(|f| f.socket.parent());
+            for dir in roots.iter().map(PathBuf::as_path).chain(sandbox_dirs) {
+                let _ = watches.add(dir, mask);
+            }
+        }
+        found.send_if_modified(|known| {
+            let changed = *known != now;
+            *known = now;
+            changed
+        });
+        if found.is_closed() {
+            return;
+        }
+        match &mut events {
+            Some(stream) => tokio::select! {
+                event = stream.next() => {
+                    if event.is_none() {
+                        events = None;
+                    }
+                }
+                _ = tick.tick() => {}
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+    }
+}
+
+/// Where a sandbox's agent is, from Kata's `/agent-url` answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentUrl {
+    /// The agent on socklb's port, same CID or hybrid vsock socket.
+    Local(AgentAddr),
+    /// A peer-pods sandbox on another machine: not reachable from here.
+    Remote(String),
+}
+
+/// Reads Kata's answer (`vsock://CID:PORT`, `hvsock://PATH:PORT` or
+/// `remote://...`) and puts socklb's `agent_port` in place of Kata's.
+pub fn agent_url(answer: &str, agent_port: u32) -> Result<AgentUrl, String> {
+    let answer = answer.trim();
+    let bad = |reason: &str| format!("agent URL {answer:?}: {reason}");
+    if answer.starts_with("remote://") {
+        return Ok(AgentUrl::Remote(answer.into()));
+    }
+    if let Some(rest) = answer.strip_prefix("vsock://") {
+        let (cid, _kata_port) = rest.split_once(':').ok_or_else(|| bad("no port"))?;
+        let cid = cid.parse().map_err(|_| bad("the CID is not a number"))?;
+        return Ok(AgentUrl::Local(AgentAddr::Vsock {
+            cid,
+            port: agent_port,
+        }));
+    }
+    if let Some(rest) = answer.strip_prefix("hvsock://") {
+        let (uds, kata_port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        if kata_port.parse::<u32>().is_err() {
+            return Err(bad("the port is not a number"));
+        }
+        if !uds.starts_with('/') {
+            return Err(bad("the socket path is not absolute"));
+        }
+        return Ok(AgentUrl::Local(AgentAddr::HybridVsock {
+            uds: uds.into(),
+            port: agent_port,
+        }));
+    }
+    Err(bad(
+        "unknown scheme (expected vsock://, hvsock:// or remote://)",
+    ))
+}
+
+/// Annotations containerd's CRI and CRI-O put on a sandbox: (namespace, name).
+const POD_ANNOTATIONS: [(&str, &str); 2] = [
+    (
+        "io.kubernetes.cri.sandbox-namespace",
+        "io.kubernetes.cri.sandbox-name",
+    ),
+    ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name"),
+];
+
+/// `namespace/name` of the pod of sandbox `id`, from the annotations of its
+/// OCI bundle `<bundle root>/<id>/config.json`; None when no bundle says.
+pub fn pod_of(id: &str, bundle_roots: &[PathBuf]) -> Option<String> {
+    bundle_roots
+        .iter()
+        .find_map(|root| pod_in_bundle(&root.join(id).join("config.json")))
+}
+
+fn pod_in_bundle(config: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let annotations = config.get("annotations")?;
+    POD_ANNOTATIONS.iter().find_map(|(namespace, name)| {
+        Some(format!(
+            "{}/{}",
+            annotations.get(namespace)?.as_str()?,
+            annotations.get(name)?.as_str()?
+        ))
+    })
+}
+
+/// Sandbox roots from the command line, or the defaults.
+pub fn roots_or_default(given: Vec<PathBuf>, defaults: &[&str]) -> Vec<PathBuf> {
+    if given.is_empty() {
+        defaults.iter().map(PathBuf::from).collect()
+    } else {
+        given
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_as_kata_answers_them() {
+        assert_eq!(
+            agent_url("vsock://3:1024", 1100).unwrap(),
+            AgentUrl::Local(AgentAddr::Vsock { cid: 3, port: 1100 })
+        );
+        assert_eq!(
+            agent_url(
+                "hvsock:///run/vc/firecracker/abc/root/kata.hvsock:1024\n",
+                1100
+            )
+            .unwrap(),
+            AgentUrl::Local(AgentAddr::HybridVsock {
+                uds: "/run/vc/firecracker/abc/root/kata.hvsock".into(),
+                port: 1100
+            })
+        );
+        assert!(matches!(
+            agent_url("remote://peer-pod", 1100).unwrap(),
+            AgentUrl::Remote(_)
+        ));
+        for garbage in [
+            "",
+            "<html>",
+            "vsock://x:1024",
+            "vsock://3",
+            "hvsock://rel.sock:1024",
+            "hvsock:///a.sock",
+            "tcp://1.2.3.4:1024",
+        ] {
+            let err = agent_url(garbage, 1100).unwrap_err();
+            assert!(err.contains(garbage.trim()), "{err}");
+        }
+    }
+
+    #[test]
+    fn scan_finds_sandboxes_with_a_socket_first_root_first() {
+        let first = tempfile::tempdir().unwrap();
+        let second = tempfile::tempdir().unwrap();
+        for (root, id) in [(&first, "a"), (&second, "a"), (&second, "b")] {
+            let dir = root.path().join(id);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join(MONITOR_SOCKET), "").unwrap();
+        }
+        // A directory whose shim has not made its socket yet.
+        std::fs::create_dir(second.path().join("c")).unwrap();
+        let roots = vec![
+            first.path().into(),
+            second.path().into(),
+            "/nonexistent".into(),
+        ];
+        let found = scan(&roots);
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(found["a"].socket.starts_with(first.path()));
+    }
+
+    #[test]
+    fn pod_from_cri_annotations() {
+        let bundles = tempfile::tempdir().unwrap();
+        let dir = bundles.path().join("sb1");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "shop",
+                                "io.kubernetes.cri.sandbox-name": "web-0"}}"#,
+        )
+        .unwrap();
+        let roots = vec![bundles.path().to_path_buf()];
+        assert_eq!(pod_of("sb1", &roots).as_deref(), Some("shop/web-0"));
+        assert_eq!(pod_of("sb2", &roots), None);
+    }
+}

@@ -1,0 +1,390 @@
+//! One table for the node, many agents: the [`Hub`] holds the newest
+//! complete table and the recent batches of changes, each numbered with a
+//! version; one task per sandbox ([`serve_sandbox`]) brings its agent from
+//! the version it acknowledged to the newest. A sandbox that is behind gets
+//! the changes since its version merged into one write (the newest state of
+//! each service, not every batch in between), or the whole table when the
+//! batches it missed are no longer kept. A slow or dead agent holds up only
+//! its own task. The table exists once in memory, however many sandboxes.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use slog::{Logger, info, warn};
+use socklb_table::{Service, ServiceKey, Table};
+use tokio::sync::{Semaphore, watch};
+
+use crate::{
+    client::AgentClient,
+    node::{
+        metrics::Metrics,
+        status::{Registry, State},
+    },
+    sources::kube_watch::TableSink,
+};
+
+/// Batches kept for sandboxes that are behind; one further behind gets
+/// the whole table.
+const KEPT_BATCHES: usize = 64;
+/// How often an idle sandbox's agent is checked, so that a restarted
+/// agent or a rebooted sandbox is resynced without waiting for a change.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+const RETRY_INITIAL: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// One batch of changes and the version it made.
+struct Batch {
+    version: u64,
+    upserts: Vec<Service>,
+    deletes: Vec<ServiceKey>,
+    published: Instant,
+}
+
+#[derive(Default)]
+struct HubState {
+    /// 0 until the first complete table.
+    version: u64,
+    services: BTreeMap<ServiceKey, Service>,
+    batches: VecDeque<Arc<Batch>>,
+}
+
+/// The node's table, shared by every sandbox's task.
+pub struct Hub {
+    state: Mutex<HubState>,
+    version: watch::Sender<u64>,
+}
+
+/// What brings an agent from the version it acknowledged to the newest.
+#[derive(Debug, PartialEq)]
+pub enum CatchUp {
+    Current,
+    Changes {
+        version: u64,
+        upserts: Vec<Service>,
+        deletes: Vec<ServiceKey>,
+        /// When the oldest of these changes was published.
+        since: Instant,
+    },
+    Whole {
+        version: u64,
+        table: Table,
+    },
+}
+
+impl Hub {
+    pub fn new() -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::default(),
+            version: watch::channel(0).0,
+        })
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The newest version (0: no complete table yet).
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.state.lock().unwrap().services.len()
+    }
+
+    fn publish_whole(&self, table: Table) {
+        let mut state = self.state.lock().unwrap();
+        state.version += 1;
+        state.services = table.services.into_iter().map(|s| (s.key, s)).collect();
+        state.batches.clear();
+        self.version.send_replace(state.version);
+    }
+
+    fn publish_changes(&self, upserts: &[Service], deletes: &[ServiceKey]) {
+        let mut state = self.state.lock().unwrap();
+        state.version += 1;
+        for key in deletes {
+            state.services.remove(key);
+        }
+        for service in upserts {
+            state.services.insert(service.key, service.clone());
+        }
+        let batch = Batch {
+            version: state.version,
+            upserts: upserts.to_vec(),
+            deletes: deletes.to_vec(),
+            published: Instant::now(),
+        };
+        state.batches.push_back(Arc::new(batch));
+        if state.batches.len() > KEPT_BATCHES {
+            state.batches.pop_front();
+        }
+        self.version.send_replace(state.version);
+    }
+
+    /// What an agent that acknowledged `acked` (None: nothing, or unknown)
+    /// needs.
+    pub fn catch_up(&self, acked: Option<u64>) -> CatchUp {
+        let state = self.state.lock().unwrap();
+        let Some(acked) = acked else {
+            return whole(&state);
+        };
+        if acked == state.version {
+            return CatchUp::Current;
+        }
+        let missed: Vec<&Arc<Batch>> = state.batches.iter().filter(|b| b.version > acked).collect();
+        let complete = missed.first().is_some_and(|b| b.version == acked + 1);
+        if !complete {
+            return whole(&state);
+        }
+        // Newest wins: a later batch's upsert or delete of a key replaces
+        // an earlier one's.
+        let mut merged: BTreeMap<ServiceKey, Option<&Service>> = BTreeMap::new();
+        for batch in &missed {
+            for key in &batch.deletes {
+                merged.insert(*key, None);
+            }
+            for service in &batch.upserts {
+                merged.insert(service.key, Some(service));
+            }
+        }
+        let mut upserts = Vec::new();
+        let mut deletes = Vec::new();
+        for (key, service) in merged {
+            match service {
+                Some(service) => upserts.push(service.clone()),
+                None => deletes.push(key),
+            }
+        }
+        CatchUp::Changes {
+            version: state.version,
+            upserts,
+            deletes,
+            since: missed[0].published,
+        }
+    }
+}
+
+fn whole(state: &HubState) -> CatchUp {
+    let services = state.services.values().cloned().collect();
+    CatchUp::Whole {
+        version: state.version,
+        table: Table { services },
+    }
+}
+
+/// The watch side: every table and batch the Kubernetes watch produces
+/// goes to the hub, which always takes it.
+pub struct HubSink {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl TableSink for HubSink {
+    async fn replace(&mut self, table: Table, log: &Logger) -> bool {
+        let services = table.services.len();
+        self.hub.publish_whole(table);
+        info!(log, "node table replaced"; "services" => services, "version" => self.hub.version());
+        true
+    }
+
+    async fn change(&mut self, upserts: &[Service], deletes: &[ServiceKey], _log: &Logger) -> bool {
+        self.hub.publish_changes(upserts, deletes);
+        true
+    }
+
+    fn observed_event(&mut self) {
+        self.metrics.watch_event();
+    }
+}
+
+/// What one sandbox's task shares with the others.
+#[derive(Clone)]
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// Bounds how many whole tables are being sent at once (each is
+    /// encoded in memory while it is sent).
+    pub whole_syncs: Arc<Semaphore>,
+}
+
+/// Keeps one sandbox's agent at the hub's newest version, until aborted.
+pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, log: Logger) {
+    let mut newest = shared.hub.subscribe();
+    let mut acked: Option<u64> = None;
+    // Connections the client had opened when the agent last got the whole
+    // table: another one since means the agent may be a new one.
+    let mut opened_at_sync = 0;
+    let mut retry = RETRY_INITIAL;
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if shared.hub.version() == 0 {
+            shared.registry.set_state(&id, State::WaitingForTable);
+            if newest.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let outcome = match shared.hub.catch_up(acked) {
+            CatchUp::Current => {
+                tokio::select! {
+                    changed = newest.changed() => if changed.is_err() { return },
+                    _ = health.tick() => {
+                        let alive = client.check().await;
+                        if alive.is_err() || client.connections_opened() != opened_at_sync {
+                            acked = None;
+                        }
+                        if let Err(err) = alive {
+                            shared.registry.failed(&id, &err.to_string());
+                        }
+                    }
+                }
+                continue;
+            }
+            CatchUp::Whole { version, table } => {
+                shared.registry.set_state(&id, State::Syncing);
+                let _permit = shared.whole_syncs.acquire().await;
+                let result = client.sync_once(&table, version).await;
+                shared.metrics.sync_done(result.is_ok());
+                opened_at_sync = client.connections_opened();
+                result.map(|_| {
+                    info!(log, "table synced"; "version" => version, "services" => table.services.len());
+                    version
+                })
+            }
+            CatchUp::Changes {
+                version,
+                upserts,
+                deletes,
+                since,
+            } => {
+                let mut result = Ok(version);
+                if !upserts.is_empty() {
+                    let outcome = client.upsert(upserts).await;
+                    shared.metrics.upsert_done(outcome.is_ok());
+                    result = outcome.map(|_| version);
+                }
+                if result.is_ok() && !deletes.is_empty() {
+                    let outcome = client.delete(deletes).await;
+                    shared.metrics.delete_done(outcome.is_ok());
+                    result = outcome.map(|_| version);
+                }
+                if result.is_ok() {
+                    shared.metrics.acknowledged(since.elapsed());
+                }
+                result
+            }
+        };
+        match outcome {
+            Ok(version) if client.connections_opened() == opened_at_sync => {
+                acked = Some(version);
+                retry = RETRY_INITIAL;
+                shared.registry.acknowledged(&id, version);
+            }
+            // The client reconnected during an incremental write: the
+            // agent behind may have restarted with another table.
+            Ok(_) => acked = None,
+            Err(err) => {
+                acked = None;
+                let err = err.to_string();
+                warn!(log, "agent write failed; retrying with the whole table";
+                      "error" => &err, "in_ms" => retry.as_millis() as u64);
+                shared.registry.failed(&id, &err);
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use socklb_table::Protocol;
+
+    use super::*;
+
+    fn service(vip: &str, backend: &str) -> Service {
+        Service {
+            name: None,
+            key: ServiceKey {
+                vip: vip.parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            affinity_timeout_secs: None,
+            backends: vec![backend.parse::<SocketAddr>().unwrap()],
+        }
+    }
+
+    #[test]
+    fn laggards_get_the_newest_state_of_each_service_once() {
+        let hub = Hub::new();
+        assert_eq!(hub.version(), 0);
+        let a = service("10.96.0.1", "10.244.0.1:8080");
+        let b = service("10.96.0.2", "10.244.0.2:8080");
+        hub.publish_whole(Table::new(vec![a.clone()]).unwrap());
+        assert_eq!(hub.catch_up(Some(1)), CatchUp::Current);
+
+        let a2 = service("10.96.0.1", "10.244.0.9:8080");
+        hub.publish_changes(std::slice::from_ref(&b), &[]);
+        hub.publish_changes(std::slice::from_ref(&a2), &[]);
+        hub.publish_changes(&[], &[b.key]);
+        hub.publish_changes(std::slice::from_ref(&b), &[]);
+        let CatchUp::Changes {
+            version,
+            upserts,
+            deletes,
+            ..
+        } = hub.catch_up(Some(1))
+        else {
+            panic!("changes expected");
+        };
+        assert_eq!(version, 5);
+        assert_eq!(upserts, vec![a2.clone(), b.clone()]);
+        assert!(deletes.is_empty());
+
+        let CatchUp::Changes {
+            upserts, deletes, ..
+        } = hub.catch_up(Some(3))
+        else {
+            panic!("changes expected");
+        };
+        assert_eq!(upserts, vec![b.clone()]);
+        assert!(deletes.is_empty(), "deleted then re-added: only the upsert");
+
+        // Unknown state and a new sandbox get the whole newest table.
+        let CatchUp::Whole { version, table } = hub.catch_up(None) else {
+            panic!("whole table expected");
+        };
+        assert_eq!(version, 5);
+        assert_eq!(table.digest(), Table::new(vec![a2, b]).unwrap().digest());
+    }
+
+    #[test]
+    fn too_far_behind_gets_the_whole_table() {
+        let hub = Hub::new();
+        hub.publish_whole(Table::new(Vec::new()).unwrap());
+        for i in 0..KEPT_BATCHES + 2 {
+            let vip = format!("10.96.1.{}", i % 250);
+            hub.publish_changes(&[service(&vip, "10.244.0.1:80")], &[]);
+        }
+        assert!(matches!(hub.catch_up(Some(1)), CatchUp::Whole { .. }));
+        assert!(matches!(
+            hub.catch_up(Some(hub.version() - 1)),
+            CatchUp::Changes { .. }
+        ));
+        // A table replaced whole drops the batches before it.
+        hub.publish_whole(Table::new(Vec::new()).unwrap());
+        assert!(matches!(
+            hub.catch_up(Some(hub.version() - 1)),
+            CatchUp::Whole { .. }
+        ));
+    }
+}

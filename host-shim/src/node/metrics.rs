@@ -1,0 +1,214 @@
+//! The node daemon's Prometheus metrics (text format, served on
+//! `--metrics-addr` at `/metrics`): sandboxes by state, Sync / Upsert /
+//! Delete counts and errors, the latency from a change being published to
+//! an agent acknowledging it, watch events, and the table's version and
+//! size.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use crate::node::status::State;
+
+/// Upper bounds of the latency histogram's buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+struct Counter {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counter {
+    fn add(&self, ok: bool) {
+        if ok { &self.ok } else { &self.failed }.fetch_add(1, Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    syncs: Counter,
+    upserts: Counter,
+    deletes: Counter,
+    watch_events: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+/// What the metrics describe that lives elsewhere.
+pub struct Snapshot<'a> {
+    pub sandboxes: &'a std::collections::BTreeMap<State, usize>,
+    pub version: u64,
+    pub services: usize,
+}
+
+impl Metrics {
+    pub fn sync_done(&self, ok: bool) {
+        self.syncs.add(ok);
+    }
+
+    pub fn upsert_done(&self, ok: bool) {
+        self.upserts.add(ok);
+    }
+
+    pub fn delete_done(&self, ok: bool) {
+        self.deletes.add(ok);
+    }
+
+    pub fn watch_event(&self) {
+        self.watch_events.fetch_add(1, Relaxed);
+    }
+
+    /// An agent acknowledged changes published `latency` ago.
+    pub fn acknowledged(&self, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+
+    /// Everything in the Prometheus text format.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        family(
+            "socklb_node_sandboxes",
+            "gauge",
+            "Sandboxes on this node by state.",
+            snapshot
+                .sandboxes
+                .iter()
+                .map(|(state, n)| (format!("{{state=\"{}\"}}", state.name()), n.to_string()))
+                .collect(),
+        );
+        for (name, help, counter) in [
+            (
+                "socklb_node_syncs_total",
+                "Whole-table Syncs sent to agents.",
+                &self.syncs,
+            ),
+            (
+                "socklb_node_upserts_total",
+                "Upserts sent to agents.",
+                &self.upserts,
+            ),
+            (
+                "socklb_node_deletes_total",
+                "Deletes sent to agents.",
+                &self.deletes,
+            ),
+        ] {
+            family(
+                name,
+                "counter",
+                help,
+                vec![
+                    (
+                        "{result=\"ok\"}".into(),
+                        counter.ok.load(Relaxed).to_string(),
+                    ),
+                    (
+                        "{result=\"error\"}".into(),
+                        counter.failed.load(Relaxed).to_string(),
+                    ),
+                ],
+            );
+        }
+        family(
+            "socklb_node_watch_events_total",
+            "counter",
+            "Kubernetes watch events received (Services and EndpointSlices).",
+            vec![(String::new(), self.watch_events.load(Relaxed).to_string())],
+        );
+        let mut latency: Vec<(String, String)> = LATENCY_BUCKETS
+            .iter()
+            .zip(&self.latency_buckets)
+            .map(|(bound, n)| {
+                (
+                    format!("_bucket{{le=\"{bound}\"}}"),
+                    n.load(Relaxed).to_string(),
+                )
+            })
+            .collect();
+        let count = self.latency_count.load(Relaxed).to_string();
+        latency.push(("_bucket{le=\"+Inf\"}".into(), count.clone()));
+        latency.push((
+            "_sum".into(),
+            format!("{}", self.latency_sum_us.load(Relaxed) as f64 / 1e6),
+        ));
+        latency.push(("_count".into(), count));
+        family(
+            "socklb_node_change_to_ack_seconds",
+            "histogram",
+            "From a batch of changes being published to an agent acknowledging it.",
+            latency,
+        );
+        family(
+            "socklb_node_table_version",
+            "gauge",
+            "The newest table version (0: no complete table yet).",
+            vec![(String::new(), snapshot.version.to_string())],
+        );
+        family(
+            "socklb_node_table_services",
+            "gauge",
+            "Services (VIP, port, protocol) in the node's table.",
+            vec![(String::new(), snapshot.services.to_string())],
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn renders_counts_states_and_a_cumulative_histogram() {
+        let metrics = Metrics::default();
+        metrics.sync_done(true);
+        metrics.sync_done(false);
+        metrics.watch_event();
+        metrics.acknowledged(Duration::from_millis(3));
+        metrics.acknowledged(Duration::from_millis(30));
+        let sandboxes = BTreeMap::from([(State::InSync, 2), (State::Failing, 1)]);
+        let text = metrics.render(&Snapshot {
+            sandboxes: &sandboxes,
+            version: 7,
+            services: 40,
+        });
+        for line in [
+            "socklb_node_sandboxes{state=\"in_sync\"} 2",
+            "socklb_node_sandboxes{state=\"failing\"} 1",
+            "socklb_node_syncs_total{result=\"ok\"} 1",
+            "socklb_node_syncs_total{result=\"error\"} 1",
+            "socklb_node_watch_events_total 1",
+            "socklb_node_change_to_ack_seconds_bucket{le=\"0.001\"} 0",
+            "socklb_node_change_to_ack_seconds_bucket{le=\"0.005\"} 1",
+            "socklb_node_change_to_ack_seconds_bucket{le=\"0.05\"} 2",
+            "socklb_node_change_to_ack_seconds_bucket{le=\"+Inf\"} 2",
+            "socklb_node_change_to_ack_seconds_count 2",
+            "socklb_node_table_version 7",
+            "# TYPE socklb_node_change_to_ack_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+}

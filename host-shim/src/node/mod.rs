@@ -1,0 +1,298 @@
+//! `socklb-shim node`: one daemon per Kubernetes node (as kube-proxy is)
+//! serving every Kata sandbox on it. It finds sandboxes ([`discovery`]),
+//! watches the API once and keeps one table ([`fanout::Hub`], fed by
+//! [`crate::sources::kube_watch`]), keeps each sandbox's agent at that
+//! table in a task of its own ([`fanout::serve_sandbox`]), and tells
+//! people how each sandbox is doing ([`status`] on a unix socket,
+//! [`metrics`] over HTTP).
+
+pub mod discovery;
+pub mod fanout;
+pub mod http;
+pub mod metrics;
+pub mod status;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use slog::{Logger, info, warn};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
+
+use crate::{
+    client::{AgentClient, Options},
+    node::{
+        discovery::{AgentUrl, Found},
+        fanout::{Hub, HubSink, Shared},
+        http::{Handler, Reply},
+        metrics::{Metrics, Snapshot},
+        status::{Registry, State},
+    },
+    sources::{kube_watch, kubernetes::Policy},
+};
+
+/// How long Kata's shim gets to answer `/agent-url`.
+const AGENT_URL_TIMEOUT: Duration = Duration::from_secs(5);
+const RESOLVE_RETRY_INITIAL: Duration = Duration::from_millis(200);
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+pub struct NodeConfig {
+    /// This node's name (topology, internalTrafficPolicy Local).
+    pub node: String,
+    pub sandbox_roots: Vec<PathBuf>,
+    /// Where the sandboxes' OCI bundles are (pod namespace and name).
+    pub bundle_roots: Vec<PathBuf>,
+    /// socklb-agent's guest vsock port.
+    pub agent_port: u32,
+    pub status_socket: PathBuf,
+    pub metrics_addr: Option<SocketAddr>,
+    pub batch: Duration,
+    pub rescan: Duration,
+    pub external_vips: bool,
+    /// Per agent call; also how long a connect is retried.
+    pub call_timeout: Duration,
+    /// Whole tables being sent at once, at most.
+    pub parallel_syncs: usize,
+}
+
+/// Runs the daemon until the watch ends (it does not, short of the
+/// process ending).
+pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result<()> {
+    let shared = Shared {
+        hub: Hub::new(),
+        registry: Arc::new(Registry::default()),
+        metrics: Arc::new(Metrics::default()),
+        whole_syncs: Arc::new(Semaphore::new(config.parallel_syncs.max(1))),
+    };
+    serve_status(&config, &shared, log)?;
+    if let Some(addr) = config.metrics_addr {
+        serve_metrics(addr, &shared, log).await?;
+    }
+    let (found_tx, found) = watch::channel(BTreeMap::new());
+    tokio::spawn(discovery::follow(
+        config.sandbox_roots.clone(),
+        config.rescan,
+        found_tx,
+        log.new(slog::o!("part" => "discovery")),
+    ));
+    tokio::spawn(follow_sandboxes(
+        found,
+        SandboxSettings {
+            bundle_roots: config.bundle_roots.clone(),
+            agent_port: config.agent_port,
+            options: Options {
+                call_timeout: config.call_timeout,
+                connect_timeout: config.call_timeout,
+                ..Options::default()
+            },
+        },
+        shared.clone(),
+        log.clone(),
+    ));
+    info!(log, "node daemon started"; "node" => &config.node,
+          "sandbox_roots" => format!("{:?}", config.sandbox_roots),
+          "status_socket" => config.status_socket.display().to_string());
+    let policy = Policy {
+        node: Some(config.node),
+        external_vips: config.external_vips,
+    };
+    let mut sink = HubSink {
+        hub: shared.hub.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    kube_watch::run(kube, &mut sink, policy, config.batch, log).await;
+    Ok(())
+}
+
+/// What every sandbox task needs to reach its agent.
+struct SandboxSettings {
+    bundle_roots: Vec<PathBuf>,
+    agent_port: u32,
+    options: Options,
+}
+
+/// Starts a task for each sandbox that appears; ends the task of each one
+/// that goes.
+async fn follow_sandboxes(
+    mut found: watch::Receiver<BTreeMap<String, Found>>,
+    settings: SandboxSettings,
+    shared: Shared,
+    log: Logger,
+) {
+    let settings = Arc::new(settings);
+    let mut tasks: BTreeMap<String, (Found, AbortOnDrop)> = BTreeMap::new();
+    loop {
+        let now = found.borrow_and_update().clone();
+        tasks.retain(|id, (known, _)| {
+            let keep = now.get(id) == Some(known);
+            if !keep {
+                info!(log, "sandbox gone"; "sandbox" => id);
+                shared.registry.remove(id);
+            }
+            keep
+        });
+        for (id, sandbox) in now {
+            if tasks.contains_key(&id) {
+                continue;
+            }
+            let pod = discovery::pod_of(&id, &settings.bundle_roots);
+            info!(log, "sandbox found"; "sandbox" => &id, "pod" => pod.as_deref().unwrap_or("unknown"),
+                  "socket" => sandbox.socket.display().to_string());
+            shared.registry.add(&id, pod);
+            let task = tokio::spawn(follow_sandbox(
+                sandbox.clone(),
+                settings.clone(),
+                shared.clone(),
+                log.new(slog::o!("sandbox" => id.clone())),
+            ));
+            tasks.insert(id, (sandbox, AbortOnDrop(task)));
+        }
+        if found.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Ends a sandbox's task when its entry goes.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks Kata's shim where the agent is (retrying a shim that does not
+/// answer yet, logging each new problem once), then keeps the agent at the
+/// node's table.
+async fn follow_sandbox(
+    sandbox: Found,
+    settings: Arc<SandboxSettings>,
+    shared: Shared,
+    log: Logger,
+) {
+    let mut retry = RESOLVE_RETRY_INITIAL;
+    let mut last_problem = String::new();
+    let addr = loop {
+        let problem = match http::get_unix(&sandbox.socket, "/agent-url", AGENT_URL_TIMEOUT).await {
+            Ok(answer) => match discovery::agent_url(&answer, settings.agent_port) {
+                Ok(AgentUrl::Local(addr)) => break addr,
+                Ok(AgentUrl::Remote(url)) => {
+                    info!(log, "remote (peer-pods) sandbox: its agent is not on this node; skipped";
+                              "agent_url" => &url);
+                    shared.registry.note(
+                        &sandbox.id,
+                        State::Skipped,
+                        &format!("remote agent {url}"),
+                    );
+                    return;
+                }
+                Err(err) => err,
+            },
+            Err(err) => format!("{err:#}"),
+        };
+        if problem != last_problem {
+            warn!(log, "cannot learn the agent's address from Kata's shim; retrying"; "error" => &problem);
+            shared
+                .registry
+                .note(&sandbox.id, State::Resolving, &problem);
+            last_problem = problem;
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RESOLVE_RETRY_MAX);
+    };
+    info!(log, "agent address"; "agent" => addr.to_string());
+    shared.registry.set_agent(&sandbox.id, addr.to_string());
+    let client = AgentClient::new(addr, settings.options.clone(), &log);
+    fanout::serve_sandbox(sandbox.id, client, shared, log).await;
+}
+
+/// `GET /status` on the status socket: the report as JSON.
+fn serve_status(config: &NodeConfig, shared: &Shared, log: &Logger) -> Result<()> {
+    let path = &config.status_socket;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    remove_stale_socket(path)?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    let node = config.node.clone();
+    let state = shared.clone();
+    let handler: Handler = Arc::new(move |path| match path {
+        "/status" => {
+            let report =
+                state
+                    .registry
+                    .report(&node, state.hub.version(), state.hub.service_count());
+            Reply::ok(
+                "application/json",
+                serde_json::to_string(&report).expect("a report serializes"),
+            )
+        }
+        other => Reply::not_found(other),
+    });
+    let log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => http::serve_connection(stream, handler.clone()),
+                Err(err) => warn!(log, "status socket accept failed"; "error" => err.to_string()),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A socket file left by an earlier daemon would make bind fail; anything
+/// else at that path is not ours to remove.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the old socket {}", path.display())),
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `/metrics` (Prometheus) and `/healthz` (the liveness probe) over HTTP.
+async fn serve_metrics(addr: SocketAddr, shared: &Shared, log: &Logger) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} for metrics"))?;
+    info!(log, "serving metrics"; "addr" => listener.local_addr()?.to_string());
+    let state = shared.clone();
+    let handler: Handler = Arc::new(move |path| match path {
+        "/metrics" => {
+            let sandboxes = state.registry.counts();
+            let text = state.metrics.render(&Snapshot {
+                sandboxes: &sandboxes,
+                version: state.hub.version(),
+                services: state.hub.service_count(),
+            });
+            Reply::ok("text/plain; version=0.0.4", text)
+        }
+        "/healthz" => Reply::ok("text/plain", "ok\n".into()),
+        other => Reply::not_found(other),
+    });
+    let log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => http::serve_connection(stream, handler.clone()),
+                Err(err) => warn!(log, "metrics accept failed"; "error" => err.to_string()),
+            }
+        }
+    });
+    Ok(())
+}

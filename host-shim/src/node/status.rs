@@ -1,0 +1,248 @@
+//! What the node daemon tells people: one row per sandbox (id, pod, agent
+//! address, state, acknowledged version, lag behind the newest, last
+//! error), kept by the sandbox tasks in the [`Registry`], served as JSON on
+//! the daemon's unix socket (`GET /status`) and printed by
+//! `socklb-shim node status [-o json]`.
+
+use std::{collections::BTreeMap, sync::Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a sandbox is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Asking Kata's shim for the agent's address.
+    Resolving,
+    /// Not served from this node (a `remote://` peer-pods sandbox).
+    Skipped,
+    /// The daemon has no complete table yet.
+    WaitingForTable,
+    /// Sending the whole table.
+    Syncing,
+    /// Holds the version in `acked`.
+    InSync,
+    /// The last attempt failed; retrying.
+    Failing,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Resolving,
+        State::Skipped,
+        State::WaitingForTable,
+        State::Syncing,
+        State::InSync,
+        State::Failing,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Resolving => "resolving",
+            State::Skipped => "skipped",
+            State::WaitingForTable => "waiting_for_table",
+            State::Syncing => "syncing",
+            State::InSync => "in_sync",
+            State::Failing => "failing",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRow {
+    pub id: String,
+    /// `namespace/name`, when the sandbox's OCI bundle says.
+    pub pod: Option<String>,
+    pub agent: Option<String>,
+    pub state: State,
+    /// The table version the agent acknowledged last.
+    pub acked: Option<u64>,
+    /// Versions behind the newest (None before the first acknowledgement).
+    pub lag: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// The status report `GET /status` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub node: String,
+    /// The newest table version (0: no complete table yet).
+    pub version: u64,
+    pub services: usize,
+    pub sandboxes: Vec<SandboxRow>,
+}
+
+/// Every known sandbox's row.
+#[derive(Default)]
+pub struct Registry {
+    rows: Mutex<BTreeMap<String, SandboxRow>>,
+}
+
+impl Registry {
+    pub fn add(&self, id: &str, pod: Option<String>) {
+        self.rows.lock().unwrap().insert(
+            id.into(),
+            SandboxRow {
+                id: id.into(),
+                pod,
+                agent: None,
+                state: State::Resolving,
+                acked: None,
+                lag: None,
+                last_error: None,
+            },
+        );
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.rows.lock().unwrap().remove(id);
+    }
+
+    fn update(&self, id: &str, change: impl FnOnce(&mut SandboxRow)) {
+        if let Some(row) = self.rows.lock().unwrap().get_mut(id) {
+            change(row);
+        }
+    }
+
+    pub fn set_agent(&self, id: &str, agent: String) {
+        self.update(id, |row| row.agent = Some(agent));
+    }
+
+    pub fn set_state(&self, id: &str, state: State) {
+        self.update(id, |row| row.state = state);
+    }
+
+    pub fn failed(&self, id: &str, error: &str) {
+        self.update(id, |row| {
+            row.state = State::Failing;
+            row.last_error = Some(error.into());
+        });
+    }
+
+    /// A `state` that comes with an error to show (a shim that does not
+    /// answer, a peer-pods sandbox).
+    pub fn note(&self, id: &str, state: State, error: &str) {
+        self.update(id, |row| {
+            row.state = state;
+            row.last_error = Some(error.into());
+        });
+    }
+
+    pub fn acknowledged(&self, id: &str, version: u64) {
+        self.update(id, |row| {
+            row.state = State::InSync;
+            row.acked = Some(version);
+        });
+    }
+
+    /// How many sandboxes are in each state.
+    pub fn counts(&self) -> BTreeMap<State, usize> {
+        let mut counts: BTreeMap<State, usize> = State::ALL.iter().map(|s| (*s, 0)).collect();
+        for row in self.rows.lock().unwrap().values() {
+            *counts.entry(row.state).or_default() += 1;
+        }
+        counts
+    }
+
+    pub fn report(&self, node: &str, version: u64, services: usize) -> Report {
+        let sandboxes = self
+            .rows
+            .lock()
+            .unwrap()
+            .values()
+            .map(|row| SandboxRow {
+                lag: row.acked.map(|acked| version.saturating_sub(acked)),
+                ..row.clone()
+            })
+            .collect();
+        Report {
+            node: node.into(),
+            version,
+            services,
+            sandboxes,
+        }
+    }
+}
+
+/// The report as a table for people.
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "node {}: table version {}, {} services, {} sandboxes\n",
+        report.node,
+        report.version,
+        report.services,
+        report.sandboxes.len()
+    );
+    let header = [
+        "SANDBOX",
+        "POD",
+        "AGENT",
+        "STATE",
+        "ACKED",
+        "LAG",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 7]> = report
+        .sandboxes
+        .iter()
+        .map(|row| {
+            let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
+            [
+                row.id.clone(),
+                or_dash(row.pod.clone()),
+                or_dash(row.agent.clone()),
+                row.state.name().into(),
+                or_dash(row.acked.map(|v| v.to_string())),
+                or_dash(row.lag.map(|v| v.to_string())),
+                or_dash(row.last_error.clone()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_show_lag_and_errors() {
+        let registry = Registry::default();
+        registry.add("sb-a", Some("shop/web-0".into()));
+        registry.add("sb-b", None);
+        registry.set_agent("sb-a", "hvsock:///run/a.sock:1100".into());
+        registry.acknowledged("sb-a", 3);
+        registry.failed("sb-b", "agent unreachable");
+        let report = registry.report("node-1", 5, 12);
+        assert_eq!(report.sandboxes[0].lag, Some(2));
+        assert_eq!(report.sandboxes[1].state, State::Failing);
+        assert_eq!(registry.counts()[&State::InSync], 1);
+        assert_eq!(registry.counts()[&State::Resolving], 0);
+        let text = render(&report);
+        assert!(text.contains("shop/web-0"), "{text}");
+        assert!(text.contains("agent unreachable"), "{text}");
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
+        registry.remove("sb-b");
+        assert_eq!(registry.report("node-1", 5, 12).sandboxes.len(), 1);
+    }
+}
