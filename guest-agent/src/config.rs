@@ -7,15 +7,18 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
+use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on};
+
 use crate::{
-    kernel::{DEFAULT_BPFFS_ROOT, DEFAULT_CGROUP},
-    server::{DEFAULT_VSOCK_PORT, HOST_CID, ListenAddr},
+    kernel::DEFAULT_BPFFS_ROOT,
+    server::{HOST_CID, ListenAddr},
 };
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// The cgroup the programs attach to (the guest's root cgroup).
-    pub cgroup: PathBuf,
+    /// The cgroup the programs attach to (the guest's root cgroup); `None`:
+    /// the root of the cgroup2 mount the kernel module finds or makes.
+    pub cgroup: Option<PathBuf>,
     /// The bpffs directory that holds socklb's pins.
     pub bpffs: PathBuf,
     /// A table file to program at start (and again on SIGHUP).
@@ -32,6 +35,9 @@ pub struct Config {
     /// Keep the kernel's BPF run-time stats on (two clock reads per hook
     /// run) so Stats reports per-hook time.
     pub bpf_stats: bool,
+    /// Listening on a vsock port Kata's own guest services use was asked
+    /// for explicitly.
+    pub allow_kata_port: bool,
 }
 
 /// Settings given as flags or environment variables; `None` = not given.
@@ -45,6 +51,7 @@ pub struct Given {
     pub listen: Option<String>,
     pub allowed_cids: Vec<u32>,
     pub bpf_stats: Option<bool>,
+    pub allow_kata_port: Option<bool>,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -81,7 +88,8 @@ impl Config {
                         })?);
                     }
                 }
-                "bpf_stats" => cmdline.bpf_stats = Some(matches!(value, "1" | "true" | "on")),
+                "bpf_stats" => cmdline.bpf_stats = Some(parse_switch(key, value)?),
+                "allow_kata_port" => cmdline.allow_kata_port = Some(parse_switch(key, value)?),
                 // Keys of later versions or other components are not ours to refuse.
                 _ => {}
             }
@@ -90,11 +98,27 @@ impl Config {
             .log_level
             .or(cmdline.log_level)
             .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
+        let allow_kata_port = given
+            .allow_kata_port
+            .or(cmdline.allow_kata_port)
+            .unwrap_or(false);
+        let listen: ListenAddr = given
+            .listen
+            .or(cmdline.listen)
+            .unwrap_or_else(|| format!("vsock://-1:{DEFAULT_AGENT_PORT}"))
+            .parse()?;
+        if let ListenAddr::Vsock { port } = listen
+            && let Some(service) = kata_service_on(port)
+            && !allow_kata_port
+        {
+            bail!(
+                "listen address {listen}: vsock port {port} is {service} in a Kata guest; \
+                 use another port (socklb's default is {DEFAULT_AGENT_PORT}) or, outside \
+                 Kata, pass --allow-kata-port"
+            );
+        }
         Ok(Config {
-            cgroup: given
-                .cgroup
-                .or(cmdline.cgroup)
-                .unwrap_or_else(|| DEFAULT_CGROUP.into()),
+            cgroup: given.cgroup.or(cmdline.cgroup),
             bpffs: given
                 .bpffs
                 .or(cmdline.bpffs)
@@ -106,11 +130,7 @@ impl Config {
             } else {
                 given.pod_ips
             },
-            listen: given
-                .listen
-                .or(cmdline.listen)
-                .unwrap_or_else(|| format!("vsock://-1:{DEFAULT_VSOCK_PORT}"))
-                .parse()?,
+            listen,
             // The host may always call; more peers only when configured.
             allowed_cids: [
                 vec![HOST_CID],
@@ -122,6 +142,7 @@ impl Config {
             ]
             .concat(),
             bpf_stats: given.bpf_stats.or(cmdline.bpf_stats).unwrap_or(false),
+            allow_kata_port,
         })
     }
 }
@@ -136,6 +157,19 @@ struct CmdlineKeys {
     listen: Option<String>,
     allowed_cids: Vec<u32>,
     bpf_stats: Option<bool>,
+    allow_kata_port: Option<bool>,
+}
+
+/// An on/off value of a kernel command-line key; anything else is an error
+/// rather than a silent "off".
+fn parse_switch(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        other => bail!(
+            "kernel command line socklb.{key}: {other:?} is not one of 1, true, on, yes, 0, false, off, no"
+        ),
+    }
 }
 
 pub fn parse_level(text: &str) -> Result<slog::Level> {
@@ -159,14 +193,15 @@ mod tests {
     #[test]
     fn defaults() {
         let config = Config::resolve(Given::default(), "quiet console=ttyS0").unwrap();
-        assert_eq!(config.cgroup, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(config.cgroup, None);
         assert_eq!(config.bpffs, PathBuf::from("/sys/fs/bpf/socklb"));
         assert_eq!(config.table, None);
         assert_eq!(config.log_level, slog::Level::Info);
         assert!(config.pod_ips.is_empty());
-        assert_eq!(config.listen, ListenAddr::Vsock { port: 1025 });
+        assert_eq!(config.listen, ListenAddr::Vsock { port: 1100 });
         assert_eq!(config.allowed_cids, vec![2]);
         assert!(!config.bpf_stats);
+        assert!(!config.allow_kata_port);
     }
 
     #[test]
@@ -193,6 +228,51 @@ mod tests {
                 "10.244.0.5".parse::<IpAddr>().unwrap(),
                 "fd00::5".parse().unwrap()
             ]
+        );
+    }
+
+    #[test]
+    fn kata_ports_are_refused_unless_allowed() {
+        for (port, service) in [(1024, "kata-agent API"), (1025, "log forwarding")] {
+            let cmdline = format!("socklb.listen=vsock://-1:{port}");
+            let err = Config::resolve(Given::default(), &cmdline).unwrap_err();
+            let text = format!("{err:#}");
+            assert!(text.contains(&format!("vsock port {port}")), "{text}");
+            assert!(text.contains(service), "{text}");
+        }
+        let allowed = Config::resolve(
+            Given::default(),
+            "socklb.listen=vsock://-1:1026 socklb.allow_kata_port=yes",
+        )
+        .unwrap();
+        assert_eq!(allowed.listen, ListenAddr::Vsock { port: 1026 });
+        let by_flag = Given {
+            listen: Some("vsock://-1:1027".into()),
+            allow_kata_port: Some(true),
+            ..Given::default()
+        };
+        assert!(Config::resolve(by_flag, "").is_ok());
+        // Unix sockets have no vsock port to clash with.
+        let unix = Config::resolve(Given::default(), "socklb.listen=unix:///run/1025.sock");
+        assert!(unix.is_ok());
+    }
+
+    #[test]
+    fn switches_are_on_off_or_an_error() {
+        assert!(
+            Config::resolve(Given::default(), "socklb.bpf_stats=yes")
+                .unwrap()
+                .bpf_stats
+        );
+        assert!(
+            !Config::resolve(Given::default(), "socklb.bpf_stats=off")
+                .unwrap()
+                .bpf_stats
+        );
+        let err = Config::resolve(Given::default(), "socklb.bpf_stats=maybe").unwrap_err();
+        assert!(
+            err.to_string().contains("socklb.bpf_stats: \"maybe\""),
+            "{err}"
         );
     }
 

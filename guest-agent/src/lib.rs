@@ -2,6 +2,7 @@
 //! programs, attaches them to the guest's root cgroup, pins everything so
 //! the datapath outlives the agent, and programs service tables.
 
+pub mod addresses;
 pub mod config;
 pub mod datapath;
 pub mod kernel;

@@ -9,8 +9,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use slog::{Logger, error, info};
+use slog::{Logger, error, info, warn};
 use socklb_agent::{
+    addresses::{self, GuestAddrs},
     config::{Config, Given},
     datapath::{self, Datapath},
     kernel, logging,
@@ -23,8 +24,8 @@ use socklb_table::Table;
 const PRECEDENCE: &str = "\
 Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
 variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
-(keys: cgroup, bpffs, table, log_level, pod_ip, listen, allow_cid, bpf_stats), built-in \
-defaults.
+(keys: cgroup, bpffs, table, log_level, pod_ip, listen, allow_cid, bpf_stats, \
+allow_kata_port), built-in defaults.
 
 Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
 SIGHUP re-reads the table file.";
@@ -33,7 +34,8 @@ SIGHUP re-reads the table file.";
 #[derive(Parser, Debug)]
 #[command(name = "socklb-agent", version, after_help = PRECEDENCE)]
 struct Args {
-    /// Cgroup (v2) to attach the programs to [default: /sys/fs/cgroup]
+    /// Cgroup (v2) to attach the programs to [default: the first cgroup2
+    /// mount, else cgroup2 mounted at /sys/fs/cgroup]
     #[arg(long, env = "SOCKLB_CGROUP")]
     cgroup: Option<PathBuf>,
     /// bpffs directory for socklb's pins [default: /sys/fs/bpf/socklb]
@@ -48,13 +50,18 @@ struct Args {
     log_level: Option<String>,
     /// The guest's own address(es), shown by getsockname instead of a
     /// loopback address that only a loopback backend caused [default: the
-    /// first global address of each family]
+    /// first global address of each family on a non-loopback interface,
+    /// followed as it changes]
     #[arg(long = "pod-ip", env = "SOCKLB_POD_IP", value_delimiter = ',')]
     pod_ips: Vec<IpAddr>,
     /// API address: vsock://-1:PORT (a guest) or unix:///path
-    /// [default: vsock://-1:1025]
+    /// [default: vsock://-1:1100]
     #[arg(long, env = "SOCKLB_LISTEN")]
     listen: Option<String>,
+    /// Allow --listen on a vsock port Kata's guest services use (1024-1027):
+    /// only for guests that run no kata-agent
+    #[arg(long, env = "SOCKLB_ALLOW_KATA_PORT")]
+    allow_kata_port: bool,
     /// A vsock peer CID allowed to call the API besides the host (2)
     #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
     allowed_cids: Vec<u32>,
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         allowed_cids: args.allowed_cids,
         bpf_stats: args.bpf_stats.then_some(true),
+        allow_kata_port: args.allow_kata_port.then_some(true),
     };
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = match Config::resolve(given, &cmdline) {
@@ -134,7 +142,9 @@ fn main() -> ExitCode {
 async fn serve(config: &Config, log: &Logger) -> Result<()> {
     // Validate the table before touching the kernel.
     let table = config.table.as_deref().map(Table::from_file).transpose()?;
-    kernel::prepare(&config.cgroup, &config.bpffs, log)?;
+    let cgroup = kernel::prepare(config.cgroup.as_deref(), &config.bpffs, log)?;
+    let features = kernel::Features::detect();
+    features.report(log);
     let mut services = ServiceTable::new(Datapath::load(&config.bpffs, log)?);
     match &table {
         Some(table) => {
@@ -143,8 +153,15 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         None => info!(log, "no table given: keeping the programmed one";
                       "services" => services.datapath().service_count()),
     }
-    set_guest_addrs(services.datapath_mut(), config, log)?;
-    services.datapath_mut().attach(&config.cgroup)?;
+    // Subscribed before the first read, so no address change is missed.
+    let address_changes = config
+        .pod_ips
+        .is_empty()
+        .then(addresses::subscribe)
+        .transpose()?;
+    let guest_addrs = GuestAddrs::current(&config.pod_ips);
+    addresses::program(&mut services, guest_addrs, log)?;
+    services.datapath_mut().attach(&cgroup)?;
     // Held open for as long as the agent runs.
     let _run_time_stats = config
         .bpf_stats
@@ -155,10 +172,26 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let services = Arc::new(Mutex::new(services));
-    let rpc = Arc::new(Rpc::new(services.clone(), config.bpf_stats, log));
+    if let Some(socket) = address_changes {
+        tokio::spawn(addresses::follow(
+            socket,
+            guest_addrs,
+            services.clone(),
+            log.new(slog::o!("component" => "addresses")),
+        ));
+    }
+    let rpc = Arc::new(
+        Rpc::new(services.clone(), config.bpf_stats, log).with_kernel_features(features.names()),
+    );
     let mut server = server::start(&config.listen, &config.allowed_cids, rpc, log).await?;
-    info!(log, "ready"; "cgroup" => config.cgroup.display().to_string(),
-          "bpffs" => config.bpffs.display().to_string(), "listen" => config.listen.to_string());
+    info!(log, "ready"; "cgroup" => cgroup.display().to_string(),
+          "bpffs" => config.bpffs.display().to_string(), "listen" => config.listen.to_string(),
+          "features" => features.names().join(","));
+    // Under systemd (Type=notify), kata-agent starts only once the hooks are
+    // attached; elsewhere NOTIFY_SOCKET is unset and this does nothing.
+    if let Err(err) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!(log, "cannot tell systemd the agent is ready: {err}");
+    }
 
     loop {
         tokio::select! {
@@ -184,48 +217,9 @@ fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
         .and_then(|table| {
             let generation = services.generation();
             services.sync(&table, generation)?;
-            set_guest_addrs(services.datapath_mut(), config, log)
+            addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)
         });
     if let Err(err) = result {
         error!(log, "table not applied, the datapath is unchanged: {err:#}");
     }
-}
-
-/// Configured pod IPs, else the first global address of each family.
-fn set_guest_addrs(datapath: &mut Datapath, config: &Config, log: &Logger) -> Result<()> {
-    let ips = if config.pod_ips.is_empty() {
-        discover_guest_ips()
-    } else {
-        config.pod_ips.clone()
-    };
-    let v4 = ips.iter().find_map(|ip| match ip {
-        IpAddr::V4(v4) => Some(*v4),
-        IpAddr::V6(_) => None,
-    });
-    let v6 = ips.iter().find_map(|ip| match ip {
-        IpAddr::V6(v6) => Some(*v6),
-        IpAddr::V4(_) => None,
-    });
-    info!(log, "guest addresses for getsockname";
-          "v4" => v4.map(|ip| ip.to_string()), "v6" => v6.map(|ip| ip.to_string()));
-    datapath.set_guest_addrs(v4, v6)
-}
-
-fn discover_guest_ips() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
-        .filter_map(|a| {
-            let addr = a.address?;
-            let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-                (Some(v4), _) => IpAddr::V4(v4.ip()),
-                (_, Some(v6)) => IpAddr::V6(v6.ip()),
-                _ => return None,
-            };
-            let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
-            (!ip.is_loopback() && !link_local).then_some(ip)
-        })
-        .collect()
 }

@@ -13,7 +13,6 @@ use crate::rpc::Rpc;
 
 /// The host's CID, the only vsock peer allowed by default.
 pub const HOST_CID: u32 = 2;
-pub const DEFAULT_VSOCK_PORT: u32 = 1025;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -30,7 +29,7 @@ impl std::str::FromStr for ListenAddr {
                 Some(("-1" | "", port)) => port
                     .parse()
                     .with_context(|| format!("listen address {text:?}: bad port {port:?}"))?,
-                None if rest == "-1" || rest.is_empty() => DEFAULT_VSOCK_PORT,
+                None if rest == "-1" || rest.is_empty() => socklb_protocols::DEFAULT_AGENT_PORT,
                 _ => {
                     bail!("listen address {text:?}: the agent listens on any CID: vsock://-1:PORT")
                 }
@@ -126,8 +125,12 @@ mod tests {
     #[test]
     fn listen_addresses() {
         assert_eq!(
-            "vsock://-1:1025".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Vsock { port: 1025 }
+            "vsock://-1:1100".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock { port: 1100 }
+        );
+        assert_eq!(
+            "vsock://-1".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock { port: 1100 }
         );
         assert_eq!(
             "vsock://:7".parse::<ListenAddr>().unwrap(),

@@ -1,7 +1,15 @@
-//! socklb's guest kernel: the configuration fragments (one per concern,
-//! a reason beside each option), a check of a kernel configuration against
-//! them, and the build of a bzImage from Debian's `linux-source-6.1`
-//! (tinyconfig + fragments), cached by the fragments' hash.
+//! socklb's guest kernels and what socklb needs of a kernel.
+//!
+//! - The project's own kernel: fragments (one per concern, a reason beside
+//!   each option) on tinyconfig.
+//! - Kata's default guest kernel: Kata's option list on allnoconfig, as
+//!   Kata's own build merges it (no BTF, no JIT, no modules).
+//! - What the agent requires of any kernel (`agent-required.config`) and
+//!   what it recommends on top of Kata's (`kata/socklb.conf`, a fragment
+//!   in Kata's format), judged by `socklb-kernel-check`.
+//!
+//! Both kernels are built from Debian's `linux-source-6.1` and cached by
+//! the hash of their inputs.
 
 use std::{
     fmt,
@@ -72,35 +80,89 @@ impl fmt::Display for Missing {
     }
 }
 
-/// Every option the fragments set to `y`, each with the comment above it.
-pub fn requirements() -> Vec<Requirement> {
+/// What the agent cannot run without, on any kernel.
+pub const AGENT_REQUIRED: Fragment = Fragment {
+    name: "agent-required",
+    text: include_str!("../agent-required.config"),
+};
+
+/// What socklb recommends on top of Kata's guest kernel, in Kata's fragment
+/// format.
+pub const KATA_RECOMMENDED: Fragment = Fragment {
+    name: "kata/socklb.conf",
+    text: include_str!("../kata/socklb.conf"),
+};
+
+/// Kata's default x86_64 guest kernel options.
+pub const KATA_GUEST_CONFIG: &str = include_str!("../kata/guest-kernel-x86_64.config");
+
+/// Every option `fragment` sets to `y`, each with the comment block above
+/// it as the reason.
+pub fn options_of(fragment: &Fragment) -> Vec<Requirement> {
     let mut requirements = Vec::new();
-    for fragment in &FRAGMENTS {
-        let mut reason = String::new();
-        for line in fragment.text.lines() {
-            if let Some(comment) = line.strip_prefix("# ") {
-                reason = comment.to_string();
-            } else if let Some(option) = line.strip_suffix("=y") {
-                requirements.push(Requirement {
-                    option: option.to_string(),
-                    fragment: fragment.name,
-                    reason: reason.clone(),
-                });
+    let mut reason = String::new();
+    let mut in_comment = false;
+    for line in fragment.text.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            // A comment block after options or a blank line starts a new reason.
+            if !in_comment {
+                reason.clear();
             }
+            if !reason.is_empty() {
+                reason.push(' ');
+            }
+            reason.push_str(comment);
+            in_comment = true;
+        } else if let Some(option) = line.strip_suffix("=y") {
+            requirements.push(Requirement {
+                option: option.to_string(),
+                fragment: fragment.name,
+                reason: reason.clone(),
+            });
+            in_comment = false;
+        } else {
+            in_comment = false;
         }
     }
     requirements
 }
 
-/// The options of `config` (a kernel .config) that fail the fragments. A
-/// module (`=m`) passes when `modules_allowed`: a kernel like Debian's
-/// loads virtio and vsock as modules.
+/// Every option the own kernel's fragments set to `y`.
+pub fn requirements() -> Vec<Requirement> {
+    FRAGMENTS.iter().flat_map(options_of).collect()
+}
+
+/// A kernel configuration judged for socklb.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Options the agent cannot run without.
+    pub required: Vec<Missing>,
+    /// Options that cost speed or features when absent.
+    pub recommended: Vec<Missing>,
+}
+
+/// Judges `config` (a kernel .config) against what the agent requires and
+/// recommends; modules count as present when `modules_allowed`.
+pub fn judge(config: &str, modules_allowed: bool) -> Verdict {
+    Verdict {
+        required: missing(config, options_of(&AGENT_REQUIRED), modules_allowed),
+        recommended: missing(config, options_of(&KATA_RECOMMENDED), modules_allowed),
+    }
+}
+
+/// The options of `config` (a kernel .config) that fail the own kernel's
+/// fragments. A module (`=m`) passes when `modules_allowed`: a kernel like
+/// Debian's loads virtio and vsock as modules.
 pub fn check(config: &str, modules_allowed: bool) -> Vec<Missing> {
+    missing(config, requirements(), modules_allowed)
+}
+
+fn missing(config: &str, wanted: Vec<Requirement>, modules_allowed: bool) -> Vec<Missing> {
     let values: std::collections::HashMap<&str, &str> = config
         .lines()
         .filter_map(|line| line.split_once('='))
         .collect();
-    requirements()
+    wanted
         .into_iter()
         .filter_map(|requirement| {
             let found = values.get(requirement.option.as_str()).copied();
@@ -131,13 +193,44 @@ pub fn running_config() -> Result<(String, String)> {
     Ok((path, text))
 }
 
-/// Hash of the fragments and the kernel source version: the cache key.
-pub fn fragments_hash(source_version: &str) -> String {
+/// Which guest kernel to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// tinyconfig + the project's fragments.
+    Own,
+    /// allnoconfig + Kata's default option list, as Kata merges it.
+    Kata,
+}
+
+impl Flavour {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Own => "own",
+            Flavour::Kata => "kata",
+        }
+    }
+
+    /// The make target the fragments are merged onto, and the fragments.
+    fn recipe(self) -> (&'static str, Vec<(&'static str, &'static str)>) {
+        match self {
+            Flavour::Own => (
+                "tinyconfig",
+                FRAGMENTS.iter().map(|f| (f.name, f.text)).collect(),
+            ),
+            Flavour::Kata => ("allnoconfig", vec![("kata", KATA_GUEST_CONFIG)]),
+        }
+    }
+}
+
+/// Hash of a flavour's inputs and the kernel source version: the cache key.
+pub fn fragments_hash(flavour: Flavour, source_version: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(source_version.as_bytes());
-    for fragment in &FRAGMENTS {
-        hasher.update(fragment.name.as_bytes());
-        hasher.update(fragment.text.as_bytes());
+    let (base, fragments) = flavour.recipe();
+    hasher.update(base.as_bytes());
+    for (name, text) in fragments {
+        hasher.update(name.as_bytes());
+        hasher.update(text.as_bytes());
     }
     hasher
         .finalize()
@@ -150,20 +243,32 @@ pub fn fragments_hash(source_version: &str) -> String {
 /// Where Debian's linux-source-6.1 puts its tarball.
 pub const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 
-/// Builds (or finds in `cache`) a bzImage of Debian's kernel source with
-/// tinyconfig + the fragments. Fails when the final configuration lacks an
-/// option a fragment sets. `progress` receives a line per step.
-pub fn build(cache: &Path, jobs: usize, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+/// Builds (or finds in `cache`) a bzImage of Debian's kernel source for
+/// `flavour`. Fails when the final configuration lacks an option the own
+/// fragments set, or (Kata) one the agent requires: options 6.1 does not
+/// know drop out of Kata's list, and the check says whether that matters.
+/// `progress` receives a line per step.
+pub fn build(
+    flavour: Flavour,
+    cache: &Path,
+    jobs: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
     let source_version = debian_package_version("linux-source-6.1")?;
-    let out = cache.join(format!("kernel-{}", fragments_hash(&source_version)));
+    let prefix = format!("kernel-{}-", flavour.name());
+    let out = cache.join(format!(
+        "{prefix}{}",
+        fragments_hash(flavour, &source_version)
+    ));
     let image = out.join("bzImage");
+    let what = format!("guest kernel ({})", flavour.name());
     if image.exists() {
-        progress(&format!("guest kernel: cached {}", image.display()));
+        progress(&format!("{what}: cached {}", image.display()));
         return Ok(image);
     }
     let source = cache.join(format!("linux-source-{source_version}"));
     if !source.join("Makefile").exists() {
-        progress(&format!("guest kernel: unpacking {SOURCE_TARBALL}"));
+        progress(&format!("{what}: unpacking {SOURCE_TARBALL}"));
         let unpacking = cache.join("linux-source-unpacking");
         let _ = std::fs::remove_dir_all(&unpacking);
         std::fs::create_dir_all(&unpacking)?;
@@ -174,56 +279,83 @@ pub fn build(cache: &Path, jobs: usize, progress: &mut dyn FnMut(&str)) -> Resul
     }
     let build_dir = out.join("build");
     std::fs::create_dir_all(&build_dir)?;
-    let fragment_paths: Vec<PathBuf> = FRAGMENTS
+    let (base, fragments) = flavour.recipe();
+    let fragment_paths: Vec<PathBuf> = fragments
         .iter()
-        .map(|fragment| {
-            let path = out.join(format!("{}.config", fragment.name));
-            std::fs::write(&path, fragment.text).map(|()| path)
+        .map(|(name, text)| {
+            let path = out.join(format!("{name}.config"));
+            std::fs::write(&path, text).map(|()| path)
         })
         .collect::<Result<_, _>>()?;
+    // ARCH=x86_64: allnoconfig would otherwise pick a 32-bit kernel.
     let make = |args: &[&str]| {
         let mut command = Command::new("make");
         command
             .arg("-C")
             .arg(&source)
             .arg(format!("O={}", build_dir.display()))
+            .arg("ARCH=x86_64")
             .args(args);
         command
     };
-    progress("guest kernel: tinyconfig + fragments");
-    run(&mut make(&["tinyconfig"]))?;
-    run(Command::new(source.join("scripts/kconfig/merge_config.sh"))
-        .current_dir(&build_dir)
-        .args(["-m", "-O"])
-        .arg(&build_dir)
-        .arg(build_dir.join(".config"))
-        .args(&fragment_paths))?;
-    run(&mut make(&["olddefconfig"]))?;
+    progress(&format!("{what}: {base} + fragments"));
+    match flavour {
+        Flavour::Own => {
+            run(&mut make(&[base]))?;
+            run(Command::new(source.join("scripts/kconfig/merge_config.sh"))
+                .current_dir(&build_dir)
+                .env("ARCH", "x86_64")
+                .args(["-m", "-O"])
+                .arg(&build_dir)
+                .arg(build_dir.join(".config"))
+                .args(&fragment_paths))?;
+            run(&mut make(&["olddefconfig"]))?;
+        }
+        // As Kata's build-kernel.sh does: the list as KCONFIG_ALLCONFIG of
+        // allnoconfig, so whatever it leaves out stays off.
+        Flavour::Kata => run(Command::new(source.join("scripts/kconfig/merge_config.sh"))
+            .current_dir(&source)
+            .env("ARCH", "x86_64")
+            .args(["-n", "-O"])
+            .arg(&build_dir)
+            .args(&fragment_paths))?,
+    }
     let config = std::fs::read_to_string(build_dir.join(".config"))?;
-    let missing = check(&config, false);
+    let missing = match flavour {
+        Flavour::Own => check(&config, false),
+        Flavour::Kata => judge(&config, false).required,
+    };
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
         bail!(
-            "the merged kernel configuration lacks fragment options:\n  {}",
+            "the merged {} kernel configuration lacks options socklb needs:\n  {}",
+            flavour.name(),
             list.join("\n  ")
         );
     }
-    progress(&format!(
-        "guest kernel: make -j{jobs} bzImage (a few minutes)"
-    ));
+    progress(&format!("{what}: make -j{jobs} bzImage (a few minutes)"));
+    let started = std::time::Instant::now();
     run(&mut make(&[&format!("-j{jobs}"), "bzImage"]))?;
     std::fs::copy(build_dir.join("arch/x86/boot/bzImage"), &image)?;
     std::fs::copy(build_dir.join(".config"), out.join("config"))?;
+    std::fs::write(
+        out.join("build-seconds"),
+        format!("{:.0}\n", started.elapsed().as_secs_f64()),
+    )?;
     // The object tree is large and not needed once the image is cached;
-    // images of other fragment versions are stale.
+    // images of older inputs of this flavour are stale.
     std::fs::remove_dir_all(&build_dir)?;
     for entry in std::fs::read_dir(cache)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("kernel-") && entry.path() != out {
+        if name.starts_with(&prefix) && entry.path() != out {
             std::fs::remove_dir_all(entry.path())?;
         }
     }
-    progress(&format!("guest kernel: built {}", image.display()));
+    progress(&format!(
+        "{what}: built {} in {:.0} s",
+        image.display(),
+        started.elapsed().as_secs_f64()
+    ));
     Ok(image)
 }
 
@@ -304,7 +436,57 @@ mod tests {
 
     #[test]
     fn hash_follows_fragments_and_source() {
-        assert_eq!(fragments_hash("6.1.1"), fragments_hash("6.1.1"));
-        assert_ne!(fragments_hash("6.1.1"), fragments_hash("6.1.2"));
+        let own = |version| fragments_hash(Flavour::Own, version);
+        assert_eq!(own("6.1.1"), own("6.1.1"));
+        assert_ne!(own("6.1.1"), own("6.1.2"));
+        assert_ne!(own("6.1.1"), fragments_hash(Flavour::Kata, "6.1.1"));
+    }
+
+    #[test]
+    fn kata_fragment_adds_only_what_kata_lacks() {
+        let recommended = options_of(&KATA_RECOMMENDED);
+        assert!(!recommended.is_empty());
+        for option in &recommended {
+            assert!(!option.reason.is_empty(), "{} has no reason", option.option);
+            assert!(
+                !KATA_GUEST_CONFIG
+                    .lines()
+                    .any(|l| l.split_once('=').is_some_and(|(o, _)| o == option.option)),
+                "{} is already in Kata's set",
+                option.option
+            );
+        }
+    }
+
+    #[test]
+    fn kata_kernel_runs_the_agent_and_lacks_what_is_recommended() {
+        let verdict = judge(KATA_GUEST_CONFIG, false);
+        assert!(verdict.required.is_empty(), "{:?}", verdict.required);
+        let lacking: Vec<&str> = verdict
+            .recommended
+            .iter()
+            .map(|m| m.requirement.option.as_str())
+            .collect();
+        assert_eq!(
+            lacking,
+            [
+                "CONFIG_BPF_JIT",
+                "CONFIG_INET_DIAG",
+                "CONFIG_INET_UDP_DIAG",
+                "CONFIG_INET_DIAG_DESTROY"
+            ]
+        );
+        // With socklb's fragment merged, nothing is left to recommend.
+        let merged = format!("{KATA_GUEST_CONFIG}{}", KATA_RECOMMENDED.text);
+        assert!(judge(&merged, false).recommended.is_empty());
+    }
+
+    #[test]
+    fn the_own_kernel_has_what_the_agent_requires() {
+        let own: String = requirements()
+            .iter()
+            .map(|r| format!("{}=y\n", r.option))
+            .collect();
+        assert_eq!(judge(&own, false).required, Vec::new());
     }
 }

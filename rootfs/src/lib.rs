@@ -1,6 +1,9 @@
 //! Builds socklb's guest initramfs: a gzip-compressed newc cpio archive
-//! holding busybox, the init script (`rootfs/init`), the static agent, the
-//! test tools, and the kernel modules a modular kernel needs for vsock.
+//! holding busybox, an init, the static agent, the test tools, and the
+//! kernel modules a modular kernel needs for vsock. [`kata`] installs the
+//! agent into a Kata guest rootfs instead.
+
+pub mod kata;
 
 use std::{
     fs,
@@ -13,13 +16,29 @@ use cpio::{NewcBuilder, write_cpio};
 
 const INIT: &str = include_str!("../init");
 const START_AGENT: &str = include_str!("../start-agent");
+const TEST_SERVICES: &str = include_str!("../test-services");
 
 /// The guest's resolver: the cluster DNS VIP.
 const RESOLV_CONF: &str = "nameserver 10.96.0.10\noptions timeout:2 attempts:2\n";
 
+/// How the guest starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// `rootfs/init` mounts, loads modules, starts the agent with the pod
+    /// address given, then runs the test services.
+    Test,
+    /// As Kata's initrd boots: socklb's Kata init (`rootfs/kata/init`) as
+    /// /sbin/init starts the agent and execs /usr/bin/kata-agent, here the
+    /// test services standing in for it; the pod address comes later.
+    KataInitrd,
+}
+
 /// What goes into the image.
 pub struct Spec {
-    /// Statically linked binaries for /bin (socklb-agent, socklb-testkit).
+    pub boot: Boot,
+    /// The static socklb-agent.
+    pub agent: PathBuf,
+    /// More statically linked binaries for /bin (socklb-testkit).
     pub binaries: Vec<PathBuf>,
     /// A statically linked busybox.
     pub busybox: PathBuf,
@@ -88,6 +107,12 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
             Cursor::new(data),
         )
     };
+    let symlink = |name: &str, target: &str| {
+        (
+            NewcBuilder::new(name).mode(0o120_777),
+            Cursor::new(target.as_bytes().to_vec()),
+        )
+    };
     for name in [
         "bin",
         "dev",
@@ -99,26 +124,51 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
         "sys",
         "tmp",
         "run",
+        "sbin",
+        "usr",
+        "usr/bin",
     ] {
         entries.push(dir(name));
     }
-    entries.push(file("init", 0o755, INIT.as_bytes().to_vec()));
-    entries.push(file(
-        "bin/start-agent",
-        0o755,
-        START_AGENT.as_bytes().to_vec(),
-    ));
+    let agent = read(&spec.agent)?;
+    match spec.boot {
+        Boot::Test => {
+            entries.push(file("init", 0o755, INIT.as_bytes().to_vec()));
+            entries.push(file(
+                "bin/start-agent",
+                0o755,
+                START_AGENT.as_bytes().to_vec(),
+            ));
+            entries.push(file("bin/socklb-agent", 0o755, agent));
+            entries.push(file(
+                "bin/test-services",
+                0o755,
+                TEST_SERVICES.as_bytes().to_vec(),
+            ));
+        }
+        Boot::KataInitrd => {
+            // Where Kata's rootfs.sh and initrd_builder.sh put them, and
+            // where `kata::install` puts socklb's.
+            entries.push(file("sbin/init", 0o755, kata::INIT.as_bytes().to_vec()));
+            entries.push(symlink("init", "/sbin/init"));
+            entries.push(file("usr/bin/socklb-agent", 0o755, agent));
+            entries.push(file(
+                "usr/bin/kata-agent",
+                0o755,
+                TEST_SERVICES.as_bytes().to_vec(),
+            ));
+        }
+    }
     entries.push(file(
         "etc/resolv.conf",
         0o644,
         RESOLV_CONF.as_bytes().to_vec(),
     ));
     entries.push(file("bin/busybox", 0o755, read(&spec.busybox)?));
-    // The interpreter of /init; init installs busybox's other applets.
-    entries.push((
-        NewcBuilder::new("bin/sh").mode(0o120_777),
-        Cursor::new(b"busybox".to_vec()),
-    ));
+    // Every applet (sh, mount, ip, ...) exists before the first script runs.
+    for applet in busybox_applets(&spec.busybox)? {
+        entries.push(symlink(&format!("bin/{applet}"), "busybox"));
+    }
     for binary in &spec.binaries {
         entries.push(file(
             &format!("bin/{}", file_name(binary)?),
@@ -152,6 +202,23 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
     Ok(fs::metadata(output)?.len())
 }
 
+/// The applets `busybox` offers (`busybox --list`); busybox itself is
+/// not one.
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>> {
+    let output = std::process::Command::new(busybox)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("cannot run {} --list", busybox.display()))?;
+    if !output.status.success() {
+        bail!("{} --list failed: {}", busybox.display(), output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|applet| !applet.is_empty() && *applet != "busybox" && !applet.contains('/'))
+        .map(String::from)
+        .collect())
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -175,9 +242,18 @@ mod tests {
             fs::write(&path, data).unwrap();
             path
         };
+        // A stand-in busybox that lists two applets.
+        let busybox = write("busybox", b"#!/bin/sh\nprintf 'sh\\nip\\nbusybox\\n'\n");
+        fs::set_permissions(
+            &busybox,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let spec = Spec {
-            binaries: vec![write("socklb-agent", b"agent")],
-            busybox: write("busybox", b"busybox"),
+            boot: Boot::Test,
+            agent: write("socklb-agent", b"agent"),
+            binaries: vec![write("socklb-testkit", b"testkit")],
+            busybox,
             modules: vec![write("virtio.ko", b"m1"), write("vsock.ko", b"m2")],
         };
         let image = dir.join("initramfs.cpio.gz");
@@ -200,6 +276,9 @@ mod tests {
         assert_eq!(files["init"].0, 0o100_755);
         assert!(String::from_utf8_lossy(&files["init"].1).contains("start-agent"));
         assert_eq!(files["bin/socklb-agent"].1, b"agent");
+        assert_eq!(files["bin/socklb-testkit"].1, b"testkit");
+        assert_eq!(files["bin/ip"], (0o120_777, b"busybox".to_vec()));
+        assert!(!files.contains_key("bin/busybox/busybox"));
         assert_eq!(files["etc/socklb/modules"].1, b"virtio\nvsock\n");
         assert_eq!(files["lib/modules/vsock.ko"].1, b"m2");
         assert_eq!(files["proc"].0, 0o040_755);

@@ -20,6 +20,10 @@ pub enum Kernel {
     Own,
     /// Debian's linux-image-cloud-amd64: vsock and virtio as modules.
     Debian,
+    /// Kata's default guest kernel options (no BTF, JIT or modules); the
+    /// image boots the way Kata's initrd does: socklb's init wrapper starts
+    /// the agent, then execs (a stand-in for) kata-agent.
+    Kata,
 }
 
 impl Kernel {
@@ -27,7 +31,8 @@ impl Kernel {
         match text {
             "own" => Ok(Kernel::Own),
             "debian" => Ok(Kernel::Debian),
-            other => bail!("--kernel {other:?}: own or debian"),
+            "kata" => Ok(Kernel::Kata),
+            other => bail!("--kernel {other:?}: own, debian or kata"),
         }
     }
 
@@ -35,6 +40,7 @@ impl Kernel {
         match self {
             Kernel::Own => "own",
             Kernel::Debian => "debian",
+            Kernel::Kata => "kata",
         }
     }
 }
@@ -57,6 +63,28 @@ fn progress(line: &str) {
     eprintln!("==> {line}");
 }
 
+/// The static (musl) agent, release build.
+pub fn static_agent() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        MUSL_TARGET,
+        "-p",
+        "socklb-agent",
+        "--bin",
+        "socklb-agent",
+    ]))?;
+    Ok(musl_release_dir().join("socklb-agent"))
+}
+
+fn musl_release_dir() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(MUSL_TARGET)
+        .join("release")
+}
+
 /// Builds what is missing of the guest image for `kernel`.
 pub fn image(kernel: Kernel) -> Result<Guest> {
     progress("static agent and test tools (musl)");
@@ -74,14 +102,22 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
         "--bin",
         "socklb-testkit",
     ]))?;
-    let release = workspace_root()
-        .join("target")
-        .join(MUSL_TARGET)
-        .join("release");
-    let binaries = vec![release.join("socklb-agent"), release.join("socklb-testkit")];
+    let release = musl_release_dir();
+    let agent = release.join("socklb-agent");
     let (kernel_image, modules) = match kernel {
         Kernel::Own => (
-            socklb_kernel::build(&cache_dir()?, 2, &mut |line| progress(line))?,
+            socklb_kernel::build(socklb_kernel::Flavour::Own, &cache_dir()?, 2, &mut |line| {
+                progress(line)
+            })?,
+            Vec::new(),
+        ),
+        Kernel::Kata => (
+            socklb_kernel::build(
+                socklb_kernel::Flavour::Kata,
+                &cache_dir()?,
+                2,
+                &mut |line| progress(line),
+            )?,
             Vec::new(),
         ),
         Kernel::Debian => debian_kernel()?,
@@ -90,7 +126,12 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
     std::fs::create_dir_all(&out)?;
     let initrd = out.join(format!("initramfs-{}.cpio.gz", kernel.name()));
     let spec = socklb_rootfs::Spec {
-        binaries,
+        boot: match kernel {
+            Kernel::Own | Kernel::Debian => socklb_rootfs::Boot::Test,
+            Kernel::Kata => socklb_rootfs::Boot::KataInitrd,
+        },
+        agent: agent.clone(),
+        binaries: vec![release.join("socklb-testkit")],
         busybox: BUSYBOX.into(),
         modules,
     };
@@ -99,12 +140,12 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
         "initramfs {} ({:.1} MiB; agent {:.1} MiB)",
         initrd.display(),
         size as f64 / 1048576.0,
-        std::fs::metadata(&spec.binaries[0])?.len() as f64 / 1048576.0
+        std::fs::metadata(&agent)?.len() as f64 / 1048576.0
     ));
     Ok(Guest {
         kernel: kernel_image,
         initrd,
-        agent: spec.binaries[0].clone(),
+        agent,
     })
 }
 

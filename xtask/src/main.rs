@@ -16,7 +16,11 @@ const USAGE: &str = "usage: cargo xtask <command>
   build   build the agent (with its eBPF programs) and the test binaries
   test    setup, then formatting, clippy, unit and integration tests, a short fuzz run (needs root)
   demo    a sandbox VM with a working ClusterIP (--kernel own|debian, default own)
-  guest   build the guest image (--kernel own|debian, default own)
+  guest   build the guest image (--kernel own|debian|kata, default own)
+  kata-rootfs DIR [--initrd]
+          install the static agent into a Kata osbuilder rootfs directory: its systemd
+          unit wanted by kata-containers.target, or (--initrd, kata-agent as /sbin/init)
+          socklb's init in front of kata-agent
   bench   per-hook cost, control plane, Kubernetes translation, and the datapath against
           direct, iptables and nftables; tables and a plot in target/socklb/bench (needs root)";
 
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         "test" => setup().and_then(|()| test()),
         "bench" => setup().and_then(|()| bench()),
         "demo" => setup().and_then(|()| demo()),
+        "kata-rootfs" => kata_rootfs(),
         "guest" => setup().and_then(|()| {
             let kernel = guest::Kernel::parse(&kernel_arg().unwrap_or_else(|| "own".into()))?;
             let image = guest::image(kernel)?;
@@ -325,7 +330,11 @@ fn test() -> Result<()> {
         "--",
         "--include-ignored",
     ]);
-    for kernel in [guest::Kernel::Own, guest::Kernel::Debian] {
+    for kernel in [
+        guest::Kernel::Own,
+        guest::Kernel::Debian,
+        guest::Kernel::Kata,
+    ] {
         let image = guest::image(kernel)?;
         let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
         test.env(format!("{prefix}_KERNEL"), image.kernel);
@@ -374,6 +383,29 @@ fn demo() -> Result<()> {
             .env("SOCKLB_GUEST_INITRD", &image.initrd)
             .env("SOCKLB_GUEST_AGENT", &image.agent),
     )
+}
+
+/// `cargo xtask kata-rootfs DIR [--initrd]`.
+fn kata_rootfs() -> Result<()> {
+    let args: Vec<String> = env::args().skip(2).collect();
+    let mut flavour = socklb_rootfs::kata::Flavour::Systemd;
+    let mut dir = None;
+    for arg in &args {
+        match arg.as_str() {
+            "--initrd" => flavour = socklb_rootfs::kata::Flavour::Initrd,
+            other if other.starts_with('-') => bail!("kata-rootfs: unknown option {other:?}"),
+            other if dir.is_none() => dir = Some(PathBuf::from(other)),
+            other => bail!("kata-rootfs: one directory only ({other:?} is a second)"),
+        }
+    }
+    let dir = dir.context("kata-rootfs DIR [--initrd]: DIR is the rootfs rootfs.sh made")?;
+    musl_target()?;
+    let agent = guest::static_agent()?;
+    let written = socklb_rootfs::kata::install(&dir, &agent, flavour)?;
+    for path in written {
+        println!("{}", dir.join(path).display());
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {
