@@ -1,4 +1,4 @@
-//! Agent addresses: `vsock://CID:PORT`, `hvsock:///path/to/uds:PORT`
+//! Agent addresses: `vsock://CID[:PORT]`, `hvsock:///path/to/uds[:PORT]`
 //! (hybrid vsock, as Firecracker, Cloud Hypervisor and vhost-device-vsock
 //! offer it) and `unix:///path`.
 
@@ -13,7 +13,7 @@ pub enum AgentAddr {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "agent address {text:?}: {reason} (vsock://CID:PORT, hvsock:///path/to/uds:PORT or unix:///path)"
+    "agent address {text:?}: {reason} (vsock://CID[:PORT], hvsock:///path/to/uds[:PORT] or unix:///path; PORT defaults to 1100)"
 )]
 pub struct AddrError {
     text: String,
@@ -28,21 +28,27 @@ impl FromStr for AgentAddr {
             text: text.into(),
             reason,
         };
+        // Without a port: the agent's default (DEFAULT_AGENT_PORT).
         if let Some(rest) = text.strip_prefix("vsock://") {
-            let (cid, port) = rest.split_once(':').ok_or_else(|| error("no port"))?;
+            let (cid, port) = rest.split_once(':').unwrap_or((rest, ""));
             return Ok(AgentAddr::Vsock {
                 cid: cid.parse().map_err(|_| error("bad CID"))?,
-                port: port.parse().map_err(|_| error("bad port"))?,
+                port: parse_port(port).ok_or_else(|| error("bad port"))?,
             });
         }
         if let Some(rest) = text.strip_prefix("hvsock://") {
-            let (uds, port) = rest.rsplit_once(':').ok_or_else(|| error("no port"))?;
+            // A socket path may hold ':' itself: only digits after the last
+            // one make a port.
+            let (uds, port) = match rest.rsplit_once(':') {
+                Some((uds, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (uds, port),
+                _ => (rest, ""),
+            };
             if !uds.starts_with('/') {
                 return Err(error("the socket path must be absolute"));
             }
             return Ok(AgentAddr::HybridVsock {
                 uds: uds.into(),
-                port: port.parse().map_err(|_| error("bad port"))?,
+                port: parse_port(port).ok_or_else(|| error("bad port"))?,
             });
         }
         if let Some(path) = text.strip_prefix("unix://") {
@@ -52,6 +58,14 @@ impl FromStr for AgentAddr {
             return Ok(AgentAddr::Unix(path.into()));
         }
         Err(error("unknown scheme"))
+    }
+}
+
+fn parse_port(text: &str) -> Option<u32> {
+    if text.is_empty() {
+        Some(socklb_protocols::DEFAULT_AGENT_PORT)
+    } else {
+        text.parse().ok()
     }
 }
 
@@ -85,9 +99,21 @@ mod tests {
                 port: 99
             }
         );
+        assert_eq!(
+            "vsock://3".parse::<AgentAddr>().unwrap(),
+            AgentAddr::Vsock { cid: 3, port: 1100 }
+        );
+        assert_eq!(
+            "hvsock:///run/vm/vsock.sock".parse::<AgentAddr>().unwrap(),
+            AgentAddr::HybridVsock {
+                uds: "/run/vm/vsock.sock".into(),
+                port: 1100
+            }
+        );
         for bad in [
             "vsock://x:1",
-            "vsock://3",
+            "vsock://3:x",
+            "vsock://3:99999999999",
             "hvsock://rel:1",
             "unix://rel",
             "tcp://a:1",

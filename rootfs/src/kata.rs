@@ -140,6 +140,28 @@ mod tests {
     }
 
     #[test]
+    fn systemd_accepts_the_unit_as_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent-binary");
+        fs::write(&agent, b"#!/bin/sh\n").unwrap();
+        let rootfs = dir.path().join("rootfs");
+        fs::create_dir(&rootfs).unwrap();
+        install(&rootfs, &agent, Flavour::Systemd).unwrap();
+        let output = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", rootfs.display()))
+            .arg("socklb-agent.service")
+            .output()
+            .expect("systemd-analyze (cargo xtask setup installs systemd)");
+        // Problems it only warns about (an unknown Type=, say) go to stderr.
+        let complaints = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && complaints.is_empty(),
+            "{complaints}"
+        );
+    }
+
+    #[test]
     fn initrd_flavour_puts_kata_agent_behind_socklbs_init() {
         let dir = tempfile::tempdir().unwrap();
         let agent = dir.path().join("agent-binary");

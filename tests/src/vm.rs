@@ -16,7 +16,7 @@ use serde_json::Value;
 
 /// The guest's vsock CID; the host is CID 2.
 pub const GUEST_CID: u32 = 4;
-pub const AGENT_PORT: u32 = 1025;
+pub const AGENT_PORT: u32 = socklb_protocols::DEFAULT_AGENT_PORT;
 /// socklb-testkit guest-exec in the test image.
 pub const EXEC_PORT: u32 = 1026;
 const MEMORY: &str = "512M";
@@ -29,7 +29,8 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
-    /// The image `cargo xtask` built for `kernel` ("OWN" or "DEBIAN"), from
+    /// The image `cargo xtask` built for `kernel` ("OWN", "DEBIAN" or
+    /// "KATA"), from
     /// SOCKLB_GUEST_<kernel>_KERNEL and SOCKLB_GUEST_<kernel>_INITRD.
     pub fn from_env(kernel: &str) -> GuestImage {
         let var = |what: &str| -> PathBuf {

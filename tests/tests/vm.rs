@@ -11,7 +11,7 @@ use socklb_shim::Options;
 use socklb_table::Table;
 use socklb_tests::{
     agent_client, runtime,
-    vm::{GuestImage, Vm, eventually},
+    vm::{AGENT_PORT, GuestImage, Vm, eventually},
 };
 
 /// The guest image's example table (the demo applies it too).
@@ -30,8 +30,30 @@ fn backends(results: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-fn e2e(kernel: &str) {
-    let image = GuestImage::from_env(kernel);
+/// How a guest kernel and its image differ.
+struct Guest {
+    /// SOCKLB_GUEST_<name>_{KERNEL,INITRD}.
+    name: &'static str,
+    /// Kata-style: socklb's Kata init starts the agent under its restart
+    /// loop, a stand-in execs as kata-agent, and the pod's address arrives
+    /// on an interface after the agent is up.
+    kata: bool,
+    /// Kernel features Health.Version must report.
+    features: [&'static str; 2],
+}
+
+/// The pod address: given with --pod-ip in the test image, added to an
+/// interface after the agent is up in the Kata-style one.
+const POD_IP: &str = "10.244.0.1";
+
+fn local_ip(result: &Value) -> String {
+    let local = result["local"].as_str().unwrap_or_default();
+    local.rsplit_once(':').map_or("", |(ip, _)| ip).to_string()
+}
+
+fn e2e(guest: Guest) {
+    let image = GuestImage::from_env(guest.name);
+    let started = std::time::Instant::now();
     let vm = Vm::boot(&image, "");
     let runtime = runtime();
     let options = Options {
@@ -42,24 +64,68 @@ fn e2e(kernel: &str) {
 
     // Health over hybrid vsock: the agent accepted the host (CID 2).
     assert_eq!(runtime.block_on(client.check()).unwrap(), Status::SERVING);
+    let agent_ready_in = started.elapsed();
     let version = runtime.block_on(client.version()).unwrap();
     assert_eq!(version.hooks_attached.len(), 10, "{version:?}");
     assert!(version.kernel_release.starts_with("6.1"), "{version:?}");
+    for feature in guest.features {
+        assert!(version.features.iter().any(|f| f == feature), "{version:?}");
+    }
 
-    // The peer-CID rule: a connection from inside the guest (loopback
-    // vsock, CID 1) is refused and logged; the host's (CID 2) was served.
-    let probe = vm.testkit(&["vsock-probe", "1", "1025"]);
-    assert_eq!(probe[0]["closed_by_peer"], true, "{probe:?}");
-    assert!(
-        eventually(Duration::from_secs(10), || vm.console_text().lines().any(
-            |l| l.contains("refused an API connection") && l.contains(r#""peer_cid":1"#)
-        )),
-        "no refusal logged:\n{}",
-        vm.console_text()
-    );
+    if guest.kata {
+        // Kata's own ports are refused, naming the Kata service there.
+        let refused = vm.exec(&["socklb-agent", "--listen", "vsock://-1:1025"]);
+        assert_eq!(refused["status"], 2, "{refused}");
+        assert!(
+            refused["stderr"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("kata-agent log forwarding"),
+            "{refused}"
+        );
+    } else {
+        // The peer-CID rule: a connection from inside the guest (loopback
+        // vsock, CID 1; Kata's kernel has no loopback vsock) is refused and
+        // logged; the host's (CID 2) was served.
+        let port = AGENT_PORT.to_string();
+        let probe = vm.testkit(&["vsock-probe", "1", &port]);
+        assert_eq!(probe[0]["closed_by_peer"], true, "{probe:?}");
+        assert!(
+            eventually(Duration::from_secs(10), || vm.console_text().lines().any(
+                |l| l.contains("refused an API connection") && l.contains(r#""peer_cid":1"#)
+            )),
+            "no refusal logged:\n{}",
+            vm.console_text()
+        );
+    }
 
     let table = Table::parse(TABLE).unwrap();
     runtime.block_on(client.sync(table.clone())).unwrap();
+
+    if guest.kata {
+        // No pod address yet: a VIP served by a local backend shows the
+        // backend's own address as the local one.
+        let before = vm.testkit(&["tcp", "10.96.0.20:80"]);
+        assert_ne!(local_ip(&before[0]), POD_IP, "{before:?}");
+        // As kata-agent does after boot: the pod's interface and address.
+        let up = vm.exec(&[
+            "sh",
+            "-c",
+            &format!(
+                "ip link add eth0 type veth peer name eth0-peer && \
+                 ip addr add {POD_IP}/24 dev eth0 && ip link set eth0-peer up && ip link set eth0 up"
+            ),
+        ]);
+        assert_eq!(up["status"], 0, "{up}");
+    }
+    // getsockname shows the pod's address for a VIP a local backend serves.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let after = vm.testkit(&["tcp", "10.96.0.20:80"]);
+            local_ip(&after[0]) == POD_IP
+        }),
+        "getsockname never showed the pod address {POD_IP}"
+    );
 
     // TCP through a VIP in the guest; getpeername shows the VIP.
     let tcp = vm.testkit(&["tcp", "10.96.0.20:80", "--count", "30"]);
@@ -100,7 +166,13 @@ fn e2e(kernel: &str) {
     std::thread::scope(|scope| {
         let workload = scope.spawn(|| vm.testkit(&["tcp-loop", "10.96.0.20:80", "--ms", "3000"]));
         std::thread::sleep(Duration::from_millis(800));
-        let restart = vm.exec(&["sh", "-c", "kill -9 $(pidof socklb-agent) && start-agent"]);
+        // The Kata init's loop restarts the agent by itself.
+        let restart = if guest.kata {
+            "kill -9 $(pidof socklb-agent)"
+        } else {
+            "kill -9 $(pidof socklb-agent) && start-agent"
+        };
+        let restart = vm.exec(&["sh", "-c", restart]);
         assert_eq!(restart["status"], 0, "{restart}");
         let during = workload.join().unwrap();
         assert_eq!(
@@ -112,11 +184,12 @@ fn e2e(kernel: &str) {
 
     // The agent restarted with its datapath removed: the shim's client
     // notices on its next call, reconnects and syncs the table by itself.
-    let wipe = vm.exec(&[
-        "sh",
-        "-c",
-        "kill -9 $(pidof socklb-agent); socklb-agent --detach; start-agent",
-    ]);
+    let wipe = if guest.kata {
+        "kill -9 $(pidof socklb-agent); socklb-agent --detach"
+    } else {
+        "kill -9 $(pidof socklb-agent); socklb-agent --detach; start-agent"
+    };
+    let wipe = vm.exec(&["sh", "-c", wipe]);
     assert_eq!(wipe["status"], 0, "{wipe}");
     let gone = vm.testkit(&["tcp", "10.96.0.20:80"]);
     assert!(
@@ -137,8 +210,11 @@ fn e2e(kernel: &str) {
     assert_eq!(listed.services.len(), 3);
 
     eprintln!(
-        "{kernel}: booted to init in {:.1} s; agent RSS {} KiB",
+        "{}: booted to init in {:.1} s, agent answering Health {:.2} s after QEMU started; \
+         agent RSS {} KiB",
+        guest.name,
         vm.booted_in.as_secs_f64(),
+        agent_ready_in.as_secs_f64(),
         vm.rss_kib("socklb-agent")
     );
 }
@@ -146,11 +222,31 @@ fn e2e(kernel: &str) {
 #[test]
 #[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
 fn sandbox_vm_with_the_projects_kernel() {
-    e2e("OWN");
+    e2e(Guest {
+        name: "OWN",
+        kata: false,
+        features: ["kernel-btf", "bpf-jit"],
+    });
 }
 
 #[test]
 #[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
 fn sandbox_vm_with_debians_cloud_kernel() {
-    e2e("DEBIAN");
+    e2e(Guest {
+        name: "DEBIAN",
+        kata: false,
+        features: ["kernel-btf", "bpf-jit"],
+    });
+}
+
+/// Kata's default guest kernel options (no BTF, no JIT, no modules), booted
+/// as Kata's initrd boots.
+#[test]
+#[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
+fn sandbox_vm_with_katas_kernel_booted_like_kata() {
+    e2e(Guest {
+        name: "KATA",
+        kata: true,
+        features: ["no-kernel-btf", "bpf-interpreter"],
+    });
 }

@@ -38,6 +38,7 @@ const APT_PACKAGES: &[&str] = &[
     "libssl-dev",
     "dwarves", // pahole: kernel BTF
     "xz-utils",
+    "systemd", // systemd-analyze verify: the Kata image's unit
 ];
 
 fn main() -> ExitCode {
@@ -330,16 +331,14 @@ fn test() -> Result<()> {
         "--",
         "--include-ignored",
     ]);
-    for kernel in [
-        guest::Kernel::Own,
-        guest::Kernel::Debian,
-        guest::Kernel::Kata,
-    ] {
-        let image = guest::image(kernel)?;
-        let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
-        test.env(format!("{prefix}_KERNEL"), image.kernel);
-        test.env(format!("{prefix}_INITRD"), image.initrd);
-    }
+    with_guest_images(
+        &mut test,
+        &[
+            guest::Kernel::Own,
+            guest::Kernel::Debian,
+            guest::Kernel::Kata,
+        ],
+    )?;
     run(&mut test)?;
     // A short run of the API decode + validation fuzzer: long enough to
     // catch a regression in what it has covered before.
@@ -367,7 +366,23 @@ fn bench() -> Result<()> {
     run(Command::new(&bench).arg("hooks"))?;
     run(Command::new(&bench).arg("control-plane"))?;
     run(Command::new(&bench).arg("kube"))?;
-    run(Command::new(&bench).arg("datapath"))
+    run(Command::new(&bench).arg("datapath"))?;
+    let mut guest_hooks = Command::new(&bench);
+    guest_hooks.arg("guest-hooks");
+    with_guest_images(&mut guest_hooks, &[guest::Kernel::Own, guest::Kernel::Kata])?;
+    run(&mut guest_hooks)
+}
+
+/// Builds the guest images of `kernels` and tells `command` where they are
+/// (SOCKLB_GUEST_<KERNEL>_KERNEL and _INITRD, read by tests::vm).
+fn with_guest_images(command: &mut Command, kernels: &[guest::Kernel]) -> Result<()> {
+    for kernel in kernels {
+        let image = guest::image(*kernel)?;
+        let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
+        command.env(format!("{prefix}_KERNEL"), image.kernel);
+        command.env(format!("{prefix}_INITRD"), image.initrd);
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {
