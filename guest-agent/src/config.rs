@@ -38,6 +38,9 @@ pub struct Config {
     /// Listening on a vsock port Kata's own guest services use was asked
     /// for explicitly.
     pub allow_kata_port: bool,
+    /// Admit vsock peers whose source port is 1024 or above (hybrid vsock,
+    /// where the VMM picks the port; see `peers`).
+    pub allow_unprivileged_port: bool,
 }
 
 /// Settings given as flags or environment variables; `None` = not given.
@@ -52,6 +55,7 @@ pub struct Given {
     pub allowed_cids: Vec<u32>,
     pub bpf_stats: Option<bool>,
     pub allow_kata_port: Option<bool>,
+    pub allow_unprivileged_port: Option<bool>,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -90,6 +94,9 @@ impl Config {
                 }
                 "bpf_stats" => cmdline.bpf_stats = Some(parse_switch(key, value)?),
                 "allow_kata_port" => cmdline.allow_kata_port = Some(parse_switch(key, value)?),
+                "allow_unprivileged_port" => {
+                    cmdline.allow_unprivileged_port = Some(parse_switch(key, value)?)
+                }
                 // Keys of later versions or other components are not ours to refuse.
                 _ => {}
             }
@@ -143,6 +150,10 @@ impl Config {
             .concat(),
             bpf_stats: given.bpf_stats.or(cmdline.bpf_stats).unwrap_or(false),
             allow_kata_port,
+            allow_unprivileged_port: given
+                .allow_unprivileged_port
+                .or(cmdline.allow_unprivileged_port)
+                .unwrap_or(false),
         })
     }
 }
@@ -158,6 +169,7 @@ struct CmdlineKeys {
     allowed_cids: Vec<u32>,
     bpf_stats: Option<bool>,
     allow_kata_port: Option<bool>,
+    allow_unprivileged_port: Option<bool>,
 }
 
 /// An on/off value of a kernel command-line key; anything else is an error
@@ -202,6 +214,24 @@ mod tests {
         assert_eq!(config.allowed_cids, vec![2]);
         assert!(!config.bpf_stats);
         assert!(!config.allow_kata_port);
+        assert!(!config.allow_unprivileged_port);
+    }
+
+    #[test]
+    fn unprivileged_vsock_ports_flag_over_kernel_cmdline() {
+        let allowed = |flag: Option<bool>, cmdline: &str| {
+            let given = Given {
+                allow_unprivileged_port: flag,
+                ..Given::default()
+            };
+            Config::resolve(given, cmdline)
+                .unwrap()
+                .allow_unprivileged_port
+        };
+        let on = "socklb.allow_unprivileged_port=1";
+        assert!(allowed(None, on));
+        assert!(!allowed(Some(false), on));
+        assert!(allowed(Some(true), ""));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod kernel;
 pub mod logging;
+pub mod peers;
 pub mod rpc;
 pub mod server;
 pub mod services;

@@ -15,6 +15,7 @@ use socklb_agent::{
     config::{Config, Given},
     datapath::{self, Datapath},
     kernel, logging,
+    peers::PeerRule,
     rpc::Rpc,
     server,
     services::ServiceTable,
@@ -25,7 +26,7 @@ const PRECEDENCE: &str = "\
 Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
 variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
 (keys: cgroup, bpffs, table, log_level, pod_ip, listen, allow_cid, bpf_stats, \
-allow_kata_port), built-in defaults.
+allow_kata_port, allow_unprivileged_port), built-in defaults.
 
 Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
 SIGHUP re-reads the table file.";
@@ -65,6 +66,14 @@ struct Args {
     /// A vsock peer CID allowed to call the API besides the host (2)
     #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
     allowed_cids: Vec<u32>,
+    /// Admit vsock peers from source ports 1024 and above. By default only
+    /// a privileged host process (a port below 1024, which only
+    /// CAP_NET_BIND_SERVICE may bind on the host) may call over vhost-vsock;
+    /// over hybrid vsock (Firecracker, Cloud Hypervisor, vhost-device-vsock)
+    /// the VMM picks the port, so such guests need this and rely on the
+    /// hybrid vsock socket's file permissions
+    #[arg(long, env = "SOCKLB_ALLOW_UNPRIVILEGED_PORT")]
+    allow_unprivileged_port: bool,
     /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
     /// clock reads per hook run)
     #[arg(long, env = "SOCKLB_BPF_STATS")]
@@ -91,6 +100,7 @@ fn main() -> ExitCode {
         allowed_cids: args.allowed_cids,
         bpf_stats: args.bpf_stats.then_some(true),
         allow_kata_port: args.allow_kata_port.then_some(true),
+        allow_unprivileged_port: args.allow_unprivileged_port.then_some(true),
     };
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = match Config::resolve(given, &cmdline) {
@@ -183,7 +193,11 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let rpc = Arc::new(
         Rpc::new(services.clone(), config.bpf_stats, log).with_kernel_features(features.names()),
     );
-    let mut server = server::start(&config.listen, &config.allowed_cids, rpc, log).await?;
+    let peer_rule = PeerRule {
+        allowed_cids: config.allowed_cids.clone(),
+        allow_unprivileged_port: config.allow_unprivileged_port,
+    };
+    let mut server = server::start(&config.listen, &peer_rule, rpc, log).await?;
     info!(log, "ready"; "cgroup" => cgroup.display().to_string(),
           "bpffs" => config.bpffs.display().to_string(), "listen" => config.listen.to_string(),
           "features" => features.names().join(","));

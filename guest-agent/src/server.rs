@@ -1,15 +1,17 @@
 //! Where the agent serves its API: `vsock://-1:PORT` in a guest (only the
-//! host, CID 2, unless more CIDs are allowed) or `unix:///path` for tests
-//! and local use.
+//! peers `peers::PeerRule` admits) or `unix:///path` for tests and local
+//! use.
 
-use std::{io, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result, bail};
-use futures::{Stream, StreamExt as _};
-use slog::{Logger, warn};
+use slog::Logger;
 use ttrpc::r#async::{Server, transport::Listener};
 
-use crate::rpc::Rpc;
+use crate::{
+    peers::{self, PeerRule},
+    rpc::Rpc,
+};
 
 /// The host's CID, the only vsock peer allowed by default.
 pub const HOST_CID: u32 = 2;
@@ -57,7 +59,7 @@ impl std::fmt::Display for ListenAddr {
 /// Starts serving `rpc` on `addr`.
 pub async fn start(
     addr: &ListenAddr,
-    allowed_cids: &[u32],
+    peer_rule: &PeerRule,
     rpc: Arc<Rpc>,
     log: &Logger,
 ) -> Result<Server> {
@@ -85,10 +87,10 @@ pub async fn start(
                 let accepted = listener
                     .accept()
                     .await
-                    .map(|(stream, peer)| (stream, peer.cid()));
+                    .map(|(stream, peer)| (stream, peer.cid(), peer.port()));
                 Some((accepted, listener))
             });
-            Listener::new(only_from(accepts, allowed_cids.to_vec(), log.clone()))
+            Listener::new(peers::admitted(accepts, peer_rule.clone(), log.clone()))
         }
     };
     let mut server = Server::new()
@@ -96,26 +98,6 @@ pub async fn start(
         .register_service(rpc.services());
     server.start().await.context("starting the ttrpc server")?;
     Ok(server)
-}
-
-/// Passes accepted connections whose peer CID is allowed; logs and drops
-/// the others.
-pub fn only_from<S: Send + 'static>(
-    accepts: impl Stream<Item = io::Result<(S, u32)>> + Send + 'static,
-    allowed: Vec<u32>,
-    log: Logger,
-) -> impl Stream<Item = io::Result<S>> + Send + 'static {
-    accepts.filter_map(move |accepted| {
-        let passed = match accepted {
-            Ok((stream, cid)) if allowed.contains(&cid) => Some(Ok(stream)),
-            Ok((_, cid)) => {
-                warn!(log, "refused an API connection"; "peer_cid" => cid, "allowed" => format!("{allowed:?}"));
-                None
-            }
-            Err(err) => Some(Err(err)),
-        };
-        std::future::ready(passed)
-    })
 }
 
 #[cfg(test)]
@@ -148,25 +130,5 @@ mod tests {
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
-    }
-
-    #[tokio::test]
-    async fn only_allowed_peers_pass() {
-        let log = Logger::root(slog::Discard, slog::o!());
-        let accepts = futures::stream::iter(vec![
-            Ok(("from host", HOST_CID)),
-            Ok(("from another guest", 5)),
-            Err(io::Error::other("accept failed")),
-            Ok(("from an allowed test peer", 3)),
-        ]);
-        let passed: Vec<_> = only_from(accepts, vec![HOST_CID, 3], log).collect().await;
-        let passed: Vec<String> = passed
-            .into_iter()
-            .map(|r| r.map_or_else(|e| e.to_string(), String::from))
-            .collect();
-        assert_eq!(
-            passed,
-            ["from host", "accept failed", "from an allowed test peer"]
-        );
     }
 }

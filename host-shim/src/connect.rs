@@ -1,6 +1,11 @@
-//! Opening a byte stream to the agent.
+//! Opening a byte stream to the agent. Over vsock the connection comes
+//! from a privileged source port (below 1024), the proof the agent asks of
+//! a host process over vhost-vsock (see the agent's `peers` module).
 
-use std::io;
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -18,9 +23,13 @@ pub async fn connect(addr: &AgentAddr) -> io::Result<Socket> {
     match addr {
         AgentAddr::Unix(path) => Ok(Socket::new(UnixStream::connect(path).await?)),
         AgentAddr::Vsock { cid, port } => {
-            let stream =
-                tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port)).await?;
-            Ok(Socket::new(stream))
+            let (cid, port) = (*cid, *port);
+            // A blocking connect, bounded by the kernel's vsock connect
+            // timeout (2 s by default).
+            let stream = tokio::task::spawn_blocking(move || connect_vsock(cid, port))
+                .await
+                .map_err(io::Error::other)??;
+            Ok(Socket::new(tokio_vsock::VsockStream::new(stream)?))
         }
         AgentAddr::HybridVsock { uds, port } => {
             let mut stream = UnixStream::connect(uds).await?;
@@ -28,6 +37,98 @@ pub async fn connect(addr: &AgentAddr) -> io::Result<Socket> {
             Ok(Socket::new(stream))
         }
     }
+}
+
+/// vsock ports a host process needs CAP_NET_BIND_SERVICE to bind: 1..=1023
+/// (the kernel's LAST_RESERVED_PORT is 1023; port 0 is not bindable).
+const PRIVILEGED_PORTS: u32 = 1023;
+
+/// Connects to `cid:port` from a privileged source port when this process
+/// may bind one; otherwise from a port the kernel picks, which an agent
+/// keeping the default rule refuses (and logs why).
+fn connect_vsock(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sockaddr = |cid: u32, port: u32| {
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = cid;
+        addr.svm_port = port;
+        addr
+    };
+    let call = |result: libc::c_int| {
+        if result < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let start = std::process::id().wrapping_add(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos()),
+    );
+    let bound = bind_privileged_port(start, |local_port| {
+        let addr = sockaddr(libc::VMADDR_CID_ANY, local_port);
+        // SAFETY: `addr` is a valid sockaddr_vm of the length given.
+        call(unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        })
+    });
+    match bound {
+        Ok(_) => {}
+        // Without the capability the kernel picks the port at connect.
+        Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {}
+        Err(err) => return Err(err),
+    }
+    let addr = sockaddr(cid, port);
+    // SAFETY: as for bind.
+    call(unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    })?;
+    Ok(vsock::VsockStream::from(socket))
+}
+
+/// Binds a free port of 1..=1023 with `bind`, trying them in turn from
+/// one derived from `start` (so concurrent clients rarely collide); one
+/// connection per agent, so a node daemon needs one port per sandbox.
+/// PermissionDenied: this process may not bind privileged ports.
+fn bind_privileged_port(
+    start: u32,
+    mut bind: impl FnMut(u32) -> io::Result<()>,
+) -> io::Result<u32> {
+    for offset in 0..PRIVILEGED_PORTS {
+        let port = 1 + (start.wrapping_add(offset)) % PRIVILEGED_PORTS;
+        match bind(port) {
+            Ok(()) => return Ok(port),
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(err) if err.raw_os_error() == Some(libc::EACCES) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("binding vsock source port {port} needs CAP_NET_BIND_SERVICE: {err}"),
+                ));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "every vsock source port below 1024 is in use",
+    ))
 }
 
 /// Hybrid vsock: send `CONNECT <port>\n` and read the reply a byte at a time
@@ -91,6 +192,40 @@ mod tests {
         host.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"AGENT");
         drop(muxer_side.await.unwrap());
+    }
+
+    #[test]
+    fn privileged_source_ports_skip_those_in_use() {
+        let mut tried = Vec::new();
+        let port = bind_privileged_port(1021, |port| {
+            tried.push(port);
+            if port == 1 {
+                Ok(())
+            } else {
+                Err(io::Error::from(io::ErrorKind::AddrInUse))
+            }
+        })
+        .unwrap();
+        // From 1 + 1021 % 1023, wrapping below 1024 back to 1.
+        assert_eq!(port, 1);
+        assert_eq!(tried, [1022, 1023, 1]);
+
+        let mut tried = 0;
+        let err = bind_privileged_port(0, |_| {
+            tried += 1;
+            Err(io::Error::from(io::ErrorKind::AddrInUse))
+        })
+        .unwrap_err();
+        assert_eq!(tried, 1023, "every privileged port is tried once");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+
+        let err = bind_privileged_port(5, |_| Err(io::Error::from_raw_os_error(libc::EACCES)))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("CAP_NET_BIND_SERVICE"), "{err}");
+        let err = bind_privileged_port(5, |_| Err(io::Error::from_raw_os_error(libc::EINVAL)))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
 
     #[tokio::test]
