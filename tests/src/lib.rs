@@ -29,6 +29,7 @@ use nix::{
 use serde_json::Value;
 
 pub mod apiserver;
+pub mod standin;
 pub mod vm;
 
 /// The client namespace's addresses: the pod.

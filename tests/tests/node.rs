@@ -1,0 +1,350 @@
+//! `socklb-shim node`, the real binary, on a node made of stand-ins (see
+//! `socklb_tests::standin`): sandbox directories in a temporary directory
+//! (never /run/vc or /run/kata), Kata's management socket in each, an
+//! in-memory socklb agent behind hybrid vsock for each, and the fake API
+//! server. No root, no VM, no AF_VSOCK.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use socklb_protocols::DEFAULT_AGENT_PORT;
+use socklb_tests::{
+    apiserver::{FakeApiServer, Kind},
+    die_with_parent, shim_bin,
+    standin::{KataShim, SilentAgent, StandInAgent},
+    vm::eventually,
+};
+
+fn service(name: &str, vip: &str) -> Value {
+    json!({"metadata": {"namespace": "default", "name": name,
+                        "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+           "spec": {"clusterIP": vip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+}
+
+fn slice(service: &str, ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "nodeName": "node-a", "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "metadata": {"namespace": "default", "name": format!("{service}-1"),
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints,
+    })
+}
+
+fn lines(agent: &StandInAgent) -> BTreeSet<String> {
+    agent
+        .table()
+        .services
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn set(lines: &[&str]) -> BTreeSet<String> {
+    lines.iter().map(|l| l.to_string()).collect()
+}
+
+/// A node: sandbox roots of both Kata runtimes' layouts, bundles, and
+/// the daemon's sockets, all in one temporary directory.
+struct Node {
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+    metrics: SocketAddr,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["vc-sbs", "kata", "bundles", "vsock"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        let metrics = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        Node {
+            dir,
+            daemon: None,
+            metrics,
+        }
+    }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path().join(sub)
+    }
+
+    /// A sandbox directory under `root` ("vc-sbs" or "kata") with Kata's
+    /// management socket answering `agent_url`.
+    fn sandbox(&self, root: &str, id: &str, agent_url: &str) -> KataShim {
+        let dir = self.path(root).join(id);
+        std::fs::create_dir(&dir).unwrap();
+        KataShim::start(&dir.join("shim-monitor.sock"), agent_url)
+    }
+
+    /// The hybrid vsock socket of sandbox `id` and the URL Kata gives it.
+    fn vsock(&self, id: &str) -> (PathBuf, String) {
+        let uds = self.path("vsock").join(format!("{id}.sock"));
+        let url = format!("hvsock://{}:1024", uds.display());
+        (uds, url)
+    }
+
+    fn start(&mut self, api: &FakeApiServer, timeout_secs: u64) {
+        let kubeconfig = api.kubeconfig(self.dir.path());
+        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
+        let mut command = Command::new(shim_bin());
+        command
+            .args([
+                "--timeout",
+                &timeout_secs.to_string(),
+                "node",
+                "--node",
+                "node-a",
+            ])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--sandbox-root")
+            .arg(self.path("vc-sbs"))
+            .arg("--sandbox-root")
+            .arg(self.path("kata"))
+            .arg("--bundle-root")
+            .arg(self.path("bundles"))
+            .arg("--status-socket")
+            .arg(self.path("node.sock"))
+            .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(["--batch-ms", "10", "--rescan-ms", "500"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        die_with_parent(&mut command);
+        self.daemon = Some(command.spawn().expect("start socklb-shim node"));
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// `socklb-shim node status -o json`.
+    fn status(&self) -> Value {
+        let output = Command::new(shim_bin())
+            .args(["node", "status", "-o", "json", "--status-socket"])
+            .arg(self.path("node.sock"))
+            .output()
+            .expect("run socklb-shim node status");
+        assert!(
+            output.status.success(),
+            "node status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+
+    fn row(&self, id: &str) -> Option<Value> {
+        self.status()["sandboxes"]
+            .as_array()?
+            .iter()
+            .find(|row| row["id"] == id)
+            .cloned()
+    }
+
+    fn metrics(&self) -> String {
+        let mut stream = TcpStream::connect(self.metrics).expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+    }
+}
+
+fn converge(node: &Node, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    assert!(
+        eventually(timeout, done),
+        "{what} within {timeout:?}; daemon log:\n{}",
+        node.log()
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+const SANDBOXES: usize = 100;
+
+#[test]
+fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let mut agents = Vec::new();
+    let mut shims = Vec::new();
+    for i in 0..SANDBOXES {
+        let id = format!("sb-{i:03}");
+        let (uds, url) = node.vsock(&id);
+        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
+        let root = if i % 2 == 0 { "vc-sbs" } else { "kata" };
+        shims.push(node.sandbox(root, &id, &url));
+    }
+    let (hung_uds, hung_url) = node.vsock("hung");
+    let _hung = SilentAgent::start(&hung_uds);
+    shims.push(node.sandbox("kata", "hung", &hung_url));
+    // Every call to the hung agent waits out this timeout.
+    node.start(&api, 10);
+
+    let first = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+    let started = Instant::now();
+    converge(&node, "every agent synced", Duration::from_secs(30), || {
+        agents.iter().all(|a| lines(a) == first)
+    });
+    let first_fan_out = started.elapsed();
+
+    // A change reaches every sandbox while the hung one still times out.
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web", &["10.244.1.1", "10.244.1.2"]),
+    );
+    let second = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]"]);
+    let changed = Instant::now();
+    converge(&node, "every agent updated", Duration::from_secs(5), || {
+        agents.iter().all(|a| lines(a) == second)
+    });
+    let change_to_all = changed.elapsed();
+    println!(
+        "{SANDBOXES} sandboxes: first fan-out {first_fan_out:?}, one change to all {change_to_all:?}"
+    );
+    assert!(
+        change_to_all < Duration::from_secs(3),
+        "the change took {change_to_all:?}: the hung agent (10 s per call) held the others up"
+    );
+    // Incremental: only the first table went whole.
+    assert!(agents.iter().all(|a| a.syncs() == 1));
+
+    let status = node.status();
+    let rows = status["sandboxes"].as_array().expect("rows");
+    assert_eq!(rows.len(), SANDBOXES + 1, "{status:#}");
+    let version = status["version"].as_u64().unwrap();
+    for row in rows.iter().filter(|row| row["id"] != "hung") {
+        assert_eq!(row["state"], "in_sync", "{row}");
+        assert_eq!(row["acked"], json!(version), "{row}");
+        assert_eq!(row["lag"], 0, "{row}");
+    }
+    let hung = rows.iter().find(|row| row["id"] == "hung").unwrap();
+    assert_ne!(hung["state"], "in_sync", "{hung}");
+    assert_eq!(hung["acked"], Value::Null, "{hung}");
+
+    let metrics = node.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "socklb_node_sandboxes{{state=\"in_sync\"}} {SANDBOXES}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "socklb_node_upserts_total{{result=\"ok\"}} {SANDBOXES}"
+        )),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn discovery_follows_sandboxes_as_kata_names_them() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+
+    // A sandbox of each runtime's layout, one with its pod in the bundle.
+    let (uds_a, url_a) = node.vsock("a");
+    let agent_a = runtime.block_on(StandInAgent::start(&uds_a, DEFAULT_AGENT_PORT));
+    let _shim_a = node.sandbox("vc-sbs", "a", &url_a);
+    std::fs::create_dir(node.path("bundles/a")).unwrap();
+    std::fs::write(
+        node.path("bundles/a/config.json"),
+        r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "shop",
+                            "io.kubernetes.cri.sandbox-name": "web-0"}}"#,
+    )
+    .unwrap();
+    // Peer pods, and a shim that answers garbage.
+    let _remote = node.sandbox("kata", "remote", "remote://10.0.0.9:15150");
+    let _garbage = node.sandbox("kata", "garbage", "<html>oops</html>");
+    node.start(&api, 3);
+    converge(&node, "sandbox a synced", Duration::from_secs(20), || {
+        lines(&agent_a) == expected
+    });
+    let a = node.row("a").expect("row a");
+    assert_eq!(a["pod"], "shop/web-0", "{a}");
+    assert_eq!(
+        a["agent"],
+        format!("hvsock://{}:{DEFAULT_AGENT_PORT}", uds_a.display())
+    );
+    let remote = node.row("remote").expect("row remote");
+    assert_eq!(remote["state"], "skipped", "{remote}");
+    let garbage = node.row("garbage").expect("row garbage");
+    assert_eq!(garbage["state"], "resolving", "{garbage}");
+    assert!(
+        garbage["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("<html>oops</html>"),
+        "{garbage}"
+    );
+
+    // A sandbox that appears later, its socket after its directory.
+    let (uds_b, url_b) = node.vsock("b");
+    let agent_b = runtime.block_on(StandInAgent::start(&uds_b, DEFAULT_AGENT_PORT));
+    std::fs::create_dir(node.path("kata/b")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let shim_b = KataShim::start(&node.path("kata/b/shim-monitor.sock"), &url_b);
+    converge(
+        &node,
+        "new sandbox b synced",
+        Duration::from_secs(10),
+        || lines(&agent_b) == expected,
+    );
+
+    // Sandbox a dies and comes back under the same id with an empty
+    // table: it is resynced by itself, without any change to the cluster.
+    runtime.block_on(agent_a.stop());
+    let agent_a = runtime.block_on(StandInAgent::start(&uds_a, DEFAULT_AGENT_PORT));
+    converge(
+        &node,
+        "restarted sandbox a resynced",
+        Duration::from_secs(20),
+        || lines(&agent_a) == expected,
+    );
+
+    // A sandbox directory removed is forgotten.
+    drop(shim_b);
+    std::fs::remove_dir_all(node.path("kata/b")).unwrap();
+    converge(&node, "sandbox b forgotten", Duration::from_secs(5), || {
+        node.row("b").is_none()
+    });
+    assert!(node.row("a").is_some());
+}
