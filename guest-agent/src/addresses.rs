@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use netlink_sys::{AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket, protocols};
 use nix::net::if_::InterfaceFlags;
-use slog::{Logger, info, warn};
+use slog::{Logger, error, info, warn};
 
 use crate::services::ServiceTable;
 
@@ -112,12 +112,24 @@ pub async fn follow(
     log: Logger,
 ) {
     loop {
-        if let Err(err) = socket.recv_from_full().await {
-            // ENOBUFS: notifications were dropped; a re-read covers them.
-            warn!(
-                log,
-                "rtnetlink notification lost: {err}; re-reading the interfaces"
-            );
+        match socket.recv_from_full().await {
+            Ok(_) => {}
+            // Notifications were dropped (the buffer overflowed): a re-read
+            // covers them.
+            Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
+                warn!(
+                    log,
+                    "rtnetlink notifications lost; re-reading the interfaces"
+                )
+            }
+            Err(err) => {
+                error!(
+                    log,
+                    "rtnetlink socket failed: {err}; guest addresses are no longer \
+                             followed until the agent restarts"
+                );
+                return;
+            }
         }
         tokio::time::sleep(SETTLE).await;
         // Drain what arrived while settling: one re-read covers all of it.

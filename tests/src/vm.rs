@@ -110,7 +110,11 @@ impl Vm {
             .arg("-initrd")
             .arg(&image.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet {extra_cmdline}"))
+            // Hybrid vsock: vhost-device-vsock picks the source port the
+            // guest sees, so the agent cannot insist on a privileged one.
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet socklb.allow_unprivileged_port=1 {extra_cmdline}"
+            ))
             .args([
                 "-object",
                 &format!("memory-backend-memfd,id=mem0,size={MEMORY},share=on"),
