@@ -8,8 +8,12 @@ use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -98,6 +102,10 @@ impl Node {
 
     fn start(&mut self, api: &FakeApiServer, timeout_secs: u64) {
         let kubeconfig = api.kubeconfig(self.dir.path());
+        self.start_with(&kubeconfig, timeout_secs);
+    }
+
+    fn start_with(&mut self, kubeconfig: &Path, timeout_secs: u64) {
         let log = std::fs::File::create(self.path("daemon.log")).unwrap();
         let mut command = Command::new(shim_bin());
         command
@@ -347,4 +355,111 @@ fn discovery_follows_sandboxes_as_kata_names_them() {
         node.row("b").is_none()
     });
     assert!(node.row("a").is_some());
+}
+
+/// A TCP forwarder to the API server that can be cut: every connection is
+/// closed and new ones are refused, as when the API server is unreachable.
+struct ApiLink {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl ApiLink {
+    fn start(upstream: SocketAddr) -> ApiLink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the API link");
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (is_cut, streams) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if is_cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut streams = streams.lock().unwrap();
+                streams.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        ApiLink { addr, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// A kubeconfig like `original`'s, through this link.
+    fn kubeconfig(&self, original: &Path, upstream: SocketAddr) -> PathBuf {
+        let text = std::fs::read_to_string(original).unwrap();
+        let path = original.with_file_name("kubeconfig-via-link");
+        std::fs::write(
+            &path,
+            text.replace(&upstream.to_string(), &self.addr.to_string()),
+        )
+        .unwrap();
+        path
+    }
+}
+
+#[test]
+fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+    let original = api.kubeconfig(node.dir.path());
+    let upstream: SocketAddr = std::fs::read_to_string(&original)
+        .unwrap()
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("the fake API server's address in its kubeconfig");
+    let link = ApiLink::start(upstream);
+
+    let (uds_a, url_a) = node.vsock("a");
+    let agent_a = runtime.block_on(StandInAgent::start(&uds_a, DEFAULT_AGENT_PORT));
+    let _shim_a = node.sandbox("vc-sbs", "a", &url_a);
+    node.start_with(&link.kubeconfig(&original, upstream), 3);
+    converge(&node, "sandbox a synced", Duration::from_secs(20), || {
+        lines(&agent_a) == expected
+    });
+
+    link.cut();
+    // A change the daemon cannot see while the link is cut.
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.9"]));
+    let (uds_b, url_b) = node.vsock("b");
+    let agent_b = runtime.block_on(StandInAgent::start(&uds_b, DEFAULT_AGENT_PORT));
+    let _shim_b = node.sandbox("kata", "b", &url_b);
+    converge(
+        &node,
+        "new sandbox b got the last table",
+        Duration::from_secs(10),
+        || lines(&agent_b) == expected,
+    );
+    assert_eq!(lines(&agent_a), expected, "sandbox a kept its table");
+    converge(
+        &node,
+        "the watch noticed the API server is gone",
+        Duration::from_secs(10),
+        || node.log().contains("\"msg\":\"watching EndpointSlices\""),
+    );
 }
