@@ -57,8 +57,10 @@ enum Command {
         /// kubeconfig to use [default: in-cluster, then ~/.kube/config]
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
-        /// This node's name, for internalTrafficPolicy Local
-        #[arg(long)]
+        /// This node's name, for internalTrafficPolicy Local and topology
+        /// hints; its Node's zone label is watched too [default: the host
+        /// name, lowercased, as kube-proxy assumes]
+        #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
         /// Also serve externalIPs and LoadBalancer ingress IPs as VIPs
         #[arg(long)]
@@ -259,9 +261,14 @@ async fn run(args: Args) -> Result<()> {
             batch_ms,
         } => {
             let kube = kube_client(kubeconfig).await?;
+            let node = match node {
+                Some(node) => node,
+                None => host_node_name()?,
+            };
             let policy = Policy {
-                node,
+                node: Some(node),
                 external_vips,
+                zone: None,
             };
             tokio::select! {
                 () = kube_watch::run(kube, &mut client, policy, Duration::from_millis(batch_ms), &log) => {}
@@ -341,6 +348,13 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
         result = node::run(config, kube, log) => result,
         signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
     }
+}
+
+/// The node name kube-proxy assumes without --hostname-override.
+fn host_node_name() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name for the node name (or pass --node)")?;
+    Ok(name.trim().to_lowercase())
 }
 
 fn print_services(table: &Table) {

@@ -104,6 +104,8 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
     let policy = Policy {
         node: Some(config.node),
         external_vips: config.external_vips,
+        // The watch reads it from the Node.
+        zone: None,
     };
     let mut sink = HubSink {
         hub: shared.hub.clone(),

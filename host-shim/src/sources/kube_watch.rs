@@ -7,6 +7,10 @@
 //!
 //! The sink is one agent (`socklb-shim kube`, [`AgentClient`]) or the node
 //! daemon's fan-out to every sandbox on the node.
+//!
+//! With a node name, this node's Node is watched too (read-only, that one
+//! object): its zone label feeds topology hints, and a change of it
+//! re-translates every service.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -21,7 +25,7 @@ use socklb_table::{Service, ServiceKey, Table};
 
 use crate::{
     client::AgentClient,
-    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation},
+    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL},
 };
 
 /// One kind's list as it arrives during a (re)list.
@@ -90,10 +94,20 @@ impl TableSink for AgentClient {
 pub async fn run(
     kube: Client,
     sink: &mut impl TableSink,
-    policy: Policy,
+    mut policy: Policy,
     batch: Duration,
     log: &Logger,
 ) {
+    let mut this_node = match &policy.node {
+        Some(node) => watcher(
+            Api::<core::Node>::all(kube.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+        )
+        .default_backoff()
+        .boxed(),
+        None => futures::stream::pending().boxed(),
+    };
+    let mut node_listed = false;
     let mut services = watcher(
         Api::<core::Service>::all(kube.clone()),
         watcher::Config::default(),
@@ -140,6 +154,19 @@ pub async fn run(
                     Cluster::replace_slices,
                 )),
                 Some(Err(err)) => warn!(log, "watching EndpointSlices"; "error" => err.to_string()),
+                None => return,
+            },
+            event = this_node.next() => match event {
+                Some(Ok(event)) => {
+                    if let Some(zone) = zone_change(event, &mut node_listed)
+                        && zone != policy.zone
+                    {
+                        info!(log, "this node's zone"; "zone" => zone.as_deref().unwrap_or("(none)"));
+                        policy.zone = zone;
+                        dirty.extend(cluster.service_keys().cloned());
+                    }
+                }
+                Some(Err(err)) => warn!(log, "watching this Node"; "error" => err.to_string()),
                 None => return,
             },
             _ = tick.tick() => {
@@ -189,6 +216,30 @@ fn on_event<K: Resource>(
         }
         watcher::Event::Apply(object) => apply(cluster, trimmed(object)),
         watcher::Event::Delete(object) => delete(cluster, &object),
+    }
+}
+
+/// The node's zone as of `event`, if the event tells it: a relist that
+/// finds no Node means no zone.
+fn zone_change(event: watcher::Event<core::Node>, listed: &mut bool) -> Option<Option<String>> {
+    let zone_of = |node: &core::Node| {
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(ZONE_LABEL).cloned())
+    };
+    match event {
+        watcher::Event::Init => {
+            *listed = false;
+            None
+        }
+        watcher::Event::InitApply(node) => {
+            *listed = true;
+            Some(zone_of(&node))
+        }
+        watcher::Event::InitDone => (!*listed).then_some(None),
+        watcher::Event::Apply(node) => Some(zone_of(&node)),
+        watcher::Event::Delete(_) => Some(None),
     }
 }
 
@@ -243,4 +294,45 @@ async fn send_changes(
     translation.commit(plan);
     info!(log, "batch applied"; "kubernetes_services" => changed.len(), "upserts" => upserts, "deletes" => deletes);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(zone: Option<&str>) -> core::Node {
+        let labels = zone.map(|zone| [(ZONE_LABEL.to_string(), zone.to_string())].into());
+        core::Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some("node-a".into()),
+                labels,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_zone_follows_this_node() {
+        let mut listed = false;
+        let mut zone = |event| zone_change(event, &mut listed);
+        assert_eq!(zone(watcher::Event::Init), None);
+        assert_eq!(
+            zone(watcher::Event::InitApply(node(Some("zone-a")))),
+            Some(Some("zone-a".into()))
+        );
+        assert_eq!(zone(watcher::Event::InitDone), None);
+        assert_eq!(zone(watcher::Event::Apply(node(None))), Some(None));
+        assert_eq!(
+            zone(watcher::Event::Apply(node(Some("zone-b")))),
+            Some(Some("zone-b".into()))
+        );
+        assert_eq!(
+            zone(watcher::Event::Delete(node(Some("zone-b")))),
+            Some(None)
+        );
+        // A relist without the Node: no zone.
+        assert_eq!(zone(watcher::Event::Init), None);
+        assert_eq!(zone(watcher::Event::InitDone), Some(None));
+    }
 }

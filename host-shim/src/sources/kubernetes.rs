@@ -2,19 +2,30 @@
 //! tables, as kube-proxy programs them:
 //!
 //! - every clusterIP (dual stack) and every port; TCP and UDP (SCTP is
-//!   skipped with a log line); headless and ExternalName services are
-//!   skipped; with `external_vips`, externalIPs and LoadBalancer ingress IPs
-//!   are further VIPs;
+//!   skipped with a log line); headless and ExternalName services, and
+//!   services labelled `service.kubernetes.io/service-proxy-name` (another
+//!   proxy's), are skipped; with `external_vips`, externalIPs and
+//!   LoadBalancer ingress IPs are further VIPs, except ingress of `ipMode:
+//!   Proxy` (the load balancer proxies: traffic must go to it);
 //! - backends from every EndpointSlice labelled with the service's name, of
 //!   the VIP's address family, on the slice port whose name matches the
 //!   service port (which resolves targetPort, by number or by name, per
 //!   endpoint); the first address of each endpoint;
-//! - ready endpoints; if none is ready, the serving and terminating ones;
-//!   with internalTrafficPolicy Local, only endpoints on `node`;
+//! - kube-proxy's `CategorizeEndpoints` (pkg/proxy/topology.go): ready
+//!   endpoints (terminating or not); if none is ready, the serving and
+//!   terminating ones; to a clusterIP with internalTrafficPolicy Local only
+//!   endpoints on `node`; otherwise topology hints narrow the ready ones:
+//!   to those hinted for `node` when every ready endpoint has node hints and
+//!   one is for `node` (trafficDistribution PreferSameNode), else to those
+//!   hinted for the node's `zone` when every ready endpoint has zone hints
+//!   and one is for that zone (PreferClose, PreferSameZone, topology-aware
+//!   routing); the EndpointSlice controller writes the hints from the
+//!   service's trafficDistribution, so kube-proxy, and socklb, read only them;
 //! - sessionAffinity ClientIP with its timeoutSeconds (default 10800).
 //!
 //! The translation depends only on the objects present, so they may arrive
-//! in any order.
+//! in any order. When two services claim one VIP, the first keeps it; when
+//! it lets go, the next claimant gets it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -27,6 +38,11 @@ use socklb_table::{DEFAULT_AFFINITY_TIMEOUT_SECS, Protocol, Service, ServiceKey}
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is served by the proxy it names, not by us
+/// (kube-proxy skips it the same way).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The Node label with the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,10 +69,13 @@ impl std::fmt::Display for ObjectKey {
 /// How the translation treats what kube-proxy makes configurable.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
-    /// This node, for internalTrafficPolicy Local.
+    /// This node, for internalTrafficPolicy Local and node hints.
     pub node: Option<String>,
     /// Also serve externalIPs and LoadBalancer ingress IPs as VIPs.
     pub external_vips: bool,
+    /// This node's zone (its Node's `topology.kubernetes.io/zone`), for
+    /// zone hints; `None` ignores them, as kube-proxy does.
+    pub zone: Option<String>,
 }
 
 /// The Services and EndpointSlices seen so far. Every change returns the
@@ -158,7 +177,11 @@ impl Cluster {
         if spec.type_.as_deref() == Some("ExternalName") {
             return Vec::new();
         }
-        let mut vips: Vec<IpAddr> = match &spec.cluster_ips {
+        let labels = service.metadata.labels.as_ref();
+        if labels.is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+            return Vec::new();
+        }
+        let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
             Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
             _ => spec
                 .cluster_ip
@@ -166,12 +189,16 @@ impl Cluster {
                 .filter_map(|ip| ip.parse().ok())
                 .collect(),
         };
+        let mut vips: Vec<(IpAddr, VipKind)> = cluster_ips
+            .into_iter()
+            .map(|ip| (ip, VipKind::Cluster))
+            .collect();
         if policy.external_vips {
             vips.extend(
                 spec.external_ips
                     .iter()
                     .flatten()
-                    .filter_map(|ip| ip.parse::<IpAddr>().ok()),
+                    .filter_map(|ip| Some((ip.parse::<IpAddr>().ok()?, VipKind::External))),
             );
             let ingress = service
                 .status
@@ -183,7 +210,8 @@ impl Cluster {
                     .iter()
                     .copied()
                     .flatten()
-                    .filter_map(|i| i.ip.as_ref()?.parse::<IpAddr>().ok()),
+                    .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                    .filter_map(|i| Some((i.ip.as_ref()?.parse().ok()?, VipKind::External))),
             );
         }
         let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -215,14 +243,12 @@ impl Cluster {
                 continue;
             };
             let port_name = port.name.as_deref().unwrap_or_default();
-            for vip in &vips {
-                let backends = backends(
-                    slices,
-                    vip,
-                    port_name,
-                    protocol,
-                    local_only.then_some(policy.node.as_deref()),
-                );
+            for (vip, kind) in &vips {
+                // From a pod, external VIPs always reach cluster endpoints
+                // (kube-proxy short-circuits pod traffic to them).
+                let local_only = local_only && *kind == VipKind::Cluster;
+                let endpoints = endpoints(slices, vip, port_name, protocol);
+                let backends = categorize(&endpoints, local_only, policy);
                 let candidate = Service {
                     name: Some(if port_name.is_empty() {
                         key.to_string()
@@ -248,18 +274,110 @@ impl Cluster {
     }
 }
 
-/// Endpoint addresses for one VIP family and service port, by kube-proxy's
-/// rules. `local_node`: `Some(node)` for internalTrafficPolicy Local.
-fn backends(
-    slices: Option<&BTreeMap<String, discovery::EndpointSlice>>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VipKind {
+    /// A clusterIP.
+    Cluster,
+    /// An externalIP or a LoadBalancer ingress IP.
+    External,
+}
+
+/// One endpoint as kube-proxy's categorization sees it.
+#[derive(Debug)]
+struct Endpoint<'a> {
+    backend: SocketAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<&'a str>,
+    zone_hints: Vec<&'a str>,
+    node_hints: Vec<&'a str>,
+}
+
+/// Where traffic stays, by the endpoints' hints (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    Anywhere,
+    SameNode,
+    SameZone,
+}
+
+/// kube-proxy's `topologyModeFromHints`: same node when every ready
+/// endpoint has node hints and one is for this node; else same zone when
+/// every ready endpoint has zone hints and one is for this node's zone.
+fn topology(endpoints: &[Endpoint], policy: &Policy) -> Topology {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    let hinted_for = |hints: &[&[&str]], target: Option<&str>| {
+        hints.iter().all(|h| !h.is_empty())
+            && hints.iter().any(|h| target.is_some_and(|t| h.contains(&t)))
+    };
+    let node_hints: Vec<&[&str]> = ready.iter().map(|e| e.node_hints.as_slice()).collect();
+    let zone_hints: Vec<&[&str]> = ready.iter().map(|e| e.zone_hints.as_slice()).collect();
+    if hinted_for(&node_hints, policy.node.as_deref()) {
+        Topology::SameNode
+    } else if hinted_for(&zone_hints, policy.zone.as_deref()) {
+        Topology::SameZone
+    } else {
+        Topology::Anywhere
+    }
+}
+
+/// The backends kube-proxy would use from this node (`CategorizeEndpoints`):
+/// ready endpoints (on this node only for `local_only`, else those the
+/// topology allows), else the serving terminating ones.
+fn categorize(endpoints: &[Endpoint], local_only: bool, policy: &Policy) -> Vec<SocketAddr> {
+    let node = policy.node.as_deref();
+    let chosen: Vec<&Endpoint> = if local_only {
+        let local: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| node.is_some() && e.node == node)
+            .collect();
+        let ready: Vec<&Endpoint> = local.iter().copied().filter(|e| e.ready).collect();
+        if ready.is_empty() {
+            local
+                .into_iter()
+                .filter(|e| e.serving && e.terminating)
+                .collect()
+        } else {
+            ready
+        }
+    } else {
+        let topology = topology(endpoints, policy);
+        let available = |e: &Endpoint| match topology {
+            Topology::Anywhere => true,
+            Topology::SameNode => node.is_some_and(|n| e.node_hints.contains(&n)),
+            Topology::SameZone => policy
+                .zone
+                .as_deref()
+                .is_some_and(|z| e.zone_hints.contains(&z)),
+        };
+        let ready: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.ready && available(e))
+            .collect();
+        if ready.is_empty() {
+            // No ready endpoint anywhere (topology never empties the set).
+            endpoints
+                .iter()
+                .filter(|e| e.serving && e.terminating)
+                .collect()
+        } else {
+            ready
+        }
+    };
+    let backends: BTreeSet<SocketAddr> = chosen.into_iter().map(|e| e.backend).collect();
+    backends.into_iter().collect()
+}
+
+/// The endpoints for one VIP family and service port.
+fn endpoints<'a>(
+    slices: Option<&'a BTreeMap<String, discovery::EndpointSlice>>,
     vip: &IpAddr,
     port_name: &str,
     protocol: Protocol,
-    local_node: Option<Option<&str>>,
-) -> Vec<SocketAddr> {
+) -> Vec<Endpoint<'a>> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let mut found = Vec::new();
     for slice in slices.into_iter().flat_map(|s| s.values()) {
         if slice.address_type != family {
             continue;
@@ -278,11 +396,6 @@ fn backends(
             continue;
         };
         for endpoint in &slice.endpoints {
-            if let Some(node) = local_node
-                && endpoint.node_name.as_deref() != node
-            {
-                continue;
-            }
             let Some(ip) = endpoint
                 .addresses
                 .first()
@@ -290,22 +403,33 @@ fn backends(
             else {
                 continue;
             };
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let conditions = endpoint.conditions.as_ref();
             // Kubernetes: a missing ready means ready, a missing serving
             // means the same as ready, a missing terminating means not.
-            let is_ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(is_ready);
-            let is_terminating = conditions.terminating.unwrap_or(false);
-            let backend = SocketAddr::new(ip.to_canonical(), target_port);
-            if is_ready && !is_terminating {
-                ready.insert(backend);
-            } else if serving && is_terminating {
-                terminating.insert(backend);
-            }
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let hints = endpoint.hints.as_ref();
+            found.push(Endpoint {
+                backend: SocketAddr::new(ip.to_canonical(), target_port),
+                ready,
+                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                node: endpoint.node_name.as_deref(),
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.as_str())
+                    .collect(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.as_str())
+                    .collect(),
+            });
         }
     }
-    let chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.into_iter().collect()
+    found
 }
 
 /// What the agent was given, per Kubernetes Service, so that each batch of
@@ -316,6 +440,9 @@ pub struct Translation {
     owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
     /// The reverse of `owners`: which Kubernetes Service has a VIP:port.
     owner_of: BTreeMap<ServiceKey, ObjectKey>,
+    /// Services refused a VIP:port another one owns: recomputed with its
+    /// owner, so one of them gets it when the owner lets go.
+    waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
 }
 
 /// Changes to send, and the state to keep once the agent has them.
@@ -324,6 +451,7 @@ pub struct Plan {
     pub upserts: Vec<Service>,
     pub deletes: Vec<ServiceKey>,
     owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
+    waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
 }
 
 impl Plan {
@@ -352,12 +480,33 @@ impl Translation {
         log: &Logger,
     ) -> Plan {
         let mut plan = Plan::default();
-        let dirty: BTreeSet<ObjectKey> = dirty.into_iter().collect();
+        let mut dirty: BTreeSet<ObjectKey> = dirty.into_iter().collect();
+        let waiting: Vec<ObjectKey> = dirty
+            .iter()
+            .filter_map(|key| self.owners.get(key))
+            .flatten()
+            .filter_map(|vip| self.waiting.get(vip))
+            .flatten()
+            .cloned()
+            .collect();
+        dirty.extend(waiting);
+        let translated: Vec<(&ObjectKey, Vec<Service>)> = dirty
+            .iter()
+            .map(|key| (key, cluster.translate(key, policy, log)))
+            .collect();
+        // An owner keeps what it still claims; others queue behind it.
         let mut claimed: BTreeMap<ServiceKey, &ObjectKey> = BTreeMap::new();
-        for key in &dirty {
+        for (key, services) in &translated {
+            if let Some(owned) = self.owners.get(*key) {
+                for service in services.iter().filter(|s| owned.contains(&s.key)) {
+                    claimed.insert(service.key, *key);
+                }
+            }
+        }
+        for (key, services) in translated {
             let previous = self.owners.get(key).cloned().unwrap_or_default();
             let mut owned = BTreeSet::new();
-            for service in cluster.translate(key, policy, log) {
+            for service in services {
                 // Owners being recomputed count by their new claims only.
                 let owner = claimed.get(&service.key).copied().or_else(|| {
                     self.owner_of
@@ -367,6 +516,10 @@ impl Translation {
                 if owner.is_some_and(|owner| owner != key) {
                     warn!(log, "VIP already served by another service; skipped";
                           "service" => key.to_string(), "vip" => service.key.to_string());
+                    plan.waiting
+                        .entry(service.key)
+                        .or_default()
+                        .insert(key.clone());
                     continue;
                 }
                 owned.insert(service.key);
@@ -391,6 +544,13 @@ impl Translation {
         }
         for service in plan.upserts {
             self.applied.insert(service.key, service);
+        }
+        self.waiting.retain(|_, claimants| {
+            claimants.retain(|claimant| !plan.owners.contains_key(claimant));
+            !claimants.is_empty()
+        });
+        for (vip, claimants) in plan.waiting {
+            self.waiting.entry(vip).or_default().extend(claimants);
         }
         for (owner, keys) in plan.owners {
             for key in self.owners.remove(&owner).into_iter().flatten() {
@@ -587,7 +747,7 @@ mod tests {
         ));
         let policy = Policy {
             node: Some("node-b".into()),
-            external_vips: false,
+            ..Policy::default()
         };
         assert!(translate(&cluster, "headless", &policy).is_empty());
         assert!(translate(&cluster, "ext", &policy).is_empty());
@@ -718,8 +878,8 @@ mod tests {
     fn a_vip_claimed_twice_stays_with_its_first_owner() {
         let log = log();
         let policy = Policy {
-            node: None,
             external_vips: true,
+            ..Policy::default()
         };
         let mut cluster = Cluster::default();
         cluster.apply_service(service(
@@ -736,14 +896,291 @@ mod tests {
         let plan = translation.plan(&cluster, dirty, &policy, &log);
         assert_eq!(lines(&plan.upserts), ["10.96.0.21:80/TCP -> []"]);
         translation.commit(plan);
-        // Once "a" is gone, "b" may take the VIP.
-        let mut dirty = cluster.delete_service(&service("a", json!({})));
-        dirty.push(key("b"));
+        // While "a" changes but keeps the VIP, "b" waits.
+        let dirty = cluster.apply_slice(slice(
+            "a",
+            "a",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([ready("10.244.1.1")]),
+        ));
+        let plan = translation.plan(&cluster, dirty, &policy, &log);
+        assert_eq!(
+            lines(&plan.upserts),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]
+        );
+        translation.commit(plan);
+        // Once "a" lets go, "b" gets the VIP without an event of its own.
+        let dirty = cluster.delete_service(&service("a", json!({})));
+        assert_eq!(dirty, [key("a")]);
         let plan = translation.plan(&cluster, dirty, &policy, &log);
         assert_eq!(lines(&plan.upserts), ["10.96.0.20:80/TCP -> []"]);
         assert!(
             plan.deletes.is_empty(),
             "the VIP moves, it is not removed: {plan:?}"
+        );
+        translation.commit(plan);
+        assert!(
+            translation
+                .plan(&cluster, [key("a"), key("b")], &policy, &log)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn an_owner_recomputed_with_its_rival_keeps_the_vip() {
+        let log = log();
+        let policy = Policy {
+            external_vips: true,
+            ..Policy::default()
+        };
+        let mut cluster = Cluster::default();
+        // "z" owns the VIP; "a" sorts first and claims it too.
+        cluster.apply_service(service(
+            "z",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}),
+        ));
+        let mut translation = Translation::default();
+        translation.full(&cluster, &policy, &log);
+        cluster.apply_service(service(
+            "a",
+            json!({"clusterIP": "10.96.0.21", "externalIPs": ["10.96.0.20"], "ports": [{"port": 80}]}),
+        ));
+        let plan = translation.plan(&cluster, [key("a"), key("z")], &policy, &log);
+        assert_eq!(lines(&plan.upserts), ["10.96.0.21:80/TCP -> []"]);
+        assert!(plan.deletes.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn services_of_another_proxy_and_proxied_load_balancers_are_not_ours() {
+        let mut cluster = Cluster::default();
+        let mut other: core::Service = service(
+            "other",
+            json!({"clusterIP": "10.96.0.60", "ports": [{"port": 80}]}),
+        );
+        other.metadata.labels = Some(
+            [(
+                SERVICE_PROXY_NAME_LABEL.to_string(),
+                "other-proxy".to_string(),
+            )]
+            .into(),
+        );
+        cluster.apply_service(other);
+        let mut lb: core::Service = service(
+            "lb",
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.50", "ports": [{"port": 443}]}),
+        );
+        lb.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [
+            {"ip": "198.51.100.7", "ipMode": "VIP"},
+            {"ip": "198.51.100.8", "ipMode": "Proxy"},
+            {"ip": "198.51.100.9"}
+        ]}}))
+        .unwrap();
+        cluster.apply_service(lb);
+        let policy = Policy {
+            external_vips: true,
+            ..Policy::default()
+        };
+        assert!(translate(&cluster, "other", &policy).is_empty());
+        assert_eq!(
+            translate(&cluster, "lb", &policy),
+            [
+                "10.96.0.50:443/TCP -> []",
+                "198.51.100.7:443/TCP -> []",
+                "198.51.100.9:443/TCP -> []",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_ready_terminating_endpoint_counts_as_ready() {
+        let mut cluster = Cluster::default();
+        cluster.apply_service(service(
+            "web",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}),
+        ));
+        cluster.apply_slice(slice(
+            "s",
+            "web",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([
+                {"addresses": ["10.244.1.1"], "conditions": {"ready": true, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}
+            ]),
+        ));
+        assert_eq!(
+            translate(&cluster, "web", &Policy::default()),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]
+        );
+    }
+
+    /// A ready endpoint with topology hints, as the EndpointSlice controller
+    /// writes them for the service's trafficDistribution.
+    fn hinted(ip: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Value {
+        let mut hints = serde_json::Map::new();
+        if !zones.is_empty() {
+            hints.insert(
+                "forZones".into(),
+                zones.iter().map(|z| json!({"name": z})).collect(),
+            );
+        }
+        if !nodes.is_empty() {
+            hints.insert(
+                "forNodes".into(),
+                nodes.iter().map(|n| json!({"name": n})).collect(),
+            );
+        }
+        json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": true},
+               "hints": hints})
+    }
+
+    fn topology_cluster(endpoints: Value) -> Cluster {
+        let mut cluster = Cluster::default();
+        cluster.apply_service(service(
+            "web",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}],
+                   "trafficDistribution": "PreferClose"}),
+        ));
+        cluster.apply_slice(slice(
+            "s",
+            "web",
+            "IPv4",
+            json!([{"port": 8080}]),
+            endpoints,
+        ));
+        cluster
+    }
+
+    fn on(node: &str, zone: Option<&str>) -> Policy {
+        Policy {
+            node: Some(node.into()),
+            zone: zone.map(Into::into),
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn zone_hints_keep_traffic_in_the_zone_when_kube_proxy_would() {
+        // PreferClose and PreferSameZone: the controller hints every
+        // endpoint for its own zone.
+        let cluster = topology_cluster(json!([
+            hinted("10.244.1.1", "node-a", &["zone-a"], &[]),
+            hinted("10.244.1.2", "node-b", &["zone-b"], &[]),
+            hinted("10.244.1.3", "node-c", &["zone-a"], &[])
+        ]));
+        let all = ["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080 10.244.1.3:8080]"];
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.3:8080]"]
+        );
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-b"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.2:8080]"]
+        );
+        // No zone label on the node, or no endpoint hinted for its zone:
+        // the hints are ignored.
+        assert_eq!(translate(&cluster, "web", &on("node-x", None)), all);
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-c"))),
+            all
+        );
+
+        // One ready endpoint without hints: ignored too; a not-ready one
+        // does not count.
+        let cluster = topology_cluster(json!([
+            hinted("10.244.1.1", "node-a", &["zone-a"], &[]),
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": true}}
+        ]));
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]"]
+        );
+        let cluster = topology_cluster(json!([
+            hinted("10.244.1.1", "node-a", &["zone-a"], &[]),
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": false}}
+        ]));
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]
+        );
+    }
+
+    #[test]
+    fn node_hints_keep_traffic_on_the_node_before_zone_hints() {
+        // PreferSameNode: node hints, and zone hints as the fallback.
+        let cluster = topology_cluster(json!([
+            hinted("10.244.1.1", "node-a", &["zone-a"], &["node-a"]),
+            hinted("10.244.1.2", "node-b", &["zone-a"], &["node-b"]),
+            hinted("10.244.1.3", "node-c", &["zone-b"], &["node-c"])
+        ]));
+        assert_eq!(
+            translate(&cluster, "web", &on("node-b", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.2:8080]"]
+        );
+        // No endpoint on this node: the zone's.
+        assert_eq!(
+            translate(&cluster, "web", &on("node-x", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]"]
+        );
+    }
+
+    #[test]
+    fn serving_terminating_fallback_and_local_policy_ignore_hints() {
+        // No ready endpoint: the serving terminating ones, wherever hinted.
+        let cluster = topology_cluster(json!([
+            {"addresses": ["10.244.1.1"], "nodeName": "node-a",
+             "conditions": {"ready": false, "serving": true, "terminating": true},
+             "hints": {"forZones": [{"name": "zone-b"}]}}
+        ]));
+        assert_eq!(
+            translate(&cluster, "web", &on("node-a", Some("zone-a"))),
+            ["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]
+        );
+
+        // internalTrafficPolicy Local: this node's ready endpoints, else its
+        // serving terminating ones; hints play no part. External VIPs take
+        // the cluster's endpoints.
+        let mut cluster = Cluster::default();
+        cluster.apply_service(service(
+            "local",
+            json!({"clusterIP": "10.96.0.40", "externalIPs": ["192.0.2.40"],
+                   "ports": [{"port": 80}], "internalTrafficPolicy": "Local"}),
+        ));
+        let terminating_here = json!({"addresses": ["10.244.1.3"], "nodeName": "node-a",
+            "conditions": {"ready": false, "serving": true, "terminating": true}});
+        cluster.apply_slice(slice(
+            "s",
+            "local",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([
+                hinted("10.244.1.1", "node-a", &["zone-b"], &[]),
+                hinted("10.244.1.2", "node-b", &["zone-a"], &[]),
+                terminating_here.clone()
+            ]),
+        ));
+        let policy = Policy {
+            external_vips: true,
+            ..on("node-a", Some("zone-a"))
+        };
+        assert_eq!(
+            translate(&cluster, "local", &policy),
+            [
+                "10.96.0.40:80/TCP -> [10.244.1.1:8080]",
+                "192.0.2.40:80/TCP -> [10.244.1.2:8080]",
+            ]
+        );
+        cluster.apply_slice(slice(
+            "s",
+            "local",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([hinted("10.244.1.2", "node-b", &[], &[]), terminating_here]),
+        ));
+        assert_eq!(
+            translate(&cluster, "local", &policy)[0],
+            "10.96.0.40:80/TCP -> [10.244.1.3:8080]"
         );
     }
 }
