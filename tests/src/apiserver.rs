@@ -56,6 +56,7 @@ struct State {
     /// Bumped to end every open watch.
     watch_epoch: u64,
     lists: BTreeMap<Kind, usize>,
+    watches: BTreeMap<Kind, usize>,
 }
 
 pub struct FakeApiServer {
@@ -163,6 +164,18 @@ current-context: fake
             .unwrap_or(0)
     }
 
+    /// How many watches of `kind` were opened.
+    pub fn watches(&self, kind: Kind) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .watches
+            .get(&kind)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn change(&self, change: impl FnOnce(&mut State)) {
         let (lock, wake) = &*self.state;
         change(&mut lock.lock().unwrap());
@@ -216,6 +229,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
                 .get("timeoutSeconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(290);
+            *state.0.lock().unwrap().watches.entry(kind).or_default() += 1;
             serve_watch(&mut stream, state, kind, from, Duration::from_secs(timeout));
             return;
         }

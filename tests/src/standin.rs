@@ -10,7 +10,8 @@
 //!   behind the hybrid vsock handshake (`CONNECT <port>\n` -> `OK <n>\n`)
 //!   on a unix socket, as vhost-device-vsock, Firecracker and Cloud
 //!   Hypervisor offer a guest port;
-//! - [`SilentAgent`]: a hybrid vsock socket that accepts and never answers.
+//! - [`SilentAgent`]: a hybrid vsock socket that accepts and never answers;
+//! - [`HybridFront`]: hybrid vsock in front of a real agent's unix socket.
 //!
 //! All run on the caller's tokio runtime.
 
@@ -299,6 +300,41 @@ impl SilentAgent {
 }
 
 impl Drop for SilentAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Hybrid vsock in front of an agent listening on a unix socket: accepts
+/// `CONNECT <port>` on `uds` and joins the connection to `agent`, so a real
+/// agent in a test sandbox is reached the way a sandbox VM's is.
+pub struct HybridFront {
+    task: JoinHandle<()>,
+}
+
+impl HybridFront {
+    pub fn start(uds: &Path, port: u32, agent: &Path) -> HybridFront {
+        let listener =
+            UnixListener::bind(uds).unwrap_or_else(|e| panic!("bind {}: {e}", uds.display()));
+        let agent = agent.to_path_buf();
+        let task = tokio::spawn(async move {
+            while let Ok((mut host, _)) = listener.accept().await {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if accept_hybrid(&mut host, port).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut guest) = UnixStream::connect(&agent).await {
+                        let _ = tokio::io::copy_bidirectional(&mut host, &mut guest).await;
+                    }
+                });
+            }
+        });
+        HybridFront { task }
+    }
+}
+
+impl Drop for HybridFront {
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -68,10 +68,8 @@ pub enum CatchUp {
         /// When the oldest of these changes was published.
         since: Instant,
     },
-    Whole {
-        version: u64,
-        table: Table,
-    },
+    /// The whole table ([`Hub::whole`]).
+    Whole,
 }
 
 impl Hub {
@@ -125,12 +123,20 @@ impl Hub {
         self.version.send_replace(state.version);
     }
 
+    /// The newest version and its whole table: a copy, made only when it is
+    /// about to be sent.
+    pub fn whole(&self) -> (u64, Table) {
+        let state = self.state.lock().unwrap();
+        let services = state.services.values().cloned().collect();
+        (state.version, Table { services })
+    }
+
     /// What an agent that acknowledged `acked` (None: nothing, or unknown)
     /// needs.
     pub fn catch_up(&self, acked: Option<u64>) -> CatchUp {
         let state = self.state.lock().unwrap();
         let Some(acked) = acked else {
-            return whole(&state);
+            return CatchUp::Whole;
         };
         if acked == state.version {
             return CatchUp::Current;
@@ -138,7 +144,7 @@ impl Hub {
         let missed: Vec<&Arc<Batch>> = state.batches.iter().filter(|b| b.version > acked).collect();
         let complete = missed.first().is_some_and(|b| b.version == acked + 1);
         if !complete {
-            return whole(&state);
+            return CatchUp::Whole;
         }
         // Newest wins: a later batch's upsert or delete of a key replaces
         // an earlier one's.
@@ -165,14 +171,6 @@ impl Hub {
             deletes,
             since: missed[0].published,
         }
-    }
-}
-
-fn whole(state: &HubState) -> CatchUp {
-    let services = state.services.values().cloned().collect();
-    CatchUp::Whole {
-        version: state.version,
-        table: Table { services },
     }
 }
 
@@ -246,9 +244,10 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
                 }
                 continue;
             }
-            CatchUp::Whole { version, table } => {
+            CatchUp::Whole => {
                 shared.registry.set_state(&id, State::Syncing);
                 let _permit = shared.whole_syncs.acquire().await;
+                let (version, table) = shared.hub.whole();
                 let result = client.sync_once(&table, version).await;
                 shared.metrics.sync_done(result.is_ok());
                 opened_at_sync = client.connections_opened();
@@ -360,9 +359,8 @@ mod tests {
         assert!(deletes.is_empty(), "deleted then re-added: only the upsert");
 
         // Unknown state and a new sandbox get the whole newest table.
-        let CatchUp::Whole { version, table } = hub.catch_up(None) else {
-            panic!("whole table expected");
-        };
+        assert_eq!(hub.catch_up(None), CatchUp::Whole);
+        let (version, table) = hub.whole();
         assert_eq!(version, 5);
         assert_eq!(table.digest(), Table::new(vec![a2, b]).unwrap().digest());
     }
@@ -375,16 +373,13 @@ mod tests {
             let vip = format!("10.96.1.{}", i % 250);
             hub.publish_changes(&[service(&vip, "10.244.0.1:80")], &[]);
         }
-        assert!(matches!(hub.catch_up(Some(1)), CatchUp::Whole { .. }));
+        assert_eq!(hub.catch_up(Some(1)), CatchUp::Whole);
         assert!(matches!(
             hub.catch_up(Some(hub.version() - 1)),
             CatchUp::Changes { .. }
         ));
         // A table replaced whole drops the batches before it.
         hub.publish_whole(Table::new(Vec::new()).unwrap());
-        assert!(matches!(
-            hub.catch_up(Some(hub.version() - 1)),
-            CatchUp::Whole { .. }
-        ));
+        assert_eq!(hub.catch_up(Some(hub.version() - 1)), CatchUp::Whole);
     }
 }
