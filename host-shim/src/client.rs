@@ -421,9 +421,9 @@ impl AgentClient {
             services: table.to_api(),
             ..Default::default()
         };
-        // In one message when it fits, else in parts.
+        // In one message when it fits (as any agent takes it), else in parts.
         let bytes = request.compute_size() as usize;
-        let outcome = if bytes <= PART_BYTES {
+        let outcome = if bytes <= ONE_MESSAGE_BYTES {
             let context = ttrpc::context::with_duration(self.options.call_timeout);
             connection.services.sync(context, &request).await
         } else if connection.api_minor >= 1 {
@@ -552,6 +552,10 @@ fn too_large_from(message: String) -> ClientError {
     }
 }
 
+/// The largest request that fits one ttrpc message: the envelope (service
+/// and method names, timeout) needs far less than the rest.
+const ONE_MESSAGE_BYTES: usize = TTRPC_MESSAGE_LIMIT - 4096;
+
 /// Refuses, before sending, a request ttrpc would refuse.
 fn fits_one_message(
     request: &impl protobuf::Message,
@@ -559,8 +563,7 @@ fn fits_one_message(
     hint: &str,
 ) -> Result<(), ClientError> {
     let bytes = request.compute_size() as usize;
-    // The envelope (service and method names, timeout) needs little more.
-    if bytes > TTRPC_MESSAGE_LIMIT - 4096 {
+    if bytes > ONE_MESSAGE_BYTES {
         return Err(ClientError::TooLarge {
             what: what.into(),
             bytes,
