@@ -1,4 +1,4 @@
-//! A fake Kubernetes API server for Services and EndpointSlices that speaks
+//! A fake Kubernetes API server for Services, EndpointSlices and Nodes that speaks
 //! the list + watch protocol kube-rs uses: lists carry a resourceVersion,
 //! watches stream chunked JSON events after a given resourceVersion,
 //! bookmarks, and a watch from a compacted resourceVersion gets a 410
@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: give it no namespace. Field selectors are ignored
+    /// (every Node is listed).
+    Node,
 }
 
 impl Kind {
@@ -27,6 +30,7 @@ impl Kind {
         match self {
             Kind::Service => "/api/v1/services",
             Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+            Kind::Node => "/api/v1/nodes",
         }
     }
 
@@ -34,6 +38,7 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
 
@@ -41,6 +46,7 @@ impl Kind {
         match self {
             Kind::Service => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Node => "v1",
         }
     }
 }
@@ -213,7 +219,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let params: BTreeMap<&str, &str> =
             query.split('&').filter_map(|p| p.split_once('=')).collect();
-        let Some(kind) = [Kind::Service, Kind::EndpointSlice]
+        let Some(kind) = [Kind::Service, Kind::EndpointSlice, Kind::Node]
             .into_iter()
             .find(|k| k.path() == path)
         else {

@@ -306,3 +306,68 @@ fn resyncs_a_restarted_agent() {
         &[&web, "10.96.0.21:80/TCP -> []"],
     );
 }
+
+/// This node's Node in the fake API server, in `zone` (none: unlabelled).
+fn this_node(zone: Option<&str>) -> Value {
+    let labels = zone.map_or_else(|| json!({}), |z| json!({"topology.kubernetes.io/zone": z}));
+    json!({"metadata": {"name": "node-a", "labels": labels}})
+}
+
+#[test]
+fn topology_hints_follow_the_zone_of_this_node_and_other_proxies_services_are_skipped() {
+    let sandbox = Sandbox::create();
+    let _agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    api.apply(Kind::Node, this_node(Some("zone-a")));
+    api.apply(
+        Kind::Service,
+        service(
+            "web",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}],
+                   "trafficDistribution": "PreferClose"}),
+        ),
+    );
+    // As the EndpointSlice controller hints them for PreferClose.
+    let in_zone = |ip: String, zone: &str| {
+        json!({"addresses": [ip], "conditions": {"ready": true},
+               "hints": {"forZones": [{"name": zone}]}})
+    };
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-1",
+            "web",
+            json!([{"port": 8080}]),
+            json!([
+                in_zone(backend_ip(1), "zone-a"),
+                in_zone(backend_ip(2), "zone-b")
+            ]),
+        ),
+    );
+    let mut other = service(
+        "other",
+        json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}),
+    );
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "another"});
+    api.apply(Kind::Service, other);
+
+    let _shim = Shim(
+        sandbox
+            .shim_kube_command(&kubeconfig, &["--node", "node-a", "--batch-ms", "50"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    let only = |n: u8| format!("10.96.0.20:80/TCP -> [{}:8080]", backend_ip(n));
+    expect(&sandbox, "zone-a's endpoint", &[&only(1)]);
+    api.apply(Kind::Node, this_node(Some("zone-b")));
+    expect(&sandbox, "the node relabelled to zone-b", &[&only(2)]);
+    api.apply(Kind::Node, this_node(None));
+    let both = format!(
+        "10.96.0.20:80/TCP -> [{}:8080 {}:8080]",
+        backend_ip(1),
+        backend_ip(2)
+    );
+    expect(&sandbox, "no zone label: hints ignored", &[&both]);
+}
