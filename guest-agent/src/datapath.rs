@@ -93,6 +93,7 @@ pub struct ApplySummary {
 }
 
 /// A service as the maps hold it.
+#[derive(Clone)]
 struct Programmed {
     entry: socklb_common::Service,
     backends: Vec<Endpoint>,
@@ -227,15 +228,29 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes the maps hold exactly `table`.
+    /// Makes the maps hold exactly `table`, or leaves them as they were: a
+    /// table refused (capacity) changes nothing, and after a kernel error
+    /// half way the previous table is written back.
     pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
         let mut current = self.read_programmed()?;
+        let before = current.clone();
         let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
             current.keys().map(|key| (*key, None)).collect();
         for service in &table.services {
             wanted.insert(map_key(&service.key), Some(service));
         }
-        let summary = self.write(wanted, &mut current)?;
+        let summary = match self.write(wanted, &mut current) {
+            Ok(summary) => summary,
+            Err(err) if err.downcast_ref::<TableError>().is_some() => return Err(err),
+            Err(err) => {
+                return Err(match self.apply(&table_of(before)) {
+                    Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
+                    Err(restore) => err.context(format!(
+                        "writing the table failed half way and restoring the previous one failed too: {restore:#}"
+                    )),
+                });
+            }
+        };
         info!(self.log, "table applied"; "services" => table.services.len(),
               "added" => summary.added, "updated" => summary.updated,
               "removed" => summary.removed, "unchanged" => summary.unchanged);
@@ -350,20 +365,7 @@ impl Datapath {
 
     /// The table as the maps hold it (names are not kept in the datapath).
     pub fn read_table(&self) -> Result<Table> {
-        let services = self
-            .read_programmed()?
-            .into_iter()
-            .map(|(key, programmed)| Service {
-                name: None,
-                key: table_key(&key),
-                affinity_timeout_secs: match programmed.entry.affinity_timeout_secs {
-                    0 => None,
-                    secs => Some(secs),
-                },
-                backends: programmed.backends.iter().map(socket_addr).collect(),
-            })
-            .collect();
-        Ok(Table { services })
+        Ok(table_of(self.read_programmed()?))
     }
 
     pub fn service_count(&self) -> usize {
@@ -783,6 +785,23 @@ fn endpoint(addr: &SocketAddr) -> Endpoint {
 
 fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
     SocketAddr::new(ip_of(&endpoint.addr), u16::from_be(endpoint.port))
+}
+
+/// Programmed services as a table (without names: the maps keep none).
+fn table_of(programmed: BTreeMap<socklb_common::ServiceKey, Programmed>) -> Table {
+    let services = programmed
+        .into_iter()
+        .map(|(key, programmed)| Service {
+            name: None,
+            key: table_key(&key),
+            affinity_timeout_secs: match programmed.entry.affinity_timeout_secs {
+                0 => None,
+                secs => Some(secs),
+            },
+            backends: programmed.backends.iter().map(socket_addr).collect(),
+        })
+        .collect();
+    Table { services }
 }
 
 fn map_key(key: &ServiceKey) -> socklb_common::ServiceKey {

@@ -35,22 +35,10 @@ impl ServiceTable {
         }
     }
 
-    /// Makes the datapath hold exactly `table`, or leaves it as it was.
+    /// Makes the datapath hold exactly `table`, or leaves it as it was
+    /// (`Datapath::apply` is all or nothing).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
-        let before = self.datapath.read_table()?;
-        if let Err(err) = self.datapath.apply(table) {
-            // A refused table (capacity) changed nothing; a kernel error half
-            // way did: put the previous table back.
-            if err.downcast_ref::<TableError>().is_some() {
-                return Err(err);
-            }
-            return Err(match self.datapath.apply(&before) {
-                Ok(_) => err.context("the sync failed half way; the previous table is restored"),
-                Err(restore) => err.context(format!(
-                    "the sync failed half way and restoring the previous table failed too: {restore:#}"
-                )),
-            });
-        }
+        self.datapath.apply(table)?;
         self.names = table
             .services
             .iter()
