@@ -186,6 +186,31 @@ mod tests {
     }
 
     #[test]
+    fn readme_names_exactly_the_installed_files() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Add socklb to a Kata guest image")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has the section");
+        let named: std::collections::BTreeSet<&str> = section
+            .lines()
+            .filter(|l| l.starts_with("| systemd |") || l.starts_with("| initrd |"))
+            .flat_map(|l| l.split('`').skip(1).step_by(2))
+            .filter(|word| !word.contains(' ') && word.contains('/'))
+            .filter(|word| !word.starts_with("rootfs/"))
+            .collect();
+        let installed = std::collections::BTreeSet::from([
+            AGENT_PATH,
+            UNIT_PATH,
+            WANTS_PATH,
+            INIT_PATH,
+            KATA_AGENT_PATH,
+        ]);
+        assert_eq!(named, installed);
+    }
+
+    #[test]
     fn initrd_flavour_needs_kata_agent_as_init() {
         let dir = tempfile::tempdir().unwrap();
         let agent = dir.path().join("agent-binary");
