@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use socklb_protocols::{
     protobuf::Message as _,
-    socklb::{DeleteRequest, SyncRequest, UpsertRequest},
+    socklb::{self as api, DeleteRequest, SyncPartRequest, SyncRequest, UpsertRequest},
 };
 use socklb_table::{Service, ServiceKey, Table};
 
@@ -19,11 +19,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.digest(), table.digest());
     }
     if let Ok(request) = UpsertRequest::parse_from_bytes(data) {
-        for (index, service) in request.services.iter().enumerate() {
-            if let Ok(service) = Service::from_api(index, service) {
-                assert_eq!(Service::from_api(index, &service.to_api()).unwrap(), service);
-            }
-        }
+        each_service_round_trips(&request.services);
+    }
+    // A part of a Sync in parts is validated service by service the same way.
+    if let Ok(request) = SyncPartRequest::parse_from_bytes(data) {
+        each_service_round_trips(&request.services);
     }
     if let Ok(request) = DeleteRequest::parse_from_bytes(data) {
         for key in &request.keys {
@@ -33,3 +33,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+fn each_service_round_trips(services: &[api::Service]) {
+    for (index, service) in services.iter().enumerate() {
+        if let Ok(service) = Service::from_api(index, service) {
+            assert_eq!(
+                Service::from_api(index, &service.to_api()).unwrap(),
+                service
+            );
+        }
+    }
+}
