@@ -21,7 +21,8 @@ const USAGE: &str = "usage: cargo xtask <command>
           install the static agent into a Kata osbuilder rootfs directory: its systemd
           unit wanted by kata-containers.target, or (--initrd, kata-agent as /sbin/init)
           socklb's init in front of kata-agent
-  bench   per-hook cost, control plane, Kubernetes translation, and the datapath against
+  bench   per-hook cost, control plane, Kubernetes translation, the node daemon at 200
+          sandboxes against one shim per sandbox, and the datapath against
           direct, iptables and nftables; tables and a plot in target/socklb/bench (needs root)";
 
 /// Debian packages the build and the tests use.
@@ -366,6 +367,7 @@ fn bench() -> Result<()> {
     run(Command::new(&bench).arg("hooks"))?;
     run(Command::new(&bench).arg("control-plane"))?;
     run(Command::new(&bench).arg("kube"))?;
+    run(Command::new(&bench).arg("node"))?;
     run(Command::new(&bench).arg("datapath"))?;
     let mut guest_hooks = Command::new(&bench);
     guest_hooks.arg("guest-hooks");

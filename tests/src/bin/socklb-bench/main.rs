@@ -22,8 +22,12 @@
 //! of incremental translation, against a full recompute), and the time from
 //! an EndpointSlice change at a (fake) API server to the agent's
 //! acknowledgement through `socklb-shim kube`.
+//!
+//! `node`: one `socklb-shim node` serving 200 sandboxes against one
+//! `socklb-shim kube` process per sandbox (see `node`).
 
 mod modes;
+mod node;
 
 use std::{
     collections::BTreeMap,
@@ -50,8 +54,9 @@ fn main() {
         Some("kube") => kube(),
         Some("datapath") => datapath(),
         Some("guest-hooks") => guest_hooks(),
+        Some("node") => node::node(),
         _ => {
-            eprintln!("usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks");
+            eprintln!("usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,297 @@
+//! `node`: 200 sandboxes (199 stand-in agents + 1 real agent, all behind
+//! hybrid vsock, see `socklb_tests::standin`) at 10,000 services x 8
+//! backends, served by one `socklb-shim node`; the baseline in the same run
+//! is one `socklb-shim kube` process per sandbox. Each of those holds the
+//! whole cluster (about 100 MiB at this size), so 200 of them do not fit
+//! this machine's memory: the baseline runs `BASELINE_PROCESSES` of them
+//! for the first `BASELINE_PROCESSES` sandboxes, and its RSS for 200 is
+//! that measured total scaled linearly (said so in the output). Measures
+//! the first full fan-out, an EndpointSlice change at the (fake) API server
+//! to the acknowledgement of all (p50 / p99), watches opened and RSS.
+
+use std::{
+    io::BufRead as _,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use socklb_protocols::DEFAULT_AGENT_PORT;
+use socklb_shim::node::{http::get_unix, status::Report};
+use socklb_tests::{
+    Sandbox,
+    apiserver::{FakeApiServer, Kind},
+    die_with_parent, shim_bin,
+    standin::{HybridFront, KataShim, StandInAgent},
+};
+
+use crate::{SERVICES, k8s_service, k8s_slice, percentiles, proc_status_kib};
+
+const SANDBOXES: usize = 200;
+/// `socklb-shim kube` processes the baseline runs (see above).
+const BASELINE_PROCESSES: usize = 40;
+const CHANGES: u32 = 100;
+const BATCH_MS: &str = "10";
+const SETTLE: Duration = Duration::from_secs(600);
+
+/// Kills the children on the way out, whatever happens.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Children {
+    fn rss_kib(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|c| proc_status_kib(c.id() as i32, "VmRSS:"))
+            .sum()
+    }
+}
+
+fn status(runtime: &tokio::runtime::Runtime, socket: &Path) -> Option<Report> {
+    let text = runtime
+        .block_on(get_unix(socket, "/status", Duration::from_secs(5)))
+        .ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Waits until every sandbox acknowledged version `at_least` or newer;
+/// the newest version then.
+fn wait_all_acked(runtime: &tokio::runtime::Runtime, socket: &Path, at_least: u64) -> u64 {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        if let Some(report) = status(runtime, socket)
+            && report.version >= at_least
+            && report.sandboxes.len() == SANDBOXES
+            && report
+                .sandboxes
+                .iter()
+                .all(|row| row.acked.is_some_and(|acked| acked >= at_least))
+        {
+            return report.version;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sandboxes did not all acknowledge version {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn node() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    for i in 0..SERVICES {
+        api.apply(Kind::Service, k8s_service(i));
+        api.apply(Kind::EndpointSlice, k8s_slice(i, 0));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let roots = dir.path().join("sbs");
+    std::fs::create_dir(&roots).unwrap();
+
+    // One real agent in a test sandbox, reached through hybrid vsock.
+    let sandbox = Sandbox::create();
+    let _agent = sandbox.start_agent(None);
+    let agent_socket = sandbox.workdir.path().join("agent.sock");
+    let mut agent_urls = Vec::new();
+    let mut standins = Vec::new();
+    let mut shims = Vec::new();
+    let real_uds = dir.path().join("real.vsock");
+    let _front = HybridFront::start(&real_uds, DEFAULT_AGENT_PORT, &agent_socket);
+    agent_urls.push(format!("hvsock://{}:1024", real_uds.display()));
+    for i in 1..SANDBOXES {
+        let uds = dir.path().join(format!("sb-{i}.vsock"));
+        standins.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
+        agent_urls.push(format!("hvsock://{}:1024", uds.display()));
+    }
+    for (i, url) in agent_urls.iter().enumerate() {
+        let sandbox_dir = roots.join(format!("sb-{i}"));
+        std::fs::create_dir(&sandbox_dir).unwrap();
+        shims.push(KataShim::start(&sandbox_dir.join("shim-monitor.sock"), url));
+    }
+
+    // The node daemon.
+    let status_socket = dir.path().join("node.sock");
+    let watches_before = api.watches(Kind::EndpointSlice) + api.watches(Kind::Service);
+    let mut command = Command::new(shim_bin());
+    command
+        .args(["--timeout", "60", "node", "--node", "node-a"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--sandbox-root")
+        .arg(&roots)
+        .arg("--status-socket")
+        .arg(&status_socket)
+        .args(["--batch-ms", BATCH_MS])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut command);
+    let started = Instant::now();
+    let daemon = Children(vec![command.spawn().expect("socklb-shim node")]);
+    let mut version = wait_all_acked(&runtime, &status_socket, 1);
+    let node_first = started.elapsed();
+    let mut node_latencies = Vec::new();
+    for n in 0..CHANGES {
+        let pushed = Instant::now();
+        api.apply(
+            Kind::EndpointSlice,
+            k8s_slice((n * 31) % SERVICES, 1000 + n),
+        );
+        version = wait_all_acked(&runtime, &status_socket, version + 1);
+        node_latencies.push(pushed.elapsed().as_secs_f64() * 1e3);
+    }
+    let node_watches =
+        api.watches(Kind::EndpointSlice) + api.watches(Kind::Service) - watches_before;
+    let node_rss = daemon.rss_kib();
+    let node_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:");
+    drop(daemon);
+    let node_latency = percentiles(&mut node_latencies);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    eprintln!(
+        "node: first fan-out {:.2} s, change to all p50/p99 {:.1}/{:.1} ms, RSS {:.1} MiB (peak {:.1}), watches {node_watches}",
+        node_first.as_secs_f64(),
+        node_latency.0,
+        node_latency.1,
+        mib(node_rss),
+        mib(node_peak)
+    );
+
+    // The baseline: one socklb-shim kube per sandbox, same agents.
+    let watches_before = api.watches(Kind::EndpointSlice) + api.watches(Kind::Service);
+    let (events, received) = mpsc::channel::<(Instant, bool)>();
+    let started = Instant::now();
+    let mut shims_kube = Children(Vec::new());
+    for url in agent_urls.iter().take(BASELINE_PROCESSES) {
+        let agent = url.replace(":1024", &format!(":{DEFAULT_AGENT_PORT}"));
+        let mut command = Command::new(shim_bin());
+        command
+            .args([
+                "--timeout",
+                "120",
+                "--agent",
+                &agent,
+                "kube",
+                "--node",
+                "node-a",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--batch-ms", BATCH_MS])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut command);
+        let mut child = command.spawn().expect("socklb-shim kube");
+        let stderr = child.stderr.take().unwrap();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let event = if line.contains("\"table synced\"") {
+                    true
+                } else if line.contains("\"batch applied\"") {
+                    false
+                } else {
+                    continue;
+                };
+                if events.send((Instant::now(), event)).is_err() {
+                    break;
+                }
+            }
+        });
+        shims_kube.0.push(child);
+    }
+    // `true`: a whole table synced; `false`: a batch applied.
+    let wait_for = |synced: bool| {
+        let mut at = Instant::now();
+        let mut seen = 0;
+        while seen < BASELINE_PROCESSES {
+            let (when, event) = received
+                .recv_timeout(SETTLE)
+                .expect("socklb-shim kube output");
+            if event == synced {
+                seen += 1;
+                at = when;
+            }
+        }
+        at
+    };
+    let kube_first = wait_for(true) - started;
+    let mut kube_latencies = Vec::new();
+    for n in 0..CHANGES {
+        let pushed = Instant::now();
+        api.apply(
+            Kind::EndpointSlice,
+            k8s_slice((n * 31) % SERVICES, 2000 + n),
+        );
+        kube_latencies.push((wait_for(false) - pushed).as_secs_f64() * 1e3);
+    }
+    let kube_watches =
+        api.watches(Kind::EndpointSlice) + api.watches(Kind::Service) - watches_before;
+    let kube_rss = shims_kube.rss_kib();
+    drop(shims_kube);
+
+    let kube_latency = percentiles(&mut kube_latencies);
+    // The baseline for all 200: what each process held, times 200.
+    let kube_rss_200 = kube_rss * SANDBOXES as u64 / BASELINE_PROCESSES as u64;
+    let kube_watches_200 = kube_watches * SANDBOXES / BASELINE_PROCESSES;
+    println!(
+        "## Node daemon: {SANDBOXES} sandboxes ({} stand-ins + 1 real agent), {SERVICES} services x 8 backends\n",
+        SANDBOXES - 1
+    );
+    println!(
+        "| measure | one `socklb-shim node`, {SANDBOXES} sandboxes | `socklb-shim kube` per sandbox, {BASELINE_PROCESSES} sandboxes (baseline) | node / baseline |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| first full fan-out to all | {:.2} s | {:.2} s | {:.2}x |",
+        node_first.as_secs_f64(),
+        kube_first.as_secs_f64(),
+        node_first.as_secs_f64() / kube_first.as_secs_f64()
+    );
+    println!(
+        "| EndpointSlice change to all acknowledged, p50 of {CHANGES} (batch {BATCH_MS} ms) | {:.1} ms | {:.1} ms | {:.2}x |",
+        node_latency.0,
+        kube_latency.0,
+        node_latency.0 / kube_latency.0
+    );
+    println!(
+        "| the same, p99 | {:.1} ms | {:.1} ms | {:.2}x |",
+        node_latency.1,
+        kube_latency.1,
+        node_latency.1 / kube_latency.1
+    );
+    println!(
+        "| API watches opened | {node_watches} | {kube_watches} ({kube_watches_200} for {SANDBOXES}) | {:.3}x |",
+        node_watches as f64 / kube_watches_200 as f64
+    );
+    println!(
+        "| RSS after the changes (total) | {:.1} MiB | {:.1} MiB ({:.1} MiB scaled to {SANDBOXES}) | {:.3}x |",
+        mib(node_rss),
+        mib(kube_rss),
+        mib(kube_rss_200),
+        node_rss as f64 / kube_rss_200 as f64
+    );
+    println!(
+        "| daemon peak RSS (VmHWM) | {:.1} MiB | | |",
+        mib(node_peak)
+    );
+    println!(
+        "\n(The daemon's acknowledgements are read from its status socket, polled every millisecond; the baseline's from each process's \"batch applied\" log line. The ratios of watches and RSS are against the baseline scaled to {SANDBOXES} sandboxes.)"
+    );
+}
