@@ -5,6 +5,12 @@ fn main() -> aya_build::Result<()> {
     let programs = manifest_dir.join("../ebpf/programs");
     let common = manifest_dir.join("../ebpf/common");
     println!("cargo:rerun-if-changed={}", common.display());
+    // aya-build passes every line the nested cargo writes to stderr on as a
+    // `cargo:warning`: its progress lines ("Compiling ...") would read as
+    // warnings. Quiet, it writes only diagnostics and errors.
+    // SAFETY: a build script is single-threaded here; nothing else reads
+    // the environment concurrently.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "socklb-ebpf",
