@@ -23,7 +23,7 @@ use socklb_tests::{
     apiserver::{FakeApiServer, Kind},
     die_with_parent, shim_bin,
     standin::{KataShim, SilentAgent, StandInAgent},
-    vm::eventually,
+    vm::{AGENT_PORT, GuestImage, Vm, eventually},
 };
 
 fn service(name: &str, vip: &str) -> Value {
@@ -116,6 +116,7 @@ impl Node {
                 "--node",
                 "node-a",
             ])
+            .args(["--agent-port", &AGENT_PORT.to_string()])
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--sandbox-root")
@@ -462,4 +463,78 @@ fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
         Duration::from_secs(10),
         || node.log().contains("\"msg\":\"watching EndpointSlices\""),
     );
+}
+
+/// Where a sandbox's hybrid vsock socket is for Kata: a link to the socket
+/// of the VM that runs the sandbox now, so a VM booted again under the same
+/// sandbox id is found at the same path, as with Kata.
+fn link_vsock(link: &Path, vm: &Vm) {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(&vm.uds, link).expect("link the VM's vsock socket");
+}
+
+/// Whether a workload in `vm` reaches `vip` through socklb: backends of
+/// the Service answer.
+fn reaches(vm: &Vm, vip: &str) -> bool {
+    let results = vm.testkit(&["tcp", vip, "--count", "4"]);
+    // The guest's backends on 10.244.1.1 and .2 answer with their ids.
+    !results.is_empty()
+        && results.iter().all(|r| {
+            r.get("error").is_none()
+                && ["b1", "b2"].contains(&r["backend"].as_str().unwrap_or_default())
+        })
+}
+
+#[test]
+#[ignore = "boots two VMs: needs the guest image (cargo xtask test builds it and runs this)"]
+fn two_sandbox_vms_found_served_resynced_and_forgotten() {
+    let image = GuestImage::from_env("OWN");
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    // Not in the guest image's own table: only the daemon can program it.
+    let vip = "10.96.0.30:80";
+    api.apply(Kind::Service, service("web", "10.96.0.30"));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web", &["10.244.1.1", "10.244.1.2"]),
+    );
+    let mut node = Node::new();
+    let mut vms = Vec::new();
+    let mut shims = Vec::new();
+    for id in ["vm-a", "vm-b"] {
+        let vm = Vm::boot(&image, "");
+        let (link, url) = node.vsock(id);
+        link_vsock(&link, &vm);
+        shims.push(node.sandbox("kata", id, &url));
+        vms.push(vm);
+    }
+    node.start(&api, 30);
+    for (vm, id) in vms.iter().zip(["vm-a", "vm-b"]) {
+        converge(
+            &node,
+            &format!("a workload in {id} reaches the Service"),
+            Duration::from_secs(60),
+            || reaches(vm, vip),
+        );
+    }
+
+    // vm-a dies and boots again under the same sandbox id: the daemon
+    // resyncs it by itself.
+    drop(vms.remove(0));
+    let vm_a = Vm::boot(&image, "");
+    link_vsock(&node.vsock("vm-a").0, &vm_a);
+    converge(
+        &node,
+        "the rebooted vm-a reaches the Service",
+        Duration::from_secs(60),
+        || reaches(&vm_a, vip),
+    );
+
+    // vm-b's sandbox directory goes: it is forgotten.
+    std::fs::remove_dir_all(node.path("kata/vm-b")).unwrap();
+    converge(&node, "vm-b forgotten", Duration::from_secs(10), || {
+        node.row("vm-b").is_none()
+    });
+    assert_eq!(node.row("vm-a").expect("vm-a")["state"], "in_sync");
 }
