@@ -7,14 +7,14 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
-use crate::{cargo, output, run, workspace_root};
+use crate::process::{cargo, output, run, target_dir};
 
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BUSYBOX: &str = "/bin/busybox";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernel {
     /// tinyconfig + kernel-config/fragments, everything built in.
     Own,
@@ -27,15 +27,6 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub fn parse(text: &str) -> Result<Kernel> {
-        match text {
-            "own" => Ok(Kernel::Own),
-            "debian" => Ok(Kernel::Debian),
-            "kata" => Ok(Kernel::Kata),
-            other => bail!("--kernel {other:?}: own, debian or kata"),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Own => "own",
@@ -79,10 +70,7 @@ pub fn static_agent() -> Result<PathBuf> {
 }
 
 fn musl_release_dir() -> PathBuf {
-    workspace_root()
-        .join("target")
-        .join(MUSL_TARGET)
-        .join("release")
+    target_dir().join(MUSL_TARGET).join("release")
 }
 
 /// Builds what is missing of the guest image for `kernel`.
@@ -122,7 +110,7 @@ pub fn image(kernel: Kernel) -> Result<Guest> {
         ),
         Kernel::Debian => debian_kernel()?,
     };
-    let out = workspace_root().join("target/socklb");
+    let out = target_dir().join("socklb");
     std::fs::create_dir_all(&out)?;
     let initrd = out.join(format!("initramfs-{}.cpio.gz", kernel.name()));
     let spec = socklb_rootfs::Spec {
@@ -200,4 +188,16 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
                 .is_some_and(|f| f.starts_with(prefix))
         })
         .with_context(|| format!("no {prefix}* in {}", dir.display()))
+}
+
+/// Builds the guest images of `kernels` and tells `command` where they are
+/// (SOCKLB_GUEST_<KERNEL>_KERNEL and _INITRD, read by tests::vm).
+pub fn with_images(command: &mut Command, kernels: &[Kernel]) -> Result<()> {
+    for kernel in kernels {
+        let image = image(*kernel)?;
+        let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
+        command.env(format!("{prefix}_KERNEL"), image.kernel);
+        command.env(format!("{prefix}_INITRD"), image.initrd);
+    }
+    Ok(())
 }
