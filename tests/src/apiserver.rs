@@ -1,20 +1,39 @@
-//! A fake Kubernetes API server for Services, EndpointSlices and Nodes that speaks
-//! the list + watch protocol kube-rs uses: lists carry a resourceVersion,
-//! watches stream chunked JSON events after a given resourceVersion,
-//! bookmarks, and a watch from a compacted resourceVersion gets a 410
-//! "Expired" error (the client then lists again). Tests change objects,
-//! send bookmarks, drop every open watch, and compact history.
+//! A stand-in Kubernetes API server for Services, EndpointSlices and Nodes
+//! that behaves like kube-apiserver where socklb-shim depends on it:
+//!
+//! - lists are paged: `limit` items per page (kube-rs and client-go ask for
+//!   500) with a `continue` token; every page of one list is served from the
+//!   snapshot the first page took, and a token older than the compaction
+//!   point gets 410 Expired, as etcd's are;
+//! - watches stream chunked JSON events after a resourceVersion; a watch
+//!   from a version older than the compaction point gets 410 Expired, and an
+//!   open watch that lagged behind a compaction gets an ERROR event with
+//!   status 410 mid-stream (the client then lists again);
+//! - watches that ask for bookmarks get one every [`BOOKMARK_INTERVAL`];
+//! - 429 (with Retry-After), 5xx and 403 answers on demand;
+//! - objects come back as the API server stores them: Services with their
+//!   defaulted fields (`type`, `clusterIPs`, `ipFamilies`, `ipFamilyPolicy`,
+//!   `sessionAffinity`, `internalTrafficPolicy`, port protocols and target
+//!   ports, node ports), metadata with uid, creationTimestamp and
+//!   managedFields.
+//!
+//! Tests change objects, send bookmarks, drop every open watch, make watches
+//! lag, and compact history.
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
+
+/// How often an open watch that asked for bookmarks gets one (a real API
+/// server sends them about once a minute; tests want to see several).
+pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -51,18 +70,35 @@ impl Kind {
     }
 }
 
+/// The rest of a paged list, kept for its `continue` token.
+struct Snapshot {
+    resource_version: u64,
+    items: Vec<Value>,
+}
+
 #[derive(Default)]
 struct State {
     resource_version: u64,
     objects: BTreeMap<(Kind, String, String), Value>,
     /// (resourceVersion, kind, event type, object)
     events: Vec<(u64, Kind, &'static str, Value)>,
-    /// A watch from below this resourceVersion gets 410 Expired.
+    /// History before this resourceVersion is forgotten: a watch or a
+    /// continue token from an older one gets 410 Expired.
     compacted_below: u64,
     /// Bumped to end every open watch.
     watch_epoch: u64,
+    /// While set, open watches send nothing (a lagging watch cache).
+    watches_paused: bool,
+    /// Answers (status code, how many more) for the next requests.
+    failing: Option<(u16, usize)>,
+    failures_served: usize,
+    snapshots: BTreeMap<u64, Snapshot>,
+    next_snapshot: u64,
+    next_uid: u64,
     lists: BTreeMap<Kind, usize>,
+    list_pages: BTreeMap<Kind, usize>,
     watches: BTreeMap<Kind, usize>,
+    expired: usize,
 }
 
 pub struct FakeApiServer {
@@ -104,20 +140,35 @@ current-context: fake
         path
     }
 
-    /// Creates or replaces an object (its metadata has namespace and name).
+    /// Creates or replaces an object (its metadata has namespace and name),
+    /// with the fields the API server defaults filled in.
     pub fn apply(&self, kind: Kind, mut object: Value) {
         self.change(|state| {
             state.resource_version += 1;
             let rv = state.resource_version;
             object["kind"] = json!(kind.name());
             object["apiVersion"] = json!(kind.api_version());
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
             let key = (kind, meta(&object, "namespace"), meta(&object, "name"));
-            let event = if state.objects.contains_key(&key) {
+            let previous = state.objects.get(&key);
+            let uid = match previous {
+                Some(previous) => previous["metadata"]["uid"].clone(),
+                None => {
+                    state.next_uid += 1;
+                    json!(format!("00000000-0000-4000-8000-{:012}", state.next_uid))
+                }
+            };
+            let event = if previous.is_some() {
                 "MODIFIED"
             } else {
                 "ADDED"
             };
+            default_metadata(&mut object, uid, rv);
+            if kind == Kind::Service {
+                default_service(&mut object, state.next_uid);
+            }
+            if kind == Kind::EndpointSlice {
+                default_slice(&mut object);
+            }
             state.objects.insert(key, object.clone());
             state.events.push((rv, kind, event, object));
         });
@@ -136,14 +187,15 @@ current-context: fake
         });
     }
 
-    /// A bookmark on every open watch: the current resourceVersion, no change.
+    /// A bookmark on every open Service and EndpointSlice watch now: the
+    /// current resourceVersion, no change.
     pub fn bookmark(&self) {
         self.change(|state| {
             let rv = state.resource_version;
             for kind in [Kind::Service, Kind::EndpointSlice] {
-                let object = json!({"kind": kind.name(), "apiVersion": kind.api_version(),
-                                    "metadata": {"resourceVersion": rv.to_string()}});
-                state.events.push((rv, kind, "BOOKMARK", object));
+                state
+                    .events
+                    .push((rv, kind, "BOOKMARK", bookmark(kind, rv)));
             }
         });
     }
@@ -153,33 +205,61 @@ current-context: fake
         self.change(|state| state.watch_epoch += 1);
     }
 
-    /// Forgets history: a watch from an older resourceVersion gets 410 Gone.
-    pub fn compact(&self) {
-        self.change(|state| state.compacted_below = state.resource_version + 1);
+    /// Open watches send nothing until [`FakeApiServer::resume_watches`], as
+    /// when the API server's watch cache lags: changes made meanwhile and
+    /// then compacted reach the client as a 410 mid-stream.
+    pub fn pause_watches(&self) {
+        self.change(|state| state.watches_paused = true);
     }
 
-    /// How many lists of `kind` were served.
+    pub fn resume_watches(&self) {
+        self.change(|state| state.watches_paused = false);
+    }
+
+    /// Forgets history before the current resourceVersion: a watch from an
+    /// older version, an open watch still behind it, and a continue token
+    /// of an older list get 410 Expired. A watch from the current version
+    /// goes on.
+    pub fn compact(&self) {
+        self.change(|state| {
+            state.compacted_below = state.resource_version;
+            let compacted_below = state.compacted_below;
+            state
+                .snapshots
+                .retain(|_, snapshot| snapshot.resource_version >= compacted_below);
+        });
+    }
+
+    /// The next `count` requests (lists and watches, any kind) are answered
+    /// with `code` (429 with Retry-After: 1, 5xx, 403 ...).
+    pub fn fail_requests(&self, code: u16, count: usize) {
+        self.change(|state| state.failing = Some((code, count)));
+    }
+
+    /// How many requests were answered with an error on demand.
+    pub fn failures_served(&self) -> usize {
+        self.state.0.lock().unwrap().failures_served
+    }
+
+    /// How many lists of `kind` were started (first pages served).
     pub fn lists(&self, kind: Kind) -> usize {
-        self.state
-            .0
-            .lock()
-            .unwrap()
-            .lists
-            .get(&kind)
-            .copied()
-            .unwrap_or(0)
+        count(&self.state.0.lock().unwrap().lists, kind)
+    }
+
+    /// How many pages of lists of `kind` were served.
+    pub fn list_pages(&self, kind: Kind) -> usize {
+        count(&self.state.0.lock().unwrap().list_pages, kind)
     }
 
     /// How many watches of `kind` were opened.
     pub fn watches(&self, kind: Kind) -> usize {
-        self.state
-            .0
-            .lock()
-            .unwrap()
-            .watches
-            .get(&kind)
-            .copied()
-            .unwrap_or(0)
+        count(&self.state.0.lock().unwrap().watches, kind)
+    }
+
+    /// How many 410 Expired answers were sent (watch starts, mid-stream
+    /// errors and continue tokens).
+    pub fn expired(&self) -> usize {
+        self.state.0.lock().unwrap().expired
     }
 
     fn change(&self, change: impl FnOnce(&mut State)) {
@@ -189,11 +269,156 @@ current-context: fake
     }
 }
 
+fn count(counts: &BTreeMap<Kind, usize>, kind: Kind) -> usize {
+    counts.get(&kind).copied().unwrap_or(0)
+}
+
 fn meta(object: &Value, field: &str) -> String {
     object["metadata"][field]
         .as_str()
         .unwrap_or_default()
         .to_string()
+}
+
+fn bookmark(kind: Kind, rv: u64) -> Value {
+    json!({"kind": kind.name(), "apiVersion": kind.api_version(),
+           "metadata": {"resourceVersion": rv.to_string()}})
+}
+
+/// What the API server adds to every object's metadata.
+fn default_metadata(object: &mut Value, uid: Value, rv: u64) {
+    let metadata = &mut object["metadata"];
+    metadata["uid"] = uid;
+    metadata["resourceVersion"] = json!(rv.to_string());
+    metadata["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    if metadata.get("generation").is_none() {
+        metadata["generation"] = json!(1);
+    }
+    metadata["managedFields"] = json!([{
+        "manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
+        "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {}}
+    }]);
+}
+
+/// The Service defaulting of kube-apiserver (pkg/apis/core/v1/defaults.go
+/// and the ClusterIP/NodePort allocators): `seq` picks the addresses and
+/// node ports it would allocate.
+fn default_service(service: &mut Value, seq: u64) {
+    let spec = &mut service["spec"];
+    let kind = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
+    spec["type"] = json!(kind);
+    if spec.get("sessionAffinity").is_none() {
+        spec["sessionAffinity"] = json!("None");
+    }
+    if spec["sessionAffinity"] == "ClientIP" && spec.get("sessionAffinityConfig").is_none() {
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 10800}});
+    }
+    if let Some(ports) = spec["ports"].as_array_mut() {
+        for (i, port) in ports.iter_mut().enumerate() {
+            if port.get("protocol").is_none() {
+                port["protocol"] = json!("TCP");
+            }
+            if port.get("targetPort").is_none() {
+                port["targetPort"] = port["port"].clone();
+            }
+            if matches!(kind.as_str(), "NodePort" | "LoadBalancer")
+                && port.get("nodePort").is_none()
+            {
+                port["nodePort"] = json!(30000 + (seq * 8 + i as u64) % 2768);
+            }
+        }
+    }
+    if kind == "ExternalName" {
+        return;
+    }
+    if spec.get("clusterIP").is_none() {
+        match spec["clusterIPs"].get(0) {
+            Some(first) => spec["clusterIP"] = first.clone(),
+            None => {
+                spec["clusterIP"] =
+                    json!(format!("10.96.{}.{}", 128 + seq / 250 % 128, seq % 250 + 1))
+            }
+        }
+    }
+    if spec.get("clusterIPs").is_none() {
+        spec["clusterIPs"] = json!([spec["clusterIP"].clone()]);
+    }
+    let families: Vec<&str> = spec["clusterIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(
+            |ip| match ip.as_str().and_then(|ip| ip.parse::<IpAddr>().ok()) {
+                Some(IpAddr::V6(_)) => "IPv6",
+                // Headless ("None") gets the cluster's primary family.
+                _ => "IPv4",
+            },
+        )
+        .collect();
+    if spec.get("ipFamilies").is_none() {
+        spec["ipFamilies"] = json!(families);
+    }
+    if spec.get("ipFamilyPolicy").is_none() {
+        spec["ipFamilyPolicy"] = json!(if families.len() > 1 {
+            "PreferDualStack"
+        } else {
+            "SingleStack"
+        });
+    }
+    if spec.get("internalTrafficPolicy").is_none() {
+        spec["internalTrafficPolicy"] = json!("Cluster");
+    }
+    if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
+        if spec.get("externalTrafficPolicy").is_none() {
+            spec["externalTrafficPolicy"] = json!("Cluster");
+        }
+        if kind == "LoadBalancer" && spec.get("allocateLoadBalancerNodePorts").is_none() {
+            spec["allocateLoadBalancerNodePorts"] = json!(true);
+        }
+    }
+    if service.get("status").is_none() {
+        service["status"] = json!({"loadBalancer": {}});
+    }
+}
+
+fn default_slice(slice: &mut Value) {
+    if let Some(ports) = slice["ports"].as_array_mut() {
+        for port in ports {
+            if port.get("protocol").is_none() {
+                port["protocol"] = json!("TCP");
+            }
+        }
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        403 => "Forbidden",
+        410 => "Expired",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+fn respond(stream: &mut TcpStream, code: u16, extra_headers: &str, body: &str) -> bool {
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\ncontent-type: application/json\r\n{extra_headers}content-length: {}\r\n\r\n",
+        reason_of(code),
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(body.as_bytes()))
+        .is_ok()
 }
 
 fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
@@ -226,6 +451,18 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
             let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
             continue;
         };
+        if let Some(code) = take_failure(state) {
+            let retry_after = if code == 429 {
+                "retry-after: 1\r\n"
+            } else {
+                ""
+            };
+            let body = status(code, reason_of(code), "failing on demand").to_string();
+            if !respond(&mut stream, code, retry_after, &body) {
+                return;
+            }
+            continue;
+        }
         if matches!(params.get("watch"), Some(&"true" | &"1")) {
             let from: u64 = params
                 .get("resourceVersion")
@@ -235,48 +472,109 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
                 .get("timeoutSeconds")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(290);
+            let bookmarks = matches!(params.get("allowWatchBookmarks"), Some(&"true" | &"1"));
             *state.0.lock().unwrap().watches.entry(kind).or_default() += 1;
-            serve_watch(&mut stream, state, kind, from, Duration::from_secs(timeout));
+            let watch = Watch {
+                kind,
+                from,
+                timeout: Duration::from_secs(timeout),
+                bookmarks,
+            };
+            serve_watch(&mut stream, state, &watch);
             return;
         }
-        let body = {
-            let mut guard = state.0.lock().unwrap();
-            *guard.lists.entry(kind).or_default() += 1;
-            let items: Vec<&Value> = guard
-                .objects
-                .iter()
-                .filter(|((k, _, _), _)| *k == kind)
-                .map(|(_, o)| o)
-                .collect();
-            json!({
-                "kind": format!("{}List", kind.name()),
-                "apiVersion": kind.api_version(),
-                "metadata": {"resourceVersion": guard.resource_version.to_string()},
-                "items": items,
-            })
-            .to_string()
-        };
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        if stream
-            .write_all(head.as_bytes())
-            .and_then(|()| stream.write_all(body.as_bytes()))
-            .is_err()
-        {
+        let limit: usize = params
+            .get("limit")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (code, body) = list_page(state, kind, params.get("continue").copied(), limit);
+        if !respond(&mut stream, code, "", &body.to_string()) {
             return;
         }
     }
 }
 
-fn serve_watch(
-    stream: &mut TcpStream,
+fn take_failure(state: &(Mutex<State>, Condvar)) -> Option<u16> {
+    let mut guard = state.0.lock().unwrap();
+    let (code, left) = guard.failing.as_mut()?;
+    let code = *code;
+    *left -= 1;
+    if *left == 0 {
+        guard.failing = None;
+    }
+    guard.failures_served += 1;
+    Some(code)
+}
+
+/// One page of a list: the first from the current objects, the rest from
+/// that first page's snapshot.
+fn list_page(
     state: &(Mutex<State>, Condvar),
     kind: Kind,
+    continue_token: Option<&str>,
+    limit: usize,
+) -> (u16, Value) {
+    let mut guard = state.0.lock().unwrap();
+    let (resource_version, mut items) = match continue_token {
+        None => {
+            *guard.lists.entry(kind).or_default() += 1;
+            let items: Vec<Value> = guard
+                .objects
+                .iter()
+                .filter(|((k, _, _), _)| *k == kind)
+                .map(|(_, o)| o.clone())
+                .collect();
+            (guard.resource_version, items)
+        }
+        Some(token) => {
+            let snapshot = token
+                .parse()
+                .ok()
+                .and_then(|id: u64| guard.snapshots.remove(&id));
+            match snapshot {
+                Some(snapshot) => (snapshot.resource_version, snapshot.items),
+                None => {
+                    guard.expired += 1;
+                    let message = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.";
+                    return (410, status(410, "Expired", message));
+                }
+            }
+        }
+    };
+    *guard.list_pages.entry(kind).or_default() += 1;
+    let mut metadata = json!({"resourceVersion": resource_version.to_string()});
+    if limit > 0 && items.len() > limit {
+        let rest = items.split_off(limit);
+        guard.next_snapshot += 1;
+        let id = guard.next_snapshot;
+        metadata["continue"] = json!(id.to_string());
+        metadata["remainingItemCount"] = json!(rest.len());
+        guard.snapshots.insert(
+            id,
+            Snapshot {
+                resource_version,
+                items: rest,
+            },
+        );
+    }
+    let list = json!({
+        "kind": format!("{}List", kind.name()),
+        "apiVersion": kind.api_version(),
+        "metadata": metadata,
+        "items": items,
+    });
+    (200, list)
+}
+
+struct Watch {
+    kind: Kind,
+    /// Events after this resourceVersion (0: from now).
     from: u64,
     timeout: Duration,
-) {
+    bookmarks: bool,
+}
+
+fn serve_watch(stream: &mut TcpStream, state: &(Mutex<State>, Condvar), watch: &Watch) {
     let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
     if stream.write_all(head.as_bytes()).is_err() {
         return;
@@ -285,23 +583,31 @@ fn serve_watch(
         let line = format!("{event}\n");
         stream.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
     };
+    let gone = |stream: &mut TcpStream, rv: u64| {
+        let message = format!("too old resource version: {rv}");
+        let error = json!({"type": "ERROR", "object": status(410, "Expired", &message)});
+        let _ = chunk(stream, error).and_then(|()| stream.write_all(b"0\r\n\r\n"));
+    };
     let (lock, wake) = state;
     let mut guard = lock.lock().unwrap();
+    let from = if watch.from == 0 {
+        guard.resource_version
+    } else {
+        watch.from
+    };
     if from < guard.compacted_below {
+        guard.expired += 1;
         drop(guard);
-        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "message": format!("too old resource version: {from}"),
-            "reason": "Expired", "code": 410}});
-        let _ = chunk(stream, gone).and_then(|()| stream.write_all(b"0\r\n\r\n"));
+        gone(stream, from);
         return;
     }
     let epoch = guard.watch_epoch;
-    let deadline = Instant::now() + timeout;
-    let mut sent = guard
-        .events
-        .iter()
-        .take_while(|(rv, ..)| *rv <= from)
-        .count();
+    let deadline = Instant::now() + watch.timeout;
+    // Events are appended in resourceVersion order: `sent` indexes the first
+    // not yet considered, `position` is the version this watch is at.
+    let mut sent = guard.events.partition_point(|(rv, ..)| *rv <= from);
+    let mut position = from;
+    let mut last_bookmark = Instant::now();
     loop {
         // A dropped watch sends nothing more, not even what is pending.
         if guard.watch_epoch != epoch {
@@ -309,21 +615,35 @@ fn serve_watch(
             let _ = stream.write_all(b"0\r\n\r\n");
             return;
         }
-        let pending: Vec<Value> = guard.events[sent..]
-            .iter()
-            .filter(|(_, k, ..)| *k == kind)
-            .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
-            .collect();
-        sent = guard.events.len();
-        if !pending.is_empty() {
-            drop(guard);
-            for event in pending {
-                if chunk(stream, event).is_err() {
-                    return;
-                }
+        if !guard.watches_paused {
+            if position < guard.compacted_below {
+                guard.expired += 1;
+                drop(guard);
+                gone(stream, position);
+                return;
             }
-            guard = lock.lock().unwrap();
-            continue;
+            let mut pending: Vec<Value> = guard.events[sent..]
+                .iter()
+                .filter(|(_, k, ..)| *k == watch.kind)
+                .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
+                .collect();
+            sent = guard.events.len();
+            position = guard.resource_version;
+            if watch.bookmarks && pending.is_empty() && last_bookmark.elapsed() >= BOOKMARK_INTERVAL
+            {
+                last_bookmark = Instant::now();
+                pending.push(json!({"type": "BOOKMARK", "object": bookmark(watch.kind, position)}));
+            }
+            if !pending.is_empty() {
+                drop(guard);
+                for event in pending {
+                    if chunk(stream, event).is_err() {
+                        return;
+                    }
+                }
+                guard = lock.lock().unwrap();
+                continue;
+            }
         }
         if Instant::now() >= deadline {
             drop(guard);

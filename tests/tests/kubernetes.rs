@@ -214,10 +214,11 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
         "a dropped watch must not relist"
     );
 
-    // History compacted while the watch is down: 410 Gone, a relist, and
-    // the table converges without lost or duplicated entries.
-    api.compact();
-    api.drop_watches();
+    // The watch lags while the cluster changes and that history is then
+    // compacted: an ERROR 410 mid-stream, a relist, and the table converges
+    // without lost or duplicated entries.
+    let expired = api.expired();
+    api.pause_watches();
     api.delete(Kind::Service, "default", "dns");
     api.apply(
         Kind::Service,
@@ -238,12 +239,15 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
             json!([endpoint(&backend_ip(3), true, false, "node-a")]),
         ),
     );
+    api.compact();
+    api.resume_watches();
     let lb = |vip: &str| format!("{vip}:80/TCP -> [{}:8080]", backend_ip(3));
     expect(
         &sandbox,
         "after 410 and relist",
         &[&web_b_only, &lb("10.96.0.30"), &lb("10.96.1.30")],
     );
+    assert!(api.expired() > expired, "no 410 was sent");
     assert!(
         api.lists(Kind::EndpointSlice) > lists,
         "410 Gone must relist"
