@@ -1,0 +1,295 @@
+//! Services, keys and tables, and the validation every table passes
+//! whichever form it arrives in.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::{Deserialize, Serialize};
+use socklb_common::{MAX_BACKEND_SLOTS, MAX_SERVICES};
+
+use crate::TableError;
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// Kubernetes' upper bound for `timeoutSeconds`.
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+/// Backends one service may have.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 16_384;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => socklb_common::PROTO_TCP,
+            Protocol::Udp => socklb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// What identifies a service in the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.vip, self.port),
+            self.protocol
+        )
+    }
+}
+
+/// A validated service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: Option<String>,
+    pub key: ServiceKey,
+    /// ClientIP session affinity timeout; `None` = no affinity.
+    pub affinity_timeout_secs: Option<u32>,
+    pub backends: Vec<SocketAddr>,
+}
+
+/// One line: `VIP:port/proto -> [backend ...]`, and ` affinity N` with
+/// ClientIP affinity.
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
+        write!(f, "{} -> [{}]", self.key, backends.join(" "))?;
+        if let Some(timeout) = self.affinity_timeout_secs {
+            write!(f, " affinity {timeout}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A validated table: unique keys, families consistent, within capacity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    pub services: Vec<Service>,
+}
+
+impl Table {
+    /// Checks what spans services: unique keys and capacity.
+    pub fn new(services: Vec<Service>) -> Result<Table, TableError> {
+        let mut seen: HashMap<ServiceKey, String> = HashMap::new();
+        for service in &services {
+            if let Some(first) = seen.insert(service.key, service.label()) {
+                return Err(TableError::Field {
+                    service: service.label(),
+                    field: "vip/port/protocol".into(),
+                    message: format!("{} is already used by service {first}", service.key),
+                });
+            }
+        }
+        let backends = services.iter().map(|s| s.backends.len()).sum();
+        check_capacity(services.len(), backends)?;
+        Ok(Table { services })
+    }
+}
+
+/// Refuses a table of more services or backends than the datapath's maps
+/// hold.
+pub fn check_capacity(services: usize, backends: usize) -> Result<(), TableError> {
+    if services > MAX_SERVICES as usize {
+        return Err(TableError::Capacity {
+            what: "services",
+            count: services,
+            limit: MAX_SERVICES as usize,
+        });
+    }
+    if backends > MAX_BACKEND_SLOTS as usize {
+        return Err(TableError::Capacity {
+            what: "backends (summed over services)",
+            count: backends,
+            limit: MAX_BACKEND_SLOTS as usize,
+        });
+    }
+    Ok(())
+}
+
+impl Service {
+    /// How errors and logs name the service: its name, else its key.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("{name:?} ({})", self.key),
+            None => self.key.to_string(),
+        }
+    }
+
+    /// Checks what concerns one service alone.
+    pub fn validate(self) -> Result<Service, TableError> {
+        let field = |field: &str, message: String| TableError::Field {
+            service: self.label(),
+            field: field.into(),
+            message,
+        };
+        if self.key.port == 0 {
+            return Err(field("port", "0 is not a service port (1..65535)".into()));
+        }
+        if self.key.vip.is_unspecified() {
+            return Err(field("vip", format!("{} is unspecified", self.key.vip)));
+        }
+        if let Some(timeout) = self.affinity_timeout_secs
+            && !(1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&timeout)
+        {
+            return Err(field(
+                "affinity.clientIP.timeoutSeconds",
+                format!("{timeout} is outside 1..{MAX_AFFINITY_TIMEOUT_SECS}"),
+            ));
+        }
+        if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return Err(field(
+                "backends",
+                format!(
+                    "{} backends; a service holds at most {MAX_BACKENDS_PER_SERVICE}",
+                    self.backends.len()
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (index, backend) in self.backends.iter().enumerate() {
+            let name = format!("backends[{index}]");
+            if backend.is_ipv4() != self.key.vip.is_ipv4() {
+                return Err(field(
+                    &format!("{name}.ip"),
+                    format!(
+                        "{} is not of the VIP's family ({})",
+                        backend.ip(),
+                        self.key.vip
+                    ),
+                ));
+            }
+            if backend.ip().is_unspecified() {
+                return Err(field(
+                    &format!("{name}.ip"),
+                    format!("{} is unspecified", backend.ip()),
+                ));
+            }
+            if backend.port() == 0 {
+                return Err(field(
+                    &format!("{name}.port"),
+                    "0 is not a port (1..65535)".into(),
+                ));
+            }
+            if !seen.insert(*backend) {
+                return Err(field(&name, format!("{backend} is listed twice")));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A service's fields as a request or a file gives them, not yet checked:
+/// the one path from either form to a [`Service`].
+pub(crate) struct Fields<'a> {
+    pub(crate) name: Option<String>,
+    /// Names the service in errors when it has no name: its position.
+    pub(crate) index: usize,
+    pub(crate) vip: &'a str,
+    pub(crate) port: i64,
+    /// The protocol's name, or a description of what was given instead.
+    pub(crate) protocol: String,
+    /// `None`: no affinity; `Some(None)`: affinity, default timeout.
+    pub(crate) affinity_timeout_secs: Option<Option<i64>>,
+    pub(crate) backends: Vec<(&'a str, i64)>,
+}
+
+impl Fields<'_> {
+    pub(crate) fn validate(self) -> Result<Service, TableError> {
+        let label = match &self.name {
+            Some(name) => format!("{name:?} (services[{}])", self.index),
+            None => format!("services[{}] ({}:{})", self.index, self.vip, self.port),
+        };
+        let field = |field: &str, message: String| TableError::Field {
+            service: label.clone(),
+            field: field.into(),
+            message,
+        };
+        let vip = parse_ip(self.vip).map_err(|m| field("vip", m))?;
+        let port = parse_port(self.port).map_err(|m| field("port", m))?;
+        let protocol = match self.protocol.as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                return Err(field(
+                    "protocol",
+                    format!("{other:?} is not supported (TCP or UDP)"),
+                ));
+            }
+        };
+        let affinity_timeout_secs = match self.affinity_timeout_secs {
+            None => None,
+            Some(timeout) => {
+                let timeout = timeout.unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS.into());
+                Some(u32::try_from(timeout).map_err(|_| {
+                    field(
+                        "affinity.clientIP.timeoutSeconds",
+                        format!("{timeout} is outside 1..{MAX_AFFINITY_TIMEOUT_SECS}"),
+                    )
+                })?)
+            }
+        };
+        let backends = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, (ip, port))| {
+                let ip = parse_ip(ip).map_err(|m| field(&format!("backends[{i}].ip"), m))?;
+                let port =
+                    parse_port(*port).map_err(|m| field(&format!("backends[{i}].port"), m))?;
+                Ok(SocketAddr::new(ip, port))
+            })
+            .collect::<Result<Vec<_>, TableError>>()?;
+        Service {
+            name: self.name,
+            key: ServiceKey {
+                vip,
+                port,
+                protocol,
+            },
+            affinity_timeout_secs,
+            backends,
+        }
+        .validate()
+    }
+}
+
+/// Parses an address; a v4-mapped IPv6 address is its IPv4 address.
+pub(crate) fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.trim()
+        .parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| format!("{text:?} is not an IP address"))
+}
+
+pub(crate) fn parse_port(port: i64) -> Result<u16, String> {
+    match u16::try_from(port) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!("{port} is not a port (1..65535)")),
+    }
+}
