@@ -311,6 +311,47 @@ fn resyncs_a_restarted_agent() {
     );
 }
 
+#[test]
+fn a_wiped_agent_in_a_quiet_cluster_is_resynced() {
+    let sandbox = Sandbox::create();
+    sandbox.backend("b1", &[&format!("{}:8080", backend_ip(1))], &[]);
+    let mut agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    api.apply(
+        Kind::Service,
+        service(
+            "web",
+            json!({"clusterIP": "10.96.0.20", "ports": [{"port": 80}]}),
+        ),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        slice(
+            "web-a",
+            "web",
+            json!([{"port": 8080}]),
+            json!([endpoint(&backend_ip(1), true, false, "n")]),
+        ),
+    );
+    let _shim = Shim(
+        sandbox
+            .shim_kube_command(&kubeconfig, &["--batch-ms", "50"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    let web = format!("10.96.0.20:80/TCP -> [{}:8080]", backend_ip(1));
+    expect(&sandbox, "initial sync", &[&web]);
+
+    // The sandbox's agent comes back empty and nothing changes in the
+    // cluster: only the shim's own check of the agent can notice.
+    agent.signal(Signal::SIGKILL);
+    assert!(sandbox.agent_once(&["--detach"]).status.success());
+    let _agent = sandbox.start_agent(None);
+    expect(&sandbox, "the wiped agent, the cluster unchanged", &[&web]);
+}
+
 /// This node's Node in the fake API server, in `zone` (none: unlabelled).
 fn this_node(zone: Option<&str>) -> Value {
     let labels = zone.map_or_else(|| json!({}), |z| json!({"topology.kubernetes.io/zone": z}));

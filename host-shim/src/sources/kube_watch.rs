@@ -56,7 +56,18 @@ pub trait TableSink {
     ) -> impl Future<Output = bool>;
     /// One watch event arrived (for metrics).
     fn observed_event(&mut self) {}
+    /// Called every [`AGENT_CHECK_INTERVAL`] while the cluster is quiet,
+    /// so an agent that restarted empty is noticed without a change;
+    /// false asks for the whole table. A sink that checks its agents by
+    /// itself (the node daemon) keeps the default.
+    fn check(&mut self, _log: &Logger) -> impl Future<Output = bool> {
+        async { true }
+    }
 }
+
+/// How often a quiet cluster's agent is checked (the node daemon checks
+/// its idle sandboxes as often).
+pub const AGENT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 impl TableSink for AgentClient {
     async fn replace(&mut self, table: Table, log: &Logger) -> bool {
@@ -86,6 +97,18 @@ impl TableSink for AgentClient {
             return false;
         }
         true
+    }
+
+    /// A Health.Check: an agent that restarted broke the connection, and
+    /// the client's reconnect syncs the whole table it holds.
+    async fn check(&mut self, log: &Logger) -> bool {
+        match AgentClient::check(self).await {
+            Ok(_) => true,
+            Err(err) => {
+                warn!(log, "agent check failed; a full sync follows"; "error" => err.to_string());
+                false
+            }
+        }
     }
 }
 
@@ -128,6 +151,8 @@ pub async fn run(
     let mut in_sync = false;
     let mut tick = tokio::time::interval(batch);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut agent_check = tokio::time::interval(AGENT_CHECK_INTERVAL);
+    agent_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             event = services.next() => match event {
@@ -169,6 +194,9 @@ pub async fn run(
                 Some(Err(err)) => warn!(log, "watching this Node"; "error" => err.to_string()),
                 None => return,
             },
+            _ = agent_check.tick(), if in_sync && dirty.is_empty() => {
+                in_sync = sink.check(log).await;
+            }
             _ = tick.tick() => {
                 if !(service_listing.synced && slice_listing.synced) {
                     continue;
