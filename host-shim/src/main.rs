@@ -125,6 +125,11 @@ struct NodeArgs {
     /// Whole tables sent to agents at once, at most
     #[arg(long, default_value_t = 4)]
     parallel_syncs: usize,
+    /// Seconds between reading back each idle agent's table to compare its
+    /// digest with the node's (a mismatch is followed by a whole Sync);
+    /// 0: never
+    #[arg(long, default_value_t = 300)]
+    verify_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -342,6 +347,7 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
         external_vips: args.external_vips,
         call_timeout: Duration::from_secs(timeout_secs),
         parallel_syncs: args.parallel_syncs,
+        verify_every: (args.verify_secs > 0).then(|| Duration::from_secs(args.verify_secs)),
     };
     let kube = kube_client(args.kubeconfig).await?;
     tokio::select! {

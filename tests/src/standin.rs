@@ -266,6 +266,11 @@ impl StandInAgent {
         table_of(&self.rpc.state.lock().unwrap())
     }
 
+    /// Empties its table behind the host's back, as another writer would.
+    pub fn tamper(&self) {
+        self.rpc.state.lock().unwrap().services.clear();
+    }
+
     /// Whole-table Syncs it received.
     pub fn syncs(&self) -> u64 {
         self.rpc.state.lock().unwrap().syncs

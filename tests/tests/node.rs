@@ -128,7 +128,14 @@ impl Node {
             .arg("--status-socket")
             .arg(self.path("node.sock"))
             .args(["--metrics-addr", &self.metrics.to_string()])
-            .args(["--batch-ms", "10", "--rescan-ms", "500"])
+            .args([
+                "--batch-ms",
+                "10",
+                "--rescan-ms",
+                "500",
+                "--verify-secs",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(log);
         die_with_parent(&mut command);
@@ -347,6 +354,21 @@ fn discovery_follows_sandboxes_as_kata_names_them() {
         "restarted sandbox a resynced",
         Duration::from_secs(20),
         || lines(&agent_a) == expected,
+    );
+
+    // An agent whose table someone else changed gets the node's back.
+    agent_b.tamper();
+    converge(
+        &node,
+        "tampered sandbox b resynced",
+        Duration::from_secs(20),
+        || lines(&agent_b) == expected,
+    );
+    assert!(
+        node.log()
+            .contains("the agent holds another table than it acknowledged"),
+        "{}",
+        node.log()
     );
 
     // A sandbox directory removed is forgotten.

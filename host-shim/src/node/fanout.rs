@@ -49,6 +49,8 @@ struct HubState {
     version: u64,
     services: BTreeMap<ServiceKey, Service>,
     batches: VecDeque<Arc<Batch>>,
+    /// The digest of the table at a version, computed when first asked.
+    digest: Option<(u64, String)>,
 }
 
 /// The node's table, shared by every sandbox's task.
@@ -131,6 +133,24 @@ impl Hub {
         (state.version, Table { services })
     }
 
+    /// The newest version and the digest of its table (cached per version:
+    /// every sandbox's verification compares against the same one).
+    pub fn digest(&self) -> (u64, String) {
+        let mut state = self.state.lock().unwrap();
+        let version = state.version;
+        if let Some((cached, digest)) = &state.digest
+            && *cached == version
+        {
+            return (version, digest.clone());
+        }
+        let table = Table {
+            services: state.services.values().cloned().collect(),
+        };
+        let digest = table.digest();
+        state.digest = Some((version, digest.clone()));
+        (version, digest)
+    }
+
     /// What an agent that acknowledged `acked` (None: nothing, or unknown)
     /// needs.
     pub fn catch_up(&self, acked: Option<u64>) -> CatchUp {
@@ -208,6 +228,9 @@ pub struct Shared {
     /// Bounds how many whole tables are being sent at once (each is
     /// encoded in memory while it is sent).
     pub whole_syncs: Arc<Semaphore>,
+    /// How often an idle agent's table is read back and its digest
+    /// compared with the node's (None: never).
+    pub verify_every: Option<Duration>,
 }
 
 /// Keeps one sandbox's agent at the hub's newest version, until aborted.
@@ -220,6 +243,7 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
     let mut retry = RETRY_INITIAL;
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_verified = Instant::now();
     loop {
         if shared.hub.version() == 0 {
             shared.registry.set_state(&id, State::WaitingForTable);
@@ -233,12 +257,22 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
                 tokio::select! {
                     changed = newest.changed() => if changed.is_err() { return },
                     _ = health.tick() => {
-                        let alive = client.check().await;
-                        if alive.is_err() || client.connections_opened() != opened_at_sync {
-                            acked = None;
-                        }
-                        if let Err(err) = alive {
-                            shared.registry.failed(&id, &err.to_string());
+                        let verify = shared
+                            .verify_every
+                            .is_some_and(|every| last_verified.elapsed() >= every);
+                        let alive = if verify {
+                            last_verified = Instant::now();
+                            verify_digest(&mut client, &shared.hub, acked, &log).await
+                        } else {
+                            client.check().await.map(|_| true)
+                        };
+                        match alive {
+                            Ok(same) if same && client.connections_opened() == opened_at_sync => {}
+                            Ok(_) => acked = None,
+                            Err(err) => {
+                                acked = None;
+                                shared.registry.failed(&id, &err.to_string());
+                            }
                         }
                     }
                 }
@@ -299,6 +333,26 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
             }
         }
     }
+}
+
+/// Reads the agent's table back and compares its digest with the node's
+/// table at `acked`: false when they differ (someone else wrote to the
+/// agent). A node table that moved on meanwhile is not compared: the
+/// changes are on their way.
+async fn verify_digest(
+    client: &mut AgentClient,
+    hub: &Hub,
+    acked: Option<u64>,
+    log: &Logger,
+) -> Result<bool, crate::client::ClientError> {
+    let (_, _, agent_digest) = client.list().await?;
+    let (version, node_digest) = hub.digest();
+    if Some(version) != acked || agent_digest == node_digest {
+        return Ok(true);
+    }
+    warn!(log, "the agent holds another table than it acknowledged; syncing the whole table";
+          "version" => version, "agent_digest" => agent_digest, "node_digest" => node_digest);
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -363,6 +417,11 @@ mod tests {
         let (version, table) = hub.whole();
         assert_eq!(version, 5);
         assert_eq!(table.digest(), Table::new(vec![a2, b]).unwrap().digest());
+        assert_eq!(hub.digest(), (5, table.digest()));
+        hub.publish_changes(&[], &[table.services[0].key]);
+        let (version, digest) = hub.digest();
+        assert_eq!(version, 6);
+        assert_ne!(digest, table.digest(), "a new version, a new digest");
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct NodeConfig {
     pub call_timeout: Duration,
     /// Whole tables being sent at once, at most.
     pub parallel_syncs: usize,
+    /// How often each idle agent's table digest is checked against the
+    /// node's (None: never).
+    pub verify_every: Option<Duration>,
 }
 
 /// Runs the daemon until the watch ends (it does not, short of the
@@ -72,6 +75,7 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
         registry: Arc::new(Registry::default()),
         metrics: Arc::new(Metrics::default()),
         whole_syncs: Arc::new(Semaphore::new(config.parallel_syncs.max(1))),
+        verify_every: config.verify_every,
     };
     serve_status(&config, &shared, log)?;
     if let Some(addr) = config.metrics_addr {
