@@ -26,8 +26,8 @@ use aya::{
 use slog::{Logger, info};
 use socklb_common::{
     Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_ENTRIES, ServiceCounters, Sticky, StickyKey,
-    is_v4_mapped, map_names, v4_mapped,
+    MAX_VIPS, MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_ENTRIES, ServiceCounters, Sticky,
+    StickyKey, is_v4_mapped, map_names, v4_mapped,
 };
 use socklb_table::{Protocol, Service, ServiceKey, Table, TableError};
 
@@ -112,6 +112,7 @@ pub struct Datapath {
     dir: PathBuf,
     links_dir: PathBuf,
     services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service>,
+    vips: HashMap<MapData, Addr, u8>,
     slots: HashMap<MapData, BackendSlotKey, Endpoint>,
     members: HashMap<MapData, MemberKey, u8>,
     stats: PerCpuArray<MapData, ServiceCounters>,
@@ -122,6 +123,8 @@ pub struct Datapath {
     /// beside the maps so a write checks capacity without reading them all.
     used_ids: BTreeSet<u32>,
     slot_count: usize,
+    /// Services per VIP: a VIP stays in `VIPS` while it has one.
+    services_per_vip: BTreeMap<Addr, usize>,
     log: Logger,
 }
 
@@ -154,6 +157,7 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
         };
         let services = HashMap::try_from(take(map_names::SERVICES)?)?;
+        let vips = HashMap::try_from(take(map_names::VIPS)?)?;
         let slots = HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?;
         let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
         let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
@@ -166,6 +170,7 @@ impl Datapath {
             dir: dir.to_path_buf(),
             links_dir,
             services,
+            vips,
             slots,
             members,
             stats,
@@ -174,12 +179,17 @@ impl Datapath {
             reverse,
             used_ids: BTreeSet::new(),
             slot_count: 0,
+            services_per_vip: BTreeMap::new(),
             log,
         };
         let programmed = datapath.read_programmed()?;
         datapath.sweep_orphans(&programmed)?;
         datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
         datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
+        for key in programmed.keys() {
+            *datapath.services_per_vip.entry(key.vip).or_default() += 1;
+        }
+        datapath.reconcile_vips()?;
         info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
               "adopted_services" => datapath.used_ids.len());
         Ok(datapath)
@@ -434,6 +444,25 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes `VIPS` hold exactly the VIPs of the programmed services: an
+    /// agent killed half way through an update, or one of a version before
+    /// `VIPS`, can leave it behind `SERVICES`.
+    fn reconcile_vips(&mut self) -> Result<()> {
+        let pinned: Vec<Addr> = self.vips.keys().collect::<Result<_, _>>()?;
+        for vip in pinned
+            .iter()
+            .filter(|vip| !self.services_per_vip.contains_key(*vip))
+        {
+            self.vips.remove(vip)?;
+        }
+        for vip in self.services_per_vip.keys() {
+            if !pinned.contains(vip) {
+                self.vips.insert(vip, 1, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     fn read_programmed(&self) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
         let mut programmed = BTreeMap::new();
         for item in self.services.iter() {
@@ -460,9 +489,13 @@ impl Datapath {
                 let zero =
                     vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
                 self.stats.set(entry.id, PerCpuValues::try_from(zero)?, 0)?;
+                // The VIP before the entry: a VIP missing from `VIPS` passes
+                // untranslated whatever `SERVICES` holds.
+                self.vips.insert(key.vip, 1, 0)?;
                 (None, Vec::new())
             }
         };
+        let is_new = old_entry.is_none();
         let old_set: HashSet<Endpoint> = old_backends.iter().copied().collect();
         let new_set: HashSet<Endpoint> = backends.iter().copied().collect();
         let member = |backend: Endpoint| MemberKey {
@@ -482,7 +515,17 @@ impl Datapath {
             }
         }
         if old_entry != Some(entry) {
-            self.services.insert(key, entry, 0)?;
+            if let Err(err) = self.services.insert(key, entry, 0) {
+                if is_new && !self.services_per_vip.contains_key(&key.vip) {
+                    // Best effort: a VIP left in `VIPS` without a service
+                    // would refuse its connects until the next agent start.
+                    let _ = self.vips.remove(&key.vip);
+                }
+                return Err(err.into());
+            }
+            if is_new {
+                *self.services_per_vip.entry(key.vip).or_default() += 1;
+            }
         }
         for slot in backends.len() + 1..=old_backends.len() {
             self.slots.remove(&BackendSlotKey {
@@ -501,6 +544,13 @@ impl Datapath {
     fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
         self.services.remove(key)?;
+        if let Some(count) = self.services_per_vip.get_mut(&key.vip) {
+            *count -= 1;
+            if *count == 0 {
+                self.services_per_vip.remove(&key.vip);
+                self.vips.remove(&key.vip)?;
+            }
+        }
         for slot in 1..=programmed.entry.backend_count {
             self.slots.remove(&BackendSlotKey {
                 service_id: id,
@@ -587,6 +637,11 @@ impl Datapath {
                 map: map_names::SERVICES,
                 entries: self.used_ids.len(),
                 capacity: MAX_SERVICES as usize,
+            },
+            MapUsage {
+                map: map_names::VIPS,
+                entries: self.services_per_vip.len(),
+                capacity: MAX_VIPS as usize,
             },
             MapUsage {
                 map: map_names::BACKEND_SLOTS,
@@ -706,6 +761,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             size_of::<socklb_common::ServiceKey>(),
             size_of::<socklb_common::Service>(),
         ),
+        (map_names::VIPS, size_of::<Addr>(), size_of::<u8>()),
         (
             map_names::BACKEND_SLOTS,
             size_of::<BackendSlotKey>(),

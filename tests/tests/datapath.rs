@@ -347,6 +347,57 @@ fn no_backends_refuses_at_once() {
 }
 
 #[test]
+fn a_known_vip_on_an_unknown_port_is_refused_at_once() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
+  - {{vip: 'fd00:96::20', port: 80, backends: [{{ip: '{}', port: 8080}}]}}",
+            tcp_backends(1),
+            backend_ip6(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    // Another port, and the service's port with the other protocol: no
+    // service has either, so they are refused (kube-proxy's nftables
+    // mode); before, they passed untranslated and the client namespace,
+    // which has no route to the VIPs, said ENETUNREACH.
+    for vip in ["10.96.0.20", "[::ffff:10.96.0.20]", "[fd00:96::20]"] {
+        for (args, what) in [
+            (vec!["tcp", "81"], "TCP connect"),
+            (vec!["udp", "80", "--connected"], "UDP connect"),
+            (vec!["udp", "53"], "UDP sendmsg"),
+        ] {
+            let target = format!("{vip}:{}", args[1]);
+            let mut args = args.clone();
+            args[1] = &target;
+            let r = &sandbox.client(&args)[0];
+            assert_eq!(errno(r), ECONNREFUSED, "{what} to {target}: {r}");
+            assert!(
+                r["elapsed_ms"].as_u64().unwrap() < 1000,
+                "{what} to {target} was not refused at once: {r}"
+            );
+        }
+    }
+    // The service itself still works, and a VIP socklb does not know passes.
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+    assert_eq!(
+        one(sandbox.client(&["tcp", "[fd00:96::20]:80"]))["backend"],
+        "b1"
+    );
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.21:81"])[0]),
+        ENETUNREACH
+    );
+}
+
+#[test]
 fn non_vip_destinations_and_other_cgroups_are_untouched() {
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
@@ -357,11 +408,6 @@ fn non_vip_destinations_and_other_cgroups_are_untouched() {
     assert_eq!(direct[0]["peer"], format!("{}:8080", backend_ip(2)));
     // The client namespace has no route to 10.96/16: an untranslated
     // connect fails at once with ENETUNREACH and never leaves the namespace.
-    assert_eq!(
-        errno(&sandbox.client(&["tcp", "10.96.0.20:81"])[0]),
-        ENETUNREACH,
-        "other port"
-    );
     assert_eq!(
         errno(&sandbox.client(&["tcp", "10.96.0.21:80"])[0]),
         ENETUNREACH,
@@ -604,12 +650,23 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     };
     slots.insert(orphan_slot, Endpoint::default(), 0).unwrap();
     members.insert(orphan_member, 1, 0).unwrap();
+    // And a VIP whose service was never written: it would refuse connects.
+    let mut vips: HashMap<MapData, socklb_common::Addr, u8> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("VIPS"))).unwrap();
+    let orphan_vip = socklb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 99]));
+    vips.insert(orphan_vip, 1, 0).unwrap();
 
     let _agent = sandbox.start_agent(Some(&table));
     assert!(slots.get(&orphan_slot, 0).is_err(), "orphan slot kept");
     assert!(
         members.get(&orphan_member, 0).is_err(),
         "orphan member kept"
+    );
+    assert!(vips.get(&orphan_vip, 0).is_err(), "orphan VIP kept");
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.99:80"])[0]),
+        ENETUNREACH,
+        "a VIP without a service passes untranslated"
     );
     assert_eq!(
         one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],

@@ -15,6 +15,8 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Capacity of `SERVICES`: service keys (VIP, port, protocol).
 pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of `VIPS`: every service may have a VIP of its own.
+pub const MAX_VIPS: u32 = MAX_SERVICES;
 /// Capacity of the backend slots, summed over all services.
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 /// Translated (socket, backend) pairs remembered for the reverse hooks.
@@ -156,14 +158,16 @@ pub const GUEST_ADDR_V6: u32 = 1;
 /// Map names as the programs declare them (and as they are pinned).
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
+    pub const VIPS: &str = "VIPS";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const MEMBERS: &str = "MEMBERS";
     pub const STICKY: &str = "STICKY";
     pub const REVERSE: &str = "REVERSE";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const GUEST_ADDRS: &str = "GUEST_ADDRS";
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         SERVICES,
+        VIPS,
         BACKEND_SLOTS,
         MEMBERS,
         STICKY,

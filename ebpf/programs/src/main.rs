@@ -7,7 +7,9 @@
 //! it asked for. getsockname4/6 hide a loopback local address that only
 //! exists because the backend is loopback (see `local_view`).
 //!
-//! A destination that is not a service costs one hash lookup.
+//! A destination that is not a service VIP costs one hash lookup (`VIPS`,
+//! keyed by the address alone); a VIP on a port that is no service port is
+//! refused with ECONNREFUSED, as kube-proxy's nftables mode rejects it.
 #![no_std]
 #![no_main]
 
@@ -24,8 +26,9 @@ use aya_ebpf::{
 };
 use socklb_common::{
     Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES, STICKY_UDP_SOCKET,
-    Service, ServiceCounters, ServiceKey, Sticky, StickyKey, is_loopback, is_v4_mapped, v4_mapped,
+    MAX_VIPS, MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES,
+    STICKY_UDP_SOCKET, Service, ServiceCounters, ServiceKey, Sticky, StickyKey, is_loopback,
+    is_v4_mapped, v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -33,6 +36,10 @@ use socklb_common::{
 // so a reader never sees it reused.
 #[map]
 static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+/// Every VIP of `SERVICES` (the value is unused): the prefilter that lets
+/// a non-VIP destination pass after one lookup of a 16-byte key.
+#[map]
+static VIPS: HashMap<Addr, u8> = HashMap::pinned(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
 static BACKEND_SLOTS: HashMap<BackendSlotKey, Endpoint> =
     HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
@@ -180,14 +187,18 @@ fn refuse() -> i32 {
 
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
+    if unsafe { VIPS.get(dst.addr) }.is_none() {
+        return Verdict::Pass;
+    }
     let key = ServiceKey {
         vip: dst.addr,
         port: dst.port,
         proto: unsafe { (*ctx.sock_addr).protocol } as u8,
         _pad: 0,
     };
+    // A known VIP on a port (or protocol) no service has.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
-        return Verdict::Pass;
+        return Verdict::Refuse;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(backend) = choose_backend(ctx, cookie, &key, &service, unconnected_udp) else {
