@@ -1,7 +1,8 @@
 //! Agent configuration, merged from (highest first) command-line flags,
 //! `SOCKLB_*` environment variables, `socklb.*` keys on the kernel command
 //! line, and built-in defaults. Flags and environment arrive already merged
-//! by clap in `main`; this module adds the kernel command line and defaults.
+//! by clap in `main` as one [`Settings`]; the kernel command line is another,
+//! merged below it; defaults fill the rest.
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -43,9 +44,10 @@ pub struct Config {
     pub allow_unprivileged_port: bool,
 }
 
-/// Settings given as flags or environment variables; `None` = not given.
+/// Settings from one source (flags and environment, or the kernel command
+/// line); `None` or empty = not given there.
 #[derive(Clone, Debug, Default)]
-pub struct Given {
+pub struct Settings {
     pub cgroup: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
     pub table: Option<PathBuf>,
@@ -58,60 +60,103 @@ pub struct Given {
     pub allow_unprivileged_port: Option<bool>,
 }
 
-pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The `socklb.<key>=<value>` keys the agent reads from the kernel command
+/// line (the help text lists them from here).
+pub const CMDLINE_KEYS: [&str; 10] = [
+    "cgroup",
+    "bpffs",
+    "table",
+    "log_level",
+    "pod_ip",
+    "listen",
+    "allow_cid",
+    "bpf_stats",
+    "allow_kata_port",
+    "allow_unprivileged_port",
+];
 
-impl Config {
-    /// Merges `given` over the `socklb.*` keys of `kernel_cmdline` over the
-    /// defaults.
-    pub fn resolve(given: Given, kernel_cmdline: &str) -> Result<Config> {
-        let mut cmdline = CmdlineKeys::default();
+impl Settings {
+    /// The `socklb.*` keys of a kernel command line. Keys of later versions
+    /// or other components are not ours to refuse; a bad value of ours is.
+    pub fn from_kernel_cmdline(kernel_cmdline: &str) -> Result<Settings> {
+        let mut settings = Settings::default();
         for word in kernel_cmdline.split_whitespace() {
             let Some((key, value)) = word.strip_prefix("socklb.").and_then(|w| w.split_once('='))
             else {
                 continue;
             };
+            let bad =
+                |what: &str| format!("kernel command line socklb.{key}: {value:?} is not {what}");
             match key {
-                "cgroup" => cmdline.cgroup = Some(value.into()),
-                "bpffs" => cmdline.bpffs = Some(value.into()),
-                "table" => cmdline.table = Some(value.into()),
-                "log_level" => cmdline.log_level = Some(value.into()),
+                "cgroup" => settings.cgroup = Some(value.into()),
+                "bpffs" => settings.bpffs = Some(value.into()),
+                "table" => settings.table = Some(value.into()),
+                "log_level" => settings.log_level = Some(value.into()),
                 "pod_ip" => {
                     for ip in value.split(',') {
-                        cmdline.pod_ips.push(ip.parse().with_context(|| {
+                        settings.pod_ips.push(ip.parse().with_context(|| {
                             format!(
                                 "kernel command line socklb.pod_ip: {ip:?} is not an IP address"
                             )
                         })?);
                     }
                 }
-                "listen" => cmdline.listen = Some(value.into()),
+                "listen" => settings.listen = Some(value.into()),
                 "allow_cid" => {
                     for cid in value.split(',') {
-                        cmdline.allowed_cids.push(cid.parse().with_context(|| {
+                        settings.allowed_cids.push(cid.parse().with_context(|| {
                             format!("kernel command line socklb.allow_cid: {cid:?} is not a CID")
                         })?);
                     }
                 }
-                "bpf_stats" => cmdline.bpf_stats = Some(parse_switch(key, value)?),
-                "allow_kata_port" => cmdline.allow_kata_port = Some(parse_switch(key, value)?),
-                "allow_unprivileged_port" => {
-                    cmdline.allow_unprivileged_port = Some(parse_switch(key, value)?)
+                "bpf_stats" => {
+                    settings.bpf_stats = Some(parse_switch(value).context(bad("a switch"))?)
                 }
-                // Keys of later versions or other components are not ours to refuse.
+                "allow_kata_port" => {
+                    settings.allow_kata_port = Some(parse_switch(value).context(bad("a switch"))?)
+                }
+                "allow_unprivileged_port" => {
+                    settings.allow_unprivileged_port =
+                        Some(parse_switch(value).context(bad("a switch"))?)
+                }
                 _ => {}
             }
         }
-        let log_level = given
-            .log_level
-            .or(cmdline.log_level)
-            .unwrap_or_else(|| DEFAULT_LOG_LEVEL.into());
-        let allow_kata_port = given
-            .allow_kata_port
-            .or(cmdline.allow_kata_port)
-            .unwrap_or(false);
-        let listen: ListenAddr = given
+        Ok(settings)
+    }
+
+    /// These settings where given, `lower`'s elsewhere.
+    pub fn over(self, lower: Settings) -> Settings {
+        fn list<T>(mine: Vec<T>, theirs: Vec<T>) -> Vec<T> {
+            if mine.is_empty() { theirs } else { mine }
+        }
+        Settings {
+            cgroup: self.cgroup.or(lower.cgroup),
+            bpffs: self.bpffs.or(lower.bpffs),
+            table: self.table.or(lower.table),
+            log_level: self.log_level.or(lower.log_level),
+            pod_ips: list(self.pod_ips, lower.pod_ips),
+            listen: self.listen.or(lower.listen),
+            allowed_cids: list(self.allowed_cids, lower.allowed_cids),
+            bpf_stats: self.bpf_stats.or(lower.bpf_stats),
+            allow_kata_port: self.allow_kata_port.or(lower.allow_kata_port),
+            allow_unprivileged_port: self
+                .allow_unprivileged_port
+                .or(lower.allow_unprivileged_port),
+        }
+    }
+}
+
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+impl Config {
+    /// `given` (flags and environment) over the `socklb.*` keys of
+    /// `kernel_cmdline` over the defaults.
+    pub fn resolve(given: Settings, kernel_cmdline: &str) -> Result<Config> {
+        let settings = given.over(Settings::from_kernel_cmdline(kernel_cmdline)?);
+        let allow_kata_port = settings.allow_kata_port.unwrap_or(false);
+        let listen: ListenAddr = settings
             .listen
-            .or(cmdline.listen)
             .unwrap_or_else(|| format!("vsock://-1:{DEFAULT_AGENT_PORT}"))
             .parse()?;
         if let ListenAddr::Vsock { port } = listen
@@ -125,76 +170,32 @@ impl Config {
             );
         }
         Ok(Config {
-            cgroup: given.cgroup.or(cmdline.cgroup),
-            bpffs: given
+            cgroup: settings.cgroup,
+            bpffs: settings
                 .bpffs
-                .or(cmdline.bpffs)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_ROOT).join("socklb")),
-            table: given.table.or(cmdline.table),
-            log_level: parse_level(&log_level)?,
-            pod_ips: if given.pod_ips.is_empty() {
-                cmdline.pod_ips
-            } else {
-                given.pod_ips
-            },
+            table: settings.table,
+            log_level: socklb_logging::parse_level(
+                settings.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL),
+            )
+            .map_err(anyhow::Error::msg)?,
+            pod_ips: settings.pod_ips,
             listen,
             // The host may always call; more peers only when configured.
-            allowed_cids: [
-                vec![HOST_CID],
-                if given.allowed_cids.is_empty() {
-                    cmdline.allowed_cids
-                } else {
-                    given.allowed_cids
-                },
-            ]
-            .concat(),
-            bpf_stats: given.bpf_stats.or(cmdline.bpf_stats).unwrap_or(false),
+            allowed_cids: [vec![HOST_CID], settings.allowed_cids].concat(),
+            bpf_stats: settings.bpf_stats.unwrap_or(false),
             allow_kata_port,
-            allow_unprivileged_port: given
-                .allow_unprivileged_port
-                .or(cmdline.allow_unprivileged_port)
-                .unwrap_or(false),
+            allow_unprivileged_port: settings.allow_unprivileged_port.unwrap_or(false),
         })
     }
 }
 
-#[derive(Default)]
-struct CmdlineKeys {
-    cgroup: Option<PathBuf>,
-    bpffs: Option<PathBuf>,
-    table: Option<PathBuf>,
-    log_level: Option<String>,
-    pod_ips: Vec<IpAddr>,
-    listen: Option<String>,
-    allowed_cids: Vec<u32>,
-    bpf_stats: Option<bool>,
-    allow_kata_port: Option<bool>,
-    allow_unprivileged_port: Option<bool>,
-}
-
-/// An on/off value of a kernel command-line key; anything else is an error
-/// rather than a silent "off".
-fn parse_switch(key: &str, value: &str) -> Result<bool> {
+/// An on/off value; anything else is an error rather than a silent "off".
+fn parse_switch(value: &str) -> Result<bool> {
     match value {
         "1" | "true" | "on" | "yes" => Ok(true),
         "0" | "false" | "off" | "no" => Ok(false),
-        other => bail!(
-            "kernel command line socklb.{key}: {other:?} is not one of 1, true, on, yes, 0, false, off, no"
-        ),
-    }
-}
-
-pub fn parse_level(text: &str) -> Result<slog::Level> {
-    match text {
-        "critical" => Ok(slog::Level::Critical),
-        "error" => Ok(slog::Level::Error),
-        "warning" | "warn" => Ok(slog::Level::Warning),
-        "info" => Ok(slog::Level::Info),
-        "debug" => Ok(slog::Level::Debug),
-        "trace" => Ok(slog::Level::Trace),
-        other => {
-            bail!("log level {other:?} is not one of critical, error, warning, info, debug, trace")
-        }
+        _ => bail!("on/off values are 1, true, on, yes, 0, false, off, no"),
     }
 }
 
@@ -204,7 +205,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let config = Config::resolve(Given::default(), "quiet console=ttyS0").unwrap();
+        let config = Config::resolve(Settings::default(), "quiet console=ttyS0").unwrap();
         assert_eq!(config.cgroup, None);
         assert_eq!(config.bpffs, PathBuf::from("/sys/fs/bpf/socklb"));
         assert_eq!(config.table, None);
@@ -220,9 +221,9 @@ mod tests {
     #[test]
     fn unprivileged_vsock_ports_flag_over_kernel_cmdline() {
         let allowed = |flag: Option<bool>, cmdline: &str| {
-            let given = Given {
+            let given = Settings {
                 allow_unprivileged_port: flag,
-                ..Given::default()
+                ..Settings::default()
             };
             Config::resolve(given, cmdline)
                 .unwrap()
@@ -236,9 +237,9 @@ mod tests {
 
     #[test]
     fn kernel_cmdline_fills_what_flags_leave_out() {
-        let given = Given {
+        let given = Settings {
             log_level: Some("debug".into()),
-            ..Given::default()
+            ..Settings::default()
         };
         let config = Config::resolve(
             given,
@@ -265,41 +266,53 @@ mod tests {
     fn kata_ports_are_refused_unless_allowed() {
         for (port, service) in [(1024, "kata-agent API"), (1025, "log forwarding")] {
             let cmdline = format!("socklb.listen=vsock://-1:{port}");
-            let err = Config::resolve(Given::default(), &cmdline).unwrap_err();
+            let err = Config::resolve(Settings::default(), &cmdline).unwrap_err();
             let text = format!("{err:#}");
             assert!(text.contains(&format!("vsock port {port}")), "{text}");
             assert!(text.contains(service), "{text}");
         }
         let allowed = Config::resolve(
-            Given::default(),
+            Settings::default(),
             "socklb.listen=vsock://-1:1026 socklb.allow_kata_port=yes",
         )
         .unwrap();
         assert_eq!(allowed.listen, ListenAddr::Vsock { port: 1026 });
-        let by_flag = Given {
+        let by_flag = Settings {
             listen: Some("vsock://-1:1027".into()),
             allow_kata_port: Some(true),
-            ..Given::default()
+            ..Settings::default()
         };
         assert!(Config::resolve(by_flag, "").is_ok());
         // Unix sockets have no vsock port to clash with.
-        let unix = Config::resolve(Given::default(), "socklb.listen=unix:///run/1025.sock");
+        let unix = Config::resolve(Settings::default(), "socklb.listen=unix:///run/1025.sock");
         assert!(unix.is_ok());
+    }
+
+    #[test]
+    fn every_listed_key_is_read() {
+        let unset = format!("{:?}", Settings::default());
+        for key in CMDLINE_KEYS {
+            // A value no key accepts silently: each either takes it or refuses it.
+            match Settings::from_kernel_cmdline(&format!("socklb.{key}=x")) {
+                Ok(settings) => assert_ne!(format!("{settings:?}"), unset, "{key} was ignored"),
+                Err(err) => assert!(err.to_string().contains(key), "{err}"),
+            }
+        }
     }
 
     #[test]
     fn switches_are_on_off_or_an_error() {
         assert!(
-            Config::resolve(Given::default(), "socklb.bpf_stats=yes")
+            Config::resolve(Settings::default(), "socklb.bpf_stats=yes")
                 .unwrap()
                 .bpf_stats
         );
         assert!(
-            !Config::resolve(Given::default(), "socklb.bpf_stats=off")
+            !Config::resolve(Settings::default(), "socklb.bpf_stats=off")
                 .unwrap()
                 .bpf_stats
         );
-        let err = Config::resolve(Given::default(), "socklb.bpf_stats=maybe").unwrap_err();
+        let err = Config::resolve(Settings::default(), "socklb.bpf_stats=maybe").unwrap_err();
         assert!(
             err.to_string().contains("socklb.bpf_stats: \"maybe\""),
             "{err}"
@@ -308,11 +321,11 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let err = Config::resolve(Given::default(), "socklb.pod_ip=10.0.0.x").unwrap_err();
+        let err = Config::resolve(Settings::default(), "socklb.pod_ip=10.0.0.x").unwrap_err();
         assert!(format!("{err:#}").contains("socklb.pod_ip: \"10.0.0.x\""));
-        let given = Given {
+        let given = Settings {
             log_level: Some("loud".into()),
-            ..Given::default()
+            ..Settings::default()
         };
         assert!(
             Config::resolve(given, "")

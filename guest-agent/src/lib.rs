@@ -6,7 +6,6 @@ pub mod addresses;
 pub mod config;
 pub mod datapath;
 pub mod kernel;
-pub mod logging;
 pub mod peers;
 pub mod rpc;
 pub mod server;

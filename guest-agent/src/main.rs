@@ -8,13 +8,13 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use anyhow::{Context as _, Result};
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use slog::{Logger, error, info, warn};
 use socklb_agent::{
     addresses::{self, GuestAddrs},
-    config::{Config, Given},
+    config::{CMDLINE_KEYS, Config, Settings},
     datapath::{self, Datapath},
-    kernel, logging,
+    kernel,
     peers::PeerRule,
     rpc::Rpc,
     server,
@@ -22,18 +22,21 @@ use socklb_agent::{
 };
 use socklb_table::Table;
 
-const PRECEDENCE: &str = "\
-Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
-variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
-(keys: cgroup, bpffs, table, log_level, pod_ip, listen, allow_cid, bpf_stats, \
-allow_kata_port, allow_unprivileged_port), built-in defaults.
-
-Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
-SIGHUP re-reads the table file.";
+/// The help text's epilogue; the key list comes from the parser's.
+fn after_help() -> String {
+    format!(
+        "Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
+         variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
+         (keys: {}), built-in defaults.\n\n\
+         Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
+         SIGHUP re-reads the table file.",
+        CMDLINE_KEYS.join(", ")
+    )
+}
 
 /// socklb's guest agent: Kubernetes Service load balancing at the socket.
 #[derive(Parser, Debug)]
-#[command(name = "socklb-agent", version, after_help = PRECEDENCE)]
+#[command(name = "socklb-agent", version)]
 struct Args {
     /// Cgroup (v2) to attach the programs to [default: the first cgroup2
     /// mount, else cgroup2 mounted at /sys/fs/cgroup]
@@ -87,10 +90,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::command().after_help(after_help()).get_matches();
+    let args = Args::from_arg_matches(&args).unwrap_or_else(|err| err.exit());
     let check = args.check;
     let detach = args.detach;
-    let given = Given {
+    let given = Settings {
         cgroup: args.cgroup,
         bpffs: args.bpffs,
         table: args.table,
@@ -127,7 +131,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    let log = logging::logger(config.log_level);
+    // Held to the end of main: dropping it flushes the last lines.
+    let (log, _flush) = socklb_logging::json("socklb-agent", config.log_level);
     let result = if detach {
         datapath::detach(&config.bpffs, &log)
     } else {
@@ -144,8 +149,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    // Dropping the last logger flushes the async drain.
-    drop(log);
     code
 }
 

@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use slog::{Drain as _, Logger, o};
+use slog::Logger;
 use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on, socklb as api};
 use socklb_shim::{
     AgentAddr, AgentClient, Options,
@@ -16,10 +16,14 @@ use socklb_table::Table;
 #[derive(Parser, Debug)]
 #[command(name = "socklb-shim", version)]
 struct Args {
-    /// The agent: vsock://CID:PORT, hvsock:///path/to/uds:PORT or unix:///path
+    /// The agent: vsock://CID[:PORT], hvsock:///path/to/uds[:PORT] or
+    /// unix:///path (PORT defaults to the agent's, 1100)
     /// (every command but `node`, which finds the node's agents itself)
     #[arg(long, env = "SOCKLB_AGENT")]
     agent: Option<AgentAddr>,
+    /// critical, error, warning, info, debug or trace
+    #[arg(long, env = "SOCKLB_LOG_LEVEL", default_value = "info", value_parser = socklb_logging::parse_level)]
+    log_level: slog::Level,
     /// Seconds to wait for one call (and to keep trying to connect)
     #[arg(long, default_value_t = 30)]
     timeout: u64,
@@ -165,7 +169,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    // Held to the end of main: dropping it flushes the last lines.
+    let (log, _flush) = socklb_logging::json("socklb-shim", args.log_level);
+    match runtime.block_on(run(args, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("socklb-shim: {err:#}");
@@ -174,17 +180,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn logger() -> Logger {
-    let json = slog_json::Json::new(std::io::stderr())
-        .add_default_keys()
-        .build()
-        .fuse();
-    let drain = slog_async::Async::new(json).build().fuse();
-    Logger::root(drain, o!("name" => "socklb-shim"))
-}
-
-async fn run(args: Args) -> Result<()> {
-    let log = logger();
+async fn run(args: Args, log: Logger) -> Result<()> {
     let options = Options {
         call_timeout: Duration::from_secs(args.timeout),
         connect_timeout: Duration::from_secs(args.timeout),
