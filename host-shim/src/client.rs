@@ -353,35 +353,39 @@ impl AgentClient {
                     self.connection = Some(connection.clone());
                     return Ok(connection);
                 }
-                Err(reason) if tokio::time::Instant::now() + backoff < deadline => {
+                // Another API major will not change by retrying.
+                Err(OpenError::Incompatible(err)) => return Err(err),
+                Err(OpenError::Unreachable(reason))
+                    if tokio::time::Instant::now() + backoff < deadline =>
+                {
                     warn!(self.log, "cannot reach the agent; retrying"; "error" => &reason,
                           "in_ms" => backoff.as_millis() as u64);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.backoff_max);
                 }
-                Err(reason) => return Err(self.unreachable(reason)),
+                Err(OpenError::Unreachable(reason)) => return Err(self.unreachable(reason)),
             }
         }
     }
 
     /// Opens a connection and checks the agent is serving and compatible.
-    async fn open(&self) -> Result<Connection, String> {
+    async fn open(&self) -> Result<Connection, OpenError> {
+        let unreachable = |reason: String| OpenError::Unreachable(reason);
         let socket = tokio::time::timeout(self.options.call_timeout, connect(&self.addr))
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|err| err.to_string())?;
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|err| unreachable(err.to_string()))?;
         let client = ttrpc::r#async::Client::new(socket);
         let health = HealthClient::new(client.clone());
         let context = ttrpc::context::with_duration(self.options.call_timeout);
         let version = health
             .version(context, &api::VersionRequest::new())
             .await
-            .map_err(|err| err.to_string())?;
+            .map_err(|err| unreachable(err.to_string()))?;
         let incompatible = || {
-            ClientError::Incompatible {
+            OpenError::Incompatible(ClientError::Incompatible {
                 got: version.api_version.clone(),
-            }
-            .to_string()
+            })
         };
         let (got_major, got_minor) = version
             .api_version
@@ -514,6 +518,12 @@ impl AgentClient {
     }
 }
 
+/// Why a connection could not be opened: worth retrying, or not.
+enum OpenError {
+    Unreachable(String),
+    Incompatible(ClientError),
+}
+
 /// How a failed call ends: a final answer, or a connection to re-open.
 enum Failure {
     Final(ClientError),
@@ -583,5 +593,72 @@ fn write_result(response: api::WriteResponse) -> WriteResult {
         generation: response.generation,
         services: response.services,
         digest: (!response.digest.is_empty()).then_some(response.digest),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use socklb_protocols::socklb_ttrpc;
+    use ttrpc::r#async::{Server, TtrpcContext};
+
+    use super::*;
+
+    /// Answers Health with another API major, counting Version calls.
+    struct NewerAgent {
+        versions_asked: Arc<AtomicU32>,
+    }
+
+    #[async_trait::async_trait]
+    impl socklb_ttrpc::Health for NewerAgent {
+        async fn check(
+            &self,
+            _ctx: &TtrpcContext,
+            _: api::CheckRequest,
+        ) -> ttrpc::Result<api::CheckResponse> {
+            Ok(api::CheckResponse::new())
+        }
+
+        async fn version(
+            &self,
+            _ctx: &TtrpcContext,
+            _: api::VersionRequest,
+        ) -> ttrpc::Result<api::VersionResponse> {
+            self.versions_asked.fetch_add(1, Ordering::SeqCst);
+            Ok(api::VersionResponse {
+                api_version: "2.0".into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_incompatible_agent_is_an_error_at_once_not_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let versions_asked = Arc::new(AtomicU32::new(0));
+        let health = socklb_ttrpc::create_health(Arc::new(NewerAgent {
+            versions_asked: versions_asked.clone(),
+        }));
+        let mut server = Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .unwrap()
+            .register_service(health);
+        server.start().await.unwrap();
+
+        let addr = format!("unix://{}", socket.display()).parse().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let mut client = AgentClient::new(addr, Options::default(), &log);
+        let err = client.check().await.unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Incompatible { got } if got == "2.0"),
+            "{err}"
+        );
+        assert_eq!(versions_asked.load(Ordering::SeqCst), 1, "retried: {err}");
+        server.shutdown().await.unwrap();
     }
 }
