@@ -96,6 +96,9 @@ struct AgentState {
     services: BTreeMap<ServiceKey, Service>,
     generation: u64,
     syncs: u64,
+    upserts: u64,
+    /// How long each Upsert takes: a slow sandbox.
+    upsert_delay: Duration,
 }
 
 #[derive(Clone, Default)]
@@ -176,11 +179,14 @@ impl socklb_ttrpc::Services for Rpc {
             .map(|(index, service)| Service::from_api(index, service))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
+        let delay = self.state.lock().unwrap().upsert_delay;
+        tokio::time::sleep(delay).await;
         let mut state = self.state.lock().unwrap();
         for service in services {
             state.services.insert(service.key, service);
         }
         state.generation += 1;
+        state.upserts += 1;
         Ok(written(&state, None))
     }
 
@@ -269,6 +275,16 @@ impl StandInAgent {
     /// Empties its table behind the host's back, as another writer would.
     pub fn tamper(&self) {
         self.rpc.state.lock().unwrap().services.clear();
+    }
+
+    /// Makes every Upsert take `delay` from now on.
+    pub fn slow_down(&self, delay: Duration) {
+        self.rpc.state.lock().unwrap().upsert_delay = delay;
+    }
+
+    /// Upserts it applied.
+    pub fn upserts(&self) -> u64 {
+        self.rpc.state.lock().unwrap().upserts
     }
 
     /// Whole-table Syncs it received.

@@ -287,6 +287,63 @@ fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
 }
 
 #[test]
+fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let mut agents = Vec::new();
+    let mut shims = Vec::new();
+    for id in ["fast", "slow"] {
+        let (uds, url) = node.vsock(id);
+        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
+        shims.push(node.sandbox("kata", id, &url));
+    }
+    node.start(&api, 10);
+    converge(&node, "both synced", Duration::from_secs(20), || {
+        agents.iter().all(|a| a.syncs() == 1)
+    });
+    let (fast, slow) = (&agents[0], &agents[1]);
+    slow.slow_down(Duration::from_millis(500));
+
+    // Ten changes, each its own batch, while the slow one is busy.
+    const CHANGES: u8 = 10;
+    for n in 1..=CHANGES {
+        api.apply(
+            Kind::EndpointSlice,
+            slice("web", &[&format!("10.244.1.{n}")]),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = set(&[&format!("10.96.0.20:80/TCP -> [10.244.1.{CHANGES}:8080]")]);
+    converge(
+        &node,
+        "the fast one has the newest state",
+        Duration::from_secs(2),
+        || lines(fast) == last,
+    );
+    converge(
+        &node,
+        "the slow one has the newest state",
+        Duration::from_secs(10),
+        || lines(slow) == last,
+    );
+    assert!(
+        fast.upserts() >= u64::from(CHANGES) / 2,
+        "the fast one got most batches one by one: {}",
+        fast.upserts()
+    );
+    assert!(
+        slow.upserts() <= 4,
+        "the slow one got the changes merged, not one by one: {} upserts for {CHANGES} changes",
+        slow.upserts()
+    );
+    assert_eq!(slow.syncs(), 1, "merged changes, not the whole table");
+}
+
+#[test]
 fn discovery_follows_sandboxes_as_kata_names_them() {
     let runtime = runtime();
     let _entered = runtime.enter();
