@@ -109,3 +109,52 @@ where
             .await;
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    fn serve(listener: UnixListener) {
+        let handler: Handler = Arc::new(|path| match path {
+            "/agent-url" => Reply::ok("text/plain", "vsock://3:1024".into()),
+            other => Reply::not_found(other),
+        });
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                serve_connection(stream, handler.clone());
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn gets_bodies_and_names_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("shim-monitor.sock");
+        serve(UnixListener::bind(&socket).unwrap());
+        let timeout = Duration::from_secs(5);
+        assert_eq!(
+            get_unix(&socket, "/agent-url", timeout).await.unwrap(),
+            "vsock://3:1024"
+        );
+        let err = get_unix(&socket, "/nope", timeout).await.unwrap_err();
+        assert!(format!("{err:#}").contains("HTTP 404"), "{err:#}");
+        let missing = dir.path().join("missing.sock");
+        let err = get_unix(&missing, "/agent-url", timeout).await.unwrap_err();
+        assert!(format!("{err:#}").contains("missing.sock"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("silent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let err = get_unix(&socket, "/agent-url", Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no answer within"), "{err:#}");
+        held.abort();
+    }
+}
