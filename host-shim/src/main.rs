@@ -323,7 +323,10 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
         );
     };
     if let Some(service) = kata_service_on(args.agent_port) {
-        bail!("--agent-port {} is taken by Kata: {service}", args.agent_port);
+        bail!(
+            "--agent-port {} is taken by Kata: {service}",
+            args.agent_port
+        );
     }
     let config = NodeConfig {
         node: node_name,
