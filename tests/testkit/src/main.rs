@@ -212,7 +212,7 @@ fn tcp(args: &[String]) {
 }
 
 /// Connects again and again for `--ms`, one JSON line per connection with
-/// the time it started.
+/// the times it started and ended (its connect happened in between).
 fn tcp_loop(args: &[String]) {
     let target = addr(&args[0]);
     let until = Instant::now() + Duration::from_millis(value(args, "--ms", 1000u64));
@@ -220,6 +220,7 @@ fn tcp_loop(args: &[String]) {
         let start_us = now_us();
         let mut result = tcp_exchange(target);
         result["start_us"] = json!(start_us);
+        result["end_us"] = json!(now_us());
         emit(result);
     }
 }
