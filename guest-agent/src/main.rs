@@ -142,14 +142,13 @@ fn main() -> ExitCode {
             .context("starting the tokio runtime")
             .and_then(|runtime| runtime.block_on(serve(&config, &log)))
     };
-    let code = match result {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(log, "{err:#}");
             ExitCode::FAILURE
         }
-    };
-    code
+    }
 }
 
 async fn serve(config: &Config, log: &Logger) -> Result<()> {
