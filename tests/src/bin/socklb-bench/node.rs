@@ -56,6 +56,14 @@ impl Children {
     }
 }
 
+/// Watches opened so far: Services, EndpointSlices and the Node.
+fn watches(api: &FakeApiServer) -> usize {
+    [Kind::Service, Kind::EndpointSlice, Kind::Node]
+        .into_iter()
+        .map(|kind| api.watches(kind))
+        .sum()
+}
+
 fn status(runtime: &tokio::runtime::Runtime, socket: &Path) -> Option<Report> {
     let text = runtime
         .block_on(get_unix(socket, "/status", Duration::from_secs(5)))
@@ -126,7 +134,7 @@ pub fn node() {
 
     // The node daemon.
     let status_socket = dir.path().join("node.sock");
-    let watches_before = api.watches(Kind::EndpointSlice) + api.watches(Kind::Service);
+    let watches_before = watches(&api);
     let mut command = Command::new(shim_bin());
     command
         .args(["--timeout", "60", "node", "--node", "node-a"])
@@ -154,8 +162,7 @@ pub fn node() {
         version = wait_all_acked(&runtime, &status_socket, version + 1);
         node_latencies.push(pushed.elapsed().as_secs_f64() * 1e3);
     }
-    let node_watches =
-        api.watches(Kind::EndpointSlice) + api.watches(Kind::Service) - watches_before;
+    let node_watches = watches(&api) - watches_before;
     let node_rss = daemon.rss_kib();
     let node_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:");
     drop(daemon);
@@ -171,7 +178,7 @@ pub fn node() {
     );
 
     // The baseline: one socklb-shim kube per sandbox, same agents.
-    let watches_before = api.watches(Kind::EndpointSlice) + api.watches(Kind::Service);
+    let watches_before = watches(&api);
     let (events, received) = mpsc::channel::<(Instant, bool)>();
     let started = Instant::now();
     let mut shims_kube = Children(Vec::new());
@@ -241,8 +248,7 @@ pub fn node() {
         );
         kube_latencies.push((wait_for(false) - pushed).as_secs_f64() * 1e3);
     }
-    let kube_watches =
-        api.watches(Kind::EndpointSlice) + api.watches(Kind::Service) - watches_before;
+    let kube_watches = watches(&api) - watches_before;
     let kube_rss = shims_kube.rss_kib();
     drop(shims_kube);
 
