@@ -117,6 +117,10 @@ pub struct Datapath {
     members: HashMap<MapData, MemberKey, u8>,
     stats: PerCpuArray<MapData, ServiceCounters>,
     guest_addrs: Array<MapData, Addr>,
+    opt_out_cgroups: HashMap<MapData, u64, u8>,
+    opt_out_count: Array<MapData, u32>,
+    /// The cgroup the hooks are attached to, once they are.
+    cgroup: Option<PathBuf>,
     sticky: HashMap<MapData, StickyKey, Sticky>,
     reverse: HashMap<MapData, ReverseKey, Endpoint>,
     /// Ids of the programmed services and their total backend slots, kept
@@ -162,6 +166,8 @@ impl Datapath {
         let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
         let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
         let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
+        let opt_out_cgroups = HashMap::try_from(take(map_names::OPT_OUT_CGROUPS)?)?;
+        let opt_out_count = Array::try_from(take(map_names::OPT_OUT_COUNT)?)?;
         let sticky = HashMap::try_from(take(map_names::STICKY)?)?;
         let reverse = HashMap::try_from(take(map_names::REVERSE)?)?;
         let log = log.new(slog::o!("component" => "datapath"));
@@ -175,6 +181,9 @@ impl Datapath {
             members,
             stats,
             guest_addrs,
+            opt_out_cgroups,
+            opt_out_count,
+            cgroup: None,
             sticky,
             reverse,
             used_ids: BTreeSet::new(),
@@ -234,6 +243,31 @@ impl Datapath {
             })?;
             info!(self.log, "attached"; "hook" => hook.name, "cgroup" => cgroup.display().to_string(),
                   "replaced_previous" => replaced);
+        }
+        self.cgroup = Some(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    /// The cgroup the hooks are attached to (opt-out paths are below it).
+    pub fn attached_cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// Ids of the cgroups whose sockets are left untranslated.
+    pub fn opt_out_cgroups(&self) -> Result<BTreeSet<u64>> {
+        Ok(self.opt_out_cgroups.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes the opt-out cgroups exactly `ids`: new ones first, then the
+    /// count the programs check, then the ones no longer wanted.
+    pub fn set_opt_out_cgroups(&mut self, ids: &BTreeSet<u64>) -> Result<()> {
+        let current = self.opt_out_cgroups()?;
+        for id in ids.difference(&current) {
+            self.opt_out_cgroups.insert(id, 1, 0)?;
+        }
+        self.opt_out_count.set(0, ids.len() as u32, 0)?;
+        for id in current.difference(ids) {
+            self.opt_out_cgroups.remove(id)?;
         }
         Ok(())
     }
@@ -784,6 +818,12 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             size_of::<ServiceCounters>(),
         ),
         (map_names::GUEST_ADDRS, size_of::<u32>(), size_of::<Addr>()),
+        (
+            map_names::OPT_OUT_CGROUPS,
+            size_of::<u64>(),
+            size_of::<u8>(),
+        ),
+        (map_names::OPT_OUT_COUNT, size_of::<u32>(), size_of::<u32>()),
     ];
     for (name, key_size, value_size) in layouts {
         let path = maps_dir.join(name);

@@ -6,6 +6,7 @@ pub mod addresses;
 pub mod config;
 pub mod datapath;
 pub mod kernel;
+pub mod opt_out;
 pub mod peers;
 pub mod rpc;
 pub mod server;

@@ -24,6 +24,7 @@ use socklb_protocols::{
 use socklb_table::{Service, ServiceKey, Table, TableError};
 use ttrpc::{Code, r#async::TtrpcContext};
 
+use crate::opt_out::{self, OptOutError};
 use crate::services::{ServiceTable, StagedSync, StagingError, Written};
 
 /// Listings whose later pages may still be asked for; the oldest is dropped
@@ -113,6 +114,13 @@ fn status(code: Code, message: impl ToString) -> ttrpc::Error {
 
 /// InvalidArgument names the service and field, ResourceExhausted the limit.
 fn code_of(err: &anyhow::Error) -> Code {
+    if let Some(err) = err.downcast_ref::<OptOutError>() {
+        return match err {
+            OptOutError::TooMany { .. } => Code::RESOURCE_EXHAUSTED,
+            OptOutError::NotAttached => Code::FAILED_PRECONDITION,
+            _ => Code::INVALID_ARGUMENT,
+        };
+    }
     match err.downcast_ref::<TableError>() {
         Some(TableError::Capacity { .. }) => Code::RESOURCE_EXHAUSTED,
         Some(TableError::UnknownService { .. }) => Code::NOT_FOUND,
@@ -181,6 +189,7 @@ impl socklb_ttrpc::Health for Rpc {
         let mut features = vec![
             "client-ip-affinity".to_string(),
             "udp-socket-stickiness".to_string(),
+            "opt-out-cgroups".to_string(),
         ];
         if self.run_time_stats {
             features.push("bpf-run-time-stats".into());
@@ -402,6 +411,63 @@ impl socklb_ttrpc::Services for Rpc {
             text: prometheus_text(generation, &stats),
             ..Default::default()
         })
+    }
+
+    async fn set_opt_out_cgroups(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SetOptOutCgroupsRequest,
+    ) -> ttrpc::Result<api::OptOutCgroupsResponse> {
+        let cgroups = self
+            .with_table(move |t| {
+                let attached = t
+                    .datapath()
+                    .attached_cgroup()
+                    .ok_or(OptOutError::NotAttached)?;
+                let wanted = opt_out::resolve(attached, &request.cgroups)?;
+                t.datapath_mut()
+                    .set_opt_out_cgroups(&wanted.keys().copied().collect())?;
+                Ok(wanted)
+            })
+            .await?;
+        info!(self.log, "opt-out cgroups set"; "cgroups" => format!("{:?}", cgroups.values().collect::<Vec<_>>()));
+        Ok(opt_out_response(cgroups.into_iter()))
+    }
+
+    async fn list_opt_out_cgroups(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::ListOptOutCgroupsRequest,
+    ) -> ttrpc::Result<api::OptOutCgroupsResponse> {
+        let (ids, attached) = self
+            .with_table(|t| {
+                let datapath = t.datapath();
+                Ok((
+                    datapath.opt_out_cgroups()?,
+                    datapath.attached_cgroup().map(std::path::Path::to_path_buf),
+                ))
+            })
+            .await?;
+        // Walked without the table lock: a big cgroup tree holds up no write.
+        let paths = attached.map_or_else(Default::default, |attached| {
+            opt_out::paths_of(&attached, &ids)
+        });
+        Ok(opt_out_response(ids.into_iter().map(|id| {
+            (id, paths.get(&id).cloned().unwrap_or_default())
+        })))
+    }
+}
+
+fn opt_out_response(cgroups: impl Iterator<Item = (u64, String)>) -> api::OptOutCgroupsResponse {
+    api::OptOutCgroupsResponse {
+        cgroups: cgroups
+            .map(|(id, path)| api::OptOutCgroup {
+                id,
+                path,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 

@@ -289,6 +289,37 @@ impl AgentClient {
             .await
     }
 
+    /// Replaces the agent's opt-out cgroups (paths below the cgroup its
+    /// hooks are attached to; sockets there are left untranslated) and
+    /// returns them with their cgroup ids. Needs an API 1.2 agent.
+    pub async fn set_opt_out_cgroups(
+        &mut self,
+        cgroups: &[String],
+    ) -> Result<Vec<api::OptOutCgroup>, ClientError> {
+        let request = api::SetOptOutCgroupsRequest {
+            cgroups: cgroups.to_vec(),
+            ..Default::default()
+        };
+        let response = self
+            .call(|c, ctx| {
+                let request = request.clone();
+                async move { c.services.set_opt_out_cgroups(ctx, &request).await }
+            })
+            .await?;
+        Ok(response.cgroups)
+    }
+
+    pub async fn list_opt_out_cgroups(&mut self) -> Result<Vec<api::OptOutCgroup>, ClientError> {
+        let response = self
+            .call(|c, ctx| async move {
+                c.services
+                    .list_opt_out_cgroups(ctx, &api::ListOptOutCgroupsRequest::new())
+                    .await
+            })
+            .await?;
+        Ok(response.cgroups)
+    }
+
     pub async fn metrics(&mut self) -> Result<String, ClientError> {
         let response = self
             .call(

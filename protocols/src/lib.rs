@@ -8,8 +8,9 @@ include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 pub use protobuf;
 
 /// The API version a `VersionResponse` reports; clients refuse another major.
-/// 1.1 added the Sync in parts (SyncBegin/SyncPart/SyncCommit) and List pages.
-pub const API_VERSION: &str = "1.1";
+/// 1.1 added the Sync in parts (SyncBegin/SyncPart/SyncCommit) and List pages;
+/// 1.2 the opt-out cgroups (SetOptOutCgroups, ListOptOutCgroups).
+pub const API_VERSION: &str = "1.2";
 
 /// The largest message ttrpc sends or accepts, either way.
 pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;

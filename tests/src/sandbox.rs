@@ -311,6 +311,20 @@ impl Sandbox {
         collect(self.pod_command(&testkit_bin(), args))
     }
 
+    /// Creates the cgroup `name` below the test cgroup (removed before it).
+    pub fn child_cgroup(&mut self, name: &str) -> PathBuf {
+        let child = self.cgroup.join(name);
+        fs::create_dir(&child).expect("create child cgroup");
+        self.created.push(Created::Cgroup(child.clone()));
+        child
+    }
+
+    /// A testkit client in the client namespace and the cgroup `cgroup`
+    /// (one of `child_cgroup`).
+    pub fn client_in_cgroup(&self, cgroup: &Path, args: &[&str]) -> Vec<Value> {
+        collect(self.command_in(cgroup, &testkit_bin(), args))
+    }
+
     /// A testkit client in the client namespace but outside the cgroup.
     pub fn client_outside_cgroup(&self, args: &[&str]) -> Vec<Value> {
         collect(self.in_netns(&self.client_ns, &testkit_bin(), args))
@@ -378,7 +392,14 @@ impl Sandbox {
     }
 
     fn pod_command(&self, program: &Path, args: &[&str]) -> Command {
-        let procs = self.cgroup_procs();
+        self.command_in(&self.cgroup, program, args)
+    }
+
+    fn command_in(&self, cgroup: &Path, program: &Path, args: &[&str]) -> Command {
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .expect("open cgroup.procs");
         let netns = File::open(Path::new("/run/netns").join(&self.client_ns)).expect("open netns");
         let mut command = Command::new(program);
         command.args(args);

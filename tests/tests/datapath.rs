@@ -420,6 +420,107 @@ fn non_vip_destinations_and_other_cgroups_are_untouched() {
     );
 }
 
+/// Runs `ip` with `args`, failing the test on an error.
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+#[test]
+fn an_opted_out_cgroup_reaches_the_vip_itself() {
+    let mut sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    // The VIP as an address of the backends namespace with a listener on
+    // it, and a route to it from the pod: only an untranslated connect or
+    // datagram gets there (as a sidecar's redirect would see it).
+    ip(&[
+        "-n",
+        &sandbox.backend_ns,
+        "addr",
+        "add",
+        "10.96.0.20/32",
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n",
+        &sandbox.client_ns,
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "dev",
+        "eth0",
+    ]);
+    sandbox.backend("vip-itself", &["10.96.0.20:80"], &["10.96.0.20:53"]);
+    let table = web_table(&sandbox, 1);
+    let mut agent = sandbox.start_agent(Some(&table));
+    let meshed = sandbox.child_cgroup("meshed");
+    let sidecar = sandbox.child_cgroup("meshed/sidecar");
+    let plain = sandbox.child_cgroup("plain");
+    let backend_in = |cgroup: &std::path::Path, args: &[&str]| {
+        one(sandbox.client_in_cgroup(cgroup, args))["backend"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(backend_in(&meshed, &["tcp", "10.96.0.20:80"]), "b1");
+
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let set = runtime
+        .block_on(client.set_opt_out_cgroups(&["meshed".into()]))
+        .expect("set opt-out cgroups");
+    assert_eq!(set.len(), 1);
+    assert_eq!(set[0].path, "meshed");
+    assert_eq!(
+        set[0].id,
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&meshed).unwrap())
+    );
+    for cgroup in [&meshed, &sidecar] {
+        let r = one(sandbox.client_in_cgroup(cgroup, &["tcp", "10.96.0.20:80"]));
+        assert_eq!(r["backend"], "vip-itself", "{cgroup:?}: {r}");
+        assert_eq!(r["peer"], "10.96.0.20:80");
+        // Not refused either: 53/UDP is no service port of this VIP.
+        assert_eq!(backend_in(cgroup, &["udp", "10.96.0.20:53"]), "vip-itself");
+    }
+    assert_eq!(backend_in(&plain, &["tcp", "10.96.0.20:80"]), "b1");
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+    assert_eq!(
+        errno(&sandbox.client_in_cgroup(&plain, &["udp", "10.96.0.20:53"])[0]),
+        ECONNREFUSED
+    );
+
+    // A bad list changes nothing; the list outlives the agent.
+    let refused = runtime.block_on(client.set_opt_out_cgroups(&["nope".into(), "plain".into()]));
+    let message = format!("{:?}", refused.expect_err("an unknown cgroup"));
+    assert!(
+        message.contains("INVALID_ARGUMENT") && message.contains("nope"),
+        "{message}"
+    );
+    assert!(agent.signal(Signal::SIGTERM).success());
+    let _agent = sandbox.start_agent(Some(&table));
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let listed = runtime
+        .block_on(client.list_opt_out_cgroups())
+        .expect("list opt-out cgroups");
+    assert_eq!(
+        listed.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+        ["meshed"]
+    );
+    assert_eq!(
+        backend_in(&sidecar, &["tcp", "10.96.0.20:80"]),
+        "vip-itself"
+    );
+
+    runtime
+        .block_on(client.set_opt_out_cgroups(&[]))
+        .expect("clear opt-out cgroups");
+    assert_eq!(backend_in(&meshed, &["tcp", "10.96.0.20:80"]), "b1");
+}
+
 #[test]
 fn getsockname_hides_a_backend_local_to_the_pod() {
     let sandbox = Sandbox::create();

@@ -19,6 +19,12 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_VIPS: u32 = MAX_SERVICES;
 /// Capacity of the backend slots, summed over all services.
 pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Capacity of `OPT_OUT_CGROUPS`: cgroups whose sockets are left
+/// untranslated (a sidecar-meshed container, a debugging shell).
+pub const MAX_OPT_OUT_CGROUPS: u32 = 1_024;
+/// Ancestor levels (the root is level 0) checked against `OPT_OUT_CGROUPS`:
+/// an opted-out cgroup deeper than this is not seen.
+pub const MAX_CGROUP_LEVELS: i32 = 16;
 /// Translated (socket, backend) pairs remembered for the reverse hooks.
 pub const REVERSE_ENTRIES: u32 = 131_072;
 /// Remembered backend choices (ClientIP affinity and UDP socket stickiness).
@@ -165,7 +171,10 @@ pub mod map_names {
     pub const REVERSE: &str = "REVERSE";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const GUEST_ADDRS: &str = "GUEST_ADDRS";
-    pub const ALL: [&str; 8] = [
+    // The kernel keeps 15 bytes of a map's name.
+    pub const OPT_OUT_CGROUPS: &str = "OPT_OUT_CGROUPS";
+    pub const OPT_OUT_COUNT: &str = "OPT_OUT_COUNT";
+    pub const ALL: [&str; 10] = [
         SERVICES,
         VIPS,
         BACKEND_SLOTS,
@@ -174,6 +183,8 @@ pub mod map_names {
         REVERSE,
         SERVICE_STATS,
         GUEST_ADDRS,
+        OPT_OUT_CGROUPS,
+        OPT_OUT_COUNT,
     ];
 }
 

@@ -17,18 +17,18 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, bpf_sock, bpf_sock_addr},
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_SERVICES,
-    MAX_VIPS, MemberKey, REVERSE_ENTRIES, ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES,
-    STICKY_UDP_SOCKET, Service, ServiceCounters, ServiceKey, Sticky, StickyKey, is_loopback,
-    is_v4_mapped, v4_mapped,
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS,
+    MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS, MAX_SERVICES, MAX_VIPS, MemberKey, REVERSE_ENTRIES,
+    ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES, STICKY_UDP_SOCKET, Service, ServiceCounters,
+    ServiceKey, Sticky, StickyKey, is_loopback, is_v4_mapped, v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -51,6 +51,14 @@ static STICKY: LruHashMap<StickyKey, Sticky> = LruHashMap::pinned(STICKY_ENTRIES
 static REVERSE: LruHashMap<ReverseKey, Endpoint> = LruHashMap::pinned(REVERSE_ENTRIES, 0);
 #[map]
 static SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+/// Cgroup ids (the value is unused) whose processes' sockets, and those of
+/// their descendants, are left untranslated.
+#[map]
+static OPT_OUT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(MAX_OPT_OUT_CGROUPS, BPF_F_NO_PREALLOC);
+/// Entries in `OPT_OUT_CGROUPS`, so a VIP connect skips the ancestor walk
+/// while there are none.
+#[map]
+static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
 /// The guest's own addresses (v4-mapped, v6), all-zero when unknown.
 #[map]
 static GUEST_ADDRS: Array<Addr> = Array::pinned(2, 0);
@@ -187,7 +195,7 @@ fn refuse() -> i32 {
 
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
-    if unsafe { VIPS.get(dst.addr) }.is_none() {
+    if unsafe { VIPS.get(dst.addr) }.is_none() || opted_out() {
         return Verdict::Pass;
     }
     let key = ServiceKey {
@@ -218,6 +226,25 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
     }
     count(service.id, |c| c.translations += 1);
     Verdict::Backend(backend)
+}
+
+/// Whether the calling process's cgroup, or one above it, opted out.
+#[inline(always)]
+fn opted_out() -> bool {
+    if OPT_OUT_COUNT.get(0).is_none_or(|count| *count == 0) {
+        return false;
+    }
+    for level in 0..MAX_CGROUP_LEVELS {
+        // 0 once `level` is below the process's own cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { OPT_OUT_CGROUPS.get(id) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 /// A remembered backend if the service wants one kept (ClientIP affinity, or
