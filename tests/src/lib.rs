@@ -7,6 +7,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod binaries;
 pub mod process;
+pub mod root;
 pub mod sandbox;
 pub mod shim;
 pub mod standin;
