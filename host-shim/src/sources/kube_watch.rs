@@ -25,7 +25,10 @@ use socklb_table::{Service, ServiceKey, Table};
 
 use crate::{
     client::AgentClient,
-    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL},
+    sources::{
+        kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL},
+        trim::Trim,
+    },
 };
 
 /// One kind's list as it arrives during a (re)list.
@@ -216,7 +219,7 @@ pub async fn run(
 }
 
 /// Feeds one watcher event into `cluster`; returns the services it touched.
-fn on_event<K: Resource>(
+fn on_event<K: Resource + Trim>(
     sink: &mut impl TableSink,
     event: watcher::Event<K>,
     listing: &mut Listing<K>,
@@ -235,14 +238,14 @@ fn on_event<K: Resource>(
             listing
                 .items
                 .get_or_insert_with(Vec::new)
-                .push(trimmed(object));
+                .push(object.trimmed());
             Vec::new()
         }
         watcher::Event::InitDone => {
             listing.synced = true;
             replace(cluster, listing.items.take().unwrap_or_default())
         }
-        watcher::Event::Apply(object) => apply(cluster, trimmed(object)),
+        watcher::Event::Apply(object) => apply(cluster, object.trimmed()),
         watcher::Event::Delete(object) => delete(cluster, &object),
     }
 }
@@ -269,20 +272,6 @@ fn zone_change(event: watcher::Event<core::Node>, listed: &mut bool) -> Option<O
         watcher::Event::Apply(node) => Some(zone_of(&node)),
         watcher::Event::Delete(_) => Some(None),
     }
-}
-
-/// The annotation `kubectl apply` keeps a whole copy of the object in.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops what translation never reads and what makes objects large
-/// (managedFields, kubectl's copy of the object), before it is stored.
-fn trimmed<K: Resource>(mut object: K) -> K {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove(LAST_APPLIED);
-    }
-    object
 }
 
 async fn full_sync(

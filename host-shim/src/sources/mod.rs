@@ -3,3 +3,4 @@
 pub mod file;
 pub mod kube_watch;
 pub mod kubernetes;
+pub mod trim;
