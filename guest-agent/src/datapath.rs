@@ -657,6 +657,7 @@ impl Datapath {
                 .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
                     translations: sum.translations + c.translations,
                     rejects: sum.rejects + c.rejects,
+                    insert_failures: sum.insert_failures + c.insert_failures,
                 });
             stats.push((table_key(&key), total));
         }

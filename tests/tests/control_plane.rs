@@ -454,6 +454,13 @@ fn health_stats_and_metrics() {
         metrics.contains(r#"socklb_map_entries{map="SERVICES"} 4"#),
         "{metrics}"
     );
+    // Every translation stored its reverse entry.
+    assert!(
+        metrics.contains(
+            r#"socklb_service_insert_failures_total{vip="10.96.0.20",port="80",protocol="TCP"} 0"#
+        ),
+        "{metrics}"
+    );
     let human = shim_ok(&sandbox, &["stats"]);
     assert!(
         human.contains("10.96.0.20:80/TCP") && human.contains("connect4"),

@@ -155,6 +155,9 @@ pub struct ServiceCounters {
     pub translations: u64,
     /// Connects and datagrams refused because the service had no backend.
     pub rejects: u64,
+    /// Failed inserts into `REVERSE` (the socket is then shown the backend,
+    /// not the VIP) or `STICKY` (the next choice is made afresh).
+    pub insert_failures: u64,
 }
 
 /// Indexes of `GUEST_ADDRS`.
@@ -218,7 +221,7 @@ mod tests {
         assert_eq!(size_of::<StickyKey>(), 16);
         assert_eq!(size_of::<Sticky>(), 32);
         assert_eq!(size_of::<ReverseKey>(), 32);
-        assert_eq!(size_of::<ServiceCounters>(), 16);
+        assert_eq!(size_of::<ServiceCounters>(), 24);
     }
 
     #[test]

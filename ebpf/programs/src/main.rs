@@ -10,16 +10,20 @@
 //! A destination that is not a service VIP costs one hash lookup (`VIPS`,
 //! keyed by the address alone); a VIP on a port that is no service port is
 //! refused with ECONNREFUSED, as kube-proxy's nftables mode rejects it.
+//!
+//! Raw access (context fields, map lookups, helpers) lives in `access`;
+//! the logic here is safe Rust.
 #![no_std]
 #![no_main]
 
+mod access;
+
+use access::{
+    SockAddr, current_ancestor_cgroup_id, hash_get, lru_get, lru_get_mut, monotonic_ns,
+    per_cpu_mut, random_u32, set_syscall_error,
+};
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock, bpf_sock_addr},
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
-    },
+    bindings::BPF_F_NO_PREALLOC,
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
@@ -76,91 +80,78 @@ enum Verdict {
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    forward4(&ctx, false)
+    forward4(&SockAddr::new(&ctx), false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    forward6(&ctx, false)
+    forward6(&SockAddr::new(&ctx), false)
 }
 
 // The kernel runs sendmsg hooks only for datagrams that carry a destination,
 // that is, on unconnected UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward4(&ctx, true)
+    forward4(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward6(&ctx, true)
+    forward6(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx)
+    reverse4(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx)
+    reverse6(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&ctx)
+    reverse4(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    reverse6(&ctx)
+    reverse6(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getsockname4)]
 pub fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let local = v4_mapped(unsafe { (*sa).user_ip4 });
-    let peer = |sk: *mut bpf_sock| v4_mapped(unsafe { (*sk).dst_ip4 });
-    if let Some(shown) = local_view(&ctx, &local, peer) {
-        unsafe { (*sa).user_ip4 = shown[3] };
+    let sa = SockAddr::new(&ctx);
+    let local = v4_mapped(sa.user_ip4());
+    if let Some(shown) = local_view(&sa, &local, true) {
+        sa.set_user_ip4(shown[3]);
     }
     ALLOW
 }
 
 #[cgroup_sock_addr(getsockname6)]
 pub fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let local = read_user_ip6(sa);
-    // One 4-byte load per word, the only width the verifier accepts here.
-    let peer = |sk: *mut bpf_sock| unsafe {
-        [
-            (&raw const (*sk).dst_ip6[0]).read_volatile(),
-            (&raw const (*sk).dst_ip6[1]).read_volatile(),
-            (&raw const (*sk).dst_ip6[2]).read_volatile(),
-            (&raw const (*sk).dst_ip6[3]).read_volatile(),
-        ]
-    };
-    if let Some(shown) = local_view(&ctx, &local, peer) {
-        write_user_ip6(sa, &shown);
+    let sa = SockAddr::new(&ctx);
+    let local = sa.user_ip6();
+    if let Some(shown) = local_view(&sa, &local, false) {
+        sa.set_user_ip6(&shown);
     }
     ALLOW
 }
 
 #[inline(always)]
-fn forward4(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
-    let sa = ctx.sock_addr;
+fn forward4(sa: &SockAddr, unconnected_udp: bool) -> i32 {
     let dst = Endpoint {
-        addr: v4_mapped(unsafe { (*sa).user_ip4 }),
-        port: user_port(sa),
+        addr: v4_mapped(sa.user_ip4()),
+        port: sa.user_port(),
         _pad: 0,
     };
-    match translate(ctx, &dst, unconnected_udp) {
+    match translate(sa, &dst, unconnected_udp) {
         Verdict::Pass => ALLOW,
         Verdict::Backend(backend) => {
-            unsafe {
-                (*sa).user_ip4 = backend.addr[3];
-                (*sa).user_port = u32::from(backend.port);
-            }
+            sa.set_user_ip4(backend.addr[3]);
+            sa.set_user_port(backend.port);
             ALLOW
         }
         Verdict::Refuse => refuse(),
@@ -168,18 +159,17 @@ fn forward4(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
 }
 
 #[inline(always)]
-fn forward6(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
-    let sa = ctx.sock_addr;
+fn forward6(sa: &SockAddr, unconnected_udp: bool) -> i32 {
     let dst = Endpoint {
-        addr: read_user_ip6(sa),
-        port: user_port(sa),
+        addr: sa.user_ip6(),
+        port: sa.user_port(),
         _pad: 0,
     };
-    match translate(ctx, &dst, unconnected_udp) {
+    match translate(sa, &dst, unconnected_udp) {
         Verdict::Pass => ALLOW,
         Verdict::Backend(backend) => {
-            write_user_ip6(sa, &backend.addr);
-            unsafe { (*sa).user_port = u32::from(backend.port) };
+            sa.set_user_ip6(&backend.addr);
+            sa.set_user_port(backend.port);
             ALLOW
         }
         Verdict::Refuse => refuse(),
@@ -189,27 +179,27 @@ fn forward6(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
 /// Fails the connect or sendmsg with ECONNREFUSED, as kube-proxy's REJECT.
 #[inline(always)]
 fn refuse() -> i32 {
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    set_syscall_error(ECONNREFUSED);
     DENY
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
-    if unsafe { VIPS.get(dst.addr) }.is_none() || opted_out() {
+fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
+    if hash_get(&VIPS, &dst.addr).is_none() || opted_out() {
         return Verdict::Pass;
     }
     let key = ServiceKey {
         vip: dst.addr,
         port: dst.port,
-        proto: unsafe { (*ctx.sock_addr).protocol } as u8,
+        proto: sa.protocol(),
         _pad: 0,
     };
     // A known VIP on a port (or protocol) no service has.
-    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+    let Some(service) = hash_get(&SERVICES, &key) else {
         return Verdict::Refuse;
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(backend) = choose_backend(ctx, cookie, &key, &service, unconnected_udp) else {
+    let cookie = sa.socket_cookie();
+    let Some(backend) = choose_backend(sa, cookie, &key, &service, unconnected_udp) else {
         count(service.id, |c| c.rejects += 1);
         return Verdict::Refuse;
     };
@@ -221,8 +211,11 @@ fn translate(ctx: &SockAddrContext, dst: &Endpoint, unconnected_udp: bool) -> Ve
     // Unconnected UDP comes here per datagram: skip the write when the
     // translation is already remembered. A connect is a socket's first
     // translation to this backend, so it writes without looking.
-    if !unconnected_udp || unsafe { REVERSE.get(reverse_key) } != Some(dst) {
-        let _ = REVERSE.insert(reverse_key, dst, 0);
+    if (!unconnected_udp || lru_get(&REVERSE, &reverse_key) != Some(*dst))
+        && REVERSE.insert(reverse_key, dst, 0).is_err()
+    {
+        // The reverse hooks will show this socket the backend, not the VIP.
+        count(service.id, |c| c.insert_failures += 1);
     }
     count(service.id, |c| c.translations += 1);
     Verdict::Backend(backend)
@@ -236,11 +229,11 @@ fn opted_out() -> bool {
     }
     for level in 0..MAX_CGROUP_LEVELS {
         // 0 once `level` is below the process's own cgroup.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = current_ancestor_cgroup_id(level);
         if id == 0 {
             return false;
         }
-        if unsafe { OPT_OUT_CGROUPS.get(id) }.is_some() {
+        if hash_get(&OPT_OUT_CGROUPS, &id).is_some() {
             return true;
         }
     }
@@ -251,7 +244,7 @@ fn opted_out() -> bool {
 /// an unconnected UDP socket) and it is still a member; else a random one.
 #[inline(always)]
 fn choose_backend(
-    ctx: &SockAddrContext,
+    sa: &SockAddr,
     cookie: u64,
     key: &ServiceKey,
     service: &Service,
@@ -262,7 +255,7 @@ fn choose_backend(
     }
     let sticky_key = if service.affinity_timeout_secs != 0 {
         StickyKey {
-            client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            client: sa.netns_cookie(),
             service_id: service.id,
             kind: STICKY_CLIENT_IP,
         }
@@ -275,16 +268,15 @@ fn choose_backend(
     } else {
         return random_backend(key, service);
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(sticky) = STICKY.get_ptr_mut(sticky_key) {
-        let sticky = unsafe { &mut *sticky };
+    let now = monotonic_ns();
+    if let Some(sticky) = lru_get_mut(&STICKY, &sticky_key) {
         let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
         let fresh = timeout_ns == 0 || now.wrapping_sub(sticky.last_used_ns) <= timeout_ns;
         let member = MemberKey {
             service_id: service.id,
             backend: sticky.backend,
         };
-        if fresh && unsafe { MEMBERS.get(member) }.is_some() {
+        if fresh && hash_get(&MEMBERS, &member).is_some() {
             // kube-proxy's `recent` match restarts the timeout on every use.
             sticky.last_used_ns = now;
             return Some(sticky.backend);
@@ -296,7 +288,10 @@ fn choose_backend(
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = STICKY.insert(sticky_key, sticky, 0);
+    if STICKY.insert(sticky_key, sticky, 0).is_err() {
+        // The next connect or datagram chooses afresh.
+        count(service.id, |c| c.insert_failures += 1);
+    }
     Some(backend)
 }
 
@@ -307,67 +302,63 @@ fn random_backend(key: &ServiceKey, service: &Service) -> Option<Endpoint> {
     }
     // The service shrank between reading its entry and its slot (the agent
     // removes surplus slots after writing the entry): re-read it once.
-    let service = unsafe { SERVICES.get(key) }?;
-    backend_in_slot(service)
+    let service = hash_get(&SERVICES, key)?;
+    backend_in_slot(&service)
 }
 
 #[inline(always)]
 fn backend_in_slot(service: &Service) -> Option<Endpoint> {
-    let index = unsafe { bpf_get_prandom_u32() }.checked_rem(service.backend_count)?;
+    let index = random_u32().checked_rem(service.backend_count)?;
     let slot = BackendSlotKey {
         service_id: service.id,
         slot: index + 1,
     };
-    unsafe { BACKEND_SLOTS.get(slot) }.copied()
+    hash_get(&BACKEND_SLOTS, &slot)
 }
 
 #[inline(always)]
 fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
-    if let Some(counters) = SERVICE_STATS.get_ptr_mut(service_id) {
-        bump(unsafe { &mut *counters });
+    if let Some(counters) = per_cpu_mut(&SERVICE_STATS, service_id) {
+        bump(counters);
     }
 }
 
 /// The VIP endpoint the application asked for, if this socket was
 /// translated to `peer`.
 #[inline(always)]
-fn original_vip(ctx: &SockAddrContext, peer: &Endpoint) -> Option<Endpoint> {
+fn original_vip(sa: &SockAddr, peer: &Endpoint) -> Option<Endpoint> {
     let key = ReverseKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie: sa.socket_cookie(),
         backend: *peer,
         _pad: 0,
     };
-    unsafe { REVERSE.get(key) }.copied()
+    lru_get(&REVERSE, &key)
 }
 
 #[inline(always)]
-fn reverse4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
+fn reverse4(sa: &SockAddr) -> i32 {
     let peer = Endpoint {
-        addr: v4_mapped(unsafe { (*sa).user_ip4 }),
-        port: user_port(sa),
+        addr: v4_mapped(sa.user_ip4()),
+        port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(ctx, &peer) {
-        unsafe {
-            (*sa).user_ip4 = vip.addr[3];
-            (*sa).user_port = u32::from(vip.port);
-        }
+    if let Some(vip) = original_vip(sa, &peer) {
+        sa.set_user_ip4(vip.addr[3]);
+        sa.set_user_port(vip.port);
     }
     ALLOW
 }
 
 #[inline(always)]
-fn reverse6(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
+fn reverse6(sa: &SockAddr) -> i32 {
     let peer = Endpoint {
-        addr: read_user_ip6(sa),
-        port: user_port(sa),
+        addr: sa.user_ip6(),
+        port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(ctx, &peer) {
-        write_user_ip6(sa, &vip.addr);
-        unsafe { (*sa).user_port = u32::from(vip.port) };
+    if let Some(vip) = original_vip(sa, &peer) {
+        sa.set_user_ip6(&vip.addr);
+        sa.set_user_port(vip.port);
     }
     ALLOW
 }
@@ -382,24 +373,17 @@ fn reverse6(ctx: &SockAddrContext) -> i32 {
 /// instead, the address it would have had with kube-proxy. Every other
 /// local address (and any socket not translated) is shown as it is.
 #[inline(always)]
-fn local_view(
-    ctx: &SockAddrContext,
-    local: &Addr,
-    peer_addr: impl FnOnce(*mut bpf_sock) -> Addr,
-) -> Option<Addr> {
-    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return None;
-    }
+fn local_view(sa: &SockAddr, local: &Addr, v4: bool) -> Option<Addr> {
+    let (peer_addr, peer_port) = sa.socket_peer(v4)?;
     let peer = Endpoint {
-        addr: peer_addr(sk),
-        port: unsafe { (*sk).dst_port },
+        addr: peer_addr,
+        port: peer_port,
         _pad: 0,
     };
     if !is_loopback(local) && *local != peer.addr {
         return None;
     }
-    let vip = original_vip(ctx, &peer)?;
+    let vip = original_vip(sa, &peer)?;
     if is_loopback(&vip.addr) {
         return None;
     }
@@ -411,39 +395,6 @@ fn local_view(
     let guest = *GUEST_ADDRS.get(index)?;
     (guest != [0; 4]).then_some(guest)
 }
-
-#[inline(always)]
-fn user_port(sa: *mut bpf_sock_addr) -> u16 {
-    // The port sits in network byte order in the low half of the word.
-    unsafe { (*sa).user_port as u16 }
-}
-
-// The verifier accepts only 4-byte accesses to user_ip6, one word at a time.
-#[inline(always)]
-fn read_user_ip6(sa: *mut bpf_sock_addr) -> Addr {
-    unsafe {
-        [
-            (&raw const (*sa).user_ip6[0]).read_volatile(),
-            (&raw const (*sa).user_ip6[1]).read_volatile(),
-            (&raw const (*sa).user_ip6[2]).read_volatile(),
-            (&raw const (*sa).user_ip6[3]).read_volatile(),
-        ]
-    }
-}
-
-#[inline(always)]
-fn write_user_ip6(sa: *mut bpf_sock_addr, addr: &Addr) {
-    unsafe {
-        (&raw mut (*sa).user_ip6[0]).write_volatile(addr[0]);
-        (&raw mut (*sa).user_ip6[1]).write_volatile(addr[1]);
-        (&raw mut (*sa).user_ip6[2]).write_volatile(addr[2]);
-        (&raw mut (*sa).user_ip6[3]).write_volatile(addr[3]);
-    }
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,0 +1,206 @@
+//! Every `unsafe` of the programs: reads and writes of the `bpf_sock_addr`
+//! context and of the socket behind it, map lookups, and helper calls. The
+//! hooks' logic (`main.rs`) uses only the safe functions here, as Cilium's
+//! `ctx_*` helpers and aya's integration programs keep raw access in one
+//! place.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+    },
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::SockAddrContext,
+};
+use socklb_common::Addr;
+
+/// The `bpf_sock_addr` a `sock_addr` program was called with.
+pub struct SockAddr<'a> {
+    ctx: &'a SockAddrContext,
+    sa: *mut bpf_sock_addr,
+}
+
+impl<'a> SockAddr<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a SockAddrContext) -> SockAddr<'a> {
+        SockAddr {
+            ctx,
+            sa: ctx.sock_addr,
+        }
+    }
+
+    /// The IPv4 address (network byte order) of a v4 hook.
+    #[inline(always)]
+    pub fn user_ip4(&self) -> u32 {
+        // SAFETY: `sa` is the context the kernel passed to this program,
+        // valid for its whole run; the verifier checks the field's offset.
+        unsafe { (*self.sa).user_ip4 }
+    }
+
+    #[inline(always)]
+    pub fn set_user_ip4(&self, ip4: u32) {
+        // SAFETY: as in `user_ip4`; user_ip4 is writable in connect4,
+        // sendmsg4, recvmsg4, getpeername4 and getsockname4.
+        unsafe { (*self.sa).user_ip4 = ip4 }
+    }
+
+    /// The IPv6 address of a v6 hook, read one 4-byte word at a time, the
+    /// only width the verifier accepts for user_ip6.
+    #[inline(always)]
+    pub fn user_ip6(&self) -> Addr {
+        // SAFETY: as in `user_ip4`; volatile so the compiler does not merge
+        // the four loads into wider ones.
+        unsafe {
+            [
+                (&raw const (*self.sa).user_ip6[0]).read_volatile(),
+                (&raw const (*self.sa).user_ip6[1]).read_volatile(),
+                (&raw const (*self.sa).user_ip6[2]).read_volatile(),
+                (&raw const (*self.sa).user_ip6[3]).read_volatile(),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    pub fn set_user_ip6(&self, addr: &Addr) {
+        // SAFETY: as in `user_ip6`, for stores.
+        unsafe {
+            (&raw mut (*self.sa).user_ip6[0]).write_volatile(addr[0]);
+            (&raw mut (*self.sa).user_ip6[1]).write_volatile(addr[1]);
+            (&raw mut (*self.sa).user_ip6[2]).write_volatile(addr[2]);
+            (&raw mut (*self.sa).user_ip6[3]).write_volatile(addr[3]);
+        }
+    }
+
+    /// The port, network byte order (the low half of the word).
+    #[inline(always)]
+    pub fn user_port(&self) -> u16 {
+        // SAFETY: as in `user_ip4`.
+        unsafe { (*self.sa).user_port as u16 }
+    }
+
+    #[inline(always)]
+    pub fn set_user_port(&self, port: u16) {
+        // SAFETY: as in `set_user_ip4`.
+        unsafe { (*self.sa).user_port = u32::from(port) }
+    }
+
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    #[inline(always)]
+    pub fn protocol(&self) -> u8 {
+        // SAFETY: as in `user_ip4`.
+        unsafe { (*self.sa).protocol as u8 }
+    }
+
+    #[inline(always)]
+    pub fn socket_cookie(&self) -> u64 {
+        // SAFETY: the helper takes the program's context, which this is.
+        unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
+    }
+
+    #[inline(always)]
+    pub fn netns_cookie(&self) -> u64 {
+        // SAFETY: as in `socket_cookie`.
+        unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
+    }
+
+    /// The socket's peer address (v4-mapped when `v4`) and port (network
+    /// byte order) as the kernel holds them, or `None` without a socket.
+    #[inline(always)]
+    pub fn socket_peer(&self, v4: bool) -> Option<(Addr, u16)> {
+        // SAFETY: as in `user_ip4`; `sk` is checked for null before use, as
+        // the verifier demands of this PTR_TO_SOCKET_OR_NULL field.
+        let sk: *mut bpf_sock = unsafe { (*self.sa).__bindgen_anon_1.sk };
+        if sk.is_null() {
+            return None;
+        }
+        // SAFETY: `sk` is not null; its fields are read one 4-byte word at a
+        // time, the width the verifier accepts for dst_ip6.
+        let (addr, port) = unsafe {
+            let addr = if v4 {
+                socklb_common::v4_mapped((*sk).dst_ip4)
+            } else {
+                [
+                    (&raw const (*sk).dst_ip6[0]).read_volatile(),
+                    (&raw const (*sk).dst_ip6[1]).read_volatile(),
+                    (&raw const (*sk).dst_ip6[2]).read_volatile(),
+                    (&raw const (*sk).dst_ip6[3]).read_volatile(),
+                ]
+            };
+            (addr, (*sk).dst_port)
+        };
+        Some((addr, port))
+    }
+}
+
+/// A copy of the value under `key`.
+#[inline(always)]
+pub fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: aya marks `get` unsafe because the value may change under the
+    // reference; it is copied at once. User space replaces whole entries
+    // (no-prealloc maps free a replaced element only after an RCU grace
+    // period), so the copy is one entry's value, old or new.
+    unsafe { map.get(key) }.copied()
+}
+
+/// A copy of the value under `key`.
+#[inline(always)]
+pub fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: as in `hash_get`; LRU entries are written whole by the
+    // programs' inserts.
+    unsafe { map.get(key) }.copied()
+}
+
+/// The value under `key`, to update in place.
+#[inline(always)]
+pub fn lru_get_mut<K, V>(map: &LruHashMap<K, V>, key: &K) -> Option<&'static mut V> {
+    // SAFETY: the pointer is to the map's element, valid while the program
+    // runs (the kernel frees elements only after an RCU grace period). A
+    // concurrent writer on another CPU may race on the same field, which
+    // only loses one of two timestamps.
+    map.get_ptr_mut(key).map(|value| unsafe { &mut *value })
+}
+
+/// This CPU's element `index`.
+#[inline(always)]
+pub fn per_cpu_mut<T>(map: &PerCpuArray<T>, index: u32) -> Option<&'static mut T> {
+    // SAFETY: per-CPU elements are this CPU's alone while the program runs
+    // (programs are not preempted on their CPU), so the reference is
+    // exclusive; the array never frees elements.
+    map.get_ptr_mut(index).map(|value| unsafe { &mut *value })
+}
+
+/// The id of the calling process's cgroup ancestor at `level` (0: the
+/// root), or 0 when `level` is below its cgroup.
+#[inline(always)]
+pub fn current_ancestor_cgroup_id(level: i32) -> u64 {
+    // SAFETY: a helper without pointer arguments.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+}
+
+#[inline(always)]
+pub fn random_u32() -> u32 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+#[inline(always)]
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Makes the syscall return `-errno` once the program denies it.
+#[inline(always)]
+pub fn set_syscall_error(errno: i32) {
+    // SAFETY: a helper without pointer arguments, allowed in cgroup
+    // sock_addr programs.
+    unsafe { bpf_set_retval(-errno) };
+}
+
+// SAFETY: the kernel reads the program's license from this section by its
+// symbol; nothing else is named `LICENSE` in the object.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
