@@ -96,9 +96,11 @@ impl Rpc {
             })
     }
 
-    fn written(&self, request: &str, written: Written) -> api::WriteResponse {
-        info!(self.log, "table written"; "request" => request, "generation" => written.generation,
-              "services" => written.services);
+    /// Logs a write: `sent` is how many services (or keys) the request
+    /// carried, `services` how many the table holds after it.
+    fn written(&self, request: &str, sent: usize, written: Written) -> api::WriteResponse {
+        info!(self.log, "table written"; "request" => request, "sent" => sent,
+              "generation" => written.generation, "services" => written.services);
         api::WriteResponse {
             generation: written.generation,
             digest: written.digest.unwrap_or_default(),
@@ -217,8 +219,9 @@ impl socklb_ttrpc::Services for Rpc {
     ) -> ttrpc::Result<api::WriteResponse> {
         let table = Table::from_api(&request.services).map_err(invalid)?;
         let generation = request.generation;
+        let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
-        Ok(self.written("sync", written))
+        Ok(self.written("sync", sent, written))
     }
 
     async fn sync_begin(
@@ -289,8 +292,9 @@ impl socklb_ttrpc::Services for Rpc {
             .await
             .map_err(|err| status(Code::INTERNAL, err))?
             .map_err(staging_refused)?;
+        let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
-        Ok(self.written("sync in parts", written))
+        Ok(self.written("sync in parts", sent, written))
     }
 
     async fn upsert(
@@ -305,8 +309,9 @@ impl socklb_ttrpc::Services for Rpc {
             .map(|(index, service)| Service::from_api(index, service))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
+        let sent = services.len();
         let written = self.with_table(move |t| t.upsert(&services)).await?;
-        Ok(self.written("upsert", written))
+        Ok(self.written("upsert", sent, written))
     }
 
     async fn delete(
@@ -321,8 +326,9 @@ impl socklb_ttrpc::Services for Rpc {
             .map(|(index, key)| ServiceKey::from_api(&format!("keys[{index}]"), key))
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
+        let sent = keys.len();
         let written = self.with_table(move |t| t.delete(&keys)).await?;
-        Ok(self.written("delete", written))
+        Ok(self.written("delete", sent, written))
     }
 
     async fn list(
@@ -481,7 +487,6 @@ fn stats(table: &mut ServiceTable, run_time_stats: bool) -> anyhow::Result<api::
                 key: protobuf::MessageField::some(key.to_api()),
                 translations: counters.translations,
                 rejects: counters.rejects,
-                insert_failures: counters.insert_failures,
                 ..Default::default()
             })
             .collect(),
@@ -558,16 +563,6 @@ pub fn prometheus_text(generation: u64, stats: &api::StatsResponse) -> String {
             .hooks
             .iter()
             .map(|h| (format!(r#"{{hook="{}"}}"#, h.hook), h.run_count.to_string()))
-            .collect(),
-    );
-    family(
-        "socklb_service_insert_failures_total",
-        "counter",
-        "Translations whose reverse or sticky entry could not be stored.",
-        stats
-            .services
-            .iter()
-            .map(|s| (service_labels(s), s.insert_failures.to_string()))
             .collect(),
     );
     family(

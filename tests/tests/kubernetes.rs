@@ -352,6 +352,89 @@ fn a_wiped_agent_in_a_quiet_cluster_is_resynced() {
     expect(&sandbox, "the wiped agent, the cluster unchanged", &[&web]);
 }
 
+#[test]
+fn a_relist_sends_the_agent_only_what_changed() {
+    let sandbox = Sandbox::create();
+    let agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    let line = |i: u8, backend: u8| {
+        format!(
+            "10.96.0.{}:80/TCP -> [{}:8080]",
+            100 + i,
+            backend_ip(backend)
+        )
+    };
+    let web_slice = |i: u8, backend: u8| {
+        slice(
+            &format!("web{i}-a"),
+            &format!("web{i}"),
+            json!([{"port": 8080}]),
+            json!([endpoint(&backend_ip(backend), true, false, "n")]),
+        )
+    };
+    for i in 0..20 {
+        let vip = format!("10.96.0.{}", 100 + i);
+        api.apply(
+            Kind::Service,
+            service(
+                &format!("web{i}"),
+                json!({"clusterIP": vip, "ports": [{"port": 80}]}),
+            ),
+        );
+        api.apply(Kind::EndpointSlice, web_slice(i, 1));
+    }
+    let _shim = Shim(
+        sandbox
+            .shim_kube_command(&kubeconfig, &["--batch-ms", "50"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    let all: Vec<String> = (0..20).map(|i| line(i, 1)).collect();
+    expect(
+        &sandbox,
+        "initial sync",
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let first = agent.wait_for("table written");
+    assert_eq!(
+        (first["request"].as_str(), first["sent"].as_u64()),
+        (Some("sync"), Some(20)),
+        "{first}"
+    );
+
+    // While the watches lag, one endpoint moves and one service goes; that
+    // history is compacted, so both watches get 410 and list again.
+    let (lists, expired) = (api.lists(Kind::Service), api.expired());
+    api.pause_watches();
+    api.apply(Kind::EndpointSlice, web_slice(3, 2));
+    api.delete(Kind::Service, "default", "web7");
+    api.compact();
+    api.resume_watches();
+    let mut now: Vec<String> = (0..20).filter(|i| *i != 7).map(|i| line(i, 1)).collect();
+    now[3] = line(3, 2);
+    expect(
+        &sandbox,
+        "after the relist",
+        &now.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(api.expired() > expired && api.lists(Kind::Service) > lists);
+    // What the agent was sent: one Upsert and one Delete of one each.
+    let writes: BTreeSet<(String, u64)> = (0..2)
+        .map(|_| {
+            let write = agent.wait_for("table written");
+            (
+                write["request"].as_str().unwrap().to_string(),
+                write["sent"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, u64)> =
+        [("upsert".to_string(), 1), ("delete".to_string(), 1)].into();
+    assert_eq!(writes, expected, "a relist must send only what changed");
+}
+
 /// This node's Node in the fake API server, in `zone` (none: unlabelled).
 fn this_node(zone: Option<&str>) -> Value {
     let labels = zone.map_or_else(|| json!({}), |z| json!({"topology.kubernetes.io/zone": z}));

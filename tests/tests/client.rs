@@ -1,0 +1,164 @@
+//! The shim's agent client against agents that misbehave: one that lies
+//! about what it holds (a wrong digest) and a real one stopped with SIGSTOP
+//! (calls time out, the client reconnects with backoff, and once the agent
+//! runs again it gets the whole table back). Needs root for the real agent.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use socklb_protocols::{socklb as api, socklb_ttrpc};
+use socklb_shim::{ClientError, Options};
+use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
+use ttrpc::r#async::{Server, TtrpcContext};
+
+fn web(backend: u8) -> Table {
+    Table::new(vec![Service {
+        name: None,
+        key: ServiceKey {
+            vip: "10.96.0.20".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        affinity_timeout_secs: None,
+        backends: vec![format!("{}:8080", backend_ip(backend)).parse().unwrap()],
+    }])
+    .unwrap()
+}
+
+/// An agent that takes every write and reports a digest of nothing, and
+/// lists a table whose digest does not match its services.
+#[derive(Clone, Default)]
+struct LyingAgent {
+    writes: Arc<AtomicU64>,
+}
+
+const WRONG_DIGEST: &str = "0000000000000000";
+
+#[async_trait]
+impl socklb_ttrpc::Health for LyingAgent {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            agent_version: "liar".into(),
+            api_version: "1.1".into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl socklb_ttrpc::Services for LyingAgent {
+    async fn sync(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncRequest,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(api::WriteResponse {
+            generation: request.generation,
+            services: request.services.len() as u32,
+            digest: WRONG_DIGEST.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn list(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::ListRequest,
+    ) -> ttrpc::Result<api::ListResponse> {
+        Ok(api::ListResponse {
+            generation: 1,
+            services: web(1).to_api(),
+            digest: WRONG_DIGEST.into(),
+            ..Default::default()
+        })
+    }
+}
+
+fn serve_lying_agent(socket: &Path, agent: &LyingAgent) -> Server {
+    let mut services = socklb_ttrpc::create_health(Arc::new(agent.clone()));
+    services.extend(socklb_ttrpc::create_services(Arc::new(agent.clone())));
+    Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .expect("bind the lying agent")
+        .register_service(services)
+}
+
+#[test]
+fn a_lying_agent_is_caught_by_the_digest_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("liar.sock");
+    let runtime = runtime();
+    let agent = LyingAgent::default();
+    let _in_runtime = runtime.enter();
+    let mut server = serve_lying_agent(&socket, &agent);
+    runtime
+        .block_on(server.start())
+        .expect("start the lying agent");
+    let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
+
+    let synced = runtime.block_on(client.sync(web(1)));
+    assert!(
+        matches!(synced, Err(ClientError::DigestMismatch { ref got, .. }) if got == WRONG_DIGEST),
+        "a Sync acknowledged with a wrong digest must fail: {synced:?}"
+    );
+    assert_eq!(agent.writes.load(Ordering::Relaxed), 1, "the Sync was sent");
+    let listed = runtime.block_on(client.list());
+    assert!(
+        matches!(listed, Err(ClientError::DigestMismatch { .. })),
+        "a listing that does not add up to its digest must fail: {listed:?}"
+    );
+    runtime
+        .block_on(server.shutdown())
+        .expect("stop the lying agent");
+}
+
+#[test]
+fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
+    let sandbox = Sandbox::create();
+    let agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let options = Options {
+        call_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_secs(1),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+    };
+    let mut client = agent_client(&sandbox.api_addr(), options);
+    runtime.block_on(client.sync(web(1))).expect("first sync");
+
+    // A stopped agent still accepts connections (the kernel queues them)
+    // but answers nothing: every call must end in Unreachable, not hang.
+    // The outer bound only turns a hang into a failure.
+    kill(agent.pid(), Signal::SIGSTOP).expect("SIGSTOP");
+    let bounded = Duration::from_secs(60);
+    let checked = runtime.block_on(async { tokio::time::timeout(bounded, client.check()).await });
+    kill(agent.pid(), Signal::SIGCONT).expect("SIGCONT");
+    assert!(
+        matches!(checked, Ok(Err(ClientError::Unreachable { .. }))),
+        "a call to a stopped agent: {checked:?}"
+    );
+
+    // Running again: the next call reconnects, and the reconnect syncs the
+    // whole table the client holds before anything else.
+    let opened = client.connections_opened();
+    runtime
+        .block_on(client.upsert(web(2).services))
+        .expect("upsert after SIGCONT");
+    assert!(client.connections_opened() > opened, "no reconnect");
+    let (_, table, _) = runtime.block_on(client.list()).expect("list");
+    assert_eq!(table, web(2));
+}
