@@ -487,6 +487,7 @@ fn stats(table: &mut ServiceTable, run_time_stats: bool) -> anyhow::Result<api::
                 key: protobuf::MessageField::some(key.to_api()),
                 translations: counters.translations,
                 rejects: counters.rejects,
+                insert_failures: counters.insert_failures,
                 ..Default::default()
             })
             .collect(),
@@ -553,6 +554,16 @@ pub fn prometheus_text(generation: u64, stats: &api::StatsResponse) -> String {
             .services
             .iter()
             .map(|s| (service_labels(s), s.rejects.to_string()))
+            .collect(),
+    );
+    family(
+        "socklb_service_insert_failures_total",
+        "counter",
+        "Translations whose reverse or sticky entry could not be stored.",
+        stats
+            .services
+            .iter()
+            .map(|s| (service_labels(s), s.insert_failures.to_string()))
             .collect(),
     );
     family(
