@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     binaries, guest,
-    process::{cargo, is_root, output, run, workspace_root},
+    process::{cargo, is_root, output, run, target_dir, workspace_root},
 };
 
 pub(crate) fn test() -> Result<()> {
@@ -63,20 +63,20 @@ pub(crate) fn test() -> Result<()> {
         ],
     )?;
     run(&mut test)?;
-    // A short run of the API decode + validation fuzzer: long enough to
-    // catch a regression in what it has covered before.
+    // A short run of the API decode + validation fuzzer, starting from the
+    // minimised corpus kept in the repository, so it re-checks what earlier
+    // runs covered before it looks further. New inputs go to a scratch
+    // corpus (libFuzzer writes only to the first directory): the kept one
+    // changes only when someone minimises into it.
+    let scratch = target_dir().join("socklb/fuzz-corpus/decode_validate");
+    std::fs::create_dir_all(&scratch)?;
+    let kept = workspace_root().join("protocols/fuzz/corpus/decode_validate");
     run(Command::new("rustup")
         .current_dir(workspace_root().join("protocols/fuzz"))
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "fuzz",
-            "run",
-            "decode_validate",
-            "--",
-            "-max_total_time=15",
-        ]))
+        .args(["run", "nightly", "cargo", "fuzz", "run", "decode_validate"])
+        .arg(&scratch)
+        .arg(&kept)
+        .args(["--", "-max_total_time=15"]))
 }
 
 /// Removes what an interrupted earlier test run left: the harness names
