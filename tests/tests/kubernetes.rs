@@ -435,6 +435,76 @@ fn a_relist_sends_the_agent_only_what_changed() {
     assert_eq!(writes, expected, "a relist must send only what changed");
 }
 
+#[test]
+fn lists_in_pages_and_rides_out_throttling_server_errors_and_forbidden() {
+    let sandbox = Sandbox::create();
+    let _agent = sandbox.start_agent(None);
+    let api = FakeApiServer::start();
+    let kubeconfig = api.kubeconfig(sandbox.workdir.path());
+    // More than two pages of 500 (what kube-rs asks for) of each kind.
+    const SERVICES: u32 = 1200;
+    let vip = |i: u32| format!("10.96.{}.{}", 10 + i / 250, i % 250 + 1);
+    let line = |i: u32, backend: u8| format!("{}:80/TCP -> [{}:8080]", vip(i), backend_ip(backend));
+    let web_slice = |i: u32, backend: u8| {
+        slice(
+            &format!("web{i}-a"),
+            &format!("web{i}"),
+            json!([{"port": 8080}]),
+            json!([endpoint(&backend_ip(backend), true, false, "n")]),
+        )
+    };
+    for i in 0..SERVICES {
+        api.apply(
+            Kind::Service,
+            service(
+                &format!("web{i}"),
+                json!({"clusterIP": vip(i), "ports": [{"port": 80}]}),
+            ),
+        );
+        api.apply(Kind::EndpointSlice, web_slice(i, 1));
+    }
+    let mut lines: Vec<String> = (0..SERVICES).map(|i| line(i, 1)).collect();
+    let expect_lines = |what: &str, lines: &[String]| {
+        expect(
+            &sandbox,
+            what,
+            &lines.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+
+    // Throttled at the start: the first requests get 429 Too Many Requests.
+    api.fail_requests(429, 3);
+    let _shim = Shim(
+        sandbox
+            .shim_kube_command(&kubeconfig, &["--batch-ms", "50"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socklb-shim kube"),
+    );
+    expect_lines("listed in pages after 429s", &lines);
+    assert_eq!(api.failures_served(), 3);
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        assert!(
+            api.list_pages(kind) >= 3 * api.lists(kind),
+            "{kind:?}: {} pages for {} lists",
+            api.list_pages(kind),
+            api.lists(kind)
+        );
+    }
+
+    // The watches break and their restarts meet server errors, then a
+    // Forbidden (RBAC not yet in place); changes made meanwhile arrive.
+    for (code, backend, changed) in [(503, 2, 7), (403, 3, 1100)] {
+        let failures = api.failures_served();
+        api.fail_requests(code, 2);
+        api.drop_watches();
+        api.apply(Kind::EndpointSlice, web_slice(changed, backend));
+        lines[changed as usize] = line(changed, backend);
+        expect_lines(&format!("after {code}s"), &lines);
+        assert_eq!(api.failures_served(), failures + 2, "{code} served");
+    }
+}
+
 /// This node's Node in the fake API server, in `zone` (none: unlabelled).
 fn this_node(zone: Option<&str>) -> Value {
     let labels = zone.map_or_else(|| json!({}), |z| json!({"topology.kubernetes.io/zone": z}));
