@@ -126,6 +126,8 @@ pub struct Datapath {
     /// Ids of the programmed services and their total backend slots, kept
     /// beside the maps so a write checks capacity without reading them all.
     used_ids: BTreeSet<u32>,
+    /// Where the search for a free service id starts (see `free_ids`).
+    next_service_id: u32,
     slot_count: usize,
     /// Services per VIP: a VIP stays in `VIPS` while it has one.
     services_per_vip: BTreeMap<Addr, usize>,
@@ -187,6 +189,7 @@ impl Datapath {
             sticky,
             reverse,
             used_ids: BTreeSet::new(),
+            next_service_id: 0,
             slot_count: 0,
             services_per_vip: BTreeMap::new(),
             log,
@@ -194,6 +197,10 @@ impl Datapath {
         let programmed = datapath.read_programmed()?;
         datapath.sweep_orphans(&programmed)?;
         datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
+        datapath.next_service_id = datapath
+            .used_ids
+            .last()
+            .map_or(0, |id| (id + 1) % MAX_SERVICES);
         datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
         for key in programmed.keys() {
             *datapath.services_per_vip.entry(key.vip).or_default() += 1;
@@ -360,11 +367,7 @@ impl Datapath {
         }
         socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
 
-        let mut free_ids = (0..MAX_SERVICES)
-            .filter(|id| !self.used_ids.contains(id))
-            .take(added)
-            .collect::<Vec<_>>()
-            .into_iter();
+        let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added).into_iter();
         let mut changes = Vec::new();
         for (key, service) in wanted {
             let old = current.remove(&key);
@@ -379,9 +382,13 @@ impl Datapath {
             let entry = socklb_common::Service {
                 id: match &old {
                     Some(old) => old.entry.id,
-                    None => free_ids
-                        .next()
-                        .ok_or_else(|| anyhow!("no free service id"))?,
+                    None => {
+                        let id = free_ids
+                            .next()
+                            .ok_or_else(|| anyhow!("no free service id"))?;
+                        self.next_service_id = (id + 1) % MAX_SERVICES;
+                        id
+                    }
                 },
                 backend_count: backends.len() as u32,
                 affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
@@ -439,41 +446,59 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes backend slots and members whose service is gone: an agent
-    /// killed in the middle of an update can leave them, and a later service
-    /// given the same id must not inherit them.
+    /// Makes slots and members agree with the service entries: removes
+    /// slots and members whose service is gone or beyond its count, and
+    /// members that are in none of their service's slots; adds a member for
+    /// every slot that lacks one. An agent killed in the middle of an
+    /// update leaves such state (a removed backend still a member would
+    /// keep its sticky clients for good), and a later service given the
+    /// same id must not inherit it.
     fn sweep_orphans(
         &mut self,
         programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
     ) -> Result<()> {
-        let live: std::collections::HashMap<u32, u32> = programmed
-            .values()
-            .map(|p| (p.entry.id, p.entry.backend_count))
-            .collect();
+        let live: std::collections::HashMap<u32, &Programmed> =
+            programmed.values().map(|p| (p.entry.id, p)).collect();
         let orphan_slots: Vec<BackendSlotKey> = self
             .slots
             .keys()
             .filter_map(|key| key.ok())
             .filter(|key| {
                 live.get(&key.service_id)
-                    .is_none_or(|count| key.slot > *count)
+                    .is_none_or(|p| key.slot > p.entry.backend_count)
             })
             .collect();
         for key in &orphan_slots {
             self.slots.remove(key)?;
         }
-        let orphan_members: Vec<MemberKey> = self
-            .members
-            .keys()
-            .filter_map(|key| key.ok())
-            .filter(|key| !live.contains_key(&key.service_id))
+        let members: HashSet<MemberKey> = self.members.keys().filter_map(|key| key.ok()).collect();
+        let orphan_members: Vec<&MemberKey> = members
+            .iter()
+            .filter(|key| {
+                live.get(&key.service_id)
+                    .is_none_or(|p| !p.backends.contains(&key.backend))
+            })
             .collect();
         for key in &orphan_members {
             self.members.remove(key)?;
         }
-        if !orphan_slots.is_empty() || !orphan_members.is_empty() {
-            info!(self.log, "removed leftovers of an interrupted update";
-                  "slots" => orphan_slots.len(), "members" => orphan_members.len());
+        let missing_members: Vec<MemberKey> = live
+            .values()
+            .flat_map(|p| {
+                p.backends.iter().map(|backend| MemberKey {
+                    service_id: p.entry.id,
+                    backend: *backend,
+                })
+            })
+            .filter(|key| !members.contains(key))
+            .collect();
+        for key in &missing_members {
+            self.members.insert(key, 1, 0)?;
+        }
+        if !orphan_slots.is_empty() || !orphan_members.is_empty() || !missing_members.is_empty() {
+            info!(self.log, "repaired leftovers of an interrupted update";
+                  "slots_removed" => orphan_slots.len(), "members_removed" => orphan_members.len(),
+                  "members_added" => missing_members.len());
         }
         Ok(())
     }
@@ -702,6 +727,19 @@ impl Datapath {
     }
 }
 
+/// `count` service ids not in `used`, searched from `from` upward (wrapping).
+/// A freed id thus comes back only after every other free id has been
+/// handed out, long after any connect that read the removed service's
+/// entry has finished; handing it out at once could let such a connect
+/// pick a slot of the new service.
+fn free_ids(used: &BTreeSet<u32>, from: u32, count: usize) -> Vec<u32> {
+    (0..MAX_SERVICES)
+        .map(|offset| (from + offset) % MAX_SERVICES)
+        .filter(|id| !used.contains(id))
+        .take(count)
+        .collect()
+}
+
 /// Removes every link and map socklb pinned under `dir`; dropping the links
 /// detaches the programs from their cgroup.
 pub fn detach(dir: &Path, log: &Logger) -> Result<()> {
@@ -925,6 +963,17 @@ fn table_key(key: &socklb_common::ServiceKey) -> ServiceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_freed_service_id_is_not_handed_out_again_at_once() {
+        let used = BTreeSet::from([0, 2, 3]);
+        // Id 1 was freed; the search goes on from 4.
+        assert_eq!(free_ids(&used, 4, 2), [4, 5]);
+        assert_eq!(
+            free_ids(&used, MAX_SERVICES - 1, 3),
+            [MAX_SERVICES - 1, 1, 4]
+        );
+    }
 
     #[test]
     fn keys_round_trip() {

@@ -756,8 +756,45 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
         HashMap::try_from(aya::maps::Map::HashMap(map("VIPS"))).unwrap();
     let orphan_vip = socklb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 99]));
     vips.insert(orphan_vip, 1, 0).unwrap();
+    // What an agent killed between writing a service entry and removing
+    // the old members leaves: a backend in none of the live service's slots
+    // still a member (its sticky clients would keep it for good). And the
+    // member of the backend that is in its slot gone.
+    let services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("SERVICES"))).unwrap();
+    let (_, web) = services.iter().next().unwrap().unwrap();
+    let b1 = slots
+        .get(
+            &BackendSlotKey {
+                service_id: web.id,
+                slot: 1,
+            },
+            0,
+        )
+        .unwrap();
+    let removed_backend = MemberKey {
+        service_id: web.id,
+        backend: Endpoint {
+            port: 9999u16.to_be(),
+            ..b1
+        },
+    };
+    let live_member = MemberKey {
+        service_id: web.id,
+        backend: b1,
+    };
+    members.insert(removed_backend, 1, 0).unwrap();
+    members.remove(&live_member).unwrap();
 
     let _agent = sandbox.start_agent(Some(&table));
+    assert!(
+        members.get(&removed_backend, 0).is_err(),
+        "a backend in none of the slots is still a member"
+    );
+    assert!(
+        members.get(&live_member, 0).is_ok(),
+        "the backend in slot 1 is no member"
+    );
     assert!(slots.get(&orphan_slot, 0).is_err(), "orphan slot kept");
     assert!(
         members.get(&orphan_member, 0).is_err(),
