@@ -1,0 +1,120 @@
+//! Conversions between the table's types (`socklb_table`) and the maps'
+//! (`socklb_common`): addresses as four network-order words, v4 stored
+//! v4-mapped; ports in network byte order.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use socklb_common::{Addr, Endpoint, is_v4_mapped, v4_mapped};
+use socklb_table::{Protocol, Service, ServiceKey, Table};
+
+use super::program::Programmed;
+
+/// An address as the programs see it (v4 as v4-mapped).
+pub fn addr_words(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    }
+}
+
+fn ip_of(addr: &Addr) -> IpAddr {
+    if is_v4_mapped(addr) {
+        IpAddr::V4(Ipv4Addr::from(addr[3].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    }
+}
+
+pub(super) fn endpoint(addr: &SocketAddr) -> Endpoint {
+    Endpoint {
+        addr: addr_words(addr.ip()),
+        port: addr.port().to_be(),
+        _pad: 0,
+    }
+}
+
+fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
+    SocketAddr::new(ip_of(&endpoint.addr), u16::from_be(endpoint.port))
+}
+
+/// Programmed services as a table (without names: the maps keep none).
+pub(super) fn table_of(programmed: BTreeMap<socklb_common::ServiceKey, Programmed>) -> Table {
+    let services = programmed
+        .into_iter()
+        .map(|(key, programmed)| Service {
+            name: None,
+            key: table_key(&key),
+            affinity_timeout_secs: match programmed.entry.affinity_timeout_secs {
+                0 => None,
+                secs => Some(secs),
+            },
+            backends: programmed.backends.iter().map(socket_addr).collect(),
+        })
+        .collect();
+    Table { services }
+}
+
+pub(super) fn map_key(key: &ServiceKey) -> socklb_common::ServiceKey {
+    socklb_common::ServiceKey {
+        vip: addr_words(key.vip),
+        port: key.port.to_be(),
+        proto: key.protocol.number(),
+        _pad: 0,
+    }
+}
+
+pub(super) fn table_key(key: &socklb_common::ServiceKey) -> ServiceKey {
+    ServiceKey {
+        vip: ip_of(&key.vip),
+        port: u16::from_be(key.port),
+        protocol: if key.proto == socklb_common::PROTO_UDP {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        for text in [
+            "10.96.0.20:80",
+            "[fd00::a]:53",
+            "[::1]:1",
+            "127.0.0.1:65535",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_addr(&endpoint(&addr)), addr);
+            let key = ServiceKey {
+                vip: addr.ip(),
+                port: addr.port(),
+                protocol: Protocol::Udp,
+            };
+            assert_eq!(table_key(&map_key(&key)), key);
+        }
+    }
+
+    #[test]
+    fn v4_is_stored_v4_mapped_in_network_order() {
+        let words = addr_words("10.96.0.20".parse().unwrap());
+        let v6: Ipv6Addr = "::ffff:10.96.0.20".parse().unwrap();
+        assert_eq!(words, addr_words(IpAddr::V6(v6)));
+        assert_eq!(words[3].to_ne_bytes(), [10, 96, 0, 20]);
+    }
+}

@@ -1,0 +1,384 @@
+//! The eBPF datapath. This file owns its lifecycle: load the programs,
+//! adopt pinned maps (refusing another layout), attach and pin links,
+//! detach. `program` writes service tables into the maps, `stats` reads
+//! counters and usage back, `convert` maps the table's types to the maps'.
+//!
+//! Pins under the bpffs directory `DIR`:
+//! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
+//! - `DIR/links/<hook>`: one link per hook; it keeps the program attached
+//!   while no agent runs. A later agent attaches its own programs first and
+//!   only then drops the old links, so no connect goes untranslated.
+
+mod convert;
+mod program;
+mod stats;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use slog::{Logger, info};
+use socklb_common::{
+    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_SERVICES, MemberKey,
+    ReverseKey, ServiceCounters, Sticky, StickyKey, map_names,
+};
+
+pub use convert::addr_words;
+pub use program::ApplySummary;
+pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats};
+
+/// The programs, built by build.rs from ebpf/programs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
+
+/// A hook: the program's symbol and the name its link is pinned under.
+pub struct Hook {
+    pub program: &'static str,
+    pub name: &'static str,
+}
+
+pub const HOOKS: [Hook; 10] = [
+    Hook {
+        program: "lb_connect4",
+        name: "connect4",
+    },
+    Hook {
+        program: "lb_connect6",
+        name: "connect6",
+    },
+    Hook {
+        program: "lb_sendmsg4",
+        name: "sendmsg4",
+    },
+    Hook {
+        program: "lb_sendmsg6",
+        name: "sendmsg6",
+    },
+    Hook {
+        program: "lb_recvmsg4",
+        name: "recvmsg4",
+    },
+    Hook {
+        program: "lb_recvmsg6",
+        name: "recvmsg6",
+    },
+    Hook {
+        program: "lb_getpeername4",
+        name: "getpeername4",
+    },
+    Hook {
+        program: "lb_getpeername6",
+        name: "getpeername6",
+    },
+    Hook {
+        program: "lb_getsockname4",
+        name: "getsockname4",
+    },
+    Hook {
+        program: "lb_getsockname6",
+        name: "getsockname6",
+    },
+];
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    links_dir: PathBuf,
+    services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service>,
+    vips: HashMap<MapData, Addr, u8>,
+    slots: HashMap<MapData, BackendSlotKey, Endpoint>,
+    members: HashMap<MapData, MemberKey, u8>,
+    stats: PerCpuArray<MapData, ServiceCounters>,
+    guest_addrs: Array<MapData, Addr>,
+    opt_out_cgroups: HashMap<MapData, u64, u8>,
+    opt_out_count: Array<MapData, u32>,
+    /// The cgroup the hooks are attached to, once they are.
+    cgroup: Option<PathBuf>,
+    sticky: HashMap<MapData, StickyKey, Sticky>,
+    reverse: HashMap<MapData, ReverseKey, Endpoint>,
+    /// Ids of the programmed services and their total backend slots, kept
+    /// beside the maps so a write checks capacity without reading them all.
+    used_ids: BTreeSet<u32>,
+    /// Where the search for a free service id starts (see `free_ids`).
+    next_service_id: u32,
+    slot_count: usize,
+    /// Services per VIP: a VIP stays in `VIPS` while it has one.
+    services_per_vip: BTreeMap<Addr, usize>,
+    log: Logger,
+}
+
+impl Datapath {
+    /// Loads the programs into the kernel, adopting maps pinned under `dir`
+    /// (creating and pinning them when absent).
+    pub fn load(dir: &Path, log: &Logger) -> Result<Datapath> {
+        let maps_dir = dir.join("maps");
+        let links_dir = dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        check_pinned_layouts(&maps_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(PROGRAMS)
+            .context("loading the eBPF object")?;
+        for hook in &HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, hook)?;
+            program.load().with_context(|| {
+                format!(
+                    "the kernel refused the {} program (attach type cgroup/{}): it needs \
+                     BPF_PROG_TYPE_CGROUP_SOCK_ADDR with that attach type",
+                    hook.program, hook.name
+                )
+            })?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+        };
+        let services = HashMap::try_from(take(map_names::SERVICES)?)?;
+        let vips = HashMap::try_from(take(map_names::VIPS)?)?;
+        let slots = HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?;
+        let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
+        let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
+        let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
+        let opt_out_cgroups = HashMap::try_from(take(map_names::OPT_OUT_CGROUPS)?)?;
+        let opt_out_count = Array::try_from(take(map_names::OPT_OUT_COUNT)?)?;
+        let sticky = HashMap::try_from(take(map_names::STICKY)?)?;
+        let reverse = HashMap::try_from(take(map_names::REVERSE)?)?;
+        let log = log.new(slog::o!("component" => "datapath"));
+        let mut datapath = Datapath {
+            ebpf,
+            dir: dir.to_path_buf(),
+            links_dir,
+            services,
+            vips,
+            slots,
+            members,
+            stats,
+            guest_addrs,
+            opt_out_cgroups,
+            opt_out_count,
+            cgroup: None,
+            sticky,
+            reverse,
+            used_ids: BTreeSet::new(),
+            next_service_id: 0,
+            slot_count: 0,
+            services_per_vip: BTreeMap::new(),
+            log,
+        };
+        let programmed = datapath.read_programmed()?;
+        datapath.sweep_orphans(&programmed)?;
+        datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
+        datapath.next_service_id = datapath
+            .used_ids
+            .last()
+            .map_or(0, |id| (id + 1) % MAX_SERVICES);
+        datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
+        for key in programmed.keys() {
+            *datapath.services_per_vip.entry(key.vip).or_default() += 1;
+        }
+        datapath.reconcile_vips()?;
+        info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
+              "adopted_services" => datapath.used_ids.len());
+        Ok(datapath)
+    }
+
+    /// Attaches every hook to `cgroup` and pins its link, replacing the link
+    /// an earlier agent pinned only once the new one is attached.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_dir = fs::File::open(cgroup)
+            .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+        for hook in &HOOKS {
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+            // A cgroup bpf_link always coexists with other links (the kernel
+            // refuses attach flags on links), so the old and new programs
+            // overlap for a moment: the first rewrites, the second passes.
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "attaching {} to cgroup {} failed (the kernel needs CONFIG_CGROUP_BPF)",
+                        hook.name,
+                        cgroup.display()
+                    )
+                })?;
+            let link: FdLink = program.take_link(link_id)?.try_into()?;
+            let pin = self.links_dir.join(hook.name);
+            // bpffs reserves names with dots for itself.
+            let staged = self.links_dir.join(format!("{}_staged", hook.name));
+            // A staged pin left by an agent that died mid-replacement holds a
+            // duplicate link: dropping it detaches that duplicate.
+            remove_if_present(&staged)?;
+            link.pin(&staged)
+                .with_context(|| format!("cannot pin link {}", staged.display()))?;
+            let replaced = pin.exists();
+            if replaced {
+                let old = PinnedLink::from_pin(&pin)
+                    .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+                drop(old.unpin()?);
+            }
+            fs::rename(&staged, &pin).with_context(|| {
+                format!("cannot rename {} to {}", staged.display(), pin.display())
+            })?;
+            info!(self.log, "attached"; "hook" => hook.name, "cgroup" => cgroup.display().to_string(),
+                  "replaced_previous" => replaced);
+        }
+        self.cgroup = Some(cgroup.to_path_buf());
+        Ok(())
+    }
+
+    /// The cgroup the hooks are attached to (opt-out paths are below it).
+    pub fn attached_cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    /// Ids of the cgroups whose sockets are left untranslated.
+    pub fn opt_out_cgroups(&self) -> Result<BTreeSet<u64>> {
+        Ok(self.opt_out_cgroups.keys().collect::<Result<_, _>>()?)
+    }
+
+    /// Makes the opt-out cgroups exactly `ids`: new ones first, then the
+    /// count the programs check, then the ones no longer wanted.
+    pub fn set_opt_out_cgroups(&mut self, ids: &BTreeSet<u64>) -> Result<()> {
+        let current = self.opt_out_cgroups()?;
+        for id in ids.difference(&current) {
+            self.opt_out_cgroups.insert(id, 1, 0)?;
+        }
+        self.opt_out_count.set(0, ids.len() as u32, 0)?;
+        for id in current.difference(ids) {
+            self.opt_out_cgroups.remove(id)?;
+        }
+        Ok(())
+    }
+
+    /// Hooks whose link is pinned, i.e. attached.
+    pub fn attached_hooks(&self) -> Vec<&'static str> {
+        HOOKS
+            .iter()
+            .filter(|hook| self.links_dir.join(hook.name).exists())
+            .map(|hook| hook.name)
+            .collect()
+    }
+
+    /// Tells getsockname the guest's own addresses (see the programs'
+    /// `local_view`); `None` clears a family.
+    pub fn set_guest_addrs(&mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<()> {
+        let v4 = v4.map_or([0; 4], |ip| addr_words(IpAddr::V4(ip)));
+        let v6 = v6.map_or([0; 4], |ip| addr_words(IpAddr::V6(ip)));
+        self.guest_addrs.set(GUEST_ADDR_V4, v4, 0)?;
+        self.guest_addrs.set(GUEST_ADDR_V6, v6, 0)?;
+        Ok(())
+    }
+}
+
+/// Removes every link and map socklb pinned under `dir`; dropping the links
+/// detaches the programs from their cgroup.
+pub fn detach(dir: &Path, log: &Logger) -> Result<()> {
+    if !dir.exists() {
+        info!(log, "nothing pinned"; "bpffs" => dir.display().to_string());
+        return Ok(());
+    }
+    for sub in ["links", "maps"] {
+        let sub = dir.join(sub);
+        if !sub.exists() {
+            continue;
+        }
+        for entry in fs::read_dir(&sub).with_context(|| format!("cannot list {}", sub.display()))? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+            info!(log, "unpinned"; "pin" => path.display().to_string());
+        }
+        fs::remove_dir(&sub).with_context(|| format!("cannot remove {}", sub.display()))?;
+    }
+    fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, hook: &Hook) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(hook.program)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {}", hook.program))?
+        .try_into()
+        .with_context(|| format!("{} is not a cgroup sock_addr program", hook.program))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses pinned maps whose layout differs from this build's (an agent of
+/// another version left them): adopting them would misread every entry.
+fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
+    use std::mem::size_of;
+    let layouts = [
+        (
+            map_names::SERVICES,
+            size_of::<socklb_common::ServiceKey>(),
+            size_of::<socklb_common::Service>(),
+        ),
+        (map_names::VIPS, size_of::<Addr>(), size_of::<u8>()),
+        (
+            map_names::BACKEND_SLOTS,
+            size_of::<BackendSlotKey>(),
+            size_of::<Endpoint>(),
+        ),
+        (map_names::MEMBERS, size_of::<MemberKey>(), size_of::<u8>()),
+        (
+            map_names::STICKY,
+            size_of::<StickyKey>(),
+            size_of::<Sticky>(),
+        ),
+        (
+            map_names::REVERSE,
+            size_of::<ReverseKey>(),
+            size_of::<Endpoint>(),
+        ),
+        (
+            map_names::SERVICE_STATS,
+            size_of::<u32>(),
+            size_of::<ServiceCounters>(),
+        ),
+        (map_names::GUEST_ADDRS, size_of::<u32>(), size_of::<Addr>()),
+        (
+            map_names::OPT_OUT_CGROUPS,
+            size_of::<u64>(),
+            size_of::<u8>(),
+        ),
+        (map_names::OPT_OUT_COUNT, size_of::<u32>(), size_of::<u32>()),
+    ];
+    for (name, key_size, value_size) in layouts {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent needs {key_size}/{value_size}: \
+                 remove the old datapath with `socklb-agent --detach --bpffs {}` first",
+                path.display(),
+                info.key_size(),
+                info.value_size(),
+                maps_dir.parent().unwrap_or(maps_dir).display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! Programming service tables into the maps: whole tables (all or
+//! nothing), upserts and deletes, each service written so a concurrent
+//! lookup sees its old backend set or its new one; and the repair of what
+//! an agent killed half way through an update leaves.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::maps::PerCpuValues;
+use slog::info;
+use socklb_common::{Addr, BackendSlotKey, Endpoint, MAX_SERVICES, MemberKey, ServiceCounters};
+use socklb_table::{Service, ServiceKey, Table, TableError};
+
+use super::{
+    Datapath,
+    convert::{endpoint, map_key, table_key, table_of},
+};
+
+/// What `apply` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// A service as the maps hold it.
+#[derive(Clone)]
+pub(super) struct Programmed {
+    pub(super) entry: socklb_common::Service,
+    pub(super) backends: Vec<Endpoint>,
+}
+
+impl Datapath {
+    /// Makes the maps hold exactly `table`, or leaves them as they were: a
+    /// table refused (capacity) changes nothing, and after a kernel error
+    /// half way the previous table is written back.
+    pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
+        let mut current = self.read_programmed()?;
+        let before = current.clone();
+        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
+            current.keys().map(|key| (*key, None)).collect();
+        for service in &table.services {
+            wanted.insert(map_key(&service.key), Some(service));
+        }
+        let summary = match self.write(wanted, &mut current) {
+            Ok(summary) => summary,
+            Err(err) if err.downcast_ref::<TableError>().is_some() => return Err(err),
+            Err(err) => {
+                return Err(match self.apply(&table_of(before)) {
+                    Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
+                    Err(restore) => err.context(format!(
+                        "writing the table failed half way and restoring the previous one failed too: {restore:#}"
+                    )),
+                });
+            }
+        };
+        info!(self.log, "table applied"; "services" => table.services.len(),
+              "added" => summary.added, "updated" => summary.updated,
+              "removed" => summary.removed, "unchanged" => summary.unchanged);
+        Ok(summary)
+    }
+
+    /// Adds or replaces `services` (validated each, distinct keys), leaving
+    /// every other service as it is.
+    pub fn upsert(&mut self, services: &[Service]) -> Result<ApplySummary> {
+        let mut wanted = BTreeMap::new();
+        for service in services {
+            if wanted
+                .insert(map_key(&service.key), Some(service))
+                .is_some()
+            {
+                return Err(TableError::Field {
+                    service: service.label(),
+                    field: "vip/port/protocol".into(),
+                    message: format!("{} is listed twice in one request", service.key),
+                }
+                .into());
+            }
+        }
+        let mut current = self.read_some(wanted.keys())?;
+        self.write(wanted, &mut current)
+    }
+
+    /// Removes the services with `keys`; refuses all if one is unknown.
+    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<ApplySummary> {
+        let wanted: BTreeMap<_, Option<&Service>> =
+            keys.iter().map(|key| (map_key(key), None)).collect();
+        let mut current = self.read_some(wanted.keys())?;
+        if let Some(missing) = keys.iter().find(|key| !current.contains_key(&map_key(key))) {
+            return Err(TableError::UnknownService {
+                key: missing.to_string(),
+            }
+            .into());
+        }
+        self.write(wanted, &mut current)
+    }
+
+    /// Brings each listed service to its wanted state (`None`: removed).
+    /// Capacity is checked before anything changes. Each service's update
+    /// is atomic for concurrent lookups (see `write_service`); removals and
+    /// shrinking services go first, so the maps never hold more than the
+    /// larger of the old and the new table.
+    fn write(
+        &mut self,
+        wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>>,
+        current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
+    ) -> Result<ApplySummary> {
+        let mut summary = ApplySummary::default();
+        let (mut added, mut removed, mut slots_after) = (0, 0, self.slot_count);
+        for (key, service) in &wanted {
+            let old = current.get(key);
+            match (service, old) {
+                (Some(_), None) => added += 1,
+                (None, Some(_)) => removed += 1,
+                _ => {}
+            }
+            slots_after = slots_after + service.map_or(0, |s| s.backends.len())
+                - old.map_or(0, |p| p.backends.len());
+        }
+        socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
+
+        let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added).into_iter();
+        let mut changes = Vec::new();
+        for (key, service) in wanted {
+            let old = current.remove(&key);
+            let Some(service) = service else {
+                if let Some(old) = old {
+                    self.remove(&key, &old)?;
+                    summary.removed += 1;
+                }
+                continue;
+            };
+            let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
+            let entry = socklb_common::Service {
+                id: match &old {
+                    Some(old) => old.entry.id,
+                    None => {
+                        let id = free_ids
+                            .next()
+                            .ok_or_else(|| anyhow!("no free service id"))?;
+                        self.next_service_id = (id + 1) % MAX_SERVICES;
+                        id
+                    }
+                },
+                backend_count: backends.len() as u32,
+                affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
+                _pad: 0,
+            };
+            match &old {
+                Some(old) if old.entry == entry && old.backends == backends => {
+                    summary.unchanged += 1;
+                    continue;
+                }
+                Some(_) => summary.updated += 1,
+                None => summary.added += 1,
+            }
+            changes.push((key, entry, backends, old));
+        }
+        changes.sort_by_key(|(_, entry, _, old)| {
+            i64::from(entry.backend_count)
+                - old.as_ref().map_or(0, |o| i64::from(o.entry.backend_count))
+        });
+        for (key, entry, backends, old) in changes {
+            self.write_service(&key, entry, &backends, old)?;
+        }
+        Ok(summary)
+    }
+
+    /// The table as the maps hold it (names are not kept in the datapath).
+    pub fn read_table(&self) -> Result<Table> {
+        Ok(table_of(self.read_programmed()?))
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.used_ids.len()
+    }
+
+    /// Makes slots and members agree with the service entries: removes
+    /// slots and members whose service is gone or beyond its count, and
+    /// members that are in none of their service's slots; adds a member for
+    /// every slot that lacks one. An agent killed in the middle of an
+    /// update leaves such state (a removed backend still a member would
+    /// keep its sticky clients for good), and a later service given the
+    /// same id must not inherit it.
+    pub(super) fn sweep_orphans(
+        &mut self,
+        programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
+    ) -> Result<()> {
+        let live: std::collections::HashMap<u32, &Programmed> =
+            programmed.values().map(|p| (p.entry.id, p)).collect();
+        let orphan_slots: Vec<BackendSlotKey> = self
+            .slots
+            .keys()
+            .filter_map(|key| key.ok())
+            .filter(|key| {
+                live.get(&key.service_id)
+                    .is_none_or(|p| key.slot > p.entry.backend_count)
+            })
+            .collect();
+        for key in &orphan_slots {
+            self.slots.remove(key)?;
+        }
+        let members: HashSet<MemberKey> = self.members.keys().filter_map(|key| key.ok()).collect();
+        let orphan_members: Vec<&MemberKey> = members
+            .iter()
+            .filter(|key| {
+                live.get(&key.service_id)
+                    .is_none_or(|p| !p.backends.contains(&key.backend))
+            })
+            .collect();
+        for key in &orphan_members {
+            self.members.remove(key)?;
+        }
+        let missing_members: Vec<MemberKey> = live
+            .values()
+            .flat_map(|p| {
+                p.backends.iter().map(|backend| MemberKey {
+                    service_id: p.entry.id,
+                    backend: *backend,
+                })
+            })
+            .filter(|key| !members.contains(key))
+            .collect();
+        for key in &missing_members {
+            self.members.insert(key, 1, 0)?;
+        }
+        if !orphan_slots.is_empty() || !orphan_members.is_empty() || !missing_members.is_empty() {
+            info!(self.log, "repaired leftovers of an interrupted update";
+                  "slots_removed" => orphan_slots.len(), "members_removed" => orphan_members.len(),
+                  "members_added" => missing_members.len());
+        }
+        Ok(())
+    }
+
+    /// Makes `VIPS` hold exactly the VIPs of the programmed services: an
+    /// agent killed half way through an update, or one of a version before
+    /// `VIPS`, can leave it behind `SERVICES`.
+    pub(super) fn reconcile_vips(&mut self) -> Result<()> {
+        let pinned: Vec<Addr> = self.vips.keys().collect::<Result<_, _>>()?;
+        for vip in pinned
+            .iter()
+            .filter(|vip| !self.services_per_vip.contains_key(*vip))
+        {
+            self.vips.remove(vip)?;
+        }
+        for vip in self.services_per_vip.keys() {
+            if !pinned.contains(vip) {
+                self.vips.insert(vip, 1, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_programmed(
+        &self,
+    ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+        let mut programmed = BTreeMap::new();
+        for item in self.services.iter() {
+            let (key, entry) = item.context("reading the services map")?;
+            programmed.insert(key, self.read_backends(&key, &entry)?);
+        }
+        Ok(programmed)
+    }
+
+    /// Writes one service so that a concurrent lookup sees the old set or
+    /// the new one: members and slots first, the entry (with the count)
+    /// next, surplus slots and members last.
+    fn write_service(
+        &mut self,
+        key: &socklb_common::ServiceKey,
+        entry: socklb_common::Service,
+        backends: &[Endpoint],
+        old: Option<Programmed>,
+    ) -> Result<()> {
+        let (old_entry, old_backends) = match old {
+            Some(old) => (Some(old.entry), old.backends),
+            None => {
+                // A fresh id may have counted for a removed service.
+                let zero =
+                    vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+                self.stats.set(entry.id, PerCpuValues::try_from(zero)?, 0)?;
+                // The VIP before the entry: a VIP missing from `VIPS` passes
+                // untranslated whatever `SERVICES` holds.
+                self.vips.insert(key.vip, 1, 0)?;
+                (None, Vec::new())
+            }
+        };
+        let is_new = old_entry.is_none();
+        let old_set: HashSet<Endpoint> = old_backends.iter().copied().collect();
+        let new_set: HashSet<Endpoint> = backends.iter().copied().collect();
+        let member = |backend: Endpoint| MemberKey {
+            service_id: entry.id,
+            backend,
+        };
+        for backend in new_set.difference(&old_set) {
+            self.members.insert(member(*backend), 1, 0)?;
+        }
+        for (index, backend) in backends.iter().enumerate() {
+            if old_backends.get(index) != Some(backend) {
+                let slot = BackendSlotKey {
+                    service_id: entry.id,
+                    slot: index as u32 + 1,
+                };
+                self.slots.insert(slot, backend, 0)?;
+            }
+        }
+        if old_entry != Some(entry) {
+            if let Err(err) = self.services.insert(key, entry, 0) {
+                if is_new && !self.services_per_vip.contains_key(&key.vip) {
+                    // Best effort: a VIP left in `VIPS` without a service
+                    // would refuse its connects until the next agent start.
+                    let _ = self.vips.remove(&key.vip);
+                }
+                return Err(err.into());
+            }
+            if is_new {
+                *self.services_per_vip.entry(key.vip).or_default() += 1;
+            }
+        }
+        for slot in backends.len() + 1..=old_backends.len() {
+            self.slots.remove(&BackendSlotKey {
+                service_id: entry.id,
+                slot: slot as u32,
+            })?;
+        }
+        for backend in old_set.difference(&new_set) {
+            self.members.remove(&member(*backend))?;
+        }
+        self.used_ids.insert(entry.id);
+        self.slot_count = self.slot_count + backends.len() - old_backends.len();
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
+        let id = programmed.entry.id;
+        self.services.remove(key)?;
+        if let Some(count) = self.services_per_vip.get_mut(&key.vip) {
+            *count -= 1;
+            if *count == 0 {
+                self.services_per_vip.remove(&key.vip);
+                self.vips.remove(&key.vip)?;
+            }
+        }
+        for slot in 1..=programmed.entry.backend_count {
+            self.slots.remove(&BackendSlotKey {
+                service_id: id,
+                slot,
+            })?;
+        }
+        for backend in &programmed.backends {
+            self.members.remove(&MemberKey {
+                service_id: id,
+                backend: *backend,
+            })?;
+        }
+        self.used_ids.remove(&id);
+        self.slot_count -= programmed.backends.len();
+        Ok(())
+    }
+
+    /// The programmed state of the services with `keys` (absent ones left out).
+    fn read_some<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k socklb_common::ServiceKey>,
+    ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+        let mut programmed = BTreeMap::new();
+        for key in keys {
+            match self.services.get(key, 0) {
+                Ok(entry) => {
+                    programmed.insert(*key, self.read_backends(key, &entry)?);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(programmed)
+    }
+
+    fn read_backends(
+        &self,
+        key: &socklb_common::ServiceKey,
+        entry: &socklb_common::Service,
+    ) -> Result<Programmed> {
+        let backends = (1..=entry.backend_count)
+            .map(|slot| {
+                self.slots
+                    .get(
+                        &BackendSlotKey {
+                            service_id: entry.id,
+                            slot,
+                        },
+                        0,
+                    )
+                    .with_context(|| {
+                        format!("service {} lacks backend slot {slot}", table_key(key))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Programmed {
+            entry: *entry,
+            backends,
+        })
+    }
+}
+
+/// `count` service ids not in `used`, searched from `from` upward (wrapping).
+/// A freed id thus comes back only after every other free id has been
+/// handed out, long after any connect that read the removed service's
+/// entry has finished; handing it out at once could let such a connect
+/// pick a slot of the new service.
+fn free_ids(used: &BTreeSet<u32>, from: u32, count: usize) -> Vec<u32> {
+    (0..MAX_SERVICES)
+        .map(|offset| (from + offset) % MAX_SERVICES)
+        .filter(|id| !used.contains(id))
+        .take(count)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_service_id_is_not_handed_out_again_at_once() {
+        let used = BTreeSet::from([0, 2, 3]);
+        // Id 1 was freed; the search goes on from 4.
+        assert_eq!(free_ids(&used, 4, 2), [4, 5]);
+        assert_eq!(
+            free_ids(&used, MAX_SERVICES - 1, 3),
+            [MAX_SERVICES - 1, 1, 4]
+        );
+    }
+}

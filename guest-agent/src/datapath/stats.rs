@@ -1,0 +1,128 @@
+//! What the datapath reports: per-service counters, per-hook run time
+//! (the kernel's BPF run-time stats) and how full each map is.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use aya::programs::links::{FdLink, PinnedLink};
+use socklb_common::{
+    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, REVERSE_ENTRIES, STICKY_ENTRIES, ServiceCounters,
+    map_names,
+};
+use socklb_table::ServiceKey;
+
+use super::{Datapath, HOOKS, convert::table_key};
+
+/// How full a map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
+impl Datapath {
+    pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
+        hook_stats(&self.dir)
+    }
+
+    /// Translations and rejects per service, summed over CPUs.
+    pub fn service_stats(&self) -> Result<Vec<(ServiceKey, ServiceCounters)>> {
+        let mut stats = Vec::new();
+        for item in self.services.iter() {
+            let (key, entry) = item?;
+            let per_cpu = self.stats.get(&entry.id, 0)?;
+            let total = per_cpu
+                .iter()
+                .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
+                    translations: sum.translations + c.translations,
+                    rejects: sum.rejects + c.rejects,
+                    insert_failures: sum.insert_failures + c.insert_failures,
+                });
+            stats.push((table_key(&key), total));
+        }
+        stats.sort_by_key(|(key, _)| *key);
+        Ok(stats)
+    }
+
+    /// Entries in use and capacity of each map that fills up.
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        vec![
+            MapUsage {
+                map: map_names::SERVICES,
+                entries: self.used_ids.len(),
+                capacity: MAX_SERVICES as usize,
+            },
+            MapUsage {
+                map: map_names::VIPS,
+                entries: self.services_per_vip.len(),
+                capacity: MAX_VIPS as usize,
+            },
+            MapUsage {
+                map: map_names::BACKEND_SLOTS,
+                entries: self.slot_count,
+                capacity: MAX_BACKEND_SLOTS as usize,
+            },
+            MapUsage {
+                map: map_names::MEMBERS,
+                entries: self.slot_count,
+                capacity: MAX_BACKEND_SLOTS as usize,
+            },
+            MapUsage {
+                map: map_names::STICKY,
+                entries: self.sticky.keys().count(),
+                capacity: STICKY_ENTRIES as usize,
+            },
+            MapUsage {
+                map: map_names::REVERSE,
+                entries: self.reverse.keys().count(),
+                capacity: REVERSE_ENTRIES as usize,
+            },
+        ]
+    }
+}
+
+/// One hook's program as the kernel accounts for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookStats {
+    pub hook: &'static str,
+    pub program_id: u32,
+    pub run_count: u64,
+    pub run_time: std::time::Duration,
+}
+
+/// Run count and time of the program behind each pinned link under `dir`.
+/// The kernel accumulates them only while run-time stats are enabled (see
+/// [`enable_run_time_stats`]).
+pub fn hook_stats(dir: &Path) -> Result<Vec<HookStats>> {
+    let mut programs: std::collections::HashMap<u32, aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs()
+            .filter_map(|info| info.ok())
+            .map(|info| (info.id(), info))
+            .collect();
+    HOOKS
+        .iter()
+        .map(|hook| {
+            let pin = dir.join("links").join(hook.name);
+            let link = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+            let program_id = FdLink::from(link).info()?.program_id();
+            let info = programs
+                .remove(&program_id)
+                .with_context(|| format!("program {program_id} of {} is not loaded", hook.name))?;
+            Ok(HookStats {
+                hook: hook.name,
+                program_id,
+                run_count: info.run_count(),
+                run_time: info.run_time(),
+            })
+        })
+        .collect()
+}
+
+/// Turns on the kernel's BPF run-time accounting until the returned file
+/// descriptor closes. It costs two clock reads per program run.
+pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time stats (BPF_ENABLE_STATS)")
+}
