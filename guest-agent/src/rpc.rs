@@ -24,6 +24,7 @@ use socklb_protocols::{
 use socklb_table::{Service, ServiceKey, Table, TableError};
 use ttrpc::{Code, r#async::TtrpcContext};
 
+use crate::datapath;
 use crate::opt_out::{self, OptOutError};
 use crate::services::{ServiceTable, StagedSync, StagingError, Written};
 
@@ -98,6 +99,24 @@ impl Rpc {
 
     /// Logs a write: `sent` is how many services (or keys) the request
     /// carried, `services` how many the table holds after it.
+    /// The table's generation and its stats. The LRU maps are walked after
+    /// the table lock is released: a walk is one syscall per entry.
+    async fn collect_stats(&self) -> ttrpc::Result<(u64, api::StatsResponse)> {
+        let run_time_stats = self.run_time_stats;
+        let (generation, mut stats, pin_dir) = self
+            .with_table(move |t| {
+                let pin_dir = t.datapath().pin_dir().to_path_buf();
+                Ok((t.generation(), stats(t, run_time_stats)?, pin_dir))
+            })
+            .await?;
+        let lru = tokio::task::spawn_blocking(move || datapath::lru_usage(&pin_dir))
+            .await
+            .map_err(|err| status(Code::INTERNAL, err))?
+            .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
+        stats.maps.extend(lru.into_iter().map(map_usage));
+        Ok((generation, stats))
+    }
+
     fn written(&self, request: &str, sent: usize, written: Written) -> api::WriteResponse {
         info!(self.log, "table written"; "request" => request, "sent" => sent,
               "generation" => written.generation, "services" => written.services);
@@ -400,8 +419,7 @@ impl socklb_ttrpc::Services for Rpc {
         _ctx: &TtrpcContext,
         _: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
-        let run_time_stats = self.run_time_stats;
-        self.with_table(move |t| stats(t, run_time_stats)).await
+        Ok(self.collect_stats().await?.1)
     }
 
     async fn metrics(
@@ -409,10 +427,7 @@ impl socklb_ttrpc::Services for Rpc {
         _ctx: &TtrpcContext,
         _: api::MetricsRequest,
     ) -> ttrpc::Result<api::MetricsResponse> {
-        let run_time_stats = self.run_time_stats;
-        let (generation, stats) = self
-            .with_table(move |t| Ok((t.generation(), stats(t, run_time_stats)?)))
-            .await?;
+        let (generation, stats) = self.collect_stats().await?;
         Ok(api::MetricsResponse {
             text: prometheus_text(generation, &stats),
             ..Default::default()
@@ -501,19 +516,19 @@ fn stats(table: &mut ServiceTable, run_time_stats: bool) -> anyhow::Result<api::
                 ..Default::default()
             })
             .collect(),
-        maps: datapath
-            .map_usage()
-            .into_iter()
-            .map(|usage| api::MapUsage {
-                map: usage.map.into(),
-                entries: usage.entries as u64,
-                capacity: usage.capacity as u64,
-                ..Default::default()
-            })
-            .collect(),
+        maps: datapath.map_usage().into_iter().map(map_usage).collect(),
         run_time_stats_enabled: run_time_stats,
         ..Default::default()
     })
+}
+
+fn map_usage(usage: datapath::MapUsage) -> api::MapUsage {
+    api::MapUsage {
+        map: usage.map.into(),
+        entries: usage.entries as u64,
+        capacity: usage.capacity as u64,
+        ..Default::default()
+    }
 }
 
 /// Stats in the Prometheus text exposition format.

@@ -522,6 +522,76 @@ fn an_opted_out_cgroup_reaches_the_vip_itself() {
 }
 
 #[test]
+fn stats_does_not_hold_up_writes() {
+    use aya::maps::{HashMap, Map, MapData};
+    use socklb_common::{Endpoint, ReverseKey};
+    use socklb_table::Table;
+
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = web_table(&sandbox, 1);
+    let _agent = sandbox.start_agent(Some(&table));
+    // A full REVERSE map: what a busy pod's translations leave. Counting it
+    // is one syscall per entry.
+    let pin = sandbox.bpffs.join("maps").join("REVERSE");
+    let mut reverse: HashMap<MapData, ReverseKey, Endpoint> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+    for cookie in 0..u64::from(socklb_common::REVERSE_ENTRIES) {
+        let key = ReverseKey {
+            cookie,
+            ..Default::default()
+        };
+        reverse.insert(key, Endpoint::default(), 0).unwrap();
+    }
+
+    let addr = sandbox.api_addr();
+    let stats_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stats_thread = {
+        let addr = addr.clone();
+        let stats_done = stats_done.clone();
+        std::thread::spawn(move || {
+            let runtime = socklb_tests::runtime();
+            let mut client = socklb_tests::agent_client(&addr, Default::default());
+            let mut durations = Vec::new();
+            for _ in 0..4 {
+                let started = std::time::Instant::now();
+                let stats = runtime.block_on(client.stats()).expect("stats");
+                durations.push(started.elapsed());
+                let reverse = stats.maps.iter().find(|m| m.map == "REVERSE").unwrap();
+                assert!(reverse.entries > 100_000, "{reverse:?}");
+            }
+            stats_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            durations
+        })
+    };
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&addr, Default::default());
+    let service = Table::parse(&std::fs::read_to_string(&table).unwrap())
+        .unwrap()
+        .services
+        .remove(0);
+    let mut writes = Vec::new();
+    while !stats_done.load(std::sync::atomic::Ordering::SeqCst) {
+        let started = std::time::Instant::now();
+        runtime
+            .block_on(client.upsert(vec![service.clone()]))
+            .expect("upsert");
+        writes.push(started.elapsed());
+        sleep(Duration::from_millis(5));
+    }
+    let mut stats = stats_thread.join().unwrap();
+    stats.sort();
+    let slowest_write = writes.iter().max().unwrap();
+    // Without a long walk the test proves nothing.
+    assert!(stats[0] > Duration::from_millis(50), "stats took {stats:?}");
+    assert!(
+        *slowest_write < stats[0] / 2,
+        "a write waited for Stats: slowest write {slowest_write:?}, Stats {stats:?}, {} writes",
+        writes.len()
+    );
+}
+
+#[test]
 fn getsockname_hides_a_backend_local_to_the_pod() {
     let sandbox = Sandbox::create();
     sandbox.local_server("loopback", "127.0.0.1:9090");

@@ -37,7 +37,7 @@ use socklb_common::{
 
 pub use convert::addr_words;
 pub use program::ApplySummary;
-pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats};
+pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
@@ -105,8 +105,6 @@ pub struct Datapath {
     opt_out_count: Array<MapData, u32>,
     /// The cgroup the hooks are attached to, once they are.
     cgroup: Option<PathBuf>,
-    sticky: HashMap<MapData, StickyKey, Sticky>,
-    reverse: HashMap<MapData, ReverseKey, Endpoint>,
     /// Ids of the programmed services and their total backend slots, kept
     /// beside the maps so a write checks capacity without reading them all.
     used_ids: BTreeSet<u32>,
@@ -154,8 +152,6 @@ impl Datapath {
         let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
         let opt_out_cgroups = HashMap::try_from(take(map_names::OPT_OUT_CGROUPS)?)?;
         let opt_out_count = Array::try_from(take(map_names::OPT_OUT_COUNT)?)?;
-        let sticky = HashMap::try_from(take(map_names::STICKY)?)?;
-        let reverse = HashMap::try_from(take(map_names::REVERSE)?)?;
         let log = log.new(slog::o!("component" => "datapath"));
         let mut datapath = Datapath {
             ebpf,
@@ -170,8 +166,6 @@ impl Datapath {
             opt_out_cgroups,
             opt_out_count,
             cgroup: None,
-            sticky,
-            reverse,
             used_ids: BTreeSet::new(),
             next_service_id: 0,
             slot_count: 0,

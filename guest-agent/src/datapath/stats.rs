@@ -4,10 +4,13 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::links::{FdLink, PinnedLink},
+};
 use socklb_common::{
-    MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, REVERSE_ENTRIES, STICKY_ENTRIES, ServiceCounters,
-    map_names,
+    Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, REVERSE_ENTRIES, ReverseKey,
+    STICKY_ENTRIES, ServiceCounters, Sticky, StickyKey, map_names,
 };
 use socklb_table::ServiceKey;
 
@@ -24,6 +27,11 @@ pub struct MapUsage {
 impl Datapath {
     pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
         hook_stats(&self.dir)
+    }
+
+    /// The bpffs directory the maps and links are pinned under.
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Translations and rejects per service, summed over CPUs.
@@ -45,7 +53,8 @@ impl Datapath {
         Ok(stats)
     }
 
-    /// Entries in use and capacity of each map that fills up.
+    /// Entries in use and capacity of the maps the agent writes (counted
+    /// beside them, so this reads no map); see [`lru_usage`] for the others.
     pub fn map_usage(&self) -> Vec<MapUsage> {
         vec![
             MapUsage {
@@ -67,16 +76,6 @@ impl Datapath {
                 map: map_names::MEMBERS,
                 entries: self.slot_count,
                 capacity: MAX_BACKEND_SLOTS as usize,
-            },
-            MapUsage {
-                map: map_names::STICKY,
-                entries: self.sticky.keys().count(),
-                capacity: STICKY_ENTRIES as usize,
-            },
-            MapUsage {
-                map: map_names::REVERSE,
-                entries: self.reverse.keys().count(),
-                capacity: REVERSE_ENTRIES as usize,
             },
         ]
     }
@@ -118,6 +117,35 @@ pub fn hook_stats(dir: &Path) -> Result<Vec<HookStats>> {
             })
         })
         .collect()
+}
+
+/// Entries in use and capacity of the LRU maps the programs fill
+/// (`STICKY`, `REVERSE`), counted by walking their keys through the pins
+/// under `dir`: one syscall per entry, up to 196,608, so it is done without
+/// the table lock and holds up no write.
+pub fn lru_usage(dir: &Path) -> Result<Vec<MapUsage>> {
+    let count = |name: &'static str, capacity: u32| -> Result<MapUsage> {
+        let pin = dir.join("maps").join(name);
+        let map = MapData::from_pin(&pin)
+            .with_context(|| format!("cannot open pinned map {}", pin.display()))?;
+        let entries = match name {
+            map_names::STICKY => HashMap::<_, StickyKey, Sticky>::try_from(Map::LruHashMap(map))?
+                .keys()
+                .count(),
+            _ => HashMap::<_, ReverseKey, Endpoint>::try_from(Map::LruHashMap(map))?
+                .keys()
+                .count(),
+        };
+        Ok(MapUsage {
+            map: name,
+            entries,
+            capacity: capacity as usize,
+        })
+    };
+    Ok(vec![
+        count(map_names::STICKY, STICKY_ENTRIES)?,
+        count(map_names::REVERSE, REVERSE_ENTRIES)?,
+    ])
 }
 
 /// Turns on the kernel's BPF run-time accounting until the returned file
