@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use anyhow::{Context as _, Result, anyhow};
 use aya::maps::PerCpuValues;
 use slog::info;
-use socklb_common::{Addr, BackendSlotKey, Endpoint, MAX_SERVICES, MemberKey, ServiceCounters};
+use socklb_common::{
+    Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MemberKey, ServiceCounters,
+};
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
@@ -122,13 +124,13 @@ impl Datapath {
         socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
 
         let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added).into_iter();
+        let mut removals = Vec::new();
         let mut changes = Vec::new();
         for (key, service) in wanted {
             let old = current.remove(&key);
             let Some(service) = service else {
                 if let Some(old) = old {
-                    self.remove(&key, &old)?;
-                    summary.removed += 1;
+                    removals.push((key, old));
                 }
                 continue;
             };
@@ -162,6 +164,20 @@ impl Datapath {
             i64::from(entry.backend_count)
                 - old.as_ref().map_or(0, |o| i64::from(o.entry.backend_count))
         });
+        check_members_peak(
+            self.slot_count
+                - removals
+                    .iter()
+                    .map(|(_, old)| old.backends.len())
+                    .sum::<usize>(),
+            changes
+                .iter()
+                .map(|(_, _, backends, old)| (backends.as_slice(), old.as_ref())),
+        )?;
+        for (key, old) in removals {
+            self.remove(&key, &old)?;
+            summary.removed += 1;
+        }
         for (key, entry, backends, old) in changes {
             self.write_service(&key, entry, &backends, old)?;
         }
@@ -405,6 +421,32 @@ impl Datapath {
     }
 }
 
+/// Refuses, before anything is written, a write whose members would pass
+/// `MEMBERS`' capacity on the way although the final table fits: while a
+/// service is rewritten, its new backends are members before its old ones
+/// stop being (see `write_service`), and services are written in `changes`'
+/// order starting from `members` entries.
+fn check_members_peak<'a>(
+    mut members: usize,
+    changes: impl Iterator<Item = (&'a [Endpoint], Option<&'a Programmed>)>,
+) -> Result<(), TableError> {
+    for (backends, old) in changes {
+        let old: &[Endpoint] = old.map_or(&[], |o| &o.backends);
+        let added = backends.iter().filter(|b| !old.contains(b)).count();
+        let peak = members + added;
+        if peak > MAX_BACKEND_SLOTS as usize {
+            return Err(TableError::Capacity {
+                what: "backends while the update is written (a service's new backends are \
+                       members before its old ones are dropped)",
+                count: peak,
+                limit: MAX_BACKEND_SLOTS as usize,
+            });
+        }
+        members = members + backends.len() - old.len();
+    }
+    Ok(())
+}
+
 /// `count` service ids not in `used`, searched from `from` upward (wrapping).
 /// A freed id thus comes back only after every other free id has been
 /// handed out, long after any connect that read the removed service's
@@ -421,6 +463,31 @@ fn free_ids(used: &BTreeSet<u32>, from: u32, count: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replace_that_would_pass_capacity_half_way_is_refused_up_front() {
+        let endpoint = |i: u32| Endpoint {
+            addr: [0, 0, 0, i],
+            ..Default::default()
+        };
+        let old = Programmed {
+            entry: socklb_common::Service::default(),
+            backends: (0..4).map(endpoint).collect(),
+        };
+        let replaced: Vec<Endpoint> = (4..8).map(endpoint).collect();
+        let full = MAX_BACKEND_SLOTS as usize;
+        // At capacity, four backends replaced by four others: the final
+        // table fits, but eight are members for a moment.
+        let err =
+            check_members_peak(full, [(replaced.as_slice(), Some(&old))].into_iter()).unwrap_err();
+        assert!(
+            matches!(err, TableError::Capacity { count, .. } if count == full + 4),
+            "{err}"
+        );
+        // With room for the four, or keeping the same backends, it fits.
+        check_members_peak(full - 4, [(replaced.as_slice(), Some(&old))].into_iter()).unwrap();
+        check_members_peak(full, [(old.backends.as_slice(), Some(&old))].into_iter()).unwrap();
+    }
 
     #[test]
     fn a_freed_service_id_is_not_handed_out_again_at_once() {
