@@ -231,7 +231,9 @@ fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
     let result = Table::from_file(path)
         .map_err(anyhow::Error::from)
         .and_then(|table| {
-            let generation = services.generation();
+            // A new table under a new generation, so a host comparing
+            // generations sees that the table changed under it.
+            let generation = services.generation() + 1;
             services.sync(&table, generation)?;
             addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)
         });

@@ -522,6 +522,22 @@ fn an_opted_out_cgroup_reaches_the_vip_itself() {
 }
 
 #[test]
+fn a_reload_bumps_the_generation() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let table = web_table(&sandbox, 1);
+    let agent = sandbox.start_agent(Some(&table));
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let (before, _, _) = runtime.block_on(client.list()).expect("list");
+    web_table(&sandbox, 2);
+    agent.reload();
+    let (after, listed, _) = runtime.block_on(client.list()).expect("list");
+    assert_eq!(listed.services[0].backends.len(), 2);
+    assert_eq!(after, before + 1, "the reloaded table kept generation {before}");
+}
+
+#[test]
 fn stats_does_not_hold_up_writes() {
     use aya::maps::{HashMap, Map, MapData};
     use socklb_common::{Endpoint, ReverseKey};
