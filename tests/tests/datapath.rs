@@ -534,7 +534,11 @@ fn a_reload_bumps_the_generation() {
     agent.reload();
     let (after, listed, _) = runtime.block_on(client.list()).expect("list");
     assert_eq!(listed.services[0].backends.len(), 2);
-    assert_eq!(after, before + 1, "the reloaded table kept generation {before}");
+    assert_eq!(
+        after,
+        before + 1,
+        "the reloaded table kept generation {before}"
+    );
 }
 
 #[test]
