@@ -13,6 +13,8 @@ use crate::{
 /// Debian packages the build and the tests use.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",         // ip netns / veth for the test sandboxes
+    "iptables",         // kube-proxy's iptables mode, the datapath bench's baseline
+    "nftables",         // and its nftables mode
     "libc-bin",         // getent: a real glibc resolver in the DNS test
     "qemu-system-x86",  // the test VM (TCG)
     "busybox-static",   // the guest's init and tools

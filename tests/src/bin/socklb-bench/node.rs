@@ -10,6 +10,7 @@
 //! to the acknowledgement of all (p50 / p99), watches opened and RSS.
 
 use std::{
+    fmt::Write as _,
     io::BufRead as _,
     path::Path,
     process::{Child, Command, Stdio},
@@ -256,48 +257,59 @@ pub fn node() {
     // The baseline for all 200: what each process held, times 200.
     let kube_rss_200 = kube_rss * SANDBOXES as u64 / BASELINE_PROCESSES as u64;
     let kube_watches_200 = kube_watches * SANDBOXES / BASELINE_PROCESSES;
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "## Node daemon: {SANDBOXES} sandboxes ({} stand-ins + 1 real agent), {SERVICES} services x 8 backends\n",
         SANDBOXES - 1
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| measure | one `socklb-shim node`, {SANDBOXES} sandboxes | `socklb-shim kube` per sandbox, {BASELINE_PROCESSES} sandboxes (baseline) | node / baseline |"
     );
-    println!("|---|---:|---:|---:|");
-    println!(
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        out,
         "| first full fan-out to all | {:.2} s | {:.2} s | {:.2}x |",
         node_first.as_secs_f64(),
         kube_first.as_secs_f64(),
         node_first.as_secs_f64() / kube_first.as_secs_f64()
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| EndpointSlice change to all acknowledged, p50 of {CHANGES} (batch {BATCH_MS} ms) | {:.1} ms | {:.1} ms | {:.2}x |",
         node_latency.0,
         kube_latency.0,
         node_latency.0 / kube_latency.0
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| the same, p99 | {:.1} ms | {:.1} ms | {:.2}x |",
         node_latency.1,
         kube_latency.1,
         node_latency.1 / kube_latency.1
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| API watches opened | {node_watches} | {kube_watches} ({kube_watches_200} for {SANDBOXES}) | {:.3}x |",
         node_watches as f64 / kube_watches_200 as f64
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| RSS after the changes (total) | {:.1} MiB | {:.1} MiB ({:.1} MiB scaled to {SANDBOXES}) | {:.3}x |",
         mib(node_rss),
         mib(kube_rss),
         mib(kube_rss_200),
         node_rss as f64 / kube_rss_200 as f64
     );
-    println!(
+    let _ = writeln!(
+        out,
         "| daemon peak RSS (VmHWM) | {:.1} MiB | | |",
         mib(node_peak)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "\n(The daemon's acknowledgements are read from its status socket, polled every millisecond; the baseline's from each process's \"batch applied\" log line. The ratios of watches and RSS are against the baseline scaled to {SANDBOXES} sandboxes.)"
     );
+    crate::report::write("node", &out);
 }
