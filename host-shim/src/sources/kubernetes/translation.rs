@@ -1,0 +1,144 @@
+//! The incremental translation: what the agent was given per Kubernetes
+//! Service, the plan of Upserts and Deletes for a batch of changes, and who
+//! owns a VIP:port two services claim.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use slog::{Logger, warn};
+use socklb_table::{Service, ServiceKey};
+
+use super::{Cluster, ObjectKey, Policy};
+
+/// What the agent was given, per Kubernetes Service, so that each batch of
+/// changed services becomes Upserts and Deletes of just what changed.
+#[derive(Default)]
+pub struct Translation {
+    applied: BTreeMap<ServiceKey, Service>,
+    owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
+    /// The reverse of `owners`: which Kubernetes Service has a VIP:port.
+    owner_of: BTreeMap<ServiceKey, ObjectKey>,
+    /// Services refused a VIP:port another one owns: recomputed with its
+    /// owner, so one of them gets it when the owner lets go.
+    waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
+}
+
+/// Changes to send, and the state to keep once the agent has them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub upserts: Vec<Service>,
+    pub deletes: Vec<ServiceKey>,
+    owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
+    waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+impl Translation {
+    /// Everything `cluster` translates to; becomes what was applied.
+    pub fn full(&mut self, cluster: &Cluster, policy: &Policy, log: &Logger) -> Vec<Service> {
+        *self = Translation::default();
+        let keys: Vec<ObjectKey> = cluster.service_keys().cloned().collect();
+        let plan = self.plan(cluster, keys, policy, log);
+        let services = plan.upserts.clone();
+        self.commit(plan);
+        services
+    }
+
+    /// What to send for the services in `dirty`.
+    pub fn plan(
+        &self,
+        cluster: &Cluster,
+        dirty: impl IntoIterator<Item = ObjectKey>,
+        policy: &Policy,
+        log: &Logger,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        let mut dirty: BTreeSet<ObjectKey> = dirty.into_iter().collect();
+        let waiting: Vec<ObjectKey> = dirty
+            .iter()
+            .filter_map(|key| self.owners.get(key))
+            .flatten()
+            .filter_map(|vip| self.waiting.get(vip))
+            .flatten()
+            .cloned()
+            .collect();
+        dirty.extend(waiting);
+        let translated: Vec<(&ObjectKey, Vec<Service>)> = dirty
+            .iter()
+            .map(|key| (key, cluster.translate(key, policy, log)))
+            .collect();
+        // An owner keeps what it still claims; others queue behind it.
+        let mut claimed: BTreeMap<ServiceKey, &ObjectKey> = BTreeMap::new();
+        for (key, services) in &translated {
+            if let Some(owned) = self.owners.get(*key) {
+                for service in services.iter().filter(|s| owned.contains(&s.key)) {
+                    claimed.insert(service.key, *key);
+                }
+            }
+        }
+        for (key, services) in translated {
+            let previous = self.owners.get(key).cloned().unwrap_or_default();
+            let mut owned = BTreeSet::new();
+            for service in services {
+                // Owners being recomputed count by their new claims only.
+                let owner = claimed.get(&service.key).copied().or_else(|| {
+                    self.owner_of
+                        .get(&service.key)
+                        .filter(|owner| !dirty.contains(*owner))
+                });
+                if owner.is_some_and(|owner| owner != key) {
+                    warn!(log, "VIP already served by another service; skipped";
+                          "service" => key.to_string(), "vip" => service.key.to_string());
+                    plan.waiting
+                        .entry(service.key)
+                        .or_default()
+                        .insert(key.clone());
+                    continue;
+                }
+                owned.insert(service.key);
+                claimed.insert(service.key, key);
+                if self.applied.get(&service.key) != Some(&service) {
+                    plan.upserts.push(service);
+                }
+            }
+            plan.deletes.extend(previous.difference(&owned).copied());
+            plan.owners.insert(key.clone(), owned);
+        }
+        // A VIP that moved to another service is replaced, not removed.
+        let upserted: BTreeSet<ServiceKey> = plan.upserts.iter().map(|s| s.key).collect();
+        plan.deletes.retain(|key| !upserted.contains(key));
+        plan
+    }
+
+    /// Records a plan the agent acknowledged.
+    pub fn commit(&mut self, plan: Plan) {
+        for key in &plan.deletes {
+            self.applied.remove(key);
+        }
+        for service in plan.upserts {
+            self.applied.insert(service.key, service);
+        }
+        self.waiting.retain(|_, claimants| {
+            claimants.retain(|claimant| !plan.owners.contains_key(claimant));
+            !claimants.is_empty()
+        });
+        for (vip, claimants) in plan.waiting {
+            self.waiting.entry(vip).or_default().extend(claimants);
+        }
+        for (owner, keys) in plan.owners {
+            for key in self.owners.remove(&owner).into_iter().flatten() {
+                self.owner_of.remove(&key);
+            }
+            for key in &keys {
+                self.owner_of.insert(*key, owner.clone());
+            }
+            if !keys.is_empty() {
+                self.owners.insert(owner, keys);
+            }
+        }
+    }
+}
