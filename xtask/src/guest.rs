@@ -11,11 +11,11 @@ use anyhow::{Context as _, Result};
 
 use crate::process::{cargo, output, run, target_dir};
 
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+pub(crate) const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BUSYBOX: &str = "/bin/busybox";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Kernel {
+pub(crate) enum Kernel {
     /// tinyconfig + kernel-config/fragments, everything built in.
     Own,
     /// Debian's linux-image-cloud-amd64: vsock and virtio as modules.
@@ -27,7 +27,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kernel::Own => "own",
             Kernel::Debian => "debian",
@@ -36,14 +36,14 @@ impl Kernel {
     }
 }
 
-pub struct Guest {
+pub(crate) struct Guest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// The static agent inside the initramfs.
     pub agent: PathBuf,
 }
 
-pub fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let dir = PathBuf::from(home).join(".cache/socklb");
     std::fs::create_dir_all(&dir)?;
@@ -55,7 +55,7 @@ fn progress(line: &str) {
 }
 
 /// The static (musl) agent, release build.
-pub fn static_agent() -> Result<PathBuf> {
+pub(crate) fn static_agent() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -74,7 +74,7 @@ fn musl_release_dir() -> PathBuf {
 }
 
 /// Builds what is missing of the guest image for `kernel`.
-pub fn image(kernel: Kernel) -> Result<Guest> {
+pub(crate) fn image(kernel: Kernel) -> Result<Guest> {
     progress("static agent and test tools (musl)");
     run(cargo().args([
         "build",
@@ -192,7 +192,7 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
 
 /// Builds the guest images of `kernels` and tells `command` where they are
 /// (SOCKLB_GUEST_<KERNEL>_KERNEL and _INITRD, read by tests::vm).
-pub fn with_images(command: &mut Command, kernels: &[Kernel]) -> Result<()> {
+pub(crate) fn with_images(command: &mut Command, kernels: &[Kernel]) -> Result<()> {
     for kernel in kernels {
         let image = image(*kernel)?;
         let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());

@@ -18,8 +18,8 @@ use socklb_shim::Options;
 use socklb_table::{Protocol, Service, ServiceKey, Table};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 
-pub const SCALES: [u32; 3] = [1, 1_000, 10_000];
-pub const MODES: [Mode; 4] = [Mode::Direct, Mode::Socklb, Mode::Iptables, Mode::Nftables];
+pub(crate) const SCALES: [u32; 3] = [1, 1_000, 10_000];
+pub(crate) const MODES: [Mode; 4] = [Mode::Direct, Mode::Socklb, Mode::Iptables, Mode::Nftables];
 const BACKENDS: u8 = 8;
 const REPEATS: usize = 3;
 const UPDATES: usize = 10;
@@ -32,7 +32,7 @@ const BULK_PORT: u16 = 9000;
 const BULK_VIP: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Mode {
+pub(crate) enum Mode {
     Direct,
     Socklb,
     Iptables,
@@ -40,7 +40,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Socklb => "socklb",
@@ -51,7 +51,7 @@ impl Mode {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Sample {
+pub(crate) struct Sample {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -59,7 +59,7 @@ pub struct Sample {
 }
 
 #[derive(Default)]
-pub struct Results {
+pub(crate) struct Results {
     pub samples: BTreeMap<(u32, Mode), Vec<Sample>>,
     /// Time to program the whole table.
     pub programming: BTreeMap<(u32, Mode), Duration>,
@@ -91,7 +91,7 @@ fn rotated(rotation: usize) -> Vec<String> {
     list
 }
 
-pub fn run() -> Results {
+pub(crate) fn run() -> Results {
     let mut results = Results::default();
     for scale in SCALES {
         for mode in MODES {
@@ -437,7 +437,7 @@ impl Results {
     }
 
     /// The Markdown report.
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let mut out = String::new();
         let metrics: [(&str, Metric, &str); 4] = [
             (
@@ -519,7 +519,7 @@ impl Results {
     }
 
     /// Short connections per second relative to direct, grouped by scale.
-    pub fn plot(&self, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    pub(crate) fn plot(&self, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         use plotters::prelude::*;
         let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
         root.fill(&WHITE)?;

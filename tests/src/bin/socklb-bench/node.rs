@@ -95,7 +95,7 @@ fn wait_all_acked(runtime: &tokio::runtime::Runtime, socket: &Path, at_least: u6
     }
 }
 
-pub fn node() {
+pub(crate) fn node() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

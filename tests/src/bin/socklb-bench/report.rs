@@ -9,7 +9,7 @@ fn workspace() -> PathBuf {
 }
 
 /// The run's output directory, target/socklb/bench.
-pub fn output_dir() -> PathBuf {
+pub(crate) fn output_dir() -> PathBuf {
     let dir = workspace().join("target/socklb/bench");
     std::fs::create_dir_all(&dir).expect("bench output directory");
     dir
@@ -44,7 +44,7 @@ fn run_line() -> String {
 
 /// Prints `text` and writes it, with the run's date and machine, as
 /// `<name>.md` to both directories.
-pub fn write(name: &str, text: &str) {
+pub(crate) fn write(name: &str, text: &str) {
     let report = format!("{}\nRun: {}.\n", text.trim_end(), run_line());
     println!("{report}");
     for dir in [output_dir(), docs_dir()] {
@@ -55,7 +55,7 @@ pub fn write(name: &str, text: &str) {
 }
 
 /// Copies a file the run wrote to target/socklb/bench (a plot) to docs/bench.
-pub fn publish(name: &str) {
+pub(crate) fn publish(name: &str) {
     let from = output_dir().join(name);
     let to = docs_dir().join(name);
     std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
