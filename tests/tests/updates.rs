@@ -2,7 +2,8 @@
 //! while: a backend set replaced whole, grown and shrunk, by Upserts and by
 //! Syncs through the shim's client library. No connect may fail; every
 //! connect lands in the old set or the new one while an update runs, and in
-//! the new one once the RPC that made it has returned. Needs root.
+//! the new one once the RPC that made it has returned. A long-lived UDP
+//! socket's remembered backend is dropped with the backend. Needs root.
 
 use std::{
     collections::BTreeSet,
@@ -41,6 +42,23 @@ fn web(set: &[u8]) -> Service {
         backends: set
             .iter()
             .map(|n| SocketAddr::new(backend_ip(*n).parse().unwrap(), 8080))
+            .collect(),
+    }
+}
+
+/// 10.96.0.10:53/UDP on the backends numbered in `set`, port 5353.
+fn dns(set: &[u8]) -> Service {
+    Service {
+        name: Some("kube-system/dns".into()),
+        key: ServiceKey {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+        },
+        affinity_timeout_secs: None,
+        backends: set
+            .iter()
+            .map(|n| SocketAddr::new(backend_ip(*n).parse().unwrap(), 5353))
             .collect(),
     }
 }
@@ -159,4 +177,64 @@ fn a_backend_set_replaced_whole_under_a_connecting_client() {
 #[test]
 fn a_backend_set_grown_and_shrunk_under_a_connecting_client() {
     switch_under_a_connecting_client(&[1], &[1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_long_lived_udp_socket_moves_off_a_removed_backend() {
+    let sandbox = Sandbox::create();
+    for n in 1..=3 {
+        sandbox.backend(&format!("b{n}"), &[], &[&format!("{}:5353", backend_ip(n))]);
+    }
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    runtime
+        .block_on(client.sync(Table::new(vec![dns(&[1, 2])]).unwrap()))
+        .expect("first sync");
+
+    // One unconnected socket, a datagram every 50 ms for about 3 s.
+    let sending = sandbox.spawn_client(&[
+        "udp",
+        "10.96.0.10:53",
+        "--count",
+        "60",
+        "--interval-ms",
+        "50",
+    ]);
+    sleep(Duration::from_millis(1000));
+    let begun_us = now_us();
+    runtime
+        .block_on(client.upsert(vec![dns(&[3])]))
+        .expect("upsert");
+    let acknowledged_us = now_us();
+    let results = sending.finish();
+
+    let backend = |r: &Value| {
+        assert!(r.get("error").is_none(), "a datagram failed: {r}");
+        r["backend"].as_str().unwrap().to_string()
+    };
+    let before: BTreeSet<String> = results
+        .iter()
+        .filter(|r| r["end_us"].as_u64().unwrap() <= begun_us)
+        .map(backend)
+        .collect();
+    let after: Vec<String> = results
+        .iter()
+        .filter(|r| r["start_us"].as_u64().unwrap() >= acknowledged_us)
+        .map(backend)
+        .collect();
+    assert_eq!(before.len(), 1, "one socket, one backend: {before:?}");
+    assert!(
+        before.is_subset(&names(&[1, 2])),
+        "before the update: {before:?}"
+    );
+    assert!(
+        after.len() > 10,
+        "only {} datagrams after the update",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|b| b == "b3"),
+        "after its backend was removed the socket still reached {after:?}"
+    );
 }

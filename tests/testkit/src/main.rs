@@ -42,7 +42,7 @@ fn usage() -> ! {
        socklb-testkit dns --udp ADDR --name NAME --a IPV4
        socklb-testkit tcp ADDR [--count N]
        socklb-testkit tcp-loop ADDR --ms DURATION
-       socklb-testkit udp ADDR [--count N] [--connected]
+       socklb-testkit udp ADDR [--count N] [--interval-ms MS] [--connected]
        socklb-testkit udp-multi ADDR...
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
@@ -246,8 +246,13 @@ fn udp(args: &[String]) {
         return emit(error_json(&err, started));
     }
     let mut buf = [0u8; 1500];
-    for _ in 0..value(args, "--count", 1u32) {
+    let interval = Duration::from_millis(value(args, "--interval-ms", 0u64));
+    for n in 0..value(args, "--count", 1u32) {
+        if n > 0 {
+            std::thread::sleep(interval);
+        }
         let started = Instant::now();
+        let start_us = now_us();
         let sent = if connected {
             socket.send(b"ping")
         } else {
@@ -262,6 +267,8 @@ fn udp(args: &[String]) {
                 "backend": String::from_utf8_lossy(&buf[..len]),
                 "source": source.to_string(),
                 "peer": socket.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "start_us": start_us,
+                "end_us": now_us(),
             })),
             Err(err) => emit(error_json(&err, started)),
         }
