@@ -97,6 +97,7 @@ fn client(sandbox: &Sandbox) -> AgentClient {
 
 #[test]
 fn apply_then_list_equals_the_file() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let _agent = sandbox.start_agent(None);
@@ -123,6 +124,7 @@ fn apply_then_list_equals_the_file() {
 
 #[test]
 fn incremental_updates() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
     let _agent = sandbox.start_agent(None);
@@ -181,6 +183,7 @@ fn incremental_updates() {
 
 #[test]
 fn refused_writes_leave_the_table_unchanged() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let _agent = sandbox.start_agent(None);
@@ -349,6 +352,7 @@ fn refused_writes_leave_the_table_unchanged() {
 
 #[test]
 fn shim_resyncs_a_restarted_agent_by_itself() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let mut agent = sandbox.start_agent(None);
@@ -400,6 +404,7 @@ fn shim_resyncs_a_restarted_agent_by_itself() {
 
 #[test]
 fn health_stats_and_metrics() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let file = sandbox.table("t.yaml", &table_text());
@@ -503,6 +508,7 @@ fn raw_services_client(sandbox: &Sandbox, runtime: &tokio::runtime::Runtime) -> 
 
 #[test]
 fn a_table_at_capacity_syncs_in_parts_and_lists_in_pages() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 4);
     let _agent = sandbox.start_agent(None);
@@ -654,6 +660,7 @@ fn a_table_at_capacity_syncs_in_parts_and_lists_in_pages() {
 
 #[test]
 fn a_request_over_the_message_limit_is_no_unreachable_agent() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let _agent = sandbox.start_agent(None);
     let runtime = runtime();

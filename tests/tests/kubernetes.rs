@@ -69,6 +69,7 @@ impl Drop for Shim {
 
 #[test]
 fn follows_services_and_endpointslices_like_kube_proxy() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     for i in 1..=3 {
         sandbox.backend(
@@ -261,6 +262,7 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
 
 #[test]
 fn resyncs_a_restarted_agent() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     sandbox.backend("b1", &[&format!("{}:8080", backend_ip(1))], &[]);
     let mut agent = sandbox.start_agent(None);
@@ -313,6 +315,7 @@ fn resyncs_a_restarted_agent() {
 
 #[test]
 fn a_wiped_agent_in_a_quiet_cluster_is_resynced() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     sandbox.backend("b1", &[&format!("{}:8080", backend_ip(1))], &[]);
     let mut agent = sandbox.start_agent(None);
@@ -354,6 +357,7 @@ fn a_wiped_agent_in_a_quiet_cluster_is_resynced() {
 
 #[test]
 fn a_relist_sends_the_agent_only_what_changed() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let agent = sandbox.start_agent(None);
     let api = FakeApiServer::start();
@@ -437,6 +441,7 @@ fn a_relist_sends_the_agent_only_what_changed() {
 
 #[test]
 fn lists_in_pages_and_rides_out_throttling_server_errors_and_forbidden() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let _agent = sandbox.start_agent(None);
     let api = FakeApiServer::start();
@@ -513,6 +518,7 @@ fn this_node(zone: Option<&str>) -> Value {
 
 #[test]
 fn topology_hints_follow_the_zone_of_this_node_and_other_proxies_services_are_skipped() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let _agent = sandbox.start_agent(None);
     let api = FakeApiServer::start();

@@ -567,6 +567,7 @@ fn reaches(vm: &Vm, vip: &str) -> bool {
 #[test]
 #[ignore = "boots two VMs: needs the guest image (cargo xtask test builds it and runs this)"]
 fn two_sandbox_vms_found_served_resynced_and_forgotten() {
+    socklb_tests::require_root!();
     let image = GuestImage::from_env("OWN");
     let runtime = runtime();
     let _entered = runtime.enter();

@@ -224,6 +224,7 @@ fn e2e(guest: Guest) {
 #[test]
 #[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
 fn sandbox_vm_with_the_projects_kernel() {
+    socklb_tests::require_root!();
     e2e(Guest {
         name: "OWN",
         kata: false,
@@ -234,6 +235,7 @@ fn sandbox_vm_with_the_projects_kernel() {
 #[test]
 #[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
 fn sandbox_vm_with_debians_cloud_kernel() {
+    socklb_tests::require_root!();
     e2e(Guest {
         name: "DEBIAN",
         kata: false,
@@ -246,6 +248,7 @@ fn sandbox_vm_with_debians_cloud_kernel() {
 #[test]
 #[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
 fn sandbox_vm_with_katas_kernel_booted_like_kata() {
+    socklb_tests::require_root!();
     e2e(Guest {
         name: "KATA",
         kata: true,
