@@ -5,10 +5,13 @@
 //! never skips.
 
 /// Whether a test that needs root can run; if not, says it is skipped.
-pub fn root_or_skip(test: &str) -> bool {
+pub fn root_or_skip() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
+    // The test harness names each test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
     eprintln!(
         "skipped {test}: it needs root (cgroups, network namespaces, bpffs mounts); \
          run the tests as root, as cargo xtask test does"
@@ -21,7 +24,7 @@ pub fn root_or_skip(test: &str) -> bool {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !$crate::root::root_or_skip(module_path!()) {
+        if !$crate::root::root_or_skip() {
             return;
         }
     };
