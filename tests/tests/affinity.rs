@@ -50,6 +50,7 @@ fn backend_of(results: &[Value]) -> BTreeSet<String> {
 
 #[test]
 fn affinity_is_refreshed_by_each_use() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox);
     let _agent = sandbox.start_agent(Some(&sticky_table(&sandbox, 2)));
@@ -150,6 +151,7 @@ fn run(args: &[&str]) {
 
 #[test]
 fn affinity_is_kept_per_client_network_namespace() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox);
     let _agent = sandbox.start_agent(Some(&sticky_table(&sandbox, 600)));

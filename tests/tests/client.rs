@@ -128,6 +128,7 @@ fn a_lying_agent_is_caught_by_the_digest_check() {
 
 #[test]
 fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let agent = sandbox.start_agent(None);
     let runtime = runtime();

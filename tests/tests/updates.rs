@@ -171,16 +171,19 @@ fn switch_under_a_connecting_client(old: &'static [u8], new: &'static [u8]) {
 
 #[test]
 fn a_backend_set_replaced_whole_under_a_connecting_client() {
+    socklb_tests::require_root!();
     switch_under_a_connecting_client(&[1, 2, 3], &[4, 5, 6]);
 }
 
 #[test]
 fn a_backend_set_grown_and_shrunk_under_a_connecting_client() {
+    socklb_tests::require_root!();
     switch_under_a_connecting_client(&[1], &[1, 2, 3, 4, 5, 6]);
 }
 
 #[test]
 fn a_long_lived_udp_socket_moves_off_a_removed_backend() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     for n in 1..=3 {
         sandbox.backend(&format!("b{n}"), &[], &[&format!("{}:5353", backend_ip(n))]);
