@@ -1,8 +1,9 @@
-//! socklb-shim following a Kubernetes API server: a fake API server in this
-//! test speaks list + watch (resourceVersion, watch events, bookmarks, 410
-//! Gone) from the fixtures below, the real kube-rs client in the real
-//! `socklb-shim kube` drives a real agent, and pods connect through the
-//! VIPs it programs. Needs root.
+//! socklb-shim following a Kubernetes API server: the API stand-in
+//! (`socklb_tests::apiserver`) serves the fixtures below as kube-apiserver
+//! would (lists in pages, watches from a resourceVersion, bookmarks, 410
+//! Gone also mid-stream, 429/5xx/403 on demand, defaulted fields), the real
+//! kube-rs client in the real `socklb-shim kube` drives a real agent, and
+//! pods connect through the VIPs it programs. Needs root.
 
 use std::{
     collections::BTreeSet,
