@@ -26,7 +26,7 @@ use ttrpc::{Code, r#async::TtrpcContext};
 
 use crate::datapath;
 use crate::opt_out::{self, OptOutError};
-use crate::services::{ServiceTable, StagedSync, StagingError, Written};
+use crate::services::{ServiceTable, StagedSync, StagingError, StaleGeneration, Written};
 
 /// Listings whose later pages may still be asked for; the oldest is dropped
 /// beyond this (its reader gets Aborted and lists again).
@@ -135,6 +135,9 @@ fn status(code: Code, message: impl ToString) -> ttrpc::Error {
 
 /// InvalidArgument names the service and field, ResourceExhausted the limit.
 fn code_of(err: &anyhow::Error) -> Code {
+    if err.downcast_ref::<StaleGeneration>().is_some() {
+        return Code::FAILED_PRECONDITION;
+    }
     if let Some(err) = err.downcast_ref::<OptOutError>() {
         return match err {
             OptOutError::TooMany { .. } => Code::RESOURCE_EXHAUSTED,
@@ -329,7 +332,13 @@ impl socklb_ttrpc::Services for Rpc {
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
         let sent = services.len();
-        let written = self.with_table(move |t| t.upsert(&services)).await?;
+        let expected = request.expected_generation;
+        let written = self
+            .with_table(move |t| {
+                t.check_generation(expected)?;
+                t.upsert(&services)
+            })
+            .await?;
         Ok(self.written("upsert", sent, written))
     }
 
@@ -346,7 +355,13 @@ impl socklb_ttrpc::Services for Rpc {
             .collect::<Result<Vec<_>, _>>()
             .map_err(invalid)?;
         let sent = keys.len();
-        let written = self.with_table(move |t| t.delete(&keys)).await?;
+        let expected = request.expected_generation;
+        let written = self
+            .with_table(move |t| {
+                t.check_generation(expected)?;
+                t.delete(&keys)
+            })
+            .await?;
         Ok(self.written("delete", sent, written))
     }
 

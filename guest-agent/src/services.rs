@@ -26,6 +26,17 @@ pub struct Written {
     pub digest: Option<String>,
 }
 
+/// A write that expected the table at another generation.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the write expects the table at generation {expected}, it is at {current}: \
+     the client's view is stale (sync, or list, and write again)"
+)]
+pub struct StaleGeneration {
+    pub expected: u64,
+    pub current: u64,
+}
+
 impl ServiceTable {
     pub fn new(datapath: Datapath) -> ServiceTable {
         ServiceTable {
@@ -51,6 +62,17 @@ impl ServiceTable {
             services: programmed.services.len(),
             digest: Some(programmed.digest()),
         })
+    }
+
+    /// Refuses a write that expects another generation (0: not checked).
+    pub fn check_generation(&self, expected: u64) -> Result<(), StaleGeneration> {
+        if expected != 0 && expected != self.generation {
+            return Err(StaleGeneration {
+                expected,
+                current: self.generation,
+            });
+        }
+        Ok(())
     }
 
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written> {

@@ -188,10 +188,19 @@ impl AgentClient {
         result
     }
 
+    /// The generation a write expects the agent's table at: that of the
+    /// table this client synced and wrote since (a reconnect resyncs it
+    /// under the same one), so a write of an earlier call that the agent
+    /// runs late is refused; 0 (not checked) before the first sync.
+    fn expected_generation(&self) -> u64 {
+        self.desired.as_ref().map_or(0, |d| d.generation)
+    }
+
     /// Adds or replaces services by key.
     pub async fn upsert(&mut self, services: Vec<Service>) -> Result<WriteResult, ClientError> {
         let request = api::UpsertRequest {
             services: services.iter().map(Service::to_api).collect(),
+            expected_generation: self.expected_generation(),
             ..Default::default()
         };
         fits_one_message(
@@ -219,6 +228,7 @@ impl AgentClient {
     pub async fn delete(&mut self, keys: Vec<ServiceKey>) -> Result<WriteResult, ClientError> {
         let request = api::DeleteRequest {
             keys: keys.iter().map(ServiceKey::to_api).collect(),
+            expected_generation: self.expected_generation(),
             ..Default::default()
         };
         fits_one_message(

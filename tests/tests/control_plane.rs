@@ -678,3 +678,53 @@ fn a_request_over_the_message_limit_is_no_unreachable_agent() {
     // The connection is still good.
     assert!(runtime.block_on(client.list()).is_ok());
 }
+
+#[test]
+fn a_write_expecting_another_generation_is_refused() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    let file = sandbox.table("t.yaml", &table_text());
+    let _agent = sandbox.start_agent(Some(&file));
+    let runtime = runtime();
+    let mut client = client(&sandbox);
+    let table = Table::from_file(&file).unwrap();
+    let synced = runtime.block_on(client.sync(table.clone())).unwrap();
+    // The client's own writes carry the generation it knows and land.
+    let mut late = table.services[0].clone();
+    late.backends.truncate(1);
+    let written = runtime
+        .block_on(client.upsert(vec![table.services[0].clone()]))
+        .unwrap();
+    assert_eq!(written.generation, synced.generation + 1);
+
+    // A write sent before that one and run after it (a delayed RPC)
+    // expects a generation the table has left: refused, nothing changes.
+    let raw = raw_services_client(&sandbox, &runtime);
+    let context = || ttrpc::context::with_duration(Duration::from_secs(10));
+    let upsert = |expected| api::UpsertRequest {
+        services: vec![late.to_api()],
+        expected_generation: expected,
+        ..Default::default()
+    };
+    let refused = runtime
+        .block_on(raw.upsert(context(), &upsert(synced.generation)))
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ttrpc::Error::RpcStatus(s) if s.code() == Code::FAILED_PRECONDITION
+            && s.message.contains(&format!("at {}", written.generation))),
+        "{refused:?}"
+    );
+    let delete = api::DeleteRequest {
+        keys: vec![late.key.to_api()],
+        expected_generation: synced.generation,
+        ..Default::default()
+    };
+    assert!(runtime.block_on(raw.delete(context(), &delete)).is_err());
+    let (generation, listed, _) = runtime.block_on(client.list()).unwrap();
+    assert_eq!(generation, written.generation);
+    assert_eq!(sorted(listed), sorted(table));
+    // The same write expecting the current generation lands.
+    runtime
+        .block_on(raw.upsert(context(), &upsert(written.generation)))
+        .unwrap();
+}
