@@ -194,16 +194,28 @@ pub mod map_names {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: plain `#[repr(C)]` data without padding or pointers.
-    unsafe impl aya::Pod for Endpoint {}
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for BackendSlotKey {}
-    unsafe impl aya::Pod for MemberKey {}
-    unsafe impl aya::Pod for StickyKey {}
-    unsafe impl aya::Pod for Sticky {}
-    unsafe impl aya::Pod for ReverseKey {}
-    unsafe impl aya::Pod for ServiceCounters {}
+
+    /// Map keys and values user space reads and writes as bytes.
+    macro_rules! pod {
+        ($($type:ty),* $(,)?) => {$(
+            // SAFETY: plain `#[repr(C)]` data of integers and arrays of
+            // integers, no padding (the layout tests below pin the sizes),
+            // no pointers: every bit pattern is a valid value.
+            unsafe impl aya::Pod for $type {}
+        )*};
+    }
+
+    pod!(
+        Endpoint,
+        ServiceKey,
+        Service,
+        BackendSlotKey,
+        MemberKey,
+        StickyKey,
+        Sticky,
+        ReverseKey,
+        ServiceCounters,
+    );
 }
 
 #[cfg(test)]

@@ -17,14 +17,14 @@ use aya_ebpf::{
 use socklb_common::Addr;
 
 /// The `bpf_sock_addr` a `sock_addr` program was called with.
-pub struct SockAddr<'a> {
+pub(crate) struct SockAddr<'a> {
     ctx: &'a SockAddrContext,
     sa: *mut bpf_sock_addr,
 }
 
 impl<'a> SockAddr<'a> {
     #[inline(always)]
-    pub fn new(ctx: &'a SockAddrContext) -> SockAddr<'a> {
+    pub(crate) fn new(ctx: &'a SockAddrContext) -> SockAddr<'a> {
         SockAddr {
             ctx,
             sa: ctx.sock_addr,
@@ -33,14 +33,14 @@ impl<'a> SockAddr<'a> {
 
     /// The IPv4 address (network byte order) of a v4 hook.
     #[inline(always)]
-    pub fn user_ip4(&self) -> u32 {
+    pub(crate) fn user_ip4(&self) -> u32 {
         // SAFETY: `sa` is the context the kernel passed to this program,
         // valid for its whole run; the verifier checks the field's offset.
         unsafe { (*self.sa).user_ip4 }
     }
 
     #[inline(always)]
-    pub fn set_user_ip4(&self, ip4: u32) {
+    pub(crate) fn set_user_ip4(&self, ip4: u32) {
         // SAFETY: as in `user_ip4`; user_ip4 is writable in connect4,
         // sendmsg4, recvmsg4, getpeername4 and getsockname4.
         unsafe { (*self.sa).user_ip4 = ip4 }
@@ -49,7 +49,7 @@ impl<'a> SockAddr<'a> {
     /// The IPv6 address of a v6 hook, read one 4-byte word at a time, the
     /// only width the verifier accepts for user_ip6.
     #[inline(always)]
-    pub fn user_ip6(&self) -> Addr {
+    pub(crate) fn user_ip6(&self) -> Addr {
         // SAFETY: as in `user_ip4`; volatile so the compiler does not merge
         // the four loads into wider ones.
         unsafe {
@@ -63,7 +63,7 @@ impl<'a> SockAddr<'a> {
     }
 
     #[inline(always)]
-    pub fn set_user_ip6(&self, addr: &Addr) {
+    pub(crate) fn set_user_ip6(&self, addr: &Addr) {
         // SAFETY: as in `user_ip6`, for stores.
         unsafe {
             (&raw mut (*self.sa).user_ip6[0]).write_volatile(addr[0]);
@@ -75,32 +75,32 @@ impl<'a> SockAddr<'a> {
 
     /// The port, network byte order (the low half of the word).
     #[inline(always)]
-    pub fn user_port(&self) -> u16 {
+    pub(crate) fn user_port(&self) -> u16 {
         // SAFETY: as in `user_ip4`.
         unsafe { (*self.sa).user_port as u16 }
     }
 
     #[inline(always)]
-    pub fn set_user_port(&self, port: u16) {
+    pub(crate) fn set_user_port(&self, port: u16) {
         // SAFETY: as in `set_user_ip4`.
         unsafe { (*self.sa).user_port = u32::from(port) }
     }
 
     /// IPPROTO_TCP or IPPROTO_UDP.
     #[inline(always)]
-    pub fn protocol(&self) -> u8 {
+    pub(crate) fn protocol(&self) -> u8 {
         // SAFETY: as in `user_ip4`.
         unsafe { (*self.sa).protocol as u8 }
     }
 
     #[inline(always)]
-    pub fn socket_cookie(&self) -> u64 {
+    pub(crate) fn socket_cookie(&self) -> u64 {
         // SAFETY: the helper takes the program's context, which this is.
         unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
     }
 
     #[inline(always)]
-    pub fn netns_cookie(&self) -> u64 {
+    pub(crate) fn netns_cookie(&self) -> u64 {
         // SAFETY: as in `socket_cookie`.
         unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
     }
@@ -108,7 +108,7 @@ impl<'a> SockAddr<'a> {
     /// The socket's peer address (v4-mapped when `v4`) and port (network
     /// byte order) as the kernel holds them, or `None` without a socket.
     #[inline(always)]
-    pub fn socket_peer(&self, v4: bool) -> Option<(Addr, u16)> {
+    pub(crate) fn socket_peer(&self, v4: bool) -> Option<(Addr, u16)> {
         // SAFETY: as in `user_ip4`; `sk` is checked for null before use, as
         // the verifier demands of this PTR_TO_SOCKET_OR_NULL field.
         let sk: *mut bpf_sock = unsafe { (*self.sa).__bindgen_anon_1.sk };
@@ -136,7 +136,7 @@ impl<'a> SockAddr<'a> {
 
 /// A copy of the value under `key`.
 #[inline(always)]
-pub fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+pub(crate) fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
     // SAFETY: aya marks `get` unsafe because the value may change under the
     // reference; it is copied at once. User space replaces whole entries
     // (no-prealloc maps free a replaced element only after an RCU grace
@@ -146,7 +146,7 @@ pub fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
 
 /// A copy of the value under `key`.
 #[inline(always)]
-pub fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+pub(crate) fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
     // SAFETY: as in `hash_get`; LRU entries are written whole by the
     // programs' inserts.
     unsafe { map.get(key) }.copied()
@@ -154,7 +154,7 @@ pub fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
 
 /// The value under `key`, to update in place.
 #[inline(always)]
-pub fn lru_get_mut<K, V>(map: &LruHashMap<K, V>, key: &K) -> Option<&'static mut V> {
+pub(crate) fn lru_get_mut<K, V>(map: &LruHashMap<K, V>, key: &K) -> Option<&'static mut V> {
     // SAFETY: the pointer is to the map's element, valid while the program
     // runs (the kernel frees elements only after an RCU grace period). A
     // concurrent writer on another CPU may race on the same field, which
@@ -164,7 +164,7 @@ pub fn lru_get_mut<K, V>(map: &LruHashMap<K, V>, key: &K) -> Option<&'static mut
 
 /// This CPU's element `index`.
 #[inline(always)]
-pub fn per_cpu_mut<T>(map: &PerCpuArray<T>, index: u32) -> Option<&'static mut T> {
+pub(crate) fn per_cpu_mut<T>(map: &PerCpuArray<T>, index: u32) -> Option<&'static mut T> {
     // SAFETY: per-CPU elements are this CPU's alone while the program runs
     // (programs are not preempted on their CPU), so the reference is
     // exclusive; the array never frees elements.
@@ -174,26 +174,26 @@ pub fn per_cpu_mut<T>(map: &PerCpuArray<T>, index: u32) -> Option<&'static mut T
 /// The id of the calling process's cgroup ancestor at `level` (0: the
 /// root), or 0 when `level` is below its cgroup.
 #[inline(always)]
-pub fn current_ancestor_cgroup_id(level: i32) -> u64 {
+pub(crate) fn current_ancestor_cgroup_id(level: i32) -> u64 {
     // SAFETY: a helper without pointer arguments.
     unsafe { bpf_get_current_ancestor_cgroup_id(level) }
 }
 
 #[inline(always)]
-pub fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_get_prandom_u32() }
 }
 
 #[inline(always)]
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
 /// Makes the syscall return `-errno` once the program denies it.
 #[inline(always)]
-pub fn set_syscall_error(errno: i32) {
+pub(crate) fn set_syscall_error(errno: i32) {
     // SAFETY: a helper without pointer arguments, allowed in cgroup
     // sock_addr programs.
     unsafe { bpf_set_retval(-errno) };

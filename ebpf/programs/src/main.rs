@@ -79,49 +79,49 @@ enum Verdict {
 }
 
 #[cgroup_sock_addr(connect4)]
-pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_connect4(ctx: SockAddrContext) -> i32 {
     forward4(&SockAddr::new(&ctx), false)
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_connect6(ctx: SockAddrContext) -> i32 {
     forward6(&SockAddr::new(&ctx), false)
 }
 
 // The kernel runs sendmsg hooks only for datagrams that carry a destination,
 // that is, on unconnected UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
-pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
     forward4(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
-pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
     forward6(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
-pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
     reverse4(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(recvmsg6)]
-pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
     reverse6(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
     reverse4(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse6(&SockAddr::new(&ctx))
 }
 
 #[cgroup_sock_addr(getsockname4)]
-pub fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
     let sa = SockAddr::new(&ctx);
     let local = v4_mapped(sa.user_ip4());
     if let Some(shown) = local_view(&sa, &local, true) {
@@ -131,7 +131,7 @@ pub fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getsockname6)]
-pub fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
     let sa = SockAddr::new(&ctx);
     let local = sa.user_ip6();
     if let Some(shown) = local_view(&sa, &local, false) {
