@@ -12,6 +12,7 @@ pub mod sandbox;
 pub mod shim;
 pub mod standin;
 pub mod vm;
+pub mod workload;
 
 pub use agent::Agent;
 pub use binaries::{agent_bin, shim_bin};

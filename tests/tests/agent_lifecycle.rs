@@ -1,0 +1,321 @@
+//! The agent's lifecycle with real sockets: killed and restarted under
+//! load, reloaded, stopped, detached, refusing a bad table, healing an
+//! interrupted update, checking the kernel; Stats beside writes.
+//! Needs root (CI runs as root); `cargo xtask test` runs these.
+
+use std::{os::unix::process::CommandExt as _, process::Command, thread::sleep, time::Duration};
+
+use nix::sys::signal::Signal;
+use socklb_tests::{
+    Sandbox, agent_bin,
+    workload::{backend_counts, errno, now_us, one, start_backends, tcp_backends, web_table},
+};
+
+const ENETUNREACH: i64 = 101;
+
+#[test]
+fn a_reload_bumps_the_generation() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 2);
+    let table = web_table(&sandbox, 1);
+    let agent = sandbox.start_agent(Some(&table));
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let (before, _, _) = runtime.block_on(client.list()).expect("list");
+    web_table(&sandbox, 2);
+    agent.reload();
+    let (after, listed, _) = runtime.block_on(client.list()).expect("list");
+    assert_eq!(listed.services[0].backends.len(), 2);
+    assert_eq!(
+        after,
+        before + 1,
+        "the reloaded table kept generation {before}"
+    );
+}
+
+#[test]
+fn stats_does_not_hold_up_writes() {
+    use aya::maps::{HashMap, Map, MapData};
+    use socklb_common::{Endpoint, ReverseKey};
+    use socklb_table::Table;
+
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = web_table(&sandbox, 1);
+    let _agent = sandbox.start_agent(Some(&table));
+    // A full REVERSE map: what a busy pod's translations leave. Counting it
+    // is one syscall per entry.
+    let pin = sandbox.bpffs.join("maps").join("REVERSE");
+    let mut reverse: HashMap<MapData, ReverseKey, Endpoint> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+    for cookie in 0..u64::from(socklb_common::REVERSE_ENTRIES) {
+        let key = ReverseKey {
+            cookie,
+            ..Default::default()
+        };
+        reverse.insert(key, Endpoint::default(), 0).unwrap();
+    }
+
+    let addr = sandbox.api_addr();
+    let stats_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stats_thread = {
+        let addr = addr.clone();
+        let stats_done = stats_done.clone();
+        std::thread::spawn(move || {
+            let runtime = socklb_tests::runtime();
+            let mut client = socklb_tests::agent_client(&addr, Default::default());
+            let mut durations = Vec::new();
+            for _ in 0..4 {
+                let started = std::time::Instant::now();
+                let stats = runtime.block_on(client.stats()).expect("stats");
+                durations.push(started.elapsed());
+                let reverse = stats.maps.iter().find(|m| m.map == "REVERSE").unwrap();
+                assert!(reverse.entries > 100_000, "{reverse:?}");
+            }
+            stats_done.store(true, std::sync::atomic::Ordering::SeqCst);
+            durations
+        })
+    };
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&addr, Default::default());
+    let service = Table::parse(&std::fs::read_to_string(&table).unwrap())
+        .unwrap()
+        .services
+        .remove(0);
+    let mut writes = Vec::new();
+    while !stats_done.load(std::sync::atomic::Ordering::SeqCst) {
+        let started = std::time::Instant::now();
+        runtime
+            .block_on(client.upsert(vec![service.clone()]))
+            .expect("upsert");
+        writes.push(started.elapsed());
+        sleep(Duration::from_millis(5));
+    }
+    let mut stats = stats_thread.join().unwrap();
+    stats.sort();
+    let slowest_write = writes.iter().max().unwrap();
+    // Without a long walk the test proves nothing.
+    assert!(stats[0] > Duration::from_millis(50), "stats took {stats:?}");
+    assert!(
+        *slowest_write < stats[0] / 2,
+        "a write waited for Stats: slowest write {slowest_write:?}, Stats {stats:?}, {} writes",
+        writes.len()
+    );
+}
+
+#[test]
+fn agent_killed_and_restarted_while_clients_connect() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 3);
+    let table = web_table(&sandbox, 3);
+    let mut agent = sandbox.start_agent(Some(&table));
+    let client = sandbox.spawn_client(&["tcp-loop", "10.96.0.20:80", "--ms", "4000"]);
+    sleep(Duration::from_millis(500));
+    agent.signal(Signal::SIGKILL);
+    let killed = now_us();
+    sleep(Duration::from_millis(700));
+    let restarted = now_us();
+    let _agent = sandbox.start_agent(Some(&table));
+    let results = client.finish();
+    let counts = backend_counts(&results);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    let without_agent = results
+        .iter()
+        .filter(|r| (killed..restarted).contains(&r["start_us"].as_u64().unwrap()))
+        .count();
+    let starts: Vec<u64> = results
+        .iter()
+        .map(|r| r["start_us"].as_u64().unwrap())
+        .collect();
+    assert!(
+        without_agent > 0,
+        "no connection was tried while no agent ran ({killed}..{restarted}): {} results, first {:?} last {:?}",
+        results.len(),
+        starts.first(),
+        starts.last()
+    );
+}
+
+#[test]
+fn bad_table_is_refused_and_changes_nothing() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let good = format!(
+        "services: [{{name: web, vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+        tcp_backends(1)
+    );
+    let table = sandbox.table("t.yaml", &good);
+    let check = sandbox.agent_once(&["--check", "--table", table.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let agent = sandbox.start_agent(Some(&table));
+    let bad = "services:
+  - {name: web, vip: 10.96.0.20, port: 80, backends: []}
+  - {name: dns, vip: 10.96.0.10, port: 53, protocol: SCTP}";
+    sandbox.table("t.yaml", bad);
+    let check = sandbox.agent_once(&["--check", "--table", table.to_str().unwrap()]);
+    let message = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(
+        message.contains(r#"service "dns" (services[1]): protocol: "SCTP""#),
+        "{message}"
+    );
+
+    nix::sys::signal::kill(agent.pid(), Signal::SIGHUP).unwrap();
+    let error = agent
+        .next_error(Duration::from_secs(10))
+        .expect("the agent reports the bad table");
+    assert!(
+        error.contains("SCTP") && error.contains("unchanged"),
+        "{error}"
+    );
+    // The first service of the bad table (no backends) was not applied.
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_and_detach_removes_it() {
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = web_table(&sandbox, 1);
+    let mut agent = sandbox.start_agent(Some(&table));
+    assert!(agent.signal(Signal::SIGTERM).success());
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+
+    let detach = sandbox.agent_once(&["--detach"]);
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(!sandbox.bpffs.exists(), "pins left behind");
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.20:80"])[0]),
+        ENETUNREACH
+    );
+}
+
+#[test]
+fn kernel_check_names_what_is_missing() {
+    let sandbox = Sandbox::create();
+    let missing_cgroup = sandbox.workdir.path().join("no-such-cgroup");
+    let not_bpffs = sandbox.workdir.path().join("plain").join("socklb");
+    std::fs::create_dir_all(&not_bpffs).unwrap();
+    let output = Command::new(agent_bin())
+        .env("SOCKLB_LISTEN", sandbox.api_addr())
+        .arg("--cgroup")
+        .arg(&missing_cgroup)
+        .arg("--bpffs")
+        .arg(&not_bpffs)
+        .uid(65534)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "must run as root",
+        &format!("cgroup {}: does not exist", missing_cgroup.display()),
+        "is not on a bpf filesystem",
+    ] {
+        assert!(log.contains(expected), "{expected:?} missing from {log}");
+    }
+}
+
+#[test]
+fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
+    use aya::maps::{HashMap, MapData};
+    use socklb_common::{BackendSlotKey, Endpoint, MemberKey};
+
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = web_table(&sandbox, 1);
+    let mut agent = sandbox.start_agent(Some(&table));
+    assert!(agent.signal(Signal::SIGTERM).success());
+
+    // What an agent killed between writing slots and the service entry
+    // leaves: a slot and a member of a service id nothing uses.
+    let map = |name: &str| MapData::from_pin(sandbox.bpffs.join("maps").join(name)).unwrap();
+    let mut slots: HashMap<MapData, BackendSlotKey, Endpoint> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("BACKEND_SLOTS"))).unwrap();
+    let mut members: HashMap<MapData, MemberKey, u8> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("MEMBERS"))).unwrap();
+    let orphan_slot = BackendSlotKey {
+        service_id: 4242,
+        slot: 1,
+    };
+    let orphan_member = MemberKey {
+        service_id: 4242,
+        backend: Endpoint::default(),
+    };
+    slots.insert(orphan_slot, Endpoint::default(), 0).unwrap();
+    members.insert(orphan_member, 1, 0).unwrap();
+    // And a VIP whose service was never written: it would refuse connects.
+    let mut vips: HashMap<MapData, socklb_common::Addr, u8> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("VIPS"))).unwrap();
+    let orphan_vip = socklb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 99]));
+    vips.insert(orphan_vip, 1, 0).unwrap();
+    // What an agent killed between writing a service entry and removing
+    // the old members leaves: a backend in none of the live service's slots
+    // still a member (its sticky clients would keep it for good). And the
+    // member of the backend that is in its slot gone.
+    let services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service> =
+        HashMap::try_from(aya::maps::Map::HashMap(map("SERVICES"))).unwrap();
+    let (_, web) = services.iter().next().unwrap().unwrap();
+    let b1 = slots
+        .get(
+            &BackendSlotKey {
+                service_id: web.id,
+                slot: 1,
+            },
+            0,
+        )
+        .unwrap();
+    let removed_backend = MemberKey {
+        service_id: web.id,
+        backend: Endpoint {
+            port: 9999u16.to_be(),
+            ..b1
+        },
+    };
+    let live_member = MemberKey {
+        service_id: web.id,
+        backend: b1,
+    };
+    members.insert(removed_backend, 1, 0).unwrap();
+    members.remove(&live_member).unwrap();
+
+    let _agent = sandbox.start_agent(Some(&table));
+    assert!(
+        members.get(&removed_backend, 0).is_err(),
+        "a backend in none of the slots is still a member"
+    );
+    assert!(
+        members.get(&live_member, 0).is_ok(),
+        "the backend in slot 1 is no member"
+    );
+    assert!(slots.get(&orphan_slot, 0).is_err(), "orphan slot kept");
+    assert!(
+        members.get(&orphan_member, 0).is_err(),
+        "orphan member kept"
+    );
+    assert!(vips.get(&orphan_vip, 0).is_err(), "orphan VIP kept");
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.99:80"])[0]),
+        ENETUNREACH,
+        "a VIP without a service passes untranslated"
+    );
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+}
