@@ -1,0 +1,259 @@
+//! A client for socklb-agent that survives agent restarts: every call has a
+//! timeout, a broken connection is re-opened with backoff, and after every
+//! (re)connect the client syncs the whole table it wants the agent to hold.
+//! A table larger than one ttrpc message is synced in parts and listed in
+//! pages (API 1.1); a request that cannot fit a message is an error of its
+//! own, never taken for an unreachable agent.
+
+use std::time::Duration;
+
+use slog::Logger;
+use socklb_protocols::{
+    API_VERSION,
+    socklb::{self as api, check_response::Status},
+    socklb_ttrpc::{HealthClient, ServicesClient},
+};
+use socklb_table::{Service, ServiceKey, Table, TableError};
+use ttrpc::Code;
+
+use crate::addr::AgentAddr;
+
+mod connection;
+mod sync;
+
+use sync::fits_one_message;
+#[cfg(test)]
+mod tests;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Limit for one call (Sync of a large table included).
+    pub call_timeout: Duration,
+    /// How long to keep trying to (re)connect before a call fails.
+    pub connect_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            call_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("agent {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("agent refused the request ({code:?}): {message}")]
+    Refused { code: Code, message: String },
+    #[error("agent holds another table than was sent: digest {got}, expected {expected}")]
+    DigestMismatch { got: String, expected: String },
+    #[error("agent speaks API {got}, this client {API_VERSION}")]
+    Incompatible { got: String },
+    #[error("{what} is {bytes} bytes, over the {limit}-byte limit of one ttrpc message{hint}")]
+    TooLarge {
+        what: String,
+        bytes: usize,
+        limit: usize,
+        /// How to get it through, when there is a way.
+        hint: String,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Connection {
+    health: HealthClient,
+    services: ServicesClient,
+    /// The agent's API minor version: 1 and above take a Sync in parts and
+    /// serve List in pages.
+    api_minor: u32,
+}
+
+/// What the host wants the agent to hold.
+struct Desired {
+    table: Table,
+    generation: u64,
+}
+
+pub struct AgentClient {
+    addr: AgentAddr,
+    options: Options,
+    connection: Option<Connection>,
+    desired: Option<Desired>,
+    /// Connections opened so far, for callers that resync by themselves.
+    connections_opened: u64,
+    log: Logger,
+}
+
+/// The outcome of a write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteResult {
+    pub generation: u64,
+    pub services: u32,
+    /// Sync only: the digest the agent read back, equal to the table's.
+    pub digest: Option<String>,
+}
+
+impl AgentClient {
+    pub fn new(addr: AgentAddr, options: Options, log: &Logger) -> AgentClient {
+        AgentClient {
+            log: log.new(slog::o!("agent" => addr.to_string())),
+            addr,
+            options,
+            connection: None,
+            desired: None,
+            connections_opened: 0,
+        }
+    }
+
+    /// How many connections were opened so far. A caller that syncs with
+    /// [`AgentClient::sync_once`] compares it before and after its writes:
+    /// a change means the agent behind may be a new one that needs the
+    /// whole table.
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened
+    }
+
+    pub async fn check(&mut self) -> Result<Status, ClientError> {
+        let response = self
+            .call(|c, ctx| async move { c.health.check(ctx, &api::CheckRequest::new()).await })
+            .await?;
+        Ok(response.status.enum_value_or_default())
+    }
+
+    pub async fn version(&mut self) -> Result<api::VersionResponse, ClientError> {
+        self.call(|c, ctx| async move { c.health.version(ctx, &api::VersionRequest::new()).await })
+            .await
+    }
+
+    /// The generation a write expects the agent's table at: that of the
+    /// table this client synced and wrote since (a reconnect resyncs it
+    /// under the same one), so a write of an earlier call that the agent
+    /// runs late is refused; 0 (not checked) before the first sync.
+    fn expected_generation(&self) -> u64 {
+        self.desired.as_ref().map_or(0, |d| d.generation)
+    }
+
+    /// Adds or replaces services by key.
+    pub async fn upsert(&mut self, services: Vec<Service>) -> Result<WriteResult, ClientError> {
+        let request = api::UpsertRequest {
+            services: services.iter().map(Service::to_api).collect(),
+            expected_generation: self.expected_generation(),
+            ..Default::default()
+        };
+        fits_one_message(
+            &request,
+            &format!("an Upsert of {} services", services.len()),
+            " (send fewer services per Upsert, or a Sync)",
+        )?;
+        let response = self
+            .call(move |c, ctx| {
+                let request = request.clone();
+                async move { c.services.upsert(ctx, &request).await }
+            })
+            .await?;
+        if let Some(desired) = &mut self.desired {
+            for service in services {
+                desired.table.services.retain(|s| s.key != service.key);
+                desired.table.services.push(service);
+            }
+            desired.generation = response.generation;
+        }
+        Ok(write_result(response))
+    }
+
+    /// Removes services by key.
+    pub async fn delete(&mut self, keys: Vec<ServiceKey>) -> Result<WriteResult, ClientError> {
+        let request = api::DeleteRequest {
+            keys: keys.iter().map(ServiceKey::to_api).collect(),
+            expected_generation: self.expected_generation(),
+            ..Default::default()
+        };
+        fits_one_message(
+            &request,
+            &format!("a Delete of {} keys", keys.len()),
+            " (send fewer keys per Delete, or a Sync)",
+        )?;
+        let response = self
+            .call(move |c, ctx| {
+                let request = request.clone();
+                async move { c.services.delete(ctx, &request).await }
+            })
+            .await?;
+        if let Some(desired) = &mut self.desired {
+            desired.table.services.retain(|s| !keys.contains(&s.key));
+            desired.generation = response.generation;
+        }
+        Ok(write_result(response))
+    }
+
+    pub async fn stats(&mut self) -> Result<api::StatsResponse, ClientError> {
+        self.call(|c, ctx| async move { c.services.stats(ctx, &api::StatsRequest::new()).await })
+            .await
+    }
+
+    /// Replaces the agent's opt-out cgroups (paths below the cgroup its
+    /// hooks are attached to; sockets there are left untranslated) and
+    /// returns them with their cgroup ids. Needs an API 1.2 agent.
+    pub async fn set_opt_out_cgroups(
+        &mut self,
+        cgroups: &[String],
+    ) -> Result<Vec<api::OptOutCgroup>, ClientError> {
+        let request = api::SetOptOutCgroupsRequest {
+            cgroups: cgroups.to_vec(),
+            ..Default::default()
+        };
+        let response = self
+            .call(|c, ctx| {
+                let request = request.clone();
+                async move { c.services.set_opt_out_cgroups(ctx, &request).await }
+            })
+            .await?;
+        Ok(response.cgroups)
+    }
+
+    pub async fn list_opt_out_cgroups(&mut self) -> Result<Vec<api::OptOutCgroup>, ClientError> {
+        let response = self
+            .call(|c, ctx| async move {
+                c.services
+                    .list_opt_out_cgroups(ctx, &api::ListOptOutCgroupsRequest::new())
+                    .await
+            })
+            .await?;
+        Ok(response.cgroups)
+    }
+
+    pub async fn metrics(&mut self) -> Result<String, ClientError> {
+        let response = self
+            .call(
+                |c, ctx| async move { c.services.metrics(ctx, &api::MetricsRequest::new()).await },
+            )
+            .await?;
+        Ok(response.text)
+    }
+}
+
+fn write_result(response: api::WriteResponse) -> WriteResult {
+    WriteResult {
+        generation: response.generation,
+        services: response.services,
+        digest: (!response.digest.is_empty()).then_some(response.digest),
+    }
+}

@@ -1,0 +1,171 @@
+//! The client against agents that misbehave on purpose.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU32, Ordering},
+};
+
+use socklb_protocols::socklb_ttrpc;
+use ttrpc::r#async::{Server, TtrpcContext};
+
+use super::*;
+
+/// Answers Health with another API major, counting Version calls.
+struct NewerAgent {
+    versions_asked: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl socklb_ttrpc::Health for NewerAgent {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::CheckRequest,
+    ) -> ttrpc::Result<api::CheckResponse> {
+        Ok(api::CheckResponse::new())
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        self.versions_asked.fetch_add(1, Ordering::SeqCst);
+        Ok(api::VersionResponse {
+            api_version: "2.0".into(),
+            ..Default::default()
+        })
+    }
+}
+
+/// An API 1.2 agent whose second Sync fails (as a kernel error half way
+/// would), counting Syncs.
+struct SecondSyncFails {
+    syncs: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl socklb_ttrpc::Health for SecondSyncFails {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::CheckRequest,
+    ) -> ttrpc::Result<api::CheckResponse> {
+        Ok(api::CheckResponse {
+            status: Status::SERVING.into(),
+            ..Default::default()
+        })
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            api_version: API_VERSION.into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl socklb_ttrpc::Services for SecondSyncFails {
+    async fn sync(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncRequest,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        if self.syncs.fetch_add(1, Ordering::SeqCst) == 1 {
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::INTERNAL,
+                "writing the table failed half way",
+            )));
+        }
+        Ok(api::WriteResponse {
+            generation: request.generation,
+            digest: Table::from_api(&request.services).unwrap().digest(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
+        Ok(api::StatsResponse::new())
+    }
+}
+
+fn serve(socket: &std::path::Path, agent: Arc<SecondSyncFails>) -> Server {
+    let _ = std::fs::remove_file(socket);
+    let mut services = socklb_ttrpc::create_health(agent.clone());
+    services.extend(socklb_ttrpc::create_services(agent));
+    Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .unwrap()
+        .register_service(services)
+}
+
+#[tokio::test]
+async fn a_failed_resync_is_tried_again_on_the_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let syncs = Arc::new(AtomicU32::new(0));
+    let agent = Arc::new(SecondSyncFails {
+        syncs: syncs.clone(),
+    });
+    let mut server = serve(&socket, agent.clone());
+    server.start().await.unwrap();
+    let addr = format!("unix://{}", socket.display()).parse().unwrap();
+    let log = Logger::root(slog::Discard, slog::o!());
+    let options = Options {
+        connect_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let mut client = AgentClient::new(addr, options, &log);
+    client.sync(Table::default()).await.unwrap();
+
+    // The agent restarts: the client reconnects and its resync fails.
+    server.shutdown().await.unwrap();
+    let mut server = serve(&socket, agent);
+    server.start().await.unwrap();
+    let err = client.stats().await.unwrap_err();
+    assert!(matches!(err, ClientError::Refused { .. }), "{err}");
+    assert_eq!(syncs.load(Ordering::SeqCst), 2);
+    // The next call syncs again before it goes on.
+    client.stats().await.unwrap();
+    assert_eq!(
+        syncs.load(Ordering::SeqCst),
+        3,
+        "the failed resync was not retried"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_incompatible_agent_is_an_error_at_once_not_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let versions_asked = Arc::new(AtomicU32::new(0));
+    let health = socklb_ttrpc::create_health(Arc::new(NewerAgent {
+        versions_asked: versions_asked.clone(),
+    }));
+    let mut server = Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .unwrap()
+        .register_service(health);
+    server.start().await.unwrap();
+
+    let addr = format!("unix://{}", socket.display()).parse().unwrap();
+    let log = Logger::root(slog::Discard, slog::o!());
+    let mut client = AgentClient::new(addr, Options::default(), &log);
+    let err = client.check().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Incompatible { got } if got == "2.0"),
+        "{err}"
+    );
+    assert_eq!(versions_asked.load(Ordering::SeqCst), 1, "retried: {err}");
+    server.shutdown().await.unwrap();
+}
