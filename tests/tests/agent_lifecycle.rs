@@ -234,7 +234,7 @@ fn kernel_check_names_what_is_missing() {
 #[test]
 fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     use aya::maps::{HashMap, MapData};
-    use socklb_common::{BackendSlotKey, Endpoint, MemberKey};
+    use socklb_common::{BackendSlotKey, Endpoint, MemberKey, map_names};
 
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
@@ -246,9 +246,9 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     // leaves: a slot and a member of a service id nothing uses.
     let map = |name: &str| MapData::from_pin(sandbox.bpffs.join("maps").join(name)).unwrap();
     let mut slots: HashMap<MapData, BackendSlotKey, Endpoint> =
-        HashMap::try_from(aya::maps::Map::HashMap(map("BACKEND_SLOTS"))).unwrap();
+        HashMap::try_from(aya::maps::Map::HashMap(map(map_names::BACKEND_SLOTS))).unwrap();
     let mut members: HashMap<MapData, MemberKey, u8> =
-        HashMap::try_from(aya::maps::Map::HashMap(map("MEMBERS"))).unwrap();
+        HashMap::try_from(aya::maps::Map::HashMap(map(map_names::MEMBERS))).unwrap();
     let orphan_slot = BackendSlotKey {
         service_id: 4242,
         slot: 1,
@@ -261,7 +261,7 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     members.insert(orphan_member, 1, 0).unwrap();
     // And a VIP whose service was never written: it would refuse connects.
     let mut vips: HashMap<MapData, socklb_common::Addr, u8> =
-        HashMap::try_from(aya::maps::Map::HashMap(map("VIPS"))).unwrap();
+        HashMap::try_from(aya::maps::Map::HashMap(map(map_names::VIPS))).unwrap();
     let orphan_vip = socklb_common::v4_mapped(u32::from_ne_bytes([10, 96, 0, 99]));
     vips.insert(orphan_vip, 1, 0).unwrap();
     // What an agent killed between writing a service entry and removing
@@ -269,7 +269,7 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     // still a member (its sticky clients would keep it for good). And the
     // member of the backend that is in its slot gone.
     let services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service> =
-        HashMap::try_from(aya::maps::Map::HashMap(map("SERVICES"))).unwrap();
+        HashMap::try_from(aya::maps::Map::HashMap(map(map_names::SERVICES))).unwrap();
     let (_, web) = services.iter().next().unwrap().unwrap();
     let b1 = slots
         .get(

@@ -456,7 +456,10 @@ fn health_stats_and_metrics() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"socklb_map_entries{map="SERVICES"} 4"#),
+        metrics.contains(&format!(
+            "socklb_map_entries{{map=\"{}\"}} 4",
+            socklb_common::map_names::SERVICES
+        )),
         "{metrics}"
     );
     // Every translation stored its reverse entry.
