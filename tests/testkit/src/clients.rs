@@ -1,0 +1,222 @@
+//! The clients: each exchange through a VIP or to a backend, one JSON
+//! object per exchange on stdout.
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::*;
+
+pub(crate) fn tcp_exchange(target: SocketAddr) -> Value {
+    let started = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&target, TIMEOUT) {
+        Ok(stream) => stream,
+        Err(err) => return error_json(&err, started),
+    };
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let mut reply = String::new();
+    if let Err(err) = stream.read_to_string(&mut reply) {
+        return error_json(&err, started);
+    }
+    json!({
+        "backend": reply.trim(),
+        "peer": stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "local": stream.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+    })
+}
+
+pub(crate) fn tcp(args: &[String]) {
+    let target = addr(&args[0]);
+    for _ in 0..value(args, "--count", 1u32) {
+        emit(tcp_exchange(target));
+    }
+}
+
+/// Connects again and again for `--ms`, one JSON line per connection with
+/// the times it started and ended (its connect happened in between).
+pub(crate) fn tcp_loop(args: &[String]) {
+    let target = addr(&args[0]);
+    let until = Instant::now() + Duration::from_millis(value(args, "--ms", 1000u64));
+    while Instant::now() < until {
+        let start_us = now_us();
+        let mut result = tcp_exchange(target);
+        result["start_us"] = json!(start_us);
+        result["end_us"] = json!(now_us());
+        emit(result);
+    }
+}
+
+pub(crate) fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(match target {
+        SocketAddr::V4(_) => "0.0.0.0:0",
+        SocketAddr::V6(_) => "[::]:0",
+    })?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    Ok(socket)
+}
+
+pub(crate) fn udp(args: &[String]) {
+    let target = addr(&args[0]);
+    let connected = args.iter().any(|a| a == "--connected");
+    let started = Instant::now();
+    let socket = match udp_socket_for(target) {
+        Ok(socket) => socket,
+        Err(err) => return emit(error_json(&err, started)),
+    };
+    if connected && let Err(err) = socket.connect(target) {
+        return emit(error_json(&err, started));
+    }
+    let mut buf = [0u8; 1500];
+    let interval = Duration::from_millis(value(args, "--interval-ms", 0u64));
+    for n in 0..value(args, "--count", 1u32) {
+        if n > 0 {
+            std::thread::sleep(interval);
+        }
+        let started = Instant::now();
+        let start_us = now_us();
+        let sent = if connected {
+            socket.send(b"ping")
+        } else {
+            socket.send_to(b"ping", target)
+        };
+        if let Err(err) = sent {
+            emit(error_json(&err, started));
+            continue;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((len, source)) => emit(json!({
+                "backend": String::from_utf8_lossy(&buf[..len]),
+                "source": source.to_string(),
+                "peer": socket.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "start_us": start_us,
+                "end_us": now_us(),
+            })),
+            Err(err) => emit(error_json(&err, started)),
+        }
+    }
+}
+
+/// One unconnected socket talking to several VIPs in turn.
+pub(crate) fn udp_multi(args: &[String]) {
+    let targets: Vec<SocketAddr> = args.iter().map(|a| addr(a)).collect();
+    let socket = udp_socket_for(targets[0]).expect("udp socket");
+    let mut buf = [0u8; 1500];
+    for round in 0..3 {
+        for target in &targets {
+            let started = Instant::now();
+            if let Err(err) = socket.send_to(b"ping", target) {
+                emit(error_json(&err, started));
+                continue;
+            }
+            match socket.recv_from(&mut buf) {
+                Ok((len, source)) => emit(json!({
+                    "round": round,
+                    "to": target.to_string(),
+                    "backend": String::from_utf8_lossy(&buf[..len]),
+                    "source": source.to_string(),
+                })),
+                Err(err) => emit(error_json(&err, started)),
+            }
+        }
+    }
+}
+
+/// Resolves NAME:80 with the C library's resolver (musl in the guest image:
+/// unconnected UDP to the nameserver, replies checked against its address).
+pub(crate) fn resolve(args: &[String]) {
+    use std::net::ToSocketAddrs as _;
+    let started = Instant::now();
+    let name = args.first().unwrap_or_else(|| usage());
+    match (name.as_str(), 80).to_socket_addrs() {
+        Ok(addrs) => emit(json!({
+            "name": name,
+            "addrs": addrs.map(|a| a.ip().to_string()).collect::<Vec<_>>(),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        })),
+        Err(err) => emit(error_json(&err, started)),
+    }
+}
+
+/// Short connections from `--threads` threads for `--ms`: connect, read the
+/// backend's reply to its end, close; each to a random one of the targets.
+/// Prints connections per second and the latency percentiles.
+pub(crate) fn load(args: &[String]) {
+    let targets: Vec<SocketAddr> = args[0].split(',').map(addr).collect();
+    let threads = value(args, "--threads", 4u32);
+    let duration = Duration::from_millis(value(args, "--ms", 3000u64));
+    let until = Instant::now() + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|n| {
+            let targets = targets.clone();
+            std::thread::spawn(move || {
+                let mut seed = now_us() ^ (u64::from(n) << 32) | 1;
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                let mut buf = Vec::with_capacity(64);
+                while Instant::now() < until {
+                    // xorshift: cheap and good enough to spread over backends.
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let target = targets[(seed % targets.len() as u64) as usize];
+                    let started = Instant::now();
+                    let done = TcpStream::connect(target).and_then(|mut stream| {
+                        buf.clear();
+                        stream.read_to_end(&mut buf)
+                    });
+                    match done {
+                        Ok(_) => latencies.push(started.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (l, e) = worker.join().expect("load thread");
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    emit(json!({
+        "connections": latencies.len(),
+        "errors": errors,
+        "per_sec": latencies.len() as f64 / duration.as_secs_f64(),
+        "p50_us": at(0.50),
+        "p99_us": at(0.99),
+    }));
+}
+
+/// One long-lived connection reading a bulk backend for `--ms`.
+pub(crate) fn stream(args: &[String]) {
+    let target = addr(&args[0]);
+    let duration = Duration::from_millis(value(args, "--ms", 2000u64));
+    let started = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&target, TIMEOUT) {
+        Ok(stream) => stream,
+        Err(err) => return emit(error_json(&err, started)),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes += n as u64,
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    emit(json!({"bytes": bytes, "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9}));
+}
