@@ -15,6 +15,7 @@ const ENETUNREACH: i64 = 101;
 
 #[test]
 fn a_reload_bumps_the_generation() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let table = web_table(&sandbox, 1);
@@ -35,6 +36,7 @@ fn a_reload_bumps_the_generation() {
 
 #[test]
 fn stats_does_not_hold_up_writes() {
+    socklb_tests::require_root!();
     use aya::maps::{HashMap, Map, MapData};
     use socklb_common::{Endpoint, ReverseKey};
     use socklb_table::Table;
@@ -105,6 +107,7 @@ fn stats_does_not_hold_up_writes() {
 
 #[test]
 fn agent_killed_and_restarted_while_clients_connect() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
     let table = web_table(&sandbox, 3);
@@ -138,6 +141,7 @@ fn agent_killed_and_restarted_while_clients_connect() {
 
 #[test]
 fn bad_table_is_refused_and_changes_nothing() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let good = format!(
@@ -182,6 +186,7 @@ fn bad_table_is_refused_and_changes_nothing() {
 
 #[test]
 fn sigterm_leaves_the_datapath_and_detach_removes_it() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let table = web_table(&sandbox, 1);
@@ -207,6 +212,7 @@ fn sigterm_leaves_the_datapath_and_detach_removes_it() {
 
 #[test]
 fn kernel_check_names_what_is_missing() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let missing_cgroup = sandbox.workdir.path().join("no-such-cgroup");
     let not_bpffs = sandbox.workdir.path().join("plain").join("socklb");
@@ -233,6 +239,7 @@ fn kernel_check_names_what_is_missing() {
 
 #[test]
 fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
+    socklb_tests::require_root!();
     use aya::maps::{HashMap, MapData};
     use socklb_common::{BackendSlotKey, Endpoint, MemberKey, map_names};
 
@@ -313,6 +320,61 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
         errno(&sandbox.client(&["tcp", "10.96.0.99:80"])[0]),
         ENETUNREACH,
         "a VIP without a service passes untranslated"
+    );
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+}
+
+/// Pins an empty per-CPU array as an agent of the previous layout left it:
+/// `SERVICE_STATS`, 16-byte per-service counters. Raw bpf(2): aya creates
+/// maps only from an object file.
+fn pin_previous_counters_map(path: &std::path::Path) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let bpf = |cmd: libc::c_long, attr: &[u8; 128]| {
+        // SAFETY: `attr` is a zero-filled bpf_attr of the size passed, and
+        // any pointer in it outlives the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) }
+    };
+    let mut create = [0u8; 128];
+    for (i, word) in [BPF_MAP_TYPE_PERCPU_ARRAY, 4, 16, 65_536]
+        .iter()
+        .enumerate()
+    {
+        create[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let fd = bpf(BPF_MAP_CREATE, &create);
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u8; 128];
+    pin[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    let pinned = bpf(BPF_OBJ_PIN, &pin);
+    assert_eq!(pinned, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was returned by BPF_MAP_CREATE above and is not used again.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn an_agent_upgraded_in_place_retires_the_previous_counters_map() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let maps = sandbox.bpffs.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let previous = maps.join("SERVICE_STATS");
+    pin_previous_counters_map(&previous);
+
+    let table = web_table(&sandbox, 1);
+    // The new agent creates SERVICE_COUNTERS beside it and must not leave
+    // the retired pin behind.
+    let _agent = sandbox.start_agent(Some(&table));
+    assert!(
+        !previous.exists(),
+        "the previous counters map is still pinned"
     );
     assert_eq!(
         one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],

@@ -18,6 +18,7 @@ const ECONNREFUSED: i64 = 111;
 
 #[test]
 fn tcp_via_vip_with_port_remap() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let table = sandbox.table(
@@ -40,6 +41,7 @@ fn tcp_via_vip_with_port_remap() {
 
 #[test]
 fn spreads_over_three_backends() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
     let table = web_table(&sandbox, 3);
@@ -55,6 +57,7 @@ fn spreads_over_three_backends() {
 
 #[test]
 fn udp_via_vip_replies_come_from_the_vip() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
     let backends = (1..=3)
@@ -98,6 +101,7 @@ fn udp_via_vip_replies_come_from_the_vip() {
 
 #[test]
 fn one_socket_talks_to_several_vips() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let table = sandbox.table(
@@ -126,6 +130,7 @@ fn one_socket_talks_to_several_vips() {
 
 #[test]
 fn glibc_resolver_through_a_dns_vip() {
+    socklb_tests::require_root!();
     let mut sandbox = Sandbox::create();
     sandbox.dns_server(
         &format!("{}:5353", backend_ip(1)),
@@ -154,6 +159,7 @@ fn glibc_resolver_through_a_dns_vip() {
 
 #[test]
 fn ipv6_vip() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let table = sandbox.table(
@@ -183,6 +189,7 @@ fn ipv6_vip() {
 
 #[test]
 fn v4_vip_through_an_inet6_socket() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let table = sandbox.table(
@@ -208,6 +215,7 @@ fn v4_vip_through_an_inet6_socket() {
 
 #[test]
 fn client_ip_affinity_keeps_a_backend_until_timeout_or_removal() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 3);
     let table_text = |n: u8, skip: Option<&str>| {
@@ -258,6 +266,7 @@ fn client_ip_affinity_keeps_a_backend_until_timeout_or_removal() {
 
 #[test]
 fn no_backends_refuses_at_once() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     let table = sandbox.table(
         "t.yaml",
@@ -282,6 +291,7 @@ fn no_backends_refuses_at_once() {
 
 #[test]
 fn a_known_vip_on_an_unknown_port_is_refused_at_once() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let table = sandbox.table(
@@ -333,6 +343,7 @@ fn a_known_vip_on_an_unknown_port_is_refused_at_once() {
 
 #[test]
 fn non_vip_destinations_and_other_cgroups_are_untouched() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 2);
     let table = web_table(&sandbox, 1);
@@ -362,6 +373,7 @@ fn ip(args: &[&str]) {
 
 #[test]
 fn an_opted_out_cgroup_reaches_the_vip_itself() {
+    socklb_tests::require_root!();
     let mut sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     // The VIP as an address of the backends namespace with a listener on
@@ -457,6 +469,7 @@ fn an_opted_out_cgroup_reaches_the_vip_itself() {
 
 #[test]
 fn getsockname_hides_a_backend_local_to_the_pod() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     sandbox.local_server("loopback", "127.0.0.1:9090");
     sandbox.add_client_address("10.244.0.9/32");
@@ -495,6 +508,7 @@ fn getsockname_hides_a_backend_local_to_the_pod() {
 
 #[test]
 fn backend_set_changes_while_clients_connect() {
+    socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 4);
     let table = web_table(&sandbox, 3);

@@ -85,7 +85,7 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// Agent-assigned, below `MAX_SERVICES`; indexes `SERVICE_STATS`.
+    /// Agent-assigned, below `MAX_SERVICES`; indexes `SERVICE_COUNTERS`.
     pub id: u32,
     /// 0: connect and sendmsg are refused with ECONNREFUSED.
     pub backend_count: u32,
@@ -147,7 +147,7 @@ pub struct ReverseKey {
     pub _pad: u32,
 }
 
-/// Per-service counters (`SERVICE_STATS`, per CPU, indexed by service id).
+/// Per-service counters (`SERVICE_COUNTERS`, per CPU, indexed by service id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceCounters {
@@ -172,7 +172,7 @@ pub mod map_names {
     pub const MEMBERS: &str = "MEMBERS";
     pub const STICKY: &str = "STICKY";
     pub const REVERSE: &str = "REVERSE";
-    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
     pub const GUEST_ADDRS: &str = "GUEST_ADDRS";
     // The kernel keeps 15 bytes of a map's name.
     pub const OPT_OUT_CGROUPS: &str = "OPT_OUT_CGROUPS";
@@ -184,7 +184,7 @@ pub mod map_names {
         MEMBERS,
         STICKY,
         REVERSE,
-        SERVICE_STATS,
+        SERVICE_COUNTERS,
         GUEST_ADDRS,
         OPT_OUT_CGROUPS,
         OPT_OUT_COUNT,

@@ -54,7 +54,7 @@ static STICKY: LruHashMap<StickyKey, Sticky> = LruHashMap::pinned(STICKY_ENTRIES
 #[map]
 static REVERSE: LruHashMap<ReverseKey, Endpoint> = LruHashMap::pinned(REVERSE_ENTRIES, 0);
 #[map]
-static SERVICE_STATS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 /// Cgroup ids (the value is unused) whose processes' sockets, and those of
 /// their descendants, are left untranslated.
 #[map]
@@ -318,7 +318,7 @@ fn backend_in_slot(service: &Service) -> Option<Endpoint> {
 
 #[inline(always)]
 fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
-    if let Some(counters) = per_cpu_mut(&SERVICE_STATS, service_id) {
+    if let Some(counters) = per_cpu_mut(&SERVICE_COUNTERS, service_id) {
         bump(counters);
     }
 }

@@ -125,6 +125,7 @@ impl Datapath {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
+        retire_maps(&maps_dir, log)?;
         check_pinned_layouts(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -148,7 +149,7 @@ impl Datapath {
         let vips = HashMap::try_from(take(map_names::VIPS)?)?;
         let slots = HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?;
         let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
-        let stats = PerCpuArray::try_from(take(map_names::SERVICE_STATS)?)?;
+        let stats = PerCpuArray::try_from(take(map_names::SERVICE_COUNTERS)?)?;
         let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
         let opt_out_cgroups = HashMap::try_from(take(map_names::OPT_OUT_CGROUPS)?)?;
         let opt_out_count = Array::try_from(take(map_names::OPT_OUT_COUNT)?)?;
@@ -318,6 +319,28 @@ fn remove_if_present(path: &Path) -> Result<()> {
 
 /// Refuses pinned maps whose layout differs from this build's (an agent of
 /// another version left them): adopting them would misread every entry.
+/// Maps earlier agents pinned whose data this one does not take over, with
+/// what replaced them. Their pins are removed at load, so an agent upgraded
+/// in place starts (programs still attached keep using the old map until
+/// their links are replaced).
+const RETIRED_MAPS: [(&str, &str); 1] = [(
+    "SERVICE_STATS",
+    "per-service counters, now SERVICE_COUNTERS with failed inserts",
+)];
+
+fn retire_maps(maps_dir: &Path, log: &Logger) -> Result<()> {
+    for (name, replaced_by) in RETIRED_MAPS {
+        let pin = maps_dir.join(name);
+        if pin.exists() {
+            fs::remove_file(&pin)
+                .with_context(|| format!("cannot remove the retired map {}", pin.display()))?;
+            info!(log, "removed a map an earlier agent pinned"; "map" => name,
+                  "replaced_by" => replaced_by);
+        }
+    }
+    Ok(())
+}
+
 fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
     use std::mem::size_of;
     let layouts = [
@@ -344,7 +367,7 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
             size_of::<Endpoint>(),
         ),
         (
-            map_names::SERVICE_STATS,
+            map_names::SERVICE_COUNTERS,
             size_of::<u32>(),
             size_of::<ServiceCounters>(),
         ),
