@@ -103,14 +103,10 @@ pub fn subscribe() -> Result<TokioSocket> {
     Ok(socket)
 }
 
-/// Re-reads the interfaces after every notification and programs what
-/// changed; runs for as long as the agent does.
-pub async fn follow(
-    socket: TokioSocket,
-    mut programmed: GuestAddrs,
-    services: Arc<Mutex<ServiceTable>>,
-    log: Logger,
-) {
+/// Re-reads the interfaces after every burst of notifications and programs
+/// them (also when a SIGHUP reload wrote them meanwhile: one small write per
+/// burst, and no state to keep in step); runs for as long as the agent does.
+pub async fn follow(socket: TokioSocket, services: Arc<Mutex<ServiceTable>>, log: Logger) {
     loop {
         match socket.recv_from_full().await {
             Ok(_) => {}
@@ -135,13 +131,9 @@ pub async fn follow(
         // Drain what arrived while settling: one re-read covers all of it.
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::ZERO, socket.recv_from_full()).await {}
         let now = GuestAddrs::first_of_each_family(&interface_ips());
-        if now == programmed {
-            continue;
-        }
         let mut services = services.lock().expect("table lock");
-        match program(&mut services, now, &log) {
-            Ok(()) => programmed = now,
-            Err(err) => warn!(log, "guest addresses not programmed: {err:#}"),
+        if let Err(err) = program(&mut services, now, &log) {
+            warn!(log, "guest addresses not programmed: {err:#}");
         }
     }
 }

@@ -171,8 +171,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         .is_empty()
         .then(addresses::subscribe)
         .transpose()?;
-    let guest_addrs = GuestAddrs::current(&config.pod_ips);
-    addresses::program(&mut services, guest_addrs, log)?;
+    addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
     services.datapath_mut().attach(&cgroup)?;
     // Held open for as long as the agent runs.
     let _run_time_stats = config
@@ -187,7 +186,6 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     if let Some(socket) = address_changes {
         tokio::spawn(addresses::follow(
             socket,
-            guest_addrs,
             services.clone(),
             log.new(slog::o!("component" => "addresses")),
         ));
