@@ -322,7 +322,13 @@ impl Sandbox {
     /// A testkit client in the client namespace and the cgroup `cgroup`
     /// (one of `child_cgroup`).
     pub fn client_in_cgroup(&self, cgroup: &Path, args: &[&str]) -> Vec<Value> {
-        collect(self.command_in(cgroup, &testkit_bin(), args))
+        collect(self.command_in(cgroup, &self.client_ns, &testkit_bin(), args))
+    }
+
+    /// A testkit client in the test cgroup and the network namespace
+    /// `netns` (another pod the test made).
+    pub fn client_in_netns(&self, netns: &str, args: &[&str]) -> Vec<Value> {
+        collect(self.command_in(&self.cgroup, netns, &testkit_bin(), args))
     }
 
     /// A testkit client in the client namespace but outside the cgroup.
@@ -392,15 +398,15 @@ impl Sandbox {
     }
 
     fn pod_command(&self, program: &Path, args: &[&str]) -> Command {
-        self.command_in(&self.cgroup, program, args)
+        self.command_in(&self.cgroup, &self.client_ns, program, args)
     }
 
-    fn command_in(&self, cgroup: &Path, program: &Path, args: &[&str]) -> Command {
+    fn command_in(&self, cgroup: &Path, netns: &str, program: &Path, args: &[&str]) -> Command {
         let procs = OpenOptions::new()
             .write(true)
             .open(cgroup.join("cgroup.procs"))
             .expect("open cgroup.procs");
-        let netns = File::open(Path::new("/run/netns").join(&self.client_ns)).expect("open netns");
+        let netns = File::open(Path::new("/run/netns").join(netns)).expect("open netns");
         let mut command = Command::new(program);
         command.args(args);
         die_with_parent(&mut command);

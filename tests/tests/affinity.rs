@@ -3,20 +3,10 @@
 //! network namespace (a pod, one IP), not to a socket or to the node.
 //! Needs root.
 
-use std::{
-    collections::BTreeSet,
-    fs::{File, OpenOptions},
-    io::Write as _,
-    os::unix::process::CommandExt as _,
-    path::Path,
-    process::Command,
-    thread::sleep,
-    time::Duration,
-};
+use std::{collections::BTreeSet, process::Command, thread::sleep, time::Duration};
 
-use nix::sched::{CloneFlags, setns};
 use serde_json::Value;
-use socklb_tests::{Sandbox, agent_bin, backend_ip, die_with_parent};
+use socklb_tests::{Sandbox, backend_ip};
 
 /// 10.96.0.20:80 on b1..=b4 with ClientIP affinity of `timeout` seconds.
 fn sticky_table(sandbox: &Sandbox, timeout: u32) -> std::path::PathBuf {
@@ -110,28 +100,7 @@ impl OtherPod {
     /// `socklb-testkit ARGS` in this pod: the sandbox's cgroup (where the
     /// agent's programs are attached), this namespace.
     fn client(&self, sandbox: &Sandbox, args: &[&str]) -> Vec<Value> {
-        let testkit = agent_bin().with_file_name("socklb-testkit");
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(sandbox.cgroup.join("cgroup.procs"))
-            .expect("open cgroup.procs");
-        let netns = File::open(Path::new("/run/netns").join(&self.netns)).expect("open netns");
-        let mut command = Command::new(testkit);
-        command.args(args);
-        die_with_parent(&mut command);
-        // SAFETY: only write(2) and setns(2) between fork and exec; the
-        // cgroup first, as membership survives the namespace switch.
-        unsafe {
-            command.pre_exec(move || {
-                (&procs).write_all(b"0")?;
-                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-            });
-        }
-        let output = command.output().expect("run testkit");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("a JSON line"))
-            .collect()
+        sandbox.client_in_netns(&self.netns, args)
     }
 }
 

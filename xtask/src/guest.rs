@@ -56,42 +56,28 @@ fn progress(line: &str) {
 
 /// The static (musl) agent, release build.
 pub(crate) fn static_agent() -> Result<PathBuf> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        MUSL_TARGET,
-        "-p",
-        "socklb-agent",
-        "--bin",
-        "socklb-agent",
-    ]))?;
-    Ok(musl_release_dir().join("socklb-agent"))
+    Ok(static_binaries(&["socklb-agent"])?.remove(0))
 }
 
-fn musl_release_dir() -> PathBuf {
-    target_dir().join(MUSL_TARGET).join("release")
+/// Release builds of the binaries `names` (each its package's name) for
+/// the musl target; their paths, in order.
+fn static_binaries(names: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--target", MUSL_TARGET]);
+    for name in names {
+        build.args(["-p", name, "--bin", name]);
+    }
+    run(&mut build)?;
+    let release = target_dir().join(MUSL_TARGET).join("release");
+    Ok(names.iter().map(|name| release.join(name)).collect())
 }
 
 /// Builds what is missing of the guest image for `kernel`.
 pub(crate) fn image(kernel: Kernel) -> Result<Guest> {
     progress("static agent and test tools (musl)");
-    run(cargo().args([
-        "build",
-        "--release",
-        "--target",
-        MUSL_TARGET,
-        "-p",
-        "socklb-agent",
-        "-p",
-        "socklb-testkit",
-        "--bin",
-        "socklb-agent",
-        "--bin",
-        "socklb-testkit",
-    ]))?;
-    let release = musl_release_dir();
-    let agent = release.join("socklb-agent");
+    let [agent, testkit]: [PathBuf; 2] = static_binaries(&["socklb-agent", "socklb-testkit"])?
+        .try_into()
+        .expect("two binaries");
     let (kernel_image, modules) = match kernel {
         Kernel::Own => (
             socklb_kernel::build(socklb_kernel::Flavour::Own, &cache_dir()?, 2, &mut |line| {
@@ -119,7 +105,7 @@ pub(crate) fn image(kernel: Kernel) -> Result<Guest> {
             Kernel::Kata => socklb_rootfs::Boot::KataInitrd,
         },
         agent: agent.clone(),
-        binaries: vec![release.join("socklb-testkit")],
+        binaries: vec![testkit],
         busybox: BUSYBOX.into(),
         modules,
     };
