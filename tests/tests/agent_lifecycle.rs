@@ -38,24 +38,24 @@ fn a_reload_bumps_the_generation() {
 fn stats_does_not_hold_up_writes() {
     socklb_tests::require_root!();
     use aya::maps::{HashMap, Map, MapData};
-    use socklb_common::{Endpoint, ReverseKey};
+    use socklb_common::{Affinity, AffinityKey, map_names};
     use socklb_table::Table;
 
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
     let table = web_table(&sandbox, 1);
     let _agent = sandbox.start_agent(Some(&table));
-    // A full REVERSE map: what a busy pod's translations leave. Counting it
-    // is one syscall per entry.
-    let pin = sandbox.bpffs.join("maps").join("REVERSE");
-    let mut reverse: HashMap<MapData, ReverseKey, Endpoint> =
+    // A full AFFINITY map: what many clients of affinity services leave.
+    // Counting it is one syscall per entry.
+    let pin = sandbox.bpffs.join("maps").join(map_names::AFFINITY);
+    let mut affinity: HashMap<MapData, AffinityKey, Affinity> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(&pin).unwrap())).unwrap();
-    for cookie in 0..u64::from(socklb_common::REVERSE_ENTRIES) {
-        let key = ReverseKey {
-            cookie,
+    for netns_cookie in 0..u64::from(socklb_common::AFFINITY_ENTRIES) {
+        let key = AffinityKey {
+            netns_cookie,
             ..Default::default()
         };
-        reverse.insert(key, Endpoint::default(), 0).unwrap();
+        affinity.insert(key, Affinity::default(), 0).unwrap();
     }
 
     let addr = sandbox.api_addr();
@@ -71,8 +71,9 @@ fn stats_does_not_hold_up_writes() {
                 let started = std::time::Instant::now();
                 let stats = runtime.block_on(client.stats()).expect("stats");
                 durations.push(started.elapsed());
-                let reverse = stats.maps.iter().find(|m| m.map == "REVERSE").unwrap();
-                assert!(reverse.entries > 100_000, "{reverse:?}");
+                let affinity = stats.maps.iter().find(|m| m.map == map_names::AFFINITY);
+                let affinity = affinity.unwrap();
+                assert!(affinity.entries > 60_000, "{affinity:?}");
             }
             stats_done.store(true, std::sync::atomic::Ordering::SeqCst);
             durations

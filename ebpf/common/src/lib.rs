@@ -25,10 +25,14 @@ pub const MAX_OPT_OUT_CGROUPS: u32 = 1_024;
 /// Ancestor levels (the root is level 0) checked against `OPT_OUT_CGROUPS`:
 /// an opted-out cgroup deeper than this is not seen.
 pub const MAX_CGROUP_LEVELS: i32 = 16;
-/// Translated (socket, backend) pairs remembered for the reverse hooks.
-pub const REVERSE_ENTRIES: u32 = 131_072;
-/// Remembered backend choices (ClientIP affinity and UDP socket stickiness).
-pub const STICKY_ENTRIES: u32 = 65_536;
+/// ClientIP affinity choices remembered (`AFFINITY`): one per client
+/// network namespace and affinity service. A Kata guest runs one pod, so
+/// this is about the affinity services times the pod's namespaces; past it
+/// the least recently used choice is forgotten and chosen afresh.
+pub const AFFINITY_ENTRIES: u32 = 65_536;
+/// VIPs one unconnected UDP socket remembers a backend for at once; a
+/// further VIP replaces the one remembered longest ago.
+pub const DATAGRAM_VIPS_PER_SOCKET: usize = 4;
 
 /// The third word of a v4-mapped address (`0000:ffff` in network byte order).
 pub const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
@@ -112,39 +116,48 @@ pub struct MemberKey {
     pub backend: Endpoint,
 }
 
-/// What a [`StickyKey`] remembers a backend for.
-pub const STICKY_CLIENT_IP: u32 = 1;
-pub const STICKY_UDP_SOCKET: u32 = 2;
-
-/// Key of `STICKY`.
+/// Key of `AFFINITY`: every socket of a pod shares its IP and network
+/// namespace, so the namespace's cookie stands for kube-proxy's client IP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct StickyKey {
-    /// The netns cookie for `STICKY_CLIENT_IP` (every socket of a pod shares
-    /// its IP and network namespace), the socket cookie for `STICKY_UDP_SOCKET`.
-    pub client: u64,
+pub struct AffinityKey {
+    pub netns_cookie: u64,
     pub service_id: u32,
-    pub kind: u32,
+    pub _pad: u32,
 }
 
-/// Value of `STICKY`.
+/// Value of `AFFINITY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Sticky {
+pub struct Affinity {
     pub backend: Endpoint,
     pub _pad: u32,
     /// `bpf_ktime_get_ns` of the last connection that used it.
     pub last_used_ns: u64,
 }
 
-/// Key of `REVERSE`: a translated socket and the backend it was sent to;
-/// the value is the VIP endpoint the application asked for.
+/// A translation one socket remembers: the VIP endpoint the application
+/// asked for and the backend it was sent to. All zero when unused (no VIP
+/// is `[::]:0`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ReverseKey {
-    pub cookie: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Translation {
+    pub vip: Endpoint,
     pub backend: Endpoint,
-    pub _pad: u32,
+}
+
+/// Value of `DATAGRAM_VIPS` (socket-local storage of unconnected UDP
+/// sockets): a backend per VIP the socket sends to, so its datagrams to one
+/// VIP keep one backend and replies show that VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatagramVips {
+    pub translations: [Translation; DATAGRAM_VIPS_PER_SOCKET],
+    /// The translation of the latest datagram: a reply from a backend that
+    /// two remembered VIPs share is shown as this one's VIP.
+    pub latest: u32,
+    /// The translation a VIP not yet remembered replaces.
+    pub next: u32,
 }
 
 /// Per-service counters (`SERVICE_COUNTERS`, per CPU, indexed by service id).
@@ -155,8 +168,9 @@ pub struct ServiceCounters {
     pub translations: u64,
     /// Connects and datagrams refused because the service had no backend.
     pub rejects: u64,
-    /// Failed inserts into `REVERSE` (the socket is then shown the backend,
-    /// not the VIP) or `STICKY` (the next choice is made afresh).
+    /// Socket-local storage the kernel could not allocate (the socket is
+    /// then shown the backend, not the VIP) and failed inserts into
+    /// `AFFINITY` (the next choice is made afresh).
     pub insert_failures: u64,
 }
 
@@ -170,20 +184,22 @@ pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const MEMBERS: &str = "MEMBERS";
-    pub const STICKY: &str = "STICKY";
-    pub const REVERSE: &str = "REVERSE";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const CONNECTED_VIP: &str = "CONNECTED_VIP";
+    pub const DATAGRAM_VIPS: &str = "DATAGRAM_VIPS";
     pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
     pub const GUEST_ADDRS: &str = "GUEST_ADDRS";
     // The kernel keeps 15 bytes of a map's name.
     pub const OPT_OUT_CGROUPS: &str = "OPT_OUT_CGROUPS";
     pub const OPT_OUT_COUNT: &str = "OPT_OUT_COUNT";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         VIPS,
         BACKEND_SLOTS,
         MEMBERS,
-        STICKY,
-        REVERSE,
+        AFFINITY,
+        CONNECTED_VIP,
+        DATAGRAM_VIPS,
         SERVICE_COUNTERS,
         GUEST_ADDRS,
         OPT_OUT_CGROUPS,
@@ -211,9 +227,8 @@ mod pod {
         Service,
         BackendSlotKey,
         MemberKey,
-        StickyKey,
-        Sticky,
-        ReverseKey,
+        AffinityKey,
+        Affinity,
         ServiceCounters,
     );
 }
@@ -230,9 +245,10 @@ mod tests {
         assert_eq!(size_of::<Service>(), 16);
         assert_eq!(size_of::<BackendSlotKey>(), 8);
         assert_eq!(size_of::<MemberKey>(), 24);
-        assert_eq!(size_of::<StickyKey>(), 16);
-        assert_eq!(size_of::<Sticky>(), 32);
-        assert_eq!(size_of::<ReverseKey>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<Affinity>(), 32);
+        assert_eq!(size_of::<Translation>(), 40);
+        assert_eq!(size_of::<DatagramVips>(), 168);
         assert_eq!(size_of::<ServiceCounters>(), 24);
     }
 

@@ -7,14 +7,55 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr},
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_delete, bpf_sk_storage_get,
     },
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use socklb_common::Addr;
+
+/// A socket-local storage map (`BPF_MAP_TYPE_SK_STORAGE`): one `T` per
+/// socket, freed by the kernel with the socket.
+///
+/// aya-ebpf 0.2 has no such map, and the kernel creates one only with BTF
+/// for its key and value, which a legacy `maps` definition cannot carry.
+/// This is the BTF-defined form libbpf reads (and aya-obj parses): a
+/// struct in `.maps` whose fields encode the map's attributes as pointer
+/// types, the integers as array lengths. aya-ebpf 0.3 has the same map, but
+/// its build needs a newer rustc than the host toolchain here.
+#[repr(C)]
+pub(crate) struct SocketStorage<T> {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    key: *const i32,
+    value: *const T,
+    /// LIBBPF_PIN_BY_NAME: a later agent adopts the map, and with it the
+    /// translations of sockets opened before it started.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are never dereferenced; they exist for their BTF
+// types. The loader replaces the static's address with the map's.
+unsafe impl<T> Sync for SocketStorage<T> {}
+
+impl<T> SocketStorage<T> {
+    pub(crate) const fn new() -> Self {
+        SocketStorage {
+            r#type: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
 
 /// The `bpf_sock_addr` a `sock_addr` program was called with.
 pub(crate) struct SockAddr<'a> {
@@ -93,10 +134,46 @@ impl<'a> SockAddr<'a> {
         unsafe { (*self.sa).protocol as u8 }
     }
 
+    /// The socket's value in the socket-local storage `map`; with
+    /// `create`, a zeroed one is made if it has none. `None` without a
+    /// value, or when the kernel cannot allocate one.
     #[inline(always)]
-    pub(crate) fn socket_cookie(&self) -> u64 {
-        // SAFETY: the helper takes the program's context, which this is.
-        unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
+    pub(crate) fn storage<T>(&self, map: &SocketStorage<T>, create: bool) -> Option<&'static mut T> {
+        let sk = self.sock()?;
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: `map` is a socket storage map (the loader relocates its
+        // address) and `sk` the context's non-null socket; a null initial
+        // value asks the kernel to zero a created element.
+        let value =
+            unsafe { bpf_sk_storage_get(map.as_ptr(), sk.cast(), core::ptr::null_mut(), flags) };
+        // SAFETY: a non-null result is the socket's element of type `T`,
+        // valid while the program runs (the syscall holds the socket).
+        // Another thread using the same socket at the same moment may race
+        // on it, which at worst leaves the other's translation.
+        unsafe { value.cast::<T>().as_mut() }
+    }
+
+    /// Drops the socket's value in `map`, if it has one.
+    #[inline(always)]
+    pub(crate) fn forget_storage<T>(&self, map: &SocketStorage<T>) {
+        if let Some(sk) = self.sock() {
+            // SAFETY: as in `storage`. ENOENT (nothing remembered) is the
+            // common case and harmless.
+            let _ = unsafe { bpf_sk_storage_delete(map.as_ptr(), sk.cast()) };
+        }
+    }
+
+    /// The socket the syscall works on.
+    #[inline(always)]
+    fn sock(&self) -> Option<*mut bpf_sock> {
+        // SAFETY: as in `user_ip4`; the verifier types this field
+        // PTR_TO_SOCKET_OR_NULL, hence the check.
+        let sk: *mut bpf_sock = unsafe { (*self.sa).__bindgen_anon_1.sk };
+        (!sk.is_null()).then_some(sk)
     }
 
     #[inline(always)]
@@ -109,12 +186,7 @@ impl<'a> SockAddr<'a> {
     /// byte order) as the kernel holds them, or `None` without a socket.
     #[inline(always)]
     pub(crate) fn socket_peer(&self, v4: bool) -> Option<(Addr, u16)> {
-        // SAFETY: as in `user_ip4`; `sk` is checked for null before use, as
-        // the verifier demands of this PTR_TO_SOCKET_OR_NULL field.
-        let sk: *mut bpf_sock = unsafe { (*self.sa).__bindgen_anon_1.sk };
-        if sk.is_null() {
-            return None;
-        }
+        let sk = self.sock()?;
         // SAFETY: `sk` is not null; its fields are read one 4-byte word at a
         // time, the width the verifier accepts for dst_ip6.
         let (addr, port) = unsafe {
@@ -141,14 +213,6 @@ pub(crate) fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
     // reference; it is copied at once. User space replaces whole entries
     // (no-prealloc maps free a replaced element only after an RCU grace
     // period), so the copy is one entry's value, old or new.
-    unsafe { map.get(key) }.copied()
-}
-
-/// A copy of the value under `key`.
-#[inline(always)]
-pub(crate) fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
-    // SAFETY: as in `hash_get`; LRU entries are written whole by the
-    // programs' inserts.
     unsafe { map.get(key) }.copied()
 }
 

@@ -2,10 +2,12 @@
 //!
 //! Forward hooks (connect4/6, sendmsg4/6) rewrite a service VIP:port to a
 //! backend once per connection (per datagram for unconnected UDP) and
-//! remember the translation in `REVERSE` under the socket cookie. Reverse
-//! hooks (recvmsg4/6, getpeername4/6) use it to show the application the VIP
-//! it asked for. getsockname4/6 hide a loopback local address that only
-//! exists because the backend is loopback (see `local_view`).
+//! remember the translation in the socket's own storage (`CONNECTED_VIP`,
+//! `DATAGRAM_VIPS`), which the kernel frees with the socket: nothing evicts
+//! a live socket's translation. Reverse hooks (recvmsg4/6, getpeername4/6)
+//! use it to show the application the VIP it asked for. getsockname4/6 hide
+//! a loopback local address that only exists because the backend is
+//! loopback (see `local_view`).
 //!
 //! A destination that is not a service VIP costs one hash lookup (`VIPS`,
 //! keyed by the address alone); a VIP on a port that is no service port is
@@ -19,8 +21,8 @@
 mod access;
 
 use access::{
-    SockAddr, current_ancestor_cgroup_id, hash_get, lru_get, lru_get_mut, monotonic_ns,
-    per_cpu_mut, random_u32, set_syscall_error,
+    SockAddr, SocketStorage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns, per_cpu_mut,
+    random_u32, set_syscall_error,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -29,10 +31,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS,
-    MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS, MAX_SERVICES, MAX_VIPS, MemberKey, REVERSE_ENTRIES,
-    ReverseKey, STICKY_CLIENT_IP, STICKY_ENTRIES, STICKY_UDP_SOCKET, Service, ServiceCounters,
-    ServiceKey, Sticky, StickyKey, is_loopback, is_v4_mapped, v4_mapped,
+    AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
+    GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
+    MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, Service, ServiceCounters, ServiceKey,
+    Translation, is_loopback, is_v4_mapped, v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -49,10 +51,20 @@ static BACKEND_SLOTS: HashMap<BackendSlotKey, Endpoint> =
     HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 #[map]
 static MEMBERS: HashMap<MemberKey, u8> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_F_NO_PREALLOC);
+/// ClientIP affinity: the backend a client namespace last used per service.
 #[map]
-static STICKY: LruHashMap<StickyKey, Sticky> = LruHashMap::pinned(STICKY_ENTRIES, 0);
-#[map]
-static REVERSE: LruHashMap<ReverseKey, Endpoint> = LruHashMap::pinned(REVERSE_ENTRIES, 0);
+static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(AFFINITY_ENTRIES, 0);
+/// The translation of a connected socket (TCP, connected UDP).
+// SAFETY: the loader reads BTF-defined maps from `.maps` by symbol; no
+// other symbol has this name.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+static CONNECTED_VIP: SocketStorage<Translation> = SocketStorage::new();
+/// The translations of an unconnected UDP socket, one per VIP.
+// SAFETY: as for `CONNECTED_VIP`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+static DATAGRAM_VIPS: SocketStorage<DatagramVips> = SocketStorage::new();
 #[map]
 static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 /// Cgroup ids (the value is unused) whose processes' sockets, and those of
@@ -102,22 +114,22 @@ pub(crate) fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub(crate) fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx))
+    reverse4(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx))
+    reverse6(&SockAddr::new(&ctx), true)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub(crate) fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx))
+    reverse4(&SockAddr::new(&ctx), false)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub(crate) fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx))
+    reverse6(&SockAddr::new(&ctx), false)
 }
 
 #[cgroup_sock_addr(getsockname4)]
@@ -186,6 +198,11 @@ fn refuse() -> i32 {
 #[inline(always)]
 fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
     if hash_get(&VIPS, &dst.addr).is_none() || opted_out() {
+        if !unconnected_udp && sa.protocol() == PROTO_UDP {
+            // A UDP socket connected again, elsewhere: its earlier
+            // translation no longer describes its peer.
+            sa.forget_storage(&CONNECTED_VIP);
+        }
         return Verdict::Pass;
     }
     let key = ServiceKey {
@@ -198,27 +215,89 @@ fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
     let Some(service) = hash_get(&SERVICES, &key) else {
         return Verdict::Refuse;
     };
-    let cookie = sa.socket_cookie();
-    let Some(backend) = choose_backend(sa, cookie, &key, &service, unconnected_udp) else {
+    let backend = if unconnected_udp {
+        datagram_backend(sa, dst, &key, &service)
+    } else {
+        connected_backend(sa, dst, &key, &service)
+    };
+    let Some(backend) = backend else {
         count(service.id, |c| c.rejects += 1);
         return Verdict::Refuse;
     };
-    let reverse_key = ReverseKey {
-        cookie,
-        backend,
-        _pad: 0,
-    };
-    // Unconnected UDP comes here per datagram: skip the write when the
-    // translation is already remembered. A connect is a socket's first
-    // translation to this backend, so it writes without looking.
-    if (!unconnected_udp || lru_get(&REVERSE, &reverse_key) != Some(*dst))
-        && REVERSE.insert(reverse_key, dst, 0).is_err()
-    {
-        // The reverse hooks will show this socket the backend, not the VIP.
-        count(service.id, |c| c.insert_failures += 1);
-    }
     count(service.id, |c| c.translations += 1);
     Verdict::Backend(backend)
+}
+
+/// The backend of a connect, remembered as the socket's one translation.
+#[inline(always)]
+fn connected_backend(
+    sa: &SockAddr,
+    dst: &Endpoint,
+    key: &ServiceKey,
+    service: &Service,
+) -> Option<Endpoint> {
+    let backend = choose_backend(sa, key, service)?;
+    match sa.storage(&CONNECTED_VIP, true) {
+        Some(translation) => {
+            *translation = Translation {
+                vip: *dst,
+                backend,
+            }
+        }
+        // The reverse hooks will show this socket the backend, not the VIP.
+        None => count(service.id, |c| c.insert_failures += 1),
+    }
+    Some(backend)
+}
+
+/// The backend of a datagram: the one this socket already uses for `dst`
+/// while it is a member, else a new choice that replaces the translation
+/// remembered longest ago.
+#[inline(always)]
+fn datagram_backend(
+    sa: &SockAddr,
+    dst: &Endpoint,
+    key: &ServiceKey,
+    service: &Service,
+) -> Option<Endpoint> {
+    let Some(vips) = sa.storage(&DATAGRAM_VIPS, true) else {
+        count(service.id, |c| c.insert_failures += 1);
+        return choose_backend(sa, key, service);
+    };
+    let mut slot = vips.next;
+    for (index, translation) in vips.translations.iter().enumerate() {
+        if translation.vip == *dst {
+            if is_member(service.id, &translation.backend) {
+                vips.latest = index as u32;
+                return Some(translation.backend);
+            }
+            slot = index as u32;
+        }
+    }
+    let backend = choose_backend(sa, key, service)?;
+    let translation = Translation {
+        vip: *dst,
+        backend,
+    };
+    // `slot` is below DATAGRAM_VIPS_PER_SOCKET; `get_mut` keeps the
+    // verifier from having to prove it.
+    if let Some(entry) = vips.translations.get_mut(slot as usize) {
+        *entry = translation;
+        vips.latest = slot;
+        if slot == vips.next {
+            vips.next = (slot + 1) % vips.translations.len() as u32;
+        }
+    }
+    Some(backend)
+}
+
+#[inline(always)]
+fn is_member(service_id: u32, backend: &Endpoint) -> bool {
+    let member = MemberKey {
+        service_id,
+        backend: *backend,
+    };
+    hash_get(&MEMBERS, &member).is_some()
 }
 
 /// Whether the calling process's cgroup, or one above it, opted out.
@@ -240,55 +319,38 @@ fn opted_out() -> bool {
     false
 }
 
-/// A remembered backend if the service wants one kept (ClientIP affinity, or
-/// an unconnected UDP socket) and it is still a member; else a random one.
+/// Under ClientIP affinity, the backend this client namespace used last if
+/// it is still fresh and a member; else (and without affinity) a random one.
 #[inline(always)]
-fn choose_backend(
-    sa: &SockAddr,
-    cookie: u64,
-    key: &ServiceKey,
-    service: &Service,
-    unconnected_udp: bool,
-) -> Option<Endpoint> {
+fn choose_backend(sa: &SockAddr, key: &ServiceKey, service: &Service) -> Option<Endpoint> {
     if service.backend_count == 0 {
         return None;
     }
-    let sticky_key = if service.affinity_timeout_secs != 0 {
-        StickyKey {
-            client: sa.netns_cookie(),
-            service_id: service.id,
-            kind: STICKY_CLIENT_IP,
-        }
-    } else if unconnected_udp {
-        StickyKey {
-            client: cookie,
-            service_id: service.id,
-            kind: STICKY_UDP_SOCKET,
-        }
-    } else {
+    if service.affinity_timeout_secs == 0 {
         return random_backend(key, service);
+    }
+    let affinity_key = AffinityKey {
+        netns_cookie: sa.netns_cookie(),
+        service_id: service.id,
+        _pad: 0,
     };
     let now = monotonic_ns();
-    if let Some(sticky) = lru_get_mut(&STICKY, &sticky_key) {
+    if let Some(affinity) = lru_get_mut(&AFFINITY, &affinity_key) {
         let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
-        let fresh = timeout_ns == 0 || now.wrapping_sub(sticky.last_used_ns) <= timeout_ns;
-        let member = MemberKey {
-            service_id: service.id,
-            backend: sticky.backend,
-        };
-        if fresh && hash_get(&MEMBERS, &member).is_some() {
+        let fresh = now.wrapping_sub(affinity.last_used_ns) <= timeout_ns;
+        if fresh && is_member(service.id, &affinity.backend) {
             // kube-proxy's `recent` match restarts the timeout on every use.
-            sticky.last_used_ns = now;
-            return Some(sticky.backend);
+            affinity.last_used_ns = now;
+            return Some(affinity.backend);
         }
     }
     let backend = random_backend(key, service)?;
-    let sticky = Sticky {
+    let affinity = Affinity {
         backend,
         _pad: 0,
         last_used_ns: now,
     };
-    if STICKY.insert(sticky_key, sticky, 0).is_err() {
+    if AFFINITY.insert(&affinity_key, &affinity, 0).is_err() {
         // The next connect or datagram chooses afresh.
         count(service.id, |c| c.insert_failures += 1);
     }
@@ -324,25 +386,38 @@ fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
 }
 
 /// The VIP endpoint the application asked for, if this socket was
-/// translated to `peer`.
+/// translated to `peer`: its connect's translation, or with `datagrams`
+/// (recvmsg) one of its unconnected translations, the latest first.
 #[inline(always)]
-fn original_vip(sa: &SockAddr, peer: &Endpoint) -> Option<Endpoint> {
-    let key = ReverseKey {
-        cookie: sa.socket_cookie(),
-        backend: *peer,
-        _pad: 0,
-    };
-    lru_get(&REVERSE, &key)
+fn original_vip(sa: &SockAddr, peer: &Endpoint, datagrams: bool) -> Option<Endpoint> {
+    if let Some(translation) = sa.storage(&CONNECTED_VIP, false)
+        && translation.backend == *peer
+    {
+        return Some(translation.vip);
+    }
+    if !datagrams {
+        return None;
+    }
+    let vips = sa.storage(&DATAGRAM_VIPS, false)?;
+    if let Some(latest) = vips.translations.get(vips.latest as usize)
+        && latest.backend == *peer
+    {
+        return Some(latest.vip);
+    }
+    vips.translations
+        .iter()
+        .find(|translation| translation.backend == *peer)
+        .map(|translation| translation.vip)
 }
 
 #[inline(always)]
-fn reverse4(sa: &SockAddr) -> i32 {
+fn reverse4(sa: &SockAddr, datagrams: bool) -> i32 {
     let peer = Endpoint {
         addr: v4_mapped(sa.user_ip4()),
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer) {
+    if let Some(vip) = original_vip(sa, &peer, datagrams) {
         sa.set_user_ip4(vip.addr[3]);
         sa.set_user_port(vip.port);
     }
@@ -350,13 +425,13 @@ fn reverse4(sa: &SockAddr) -> i32 {
 }
 
 #[inline(always)]
-fn reverse6(sa: &SockAddr) -> i32 {
+fn reverse6(sa: &SockAddr, datagrams: bool) -> i32 {
     let peer = Endpoint {
         addr: sa.user_ip6(),
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer) {
+    if let Some(vip) = original_vip(sa, &peer, datagrams) {
         sa.set_user_ip6(&vip.addr);
         sa.set_user_port(vip.port);
     }
@@ -383,7 +458,7 @@ fn local_view(sa: &SockAddr, local: &Addr, v4: bool) -> Option<Addr> {
     if !is_loopback(local) && *local != peer.addr {
         return None;
     }
-    let vip = original_vip(sa, &peer)?;
+    let vip = original_vip(sa, &peer, false)?;
     if is_loopback(&vip.addr) {
         return None;
     }

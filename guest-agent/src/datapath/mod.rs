@@ -31,8 +31,8 @@ use aya::{
 };
 use slog::{Logger, info};
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_SERVICES, MemberKey,
-    ReverseKey, ServiceCounters, Sticky, StickyKey, map_names,
+    Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint, GUEST_ADDR_V4,
+    GUEST_ADDR_V6, MAX_SERVICES, MemberKey, ServiceCounters, Translation, map_names,
 };
 
 pub use convert::addr_words;
@@ -323,10 +323,20 @@ fn remove_if_present(path: &Path) -> Result<()> {
 /// what replaced them. Their pins are removed at load, so an agent upgraded
 /// in place starts (programs still attached keep using the old map until
 /// their links are replaced).
-const RETIRED_MAPS: [(&str, &str); 1] = [(
-    "SERVICE_STATS",
-    "per-service counters, now SERVICE_COUNTERS with failed inserts",
-)];
+const RETIRED_MAPS: [(&str, &str); 3] = [
+    (
+        "SERVICE_STATS",
+        "per-service counters, now SERVICE_COUNTERS with failed inserts",
+    ),
+    (
+        "REVERSE",
+        "translations by socket cookie, now socket-local CONNECTED_VIP and DATAGRAM_VIPS",
+    ),
+    (
+        "STICKY",
+        "affinity and UDP socket choices, now AFFINITY and socket-local DATAGRAM_VIPS",
+    ),
+];
 
 fn retire_maps(maps_dir: &Path, log: &Logger) -> Result<()> {
     for (name, replaced_by) in RETIRED_MAPS {
@@ -357,14 +367,19 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
         ),
         (map_names::MEMBERS, size_of::<MemberKey>(), size_of::<u8>()),
         (
-            map_names::STICKY,
-            size_of::<StickyKey>(),
-            size_of::<Sticky>(),
+            map_names::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
         ),
         (
-            map_names::REVERSE,
-            size_of::<ReverseKey>(),
-            size_of::<Endpoint>(),
+            map_names::CONNECTED_VIP,
+            size_of::<i32>(),
+            size_of::<Translation>(),
+        ),
+        (
+            map_names::DATAGRAM_VIPS,
+            size_of::<i32>(),
+            size_of::<DatagramVips>(),
         ),
         (
             map_names::SERVICE_COUNTERS,

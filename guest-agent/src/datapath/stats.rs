@@ -9,8 +9,8 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use socklb_common::{
-    Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, REVERSE_ENTRIES, ReverseKey,
-    STICKY_ENTRIES, ServiceCounters, Sticky, StickyKey, map_names,
+    AFFINITY_ENTRIES, Affinity, AffinityKey, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS,
+    ServiceCounters, map_names,
 };
 use socklb_table::ServiceKey;
 
@@ -119,33 +119,23 @@ pub fn hook_stats(dir: &Path) -> Result<Vec<HookStats>> {
         .collect()
 }
 
-/// Entries in use and capacity of the LRU maps the programs fill
-/// (`STICKY`, `REVERSE`), counted by walking their keys through the pins
-/// under `dir`: one syscall per entry, up to 196,608, so it is done without
-/// the table lock and holds up no write.
+/// Entries in use and capacity of the LRU map the programs fill
+/// (`AFFINITY`), counted by walking its keys through the pin under `dir`:
+/// one syscall per entry, up to 65,536, so it is done without the table
+/// lock and holds up no write. The per-socket maps have no entries to
+/// count from user space (the kernel keeps them with each socket).
 pub fn lru_usage(dir: &Path) -> Result<Vec<MapUsage>> {
-    let count = |name: &'static str, capacity: u32| -> Result<MapUsage> {
-        let pin = dir.join("maps").join(name);
-        let map = MapData::from_pin(&pin)
-            .with_context(|| format!("cannot open pinned map {}", pin.display()))?;
-        let entries = match name {
-            map_names::STICKY => HashMap::<_, StickyKey, Sticky>::try_from(Map::LruHashMap(map))?
-                .keys()
-                .count(),
-            _ => HashMap::<_, ReverseKey, Endpoint>::try_from(Map::LruHashMap(map))?
-                .keys()
-                .count(),
-        };
-        Ok(MapUsage {
-            map: name,
-            entries,
-            capacity: capacity as usize,
-        })
-    };
-    Ok(vec![
-        count(map_names::STICKY, STICKY_ENTRIES)?,
-        count(map_names::REVERSE, REVERSE_ENTRIES)?,
-    ])
+    let pin = dir.join("maps").join(map_names::AFFINITY);
+    let map = MapData::from_pin(&pin)
+        .with_context(|| format!("cannot open pinned map {}", pin.display()))?;
+    let entries = HashMap::<_, AffinityKey, Affinity>::try_from(Map::LruHashMap(map))?
+        .keys()
+        .count();
+    Ok(vec![MapUsage {
+        map: map_names::AFFINITY,
+        entries,
+        capacity: AFFINITY_ENTRIES as usize,
+    }])
 }
 
 /// Turns on the kernel's BPF run-time accounting until the returned file
