@@ -6,8 +6,8 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_sock, bpf_sock_addr},
     bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
         bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_delete, bpf_sk_storage_get,
@@ -138,7 +138,11 @@ impl<'a> SockAddr<'a> {
     /// `create`, a zeroed one is made if it has none. `None` without a
     /// value, or when the kernel cannot allocate one.
     #[inline(always)]
-    pub(crate) fn storage<T>(&self, map: &SocketStorage<T>, create: bool) -> Option<&'static mut T> {
+    pub(crate) fn storage<T>(
+        &self,
+        map: &SocketStorage<T>,
+        create: bool,
+    ) -> Option<&'static mut T> {
         let sk = self.sock()?;
         let flags = if create {
             u64::from(BPF_SK_STORAGE_GET_F_CREATE)

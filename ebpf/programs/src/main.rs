@@ -21,8 +21,8 @@
 mod access;
 
 use access::{
-    SockAddr, SocketStorage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns, per_cpu_mut,
-    random_u32, set_syscall_error,
+    SockAddr, SocketStorage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns,
+    per_cpu_mut, random_u32, set_syscall_error,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -238,12 +238,7 @@ fn connected_backend(
 ) -> Option<Endpoint> {
     let backend = choose_backend(sa, key, service)?;
     match sa.storage(&CONNECTED_VIP, true) {
-        Some(translation) => {
-            *translation = Translation {
-                vip: *dst,
-                backend,
-            }
-        }
+        Some(translation) => *translation = Translation { vip: *dst, backend },
         // The reverse hooks will show this socket the backend, not the VIP.
         None => count(service.id, |c| c.insert_failures += 1),
     }
@@ -275,10 +270,7 @@ fn datagram_backend(
         }
     }
     let backend = choose_backend(sa, key, service)?;
-    let translation = Translation {
-        vip: *dst,
-        backend,
-    };
+    let translation = Translation { vip: *dst, backend };
     // `slot` is below DATAGRAM_VIPS_PER_SOCKET; `get_mut` keeps the
     // verifier from having to prove it.
     if let Some(entry) = vips.translations.get_mut(slot as usize) {

@@ -220,3 +220,90 @@ pub(crate) fn stream(args: &[String]) {
     let seconds = started.elapsed().as_secs_f64();
     emit(json!({"bytes": bytes, "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9}));
 }
+
+/// Socket churn through VIPs while long-lived sockets keep asking what they
+/// are connected to: `--tcp-connections` short TCP connections to `--tcp`
+/// and `--udp-sockets` short-lived UDP sockets (one datagram each) to
+/// `--udp`, from two threads each. Meanwhile, every `--check-ms`, a TCP
+/// socket connected before the churn checks its getpeername and an
+/// unconnected UDP socket its replies' source; before and after, a connect
+/// to `--affinity` (a ClientIP service) tells its backend. Prints one
+/// summary.
+pub(crate) fn churn(args: &[String]) {
+    let tcp_target = addr(values(args, "--tcp")[0]);
+    let udp_target = addr(values(args, "--udp")[0]);
+    let affinity_target = addr(values(args, "--affinity")[0]);
+    let tcp_connections: u32 = value(args, "--tcp-connections", 100_000);
+    let udp_sockets: u32 = value(args, "--udp-sockets", 200_000);
+    let check_every = Duration::from_millis(value(args, "--check-ms", 500u64));
+
+    let affinity_before = tcp_exchange(affinity_target);
+    // The backend closes its end at once; the socket stays connected
+    // (CLOSE_WAIT) for as long as it is open.
+    let long_tcp = TcpStream::connect_timeout(&tcp_target, TIMEOUT).expect("long-lived TCP");
+    let long_udp = udp_socket_for(udp_target).expect("long-lived UDP");
+    let udp_reply_source = |socket: &UdpSocket| -> String {
+        let mut buf = [0u8; 64];
+        let sent = socket.send_to(b"ping", udp_target);
+        match sent.and_then(|_| socket.recv_from(&mut buf)) {
+            Ok((_, source)) => source.to_string(),
+            Err(err) => format!("error: {err}"),
+        }
+    };
+    let first_udp_source = udp_reply_source(&long_udp);
+
+    let started = Instant::now();
+    let churners: Vec<std::thread::JoinHandle<u32>> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut failed = 0;
+                for _ in 0..tcp_connections / 2 {
+                    // The backend closes first and so holds the TIME_WAIT:
+                    // the client's ports are not used up.
+                    failed += u32::from(tcp_exchange(tcp_target).get("error").is_some());
+                }
+                failed
+            })
+        })
+        .chain((0..2).map(|_| {
+            std::thread::spawn(move || {
+                let mut failed = 0;
+                for _ in 0..udp_sockets / 2 {
+                    let sent = udp_socket_for(udp_target)
+                        .and_then(|socket| socket.send_to(b"churn", udp_target));
+                    failed += u32::from(sent.is_err());
+                }
+                failed
+            })
+        }))
+        .collect();
+    let mut checks = 0;
+    let mut wrong = Vec::new();
+    let mut check = |checks: &mut u32| {
+        *checks += 1;
+        let peer = long_tcp.peer_addr().map(|a| a.to_string());
+        if peer.as_ref().ok() != Some(&tcp_target.to_string()) {
+            wrong.push(format!("getpeername: {peer:?}"));
+        }
+        let source = udp_reply_source(&long_udp);
+        if source != udp_target.to_string() {
+            wrong.push(format!("recvfrom: {source}"));
+        }
+    };
+    while !churners.iter().all(std::thread::JoinHandle::is_finished) {
+        std::thread::sleep(check_every);
+        check(&mut checks);
+    }
+    let failed: u32 = churners.into_iter().map(|t| t.join().unwrap()).sum();
+    let churn_ms = started.elapsed().as_millis() as u64;
+    check(&mut checks);
+    emit(json!({
+        "churn_ms": churn_ms,
+        "failed": failed,
+        "checks": checks,
+        "first_udp_source": first_udp_source,
+        "wrong": wrong,
+        "affinity_before": affinity_before["backend"],
+        "affinity_after": tcp_exchange(affinity_target)["backend"],
+    }));
+}

@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use clients::{load, resolve, stream, tcp, tcp_loop, udp, udp_multi};
+use clients::{churn, load, resolve, stream, tcp, tcp_loop, udp, udp_multi};
 use guest::{guest_exec, vsock_probe};
 use servers::{dns, serve};
 
@@ -37,6 +37,7 @@ fn main() {
         "resolve" => resolve(rest),
         "load" => load(rest),
         "stream" => stream(rest),
+        "churn" => churn(rest),
         "guest-exec" => guest_exec(rest),
         "vsock-probe" => vsock_probe(rest),
         _ => usage(),
@@ -54,6 +55,8 @@ fn usage() -> ! {
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
        socklb-testkit stream ADDR [--ms DURATION]
+       socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR [--tcp-connections N]
+                            [--udp-sockets N] [--check-ms MS]
        socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)
        socklb-testkit vsock-probe CID PORT           (inside a test VM only)"
     );

@@ -1,0 +1,65 @@
+//! Per-socket state under socket churn: a busy pod opens and closes far more
+//! sockets than any map could hold, and neither its long-lived sockets nor
+//! its ClientIP affinity may lose what socklb remembers for them. Needs root.
+
+use socklb_tests::{Sandbox, backend_ip, workload::start_backends};
+
+#[test]
+fn long_lived_sockets_and_affinity_survive_socket_churn() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 4);
+    let backends = |port: u16| {
+        (1..=4)
+            .map(|n| format!("{{ip: {}, port: {port}}}", backend_ip(n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [
+              {{vip: 10.96.0.10, port: 80, backends: [{tcp}]}},
+              {{vip: 10.96.0.11, port: 53, protocol: UDP, backends: [{udp}]}},
+              {{vip: 10.96.0.20, port: 80, affinity: {{clientIP: {{timeoutSeconds: 600}}}}, backends: [{tcp}]}}]",
+            tcp = backends(8080),
+            udp = backends(5353),
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+
+    // 300,000 sockets: more than twice what the LRU maps that held
+    // per-socket state before could (131,072 translations; 65,536 choices
+    // shared by affinity and UDP sockets).
+    let results = sandbox.client(&[
+        "churn",
+        "--tcp",
+        "10.96.0.10:80",
+        "--udp",
+        "10.96.0.11:53",
+        "--affinity",
+        "10.96.0.20:80",
+        "--tcp-connections",
+        "100000",
+        "--udp-sockets",
+        "200000",
+    ]);
+    let summary = &results[0];
+    eprintln!("churn: {summary}");
+    assert_eq!(
+        summary["failed"], 0,
+        "churn connects or sends failed: {summary}"
+    );
+    assert_eq!(summary["first_udp_source"], "10.96.0.11:53", "{summary}");
+    assert!(summary["checks"].as_u64().unwrap() >= 2, "{summary}");
+    assert_eq!(
+        summary["wrong"].as_array().unwrap().len(),
+        0,
+        "a long-lived socket lost its VIP: {summary}"
+    );
+    assert!(summary["affinity_before"].is_string(), "{summary}");
+    assert_eq!(
+        summary["affinity_before"], summary["affinity_after"],
+        "ClientIP affinity lost in the churn: {summary}"
+    );
+}
