@@ -128,6 +128,32 @@ fn one_socket_talks_to_several_vips() {
     }
 }
 
+/// Two VIPs with the same backend endpoint, asked in turn from one socket:
+/// a reply cannot say which VIP it answers, so it is shown as the VIP of
+/// the socket's latest datagram (a resolver asking one server at a time
+/// gets every reply from the server it asked).
+#[test]
+fn two_vips_sharing_a_backend_on_one_socket() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.11, port: 53, protocol: UDP, backends: [{{ip: {b1}, port: 5353}}]}}
+  - {{vip: 10.96.0.12, port: 53, protocol: UDP, backends: [{{ip: {b1}, port: 5353}}]}}",
+            b1 = backend_ip(1),
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let results = sandbox.client(&["udp-multi", "10.96.0.11:53", "10.96.0.12:53"]);
+    assert_eq!(ok(&results).len(), 6);
+    for r in &results {
+        assert_eq!(r["source"], r["to"], "the reply shows the VIP asked last");
+    }
+}
+
 #[test]
 fn glibc_resolver_through_a_dns_vip() {
     socklb_tests::require_root!();
