@@ -30,6 +30,7 @@ impl socklb_ttrpc::Services for Rpc {
         let generation = request.generation;
         let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
+        release_freed_memory();
         Ok(self.written("sync", sent, written))
     }
 
@@ -103,6 +104,7 @@ impl socklb_ttrpc::Services for Rpc {
             .map_err(staging_refused)?;
         let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
+        release_freed_memory();
         Ok(self.written("sync in parts", sent, written))
     }
 

@@ -55,6 +55,8 @@ pub(crate) fn control_plane() {
         ..Options::default()
     };
     let mut client = agent_client(&sandbox.api_addr(), options);
+    runtime.block_on(client.check()).expect("health check");
+    let idle_rss_kib = proc_status_kib(agent.pid().as_raw(), "VmRSS:");
 
     let mut sync_times = Vec::new();
     for round in 0..REPEATS as u32 {
@@ -94,6 +96,13 @@ pub(crate) fn control_plane() {
         out,
         "## Control plane ({SERVICES} services x {BACKENDS} backends, unix socket)\n"
     );
+    let agent = socklb_tests::binaries::agent_bin();
+    let build = if agent.to_string_lossy().contains("-musl/") {
+        "static musl build, as the guest image ships it"
+    } else {
+        "host build, glibc"
+    };
+    let _ = writeln!(out, "Agent: `{}` ({build}).\n", agent.display());
     let _ = writeln!(out, "| measure | value |");
     let _ = writeln!(out, "|---|---:|");
     let _ = writeln!(
@@ -102,7 +111,8 @@ pub(crate) fn control_plane() {
     );
     let _ = writeln!(
         out,
-        "| agent RSS after the Syncs | {:.1} MiB |",
+        "| agent RSS before any service / after the Syncs | {:.1} / {:.1} MiB |",
+        idle_rss_kib as f64 / 1024.0,
         rss_kib as f64 / 1024.0
     );
     let _ = writeln!(
