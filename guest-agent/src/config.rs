@@ -42,6 +42,8 @@ pub struct Config {
     /// Admit vsock peers whose source port is 1024 or above (hybrid vsock,
     /// where the VMM picks the port; see `peers`).
     pub allow_unprivileged_port: bool,
+    /// Close TCP connections to removed backends too (UDP ones always are).
+    pub close_tcp_of_removed_backends: bool,
 }
 
 /// Settings from one source (flags and environment, or the kernel command
@@ -58,11 +60,12 @@ pub struct Settings {
     pub bpf_stats: Option<bool>,
     pub allow_kata_port: Option<bool>,
     pub allow_unprivileged_port: Option<bool>,
+    pub close_tcp_of_removed_backends: Option<bool>,
 }
 
 /// The `socklb.<key>=<value>` keys the agent reads from the kernel command
 /// line (the help text lists them from here).
-pub const CMDLINE_KEYS: [&str; 10] = [
+pub const CMDLINE_KEYS: [&str; 11] = [
     "cgroup",
     "bpffs",
     "table",
@@ -73,6 +76,7 @@ pub const CMDLINE_KEYS: [&str; 10] = [
     "bpf_stats",
     "allow_kata_port",
     "allow_unprivileged_port",
+    "close_tcp_of_removed_backends",
 ];
 
 impl Settings {
@@ -119,6 +123,10 @@ impl Settings {
                     settings.allow_unprivileged_port =
                         Some(parse_switch(value).context(bad("a switch"))?)
                 }
+                "close_tcp_of_removed_backends" => {
+                    settings.close_tcp_of_removed_backends =
+                        Some(parse_switch(value).context(bad("a switch"))?)
+                }
                 _ => {}
             }
         }
@@ -143,6 +151,9 @@ impl Settings {
             allow_unprivileged_port: self
                 .allow_unprivileged_port
                 .or(lower.allow_unprivileged_port),
+            close_tcp_of_removed_backends: self
+                .close_tcp_of_removed_backends
+                .or(lower.close_tcp_of_removed_backends),
         }
     }
 }
@@ -186,6 +197,7 @@ impl Config {
             bpf_stats: settings.bpf_stats.unwrap_or(false),
             allow_kata_port,
             allow_unprivileged_port: settings.allow_unprivileged_port.unwrap_or(false),
+            close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
         })
     }
 }

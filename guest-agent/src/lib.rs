@@ -11,3 +11,4 @@ pub mod peers;
 pub mod rpc;
 pub mod server;
 pub mod services;
+pub mod sockets;

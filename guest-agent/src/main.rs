@@ -19,6 +19,7 @@ use socklb_agent::{
     rpc::Rpc,
     server,
     services::ServiceTable,
+    sockets::SocketCloser,
 };
 use socklb_table::Table;
 
@@ -77,6 +78,12 @@ struct Args {
     /// hybrid vsock socket's file permissions
     #[arg(long, env = "SOCKLB_ALLOW_UNPRIVILEGED_PORT")]
     allow_unprivileged_port: bool,
+    /// When an update removes a backend, close TCP connections to it too.
+    /// Connected UDP sockets to it are always closed (the application gets
+    /// an error and reconnects to a live backend); TCP is left alone by
+    /// default, as kube-proxy leaves established connections
+    #[arg(long, env = "SOCKLB_CLOSE_TCP_OF_REMOVED_BACKENDS")]
+    close_tcp_of_removed_backends: bool,
     /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
     /// clock reads per hook run)
     #[arg(long, env = "SOCKLB_BPF_STATS")]
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
         bpf_stats: args.bpf_stats.then_some(true),
         allow_kata_port: args.allow_kata_port.then_some(true),
         allow_unprivileged_port: args.allow_unprivileged_port.then_some(true),
+        close_tcp_of_removed_backends: args.close_tcp_of_removed_backends.then_some(true),
     };
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = match Config::resolve(given, &cmdline) {
@@ -190,8 +198,15 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
             log.new(slog::o!("component" => "addresses")),
         ));
     }
+    let socket_closer = Arc::new(SocketCloser::new(
+        cgroup.clone(),
+        config.close_tcp_of_removed_backends,
+        log,
+    ));
     let rpc = Arc::new(
-        Rpc::new(services.clone(), config.bpf_stats, log).with_kernel_features(features.names()),
+        Rpc::new(services.clone(), config.bpf_stats, log)
+            .with_kernel_features(features.names())
+            .with_socket_closer(socket_closer.clone()),
     );
     let peer_rule = PeerRule {
         allowed_cids: config.allowed_cids.clone(),
@@ -209,7 +224,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(config, &services, log),
+            _ = hangup.recv() => reload(config, &services, &socket_closer, log),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -220,22 +235,31 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 }
 
 /// SIGHUP: program the table file again; a bad file changes nothing.
-fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
+fn reload(
+    config: &Config,
+    services: &Mutex<ServiceTable>,
+    socket_closer: &SocketCloser,
+    log: &Logger,
+) {
     let Some(path) = &config.table else {
         info!(log, "SIGHUP without a table file: nothing to re-read");
         return;
     };
-    let mut services = services.lock().expect("table lock");
-    let result = Table::from_file(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|table| {
-            // A new table under a new generation, so a host comparing
-            // generations sees that the table changed under it.
-            let generation = services.generation() + 1;
-            services.sync(&table, generation)?;
-            addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)
-        });
-    if let Err(err) = result {
-        error!(log, "table not applied, the datapath is unchanged: {err:#}");
+    let result = {
+        let mut services = services.lock().expect("table lock");
+        Table::from_file(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|table| {
+                // A new table under a new generation, so a host comparing
+                // generations sees that the table changed under it.
+                let generation = services.generation() + 1;
+                let written = services.sync(&table, generation)?;
+                addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
+                Ok(written)
+            })
+    };
+    match result {
+        Ok(written) => socket_closer.close(written.removed_backends),
+        Err(err) => error!(log, "table not applied, the datapath is unchanged: {err:#}"),
     }
 }

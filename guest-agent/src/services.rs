@@ -2,13 +2,13 @@
 //! people gave services (the datapath keeps none) and the generation the
 //! host last synced; and the staging of a Sync that arrives in parts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use socklb_protocols::socklb as api;
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
-use crate::datapath::Datapath;
+use crate::{datapath::Datapath, sockets::RemovedBackend};
 
 pub struct ServiceTable {
     datapath: Datapath,
@@ -24,6 +24,8 @@ pub struct Written {
     /// The digest of the table read back from the maps (Sync only: reading
     /// every service back would make each incremental write O(table)).
     pub digest: Option<String>,
+    /// Backends no service has any more: their sockets are to be closed.
+    pub removed_backends: BTreeSet<RemovedBackend>,
 }
 
 /// A write that expected the table at another generation.
@@ -49,7 +51,7 @@ impl ServiceTable {
     /// Makes the datapath hold exactly `table`, or leaves it as it was
     /// (`Datapath::apply` is all or nothing).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
-        self.datapath.apply(table)?;
+        let summary = self.datapath.apply(table)?;
         self.names = table
             .services
             .iter()
@@ -61,6 +63,7 @@ impl ServiceTable {
             generation,
             services: programmed.services.len(),
             digest: Some(programmed.digest()),
+            removed_backends: summary.removed_backends,
         })
     }
 
@@ -76,30 +79,31 @@ impl ServiceTable {
     }
 
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written> {
-        self.datapath.upsert(services)?;
+        let summary = self.datapath.upsert(services)?;
         for service in services {
             match &service.name {
                 Some(name) => self.names.insert(service.key, name.clone()),
                 None => self.names.remove(&service.key),
             };
         }
-        Ok(self.bumped())
+        Ok(self.bumped(summary.removed_backends))
     }
 
     pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written> {
-        self.datapath.delete(keys)?;
+        let summary = self.datapath.delete(keys)?;
         for key in keys {
             self.names.remove(key);
         }
-        Ok(self.bumped())
+        Ok(self.bumped(summary.removed_backends))
     }
 
-    fn bumped(&mut self) -> Written {
+    fn bumped(&mut self, removed_backends: BTreeSet<RemovedBackend>) -> Written {
         self.generation += 1;
         Written {
             generation: self.generation,
             services: self.datapath.service_count(),
             digest: None,
+            removed_backends,
         }
     }
 

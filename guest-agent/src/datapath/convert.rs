@@ -45,7 +45,7 @@ pub(super) fn endpoint(addr: &SocketAddr) -> Endpoint {
     }
 }
 
-fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
+pub(super) fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
     SocketAddr::new(ip_of(&endpoint.addr), u16::from_be(endpoint.port))
 }
 

@@ -113,6 +113,9 @@ pub struct Datapath {
     slot_count: usize,
     /// Services per VIP: a VIP stays in `VIPS` while it has one.
     services_per_vip: BTreeMap<Addr, usize>,
+    /// Services per (protocol, backend): a backend is removed, and its
+    /// sockets closed, once no service has it.
+    backend_uses: std::collections::HashMap<(u8, Endpoint), usize>,
     log: Logger,
 }
 
@@ -171,6 +174,7 @@ impl Datapath {
             next_service_id: 0,
             slot_count: 0,
             services_per_vip: BTreeMap::new(),
+            backend_uses: std::collections::HashMap::new(),
             log,
         };
         let programmed = datapath.read_programmed()?;
@@ -181,8 +185,14 @@ impl Datapath {
             .last()
             .map_or(0, |id| (id + 1) % MAX_SERVICES);
         datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
-        for key in programmed.keys() {
+        for (key, programmed) in &programmed {
             *datapath.services_per_vip.entry(key.vip).or_default() += 1;
+            for backend in &programmed.backends {
+                *datapath
+                    .backend_uses
+                    .entry((key.proto, *backend))
+                    .or_default() += 1;
+            }
         }
         datapath.reconcile_vips()?;
         info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),

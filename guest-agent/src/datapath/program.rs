@@ -15,8 +15,9 @@ use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
     Datapath,
-    convert::{endpoint, map_key, table_key, table_of},
+    convert::{endpoint, map_key, socket_addr, table_key, table_of},
 };
+use crate::sockets::RemovedBackend;
 
 /// What `apply` changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub struct ApplySummary {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// Backends that some service had before the write and none has after.
+    pub removed_backends: BTreeSet<RemovedBackend>,
 }
 
 /// A service as the maps hold it.
@@ -174,13 +177,32 @@ impl Datapath {
                 .iter()
                 .map(|(_, _, backends, old)| (backends.as_slice(), old.as_ref())),
         )?;
+        let mut dropped = Vec::new();
         for (key, old) in removals {
             self.remove(&key, &old)?;
+            dropped.extend(old.backends.iter().map(|backend| (key.proto, *backend)));
             summary.removed += 1;
         }
         for (key, entry, backends, old) in changes {
+            if let Some(old) = &old {
+                dropped.extend(
+                    old.backends
+                        .iter()
+                        .filter(|backend| !backends.contains(backend))
+                        .map(|backend| (key.proto, *backend)),
+                );
+            }
             self.write_service(&key, entry, &backends, old)?;
         }
+        // A backend moved from one service to another in this write stays.
+        summary.removed_backends = dropped
+            .into_iter()
+            .filter(|use_key| !self.backend_uses.contains_key(use_key))
+            .map(|(protocol, backend)| RemovedBackend {
+                protocol,
+                addr: socket_addr(&backend),
+            })
+            .collect();
         Ok(summary)
     }
 
@@ -312,6 +334,7 @@ impl Datapath {
         };
         for backend in new_set.difference(&old_set) {
             self.members.insert(member(*backend), 1, 0)?;
+            *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
         }
         for (index, backend) in backends.iter().enumerate() {
             if old_backends.get(index) != Some(backend) {
@@ -343,6 +366,7 @@ impl Datapath {
         }
         for backend in old_set.difference(&new_set) {
             self.members.remove(&member(*backend))?;
+            self.release_backend(key.proto, *backend);
         }
         self.used_ids.insert(entry.id);
         self.slot_count = self.slot_count + backends.len() - old_backends.len();
@@ -370,10 +394,22 @@ impl Datapath {
                 service_id: id,
                 backend: *backend,
             })?;
+            self.release_backend(key.proto, *backend);
         }
         self.used_ids.remove(&id);
         self.slot_count -= programmed.backends.len();
         Ok(())
+    }
+
+    fn release_backend(&mut self, protocol: u8, backend: Endpoint) {
+        if let std::collections::hash_map::Entry::Occupied(mut uses) =
+            self.backend_uses.entry((protocol, backend))
+        {
+            *uses.get_mut() -= 1;
+            if *uses.get() == 0 {
+                uses.remove();
+            }
+        }
     }
 
     /// The programmed state of the services with `keys` (absent ones left out).

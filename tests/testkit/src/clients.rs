@@ -62,6 +62,9 @@ pub(crate) fn udp_socket_for(target: SocketAddr) -> std::io::Result<UdpSocket> {
 pub(crate) fn udp(args: &[String]) {
     let target = addr(&args[0]);
     let connected = args.iter().any(|a| a == "--connected");
+    // A connected socket that fails connects again, as an application
+    // whose socket was closed under it does.
+    let reconnect = args.iter().any(|a| a == "--reconnect");
     let started = Instant::now();
     let socket = match udp_socket_for(target) {
         Ok(socket) => socket,
@@ -83,11 +86,8 @@ pub(crate) fn udp(args: &[String]) {
         } else {
             socket.send_to(b"ping", target)
         };
-        if let Err(err) = sent {
-            emit(error_json(&err, started));
-            continue;
-        }
-        match socket.recv_from(&mut buf) {
+        let received = sent.and_then(|_| socket.recv_from(&mut buf));
+        match received {
             Ok((len, source)) => emit(json!({
                 "backend": String::from_utf8_lossy(&buf[..len]),
                 "source": source.to_string(),
@@ -95,7 +95,14 @@ pub(crate) fn udp(args: &[String]) {
                 "start_us": start_us,
                 "end_us": now_us(),
             })),
-            Err(err) => emit(error_json(&err, started)),
+            Err(err) => {
+                let mut failed = error_json(&err, started);
+                failed["start_us"] = json!(start_us);
+                emit(failed);
+                if connected && reconnect {
+                    let _ = socket.connect(target);
+                }
+            }
         }
     }
 }
@@ -211,14 +218,26 @@ pub(crate) fn stream(args: &[String]) {
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
     let started = Instant::now();
+    let mut end = "time".to_string();
     while started.elapsed() < duration {
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => {
+                end = "eof".into();
+                break;
+            }
+            Err(err) => {
+                end = format!("error: {err}");
+                break;
+            }
             Ok(n) => bytes += n as u64,
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    emit(json!({"bytes": bytes, "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9}));
+    emit(json!({
+        "bytes": bytes,
+        "gbit_per_sec": bytes as f64 * 8.0 / seconds / 1e9,
+        "end": end,
+    }));
 }
 
 /// Socket churn through VIPs while long-lived sockets keep asking what they

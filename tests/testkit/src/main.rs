@@ -50,7 +50,7 @@ fn usage() -> ! {
        socklb-testkit dns --udp ADDR --name NAME --a IPV4
        socklb-testkit tcp ADDR [--count N]
        socklb-testkit tcp-loop ADDR --ms DURATION
-       socklb-testkit udp ADDR [--count N] [--interval-ms MS] [--connected]
+       socklb-testkit udp ADDR [--count N] [--interval-ms MS] [--connected [--reconnect]]
        socklb-testkit udp-multi ADDR...
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]

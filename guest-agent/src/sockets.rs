@@ -1,0 +1,322 @@
+//! Closing the sockets of removed backends, as kube-proxy flushes the
+//! conntrack entries of a removed endpoint: a connected UDP socket (statsd,
+//! syslog, a tracing exporter) translated to a backend that no service has
+//! any more would otherwise keep sending to it for good, to a dead pod or
+//! to whichever pod gets its address next. The application sees an error
+//! on its next send or receive, connects again and gets a live backend.
+//!
+//! The kernel closes a socket on `SOCK_DESTROY` (sock_diag, which needs
+//! `CONFIG_INET_DIAG_DESTROY`). Sockets are found by dumping each network
+//! namespace that a process of the attached cgroup is in, from a thread
+//! that enters it: the programs translate only those processes' sockets.
+//! A socket connected to the backend's address directly is closed too;
+//! the kernel's dump cannot tell it from a translated one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
+};
+use netlink_packet_sock_diag::{
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagDestroy, SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
+use nix::sched::{CloneFlags, setns};
+use slog::{Logger, info, warn};
+
+/// A backend endpoint no service has any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemovedBackend {
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u8,
+    pub addr: SocketAddr,
+}
+
+/// What one pass closed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Closed {
+    pub sockets: usize,
+    pub namespaces: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    #[error(
+        "the kernel cannot close sockets: it lacks {0} (sockets of removed backends stay \
+         connected until the application reconnects)"
+    )]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Closes the sockets of removed backends after each write: UDP always,
+/// TCP only when asked (kube-proxy leaves established TCP alone).
+pub struct SocketCloser {
+    cgroup: PathBuf,
+    close_tcp: bool,
+    /// The kernel's lack is logged once, not on every write.
+    unsupported_logged: AtomicBool,
+    log: Logger,
+}
+
+impl SocketCloser {
+    pub fn new(cgroup: PathBuf, close_tcp: bool, log: &Logger) -> SocketCloser {
+        SocketCloser {
+            cgroup,
+            close_tcp,
+            unsupported_logged: AtomicBool::new(false),
+            log: log.new(slog::o!("component" => "sockets")),
+        }
+    }
+
+    /// Closes the sockets connected to `removed` (TCP ones only with
+    /// `close_tcp`), and logs what it did. A write has succeeded by then,
+    /// so a failure here is logged, not returned.
+    pub fn close(&self, mut removed: BTreeSet<RemovedBackend>) {
+        if !self.close_tcp {
+            removed.retain(|backend| backend.protocol != IPPROTO_TCP);
+        }
+        if removed.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        match close_sockets_to(&removed, &self.cgroup) {
+            Ok(closed) => info!(self.log, "closed sockets of removed backends";
+                "backends" => removed.len(), "sockets" => closed.sockets,
+                "namespaces" => closed.namespaces,
+                "elapsed_us" => started.elapsed().as_micros() as u64),
+            Err(err @ CloseError::Unsupported(_)) => {
+                if !self.unsupported_logged.swap(true, Ordering::Relaxed) {
+                    warn!(self.log, "{err}");
+                }
+            }
+            Err(err) => warn!(self.log, "closing sockets of removed backends failed";
+                "error" => format!("{err:#}")),
+        }
+    }
+}
+
+/// Closes every socket of the processes in `cgroup` (and below) that is
+/// connected to one of `removed`.
+pub fn close_sockets_to(
+    removed: &BTreeSet<RemovedBackend>,
+    cgroup: &Path,
+) -> Result<Closed, CloseError> {
+    if removed.is_empty() {
+        return Ok(Closed::default());
+    }
+    let namespaces = network_namespaces(cgroup);
+    let mut closed = Closed {
+        namespaces: namespaces.len(),
+        ..Closed::default()
+    };
+    for netns in namespaces.into_values() {
+        closed.sockets += std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // Only this thread enters the namespace, and it ends
+                    // with the pass.
+                    setns(&netns, CloneFlags::CLONE_NEWNET)
+                        .map_err(|err| anyhow::anyhow!("entering a network namespace: {err}"))?;
+                    close_in_current_namespace(removed)
+                })
+                .join()
+                .expect("the socket-closing thread panicked")
+        })?;
+    }
+    Ok(closed)
+}
+
+/// One open namespace file per network namespace of the processes in
+/// `cgroup` and its descendants. A process that exits meanwhile is skipped.
+fn network_namespaces(cgroup: &Path) -> BTreeMap<(u64, u64), fs::File> {
+    let mut namespaces = BTreeMap::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(entry.path());
+            }
+        }
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let path = format!("/proc/{pid}/ns/net");
+            if let Ok(file) = fs::File::open(&path)
+                && let Ok(meta) = file.metadata()
+            {
+                namespaces.entry((meta.dev(), meta.ino())).or_insert(file);
+            }
+        }
+    }
+    namespaces
+}
+
+fn close_in_current_namespace(removed: &BTreeSet<RemovedBackend>) -> Result<usize, CloseError> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)
+        .map_err(|err| anyhow::anyhow!("opening a sock_diag socket: {err}"))?;
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(|err| anyhow::anyhow!("connecting the sock_diag socket: {err}"))?;
+    let protocols: BTreeSet<u8> = removed.iter().map(|r| r.protocol).collect();
+    let mut closed = 0;
+    for protocol in protocols {
+        for family in [AF_INET, AF_INET6] {
+            for id in connected_sockets(&mut socket, family, protocol, removed)? {
+                closed += usize::from(destroy(&mut socket, family, protocol, id)?);
+            }
+        }
+    }
+    Ok(closed)
+}
+
+/// The ids of the sockets of `family` and `protocol` connected to one of
+/// `removed` (an AF_INET6 socket may be connected to a v4-mapped address).
+fn connected_sockets(
+    socket: &mut Socket,
+    family: u8,
+    protocol: u8,
+    removed: &BTreeSet<RemovedBackend>,
+) -> Result<Vec<SocketId>, CloseError> {
+    // A connected UDP socket is in TCP_ESTABLISHED; for TCP, every state of
+    // a connection that still has a peer.
+    let states = if protocol == IPPROTO_UDP {
+        StateFlags::ESTABLISHED
+    } else {
+        StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE
+    };
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id: if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        },
+    });
+    send(socket, request, NLM_F_REQUEST | NLM_F_DUMP)?;
+    let mut matching = Vec::new();
+    let mut done = false;
+    while !done {
+        for message in receive::<SockDiagMessage>(socket)? {
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let id = response.header.socket_id;
+                    let peer = RemovedBackend {
+                        protocol,
+                        addr: SocketAddr::new(
+                            id.destination_address.to_canonical(),
+                            id.destination_port,
+                        ),
+                    };
+                    if removed.contains(&peer) {
+                        matching.push(id);
+                    }
+                }
+                NetlinkPayload::Done(_) => done = true,
+                NetlinkPayload::Error(err) if err.code.is_some() => {
+                    // No sock_diag handler for this family or protocol:
+                    // the kernel lacks INET_DIAG or its UDP part.
+                    return Err(if err.raw_code() == -libc::ENOENT {
+                        CloseError::Unsupported(if protocol == IPPROTO_TCP {
+                            "CONFIG_INET_DIAG"
+                        } else {
+                            "CONFIG_INET_UDP_DIAG"
+                        })
+                    } else {
+                        anyhow::anyhow!("listing sockets: {}", err.to_io()).into()
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(matching)
+}
+
+/// Closes one socket; false if it was gone already.
+fn destroy(
+    socket: &mut Socket,
+    family: u8,
+    protocol: u8,
+    id: SocketId,
+) -> Result<bool, CloseError> {
+    let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: id,
+    }));
+    send(socket, request, NLM_F_REQUEST | NLM_F_ACK)?;
+    for message in receive::<SockDiagDestroy>(socket)? {
+        if let NetlinkPayload::Error(err) = message.payload {
+            return match err.raw_code() {
+                0 => Ok(true),
+                code if code == -libc::ENOENT => Ok(false),
+                code if code == -libc::EOPNOTSUPP => {
+                    Err(CloseError::Unsupported("CONFIG_INET_DIAG_DESTROY"))
+                }
+                _ => Err(anyhow::anyhow!("closing a socket: {}", err.to_io()).into()),
+            };
+        }
+    }
+    Err(anyhow::anyhow!("closing a socket: no acknowledgement").into())
+}
+
+fn send<T: NetlinkSerializable + std::fmt::Debug>(
+    socket: &mut Socket,
+    payload: T,
+    flags: u16,
+) -> Result<(), CloseError>
+where
+    NetlinkPayload<T>: From<T>,
+{
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+    message.finalize();
+    let mut buffer = vec![0; message.buffer_len()];
+    message.serialize(&mut buffer);
+    socket
+        .send(&buffer, 0)
+        .map_err(|err| anyhow::anyhow!("sending to sock_diag: {err}"))?;
+    Ok(())
+}
+
+/// The messages of one datagram from the kernel.
+fn receive<T: NetlinkDeserializable>(
+    socket: &mut Socket,
+) -> Result<Vec<NetlinkMessage<T>>, CloseError> {
+    let (buffer, _) = socket
+        .recv_from_full()
+        .map_err(|err| anyhow::anyhow!("reading from sock_diag: {err}"))?;
+    let mut messages = Vec::new();
+    let mut offset = 0;
+    while offset < buffer.len() {
+        let message = NetlinkMessage::<T>::deserialize(&buffer[offset..])
+            .map_err(|err| anyhow::anyhow!("a sock_diag message: {err}"))?;
+        let length = message.header.length as usize;
+        if length == 0 {
+            break;
+        }
+        offset += (length + 3) & !3;
+        messages.push(message);
+    }
+    Ok(messages)
+}

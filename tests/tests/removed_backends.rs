@@ -1,0 +1,141 @@
+//! Sockets of a removed backend are closed, as kube-proxy flushes the
+//! conntrack entries of a removed endpoint: a connected UDP socket gets an
+//! error and, connected again, reaches a live backend; TCP connections are
+//! left alone unless the agent runs with --close-tcp-of-removed-backends.
+//! Needs root.
+
+use std::{net::SocketAddr, thread::sleep, time::Duration};
+
+use serde_json::Value;
+use socklb_shim::Options;
+use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_tests::{Sandbox, agent_client, backend_ip, runtime, workload::now_us};
+
+/// `vip:port`/`protocol` on the backends numbered in `set`, at `backend_port`.
+fn service(vip: &str, protocol: Protocol, set: &[u8], backend_port: u16) -> Service {
+    Service {
+        name: None,
+        key: ServiceKey {
+            vip: vip.parse().unwrap(),
+            port: 53,
+            protocol,
+        },
+        affinity_timeout_secs: None,
+        backends: set
+            .iter()
+            .map(|n| SocketAddr::new(backend_ip(*n).parse().unwrap(), backend_port))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_connected_udp_socket_of_a_removed_backend_gets_an_error_and_reconnects() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    for n in 1..=2 {
+        sandbox.backend(&format!("b{n}"), &[], &[&format!("{}:5353", backend_ip(n))]);
+    }
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    let dns = |set: &[u8]| service("10.96.0.10", Protocol::Udp, set, 5353);
+    runtime
+        .block_on(client.sync(Table::new(vec![dns(&[1])]).unwrap()))
+        .expect("first sync");
+
+    // One connected socket, a datagram every 50 ms for about 3 s; on an
+    // error it connects again.
+    let sending = sandbox.spawn_client(&[
+        "udp",
+        "10.96.0.10:53",
+        "--connected",
+        "--reconnect",
+        "--count",
+        "60",
+        "--interval-ms",
+        "50",
+    ]);
+    sleep(Duration::from_millis(1000));
+    let begun_us = now_us();
+    runtime
+        .block_on(client.upsert(vec![dns(&[2])]))
+        .expect("upsert");
+    let acknowledged_us = now_us();
+    let results = sending.finish();
+
+    let started = |r: &Value| r["start_us"].as_u64().unwrap();
+    let before: Vec<&Value> = results.iter().filter(|r| started(r) < begun_us).collect();
+    assert!(before.len() > 10, "{results:?}");
+    assert!(
+        before.iter().all(|r| r["backend"] == "b1"),
+        "before the update: {before:?}"
+    );
+    let after: Vec<&Value> = results
+        .iter()
+        .filter(|r| started(r) >= acknowledged_us)
+        .collect();
+    let first_error = after
+        .iter()
+        .position(|r| r.get("error").is_some())
+        .unwrap_or_else(|| panic!("no send failed after the update: {after:?}"));
+    let error_us = started(after[first_error]);
+    assert!(
+        error_us < acknowledged_us + 1_000_000,
+        "the first error came {} ms after the acknowledgement",
+        (error_us - acknowledged_us) / 1000
+    );
+    // The closed socket's pending error (ECONNABORTED) may surface once
+    // more, on the first receive after connecting again.
+    let first_reply = first_error
+        + after[first_error..]
+            .iter()
+            .position(|r| r.get("error").is_none())
+            .unwrap_or_else(|| panic!("no reply after the error: {after:?}"));
+    assert!(first_reply - first_error <= 2, "{after:?}");
+    let reconnected = &after[first_reply..];
+    assert!(reconnected.len() > 10, "{after:?}");
+    assert!(
+        reconnected.iter().all(|r| r["backend"] == "b2"),
+        "after reconnecting: {reconnected:?}"
+    );
+}
+
+/// A TCP stream from a bulk backend whose service loses it 0.7 s in: how
+/// the stream ended.
+fn tcp_stream_across_removal(agent_args: &[&str]) -> Value {
+    let sandbox = Sandbox::create();
+    sandbox.backend_bulk(&format!("{}:9000", backend_ip(1)));
+    let _agent = sandbox.start_agent_with(None, agent_args);
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    let bulk = |set: &[u8]| service("10.96.0.30", Protocol::Tcp, set, 9000);
+    runtime
+        .block_on(client.sync(Table::new(vec![bulk(&[1])]).unwrap()))
+        .expect("first sync");
+    let streaming = sandbox.spawn_client(&["stream", "10.96.0.30:53", "--ms", "2000"]);
+    sleep(Duration::from_millis(700));
+    runtime
+        .block_on(client.upsert(vec![bulk(&[2])]))
+        .expect("upsert");
+    let mut results = streaming.finish();
+    assert_eq!(results.len(), 1, "{results:?}");
+    results.remove(0)
+}
+
+#[test]
+fn tcp_to_a_removed_backend_is_left_alone_by_default() {
+    socklb_tests::require_root!();
+    let result = tcp_stream_across_removal(&[]);
+    assert_eq!(result["end"], "time", "{result}");
+}
+
+#[test]
+fn tcp_to_a_removed_backend_is_closed_when_asked() {
+    socklb_tests::require_root!();
+    let result = tcp_stream_across_removal(&["--close-tcp-of-removed-backends"]);
+    let end = result["end"].as_str().unwrap();
+    assert!(
+        end.starts_with("error"),
+        "the stream was not closed: {result}"
+    );
+}
