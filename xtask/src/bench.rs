@@ -26,7 +26,14 @@ pub(crate) fn bench() -> Result<()> {
         command.arg(name).env("SOCKLB_AGENT_BIN", &guest_agent);
         command
     };
-    for name in ["hooks", "control-plane", "kube", "node", "datapath"] {
+    for name in [
+        "hooks",
+        "control-plane",
+        "sockets",
+        "kube",
+        "node",
+        "datapath",
+    ] {
         run(&mut socklb_bench(name))?;
     }
     let mut guest_hooks = Command::new(&bench);

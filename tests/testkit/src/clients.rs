@@ -326,3 +326,40 @@ pub(crate) fn churn(args: &[String]) {
         "affinity_after": tcp_exchange(affinity_target)["backend"],
     }));
 }
+
+/// `--sockets` UDP sockets connected to ADDR (each connect translated once),
+/// held for `--ms`; then one datagram on each. Prints how many were opened
+/// and how many of those sends failed (a socket closed meanwhile fails).
+pub(crate) fn udp_hold(args: &[String]) {
+    let target = addr(&args[0]);
+    let count: usize = value(args, "--sockets", 10_000);
+    let hold = Duration::from_millis(value(args, "--ms", 3000u64));
+    raise_open_files_limit();
+    let started = Instant::now();
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = match udp_socket_for(target).and_then(|s| s.connect(target).map(|()| s)) {
+            Ok(socket) => socket,
+            Err(err) => return emit(error_json(&err, started)),
+        };
+        sockets.push(socket);
+    }
+    std::thread::sleep(hold.saturating_sub(started.elapsed()));
+    let failed = sockets.iter().filter(|s| s.send(b"ping").is_err()).count();
+    emit(json!({"sockets": sockets.len(), "failed_sends": failed}));
+}
+
+/// Many sockets need more than the usual soft limit of 1,024 descriptors.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use clients::{churn, load, resolve, stream, tcp, tcp_loop, udp, udp_multi};
+use clients::{churn, load, resolve, stream, tcp, tcp_loop, udp, udp_hold, udp_multi};
 use guest::{guest_exec, vsock_probe};
 use servers::{dns, serve};
 
@@ -38,6 +38,7 @@ fn main() {
         "load" => load(rest),
         "stream" => stream(rest),
         "churn" => churn(rest),
+        "udp-hold" => udp_hold(rest),
         "guest-exec" => guest_exec(rest),
         "vsock-probe" => vsock_probe(rest),
         _ => usage(),
@@ -57,6 +58,7 @@ fn usage() -> ! {
        socklb-testkit stream ADDR [--ms DURATION]
        socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR [--tcp-connections N]
                             [--udp-sockets N] [--check-ms MS]
+       socklb-testkit udp-hold ADDR [--sockets N] [--ms DURATION]
        socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)
        socklb-testkit vsock-probe CID PORT           (inside a test VM only)"
     );

@@ -25,6 +25,9 @@
 //!
 //! `node`: one `socklb-shim node` serving 200 sandboxes against one
 //! `socklb-shim kube` process per sandbox (see `node`).
+//!
+//! `sockets`: kernel memory per translated socket and the cost of closing
+//! the sockets of a removed backend (see `sockets`).
 
 mod control_plane;
 mod guest_hooks;
@@ -33,6 +36,7 @@ mod kube;
 mod modes;
 mod node;
 mod report;
+mod sockets;
 
 use control_plane::{SERVICES, bench_service, control_plane};
 use guest_hooks::guest_hooks;
@@ -50,8 +54,11 @@ fn main() {
         Some("datapath") => datapath(),
         Some("guest-hooks") => guest_hooks(),
         Some("node") => node::node(),
+        Some("sockets") => sockets::sockets(),
         _ => {
-            eprintln!("usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node");
+            eprintln!(
+                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node|sockets"
+            );
             std::process::exit(2);
         }
     }
