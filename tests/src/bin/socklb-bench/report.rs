@@ -45,7 +45,8 @@ fn run_line() -> String {
 /// Prints `text` and writes it, with the run's date and machine, as
 /// `<name>.md` to both directories.
 pub(crate) fn write(name: &str, text: &str) {
-    let report = format!("{}\nRun: {}.\n", text.trim_end(), run_line());
+    // A blank line ends the table: markdown would read the next line as a row.
+    let report = format!("{}\n\nRun: {}.\n", text.trim_end(), run_line());
     println!("{report}");
     for dir in [output_dir(), docs_dir()] {
         let path = dir.join(format!("{name}.md"));
