@@ -342,7 +342,7 @@ fn choose_backend(sa: &SockAddr, key: &ServiceKey, service: &Service) -> Option<
         _pad: 0,
         last_used_ns: now,
     };
-    if AFFINITY.insert(&affinity_key, &affinity, 0).is_err() {
+    if AFFINITY.insert(affinity_key, affinity, 0).is_err() {
         // The next connect or datagram chooses afresh.
         count(service.id, |c| c.insert_failures += 1);
     }
