@@ -9,8 +9,11 @@
 //! `CONFIG_INET_DIAG_DESTROY`). Sockets are found by dumping each network
 //! namespace that a process of the attached cgroup is in, from a thread
 //! that enters it: the programs translate only those processes' sockets.
-//! A socket connected to the backend's address directly is closed too;
-//! the kernel's dump cannot tell it from a translated one.
+//! A socket connected to the backend's address directly is closed too:
+//! the dump can carry a socket's `CONNECTED_VIP` storage, which would tell
+//! the two apart, but only for TCP (for a UDP socket the kernel's
+//! `inet_sk_diag_fill` returns before the storage), so both protocols are
+//! matched by the socket's peer alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
