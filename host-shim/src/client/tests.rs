@@ -169,3 +169,56 @@ async fn an_incompatible_agent_is_an_error_at_once_not_a_retry() {
     assert_eq!(versions_asked.load(Ordering::SeqCst), 1, "retried: {err}");
     server.shutdown().await.unwrap();
 }
+
+/// The reconnect backoff doubles up to its cap: an endpoint that accepts
+/// and hangs up at once (never a working agent) sees attempts 50, 100, 200
+/// ms apart, then 400 ms apart, until the connect timeout.
+#[tokio::test]
+async fn reconnects_back_off_doubling_up_to_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let attempts = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let mut at = Vec::new();
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(4) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    at.push(std::time::Instant::now());
+                    drop(stream);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        at
+    });
+
+    let addr = format!("unix://{}", socket.display()).parse().unwrap();
+    let log = Logger::root(slog::Discard, slog::o!());
+    let options = Options {
+        call_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+    };
+    let mut client = AgentClient::new(addr, options, &log);
+    let err = client.check().await.unwrap_err();
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err}");
+
+    let at = attempts.join().unwrap();
+    let gaps_ms: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    // 0, 0.05, 0.15, 0.35, 0.75, then every 0.4 s while one more fits in
+    // 3 s: 10 attempts, 9 if a busy machine delays them.
+    assert!(
+        (9..=10).contains(&at.len()),
+        "attempts {gaps_ms:?} ms apart"
+    );
+    let expected = [50, 100, 200, 400, 400, 400, 400, 400, 400];
+    for (gap, expected) in gaps_ms.iter().zip(expected) {
+        assert!(
+            (expected..expected + 60).contains(gap),
+            "attempts {gaps_ms:?} ms apart, expected {expected:?}"
+        );
+    }
+}
