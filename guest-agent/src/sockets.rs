@@ -119,6 +119,13 @@ pub fn close_sockets_to(
     if removed.is_empty() {
         return Ok(Closed::default());
     }
+    if !Path::new("/proc/self/ns/net").exists() {
+        // A kernel without network namespaces (CONFIG_NET_NS) has one.
+        return Ok(Closed {
+            sockets: close_in_current_namespace(removed)?,
+            namespaces: 1,
+        });
+    }
     let namespaces = network_namespaces(cgroup);
     let mut closed = Closed {
         namespaces: namespaces.len(),
@@ -231,25 +238,36 @@ fn connected_sockets(
                         matching.push(id);
                     }
                 }
-                NetlinkPayload::Done(_) => done = true,
+                // A dump that fails once started reports its error in
+                // NLMSG_DONE, one that cannot start in NLMSG_ERROR.
+                NetlinkPayload::Done(end) if end.code == 0 => done = true,
+                NetlinkPayload::Done(end) => return Err(dump_error(end.code, protocol)),
                 NetlinkPayload::Error(err) if err.code.is_some() => {
-                    // No sock_diag handler for this family or protocol:
-                    // the kernel lacks INET_DIAG or its UDP part.
-                    return Err(if err.raw_code() == -libc::ENOENT {
-                        CloseError::Unsupported(if protocol == IPPROTO_TCP {
-                            "CONFIG_INET_DIAG"
-                        } else {
-                            "CONFIG_INET_UDP_DIAG"
-                        })
-                    } else {
-                        anyhow::anyhow!("listing sockets: {}", err.to_io()).into()
-                    });
+                    return Err(dump_error(err.raw_code(), protocol));
                 }
                 _ => {}
             }
         }
     }
     Ok(matching)
+}
+
+/// Why a dump failed: ENOENT means no sock_diag handler for the family or
+/// protocol (the kernel lacks INET_DIAG or its UDP part).
+fn dump_error(code: i32, protocol: u8) -> CloseError {
+    if code == -libc::ENOENT {
+        CloseError::Unsupported(if protocol == IPPROTO_TCP {
+            "CONFIG_INET_DIAG (or the inet_diag module)"
+        } else {
+            "CONFIG_INET_UDP_DIAG (or the udp_diag module)"
+        })
+    } else {
+        anyhow::anyhow!(
+            "listing sockets: {}",
+            std::io::Error::from_raw_os_error(-code)
+        )
+        .into()
+    }
 }
 
 /// Closes one socket; false if it was gone already.

@@ -143,6 +143,48 @@ fn e2e(guest: Guest) {
             assert_eq!(r["source"], "10.96.0.11:53", "{r}");
         }
     }
+    // The echo service's backend moves from b2 to b3 under a connected UDP
+    // socket. None of these guest kernels can close sockets (no
+    // INET_UDP_DIAG or INET_DIAG_DESTROY, as in Kata's default kernel): the
+    // agent says so, the socket keeps its removed backend until it connects
+    // again, and a new socket reaches b3.
+    std::thread::scope(|scope| {
+        let sending = scope.spawn(|| {
+            vm.testkit(&[
+                "udp",
+                "10.96.0.11:53",
+                "--connected",
+                "--count",
+                "20",
+                "--interval-ms",
+                "100",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        let mut echo = table
+            .services
+            .iter()
+            .find(|s| s.name.as_deref() == Some("default/echo"))
+            .unwrap()
+            .clone();
+        echo.backends = vec!["10.244.1.3:5353".parse().unwrap()];
+        runtime.block_on(client.upsert(vec![echo])).unwrap();
+        let kept = sending.join().unwrap();
+        assert_eq!(backends(&kept), BTreeSet::from(["b2".into()]), "{kept:?}");
+    });
+    assert_eq!(
+        backends(&vm.testkit(&["udp", "10.96.0.11:53", "--connected"])),
+        BTreeSet::from(["b3".into()])
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || vm
+            .console_text()
+            .lines()
+            .any(|l| l.contains("the kernel cannot close sockets"))),
+        "the agent did not say it cannot close sockets:\n{}",
+        vm.console_text()
+    );
+
     // musl's resolver through the cluster DNS VIP (it drops replies whose
     // source is not the nameserver it asked).
     let resolved = vm.testkit(&["resolve", "web.default.svc.cluster.local"]);
