@@ -73,13 +73,13 @@ impl Features {
             Jit::Disabled => warn!(
                 log,
                 "the BPF JIT is off (net.core.bpf_jit_enable=0): \
-                the hooks run interpreted, 1.6 to 3.4 times the JIT's time per hook as measured (README: Kata's guest kernel); \
+                the hooks run interpreted, 1.6 to 3.0 times the JIT's time per hook as measured (README: Kata's guest kernel); \
                 sysctl net.core.bpf_jit_enable=1 turns it on"
             ),
             Jit::Absent => warn!(
                 log,
                 "the kernel has no BPF JIT (CONFIG_BPF_JIT): \
-                the hooks run interpreted, 1.6 to 3.4 times the JIT's time per hook as measured (README: Kata's guest kernel); \
+                the hooks run interpreted, 2.0 to 3.4 times the JIT's time per hook as measured on Kata's kernel (README: Kata's guest kernel); \
                 kernel-config/kata/socklb.conf adds it"
             ),
         }

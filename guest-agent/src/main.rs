@@ -181,6 +181,11 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         .transpose()?;
     addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
     services.datapath_mut().attach(&cgroup)?;
+    services.set_socket_closer(Arc::new(SocketCloser::new(
+        cgroup.clone(),
+        config.close_tcp_of_removed_backends,
+        log,
+    )));
     // Held open for as long as the agent runs.
     let _run_time_stats = config
         .bpf_stats
@@ -198,15 +203,8 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
             log.new(slog::o!("component" => "addresses")),
         ));
     }
-    let socket_closer = Arc::new(SocketCloser::new(
-        cgroup.clone(),
-        config.close_tcp_of_removed_backends,
-        log,
-    ));
     let rpc = Arc::new(
-        Rpc::new(services.clone(), config.bpf_stats, log)
-            .with_kernel_features(features.names())
-            .with_socket_closer(socket_closer.clone()),
+        Rpc::new(services.clone(), config.bpf_stats, log).with_kernel_features(features.names()),
     );
     let peer_rule = PeerRule {
         allowed_cids: config.allowed_cids.clone(),
@@ -224,7 +222,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(config, &services, &socket_closer, log),
+            _ = hangup.recv() => reload(config, &services, log),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -235,31 +233,22 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 }
 
 /// SIGHUP: program the table file again; a bad file changes nothing.
-fn reload(
-    config: &Config,
-    services: &Mutex<ServiceTable>,
-    socket_closer: &SocketCloser,
-    log: &Logger,
-) {
+fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
     let Some(path) = &config.table else {
         info!(log, "SIGHUP without a table file: nothing to re-read");
         return;
     };
-    let result = {
-        let mut services = services.lock().expect("table lock");
-        Table::from_file(path)
-            .map_err(anyhow::Error::from)
-            .and_then(|table| {
-                // A new table under a new generation, so a host comparing
-                // generations sees that the table changed under it.
-                let generation = services.generation() + 1;
-                let written = services.sync(&table, generation)?;
-                addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
-                Ok(written)
-            })
-    };
-    match result {
-        Ok(written) => socket_closer.close(written.removed_backends),
-        Err(err) => error!(log, "table not applied, the datapath is unchanged: {err:#}"),
+    let mut services = services.lock().expect("table lock");
+    let result = Table::from_file(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|table| {
+            // A new table under a new generation, so a host comparing
+            // generations sees that the table changed under it.
+            let generation = services.generation() + 1;
+            services.sync(&table, generation)?;
+            addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)
+        });
+    if let Err(err) = result {
+        error!(log, "table not applied, the datapath is unchanged: {err:#}");
     }
 }

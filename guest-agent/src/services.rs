@@ -2,18 +2,25 @@
 //! people gave services (the datapath keeps none) and the generation the
 //! host last synced; and the staging of a Sync that arrives in parts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use anyhow::Result;
 use socklb_protocols::socklb as api;
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
-use crate::{datapath::Datapath, sockets::RemovedBackend};
+use crate::{
+    datapath::Datapath,
+    sockets::{RemovedBackend, SocketCloser},
+};
 
 pub struct ServiceTable {
     datapath: Datapath,
     names: BTreeMap<ServiceKey, String>,
     generation: u64,
+    socket_closer: Option<Arc<SocketCloser>>,
 }
 
 /// The outcome of a write.
@@ -24,8 +31,6 @@ pub struct Written {
     /// The digest of the table read back from the maps (Sync only: reading
     /// every service back would make each incremental write O(table)).
     pub digest: Option<String>,
-    /// Backends no service has any more: their sockets are to be closed.
-    pub removed_backends: BTreeSet<RemovedBackend>,
 }
 
 /// A write that expected the table at another generation.
@@ -45,6 +50,24 @@ impl ServiceTable {
             datapath,
             names: BTreeMap::new(),
             generation: 0,
+            socket_closer: None,
+        }
+    }
+
+    /// Closes the sockets of the backends each later write removes.
+    pub fn set_socket_closer(&mut self, closer: Arc<SocketCloser>) {
+        self.socket_closer = Some(closer);
+    }
+
+    /// Closes the sockets of `removed` before the write is acknowledged, and
+    /// with the table held, so a later write cannot add a backend back in
+    /// between and lose its fresh sockets.
+    fn close_sockets_of(&self, removed: BTreeSet<RemovedBackend>) {
+        if let Some(closer) = &self.socket_closer
+            && !removed.is_empty()
+        {
+            let opted_out = self.datapath.opt_out_cgroups().unwrap_or_default();
+            closer.close(removed, &opted_out);
         }
     }
 
@@ -52,6 +75,7 @@ impl ServiceTable {
     /// (`Datapath::apply` is all or nothing).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
         let summary = self.datapath.apply(table)?;
+        self.close_sockets_of(summary.removed_backends);
         self.names = table
             .services
             .iter()
@@ -63,7 +87,6 @@ impl ServiceTable {
             generation,
             services: programmed.services.len(),
             digest: Some(programmed.digest()),
-            removed_backends: summary.removed_backends,
         })
     }
 
@@ -80,30 +103,31 @@ impl ServiceTable {
 
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written> {
         let summary = self.datapath.upsert(services)?;
+        self.close_sockets_of(summary.removed_backends);
         for service in services {
             match &service.name {
                 Some(name) => self.names.insert(service.key, name.clone()),
                 None => self.names.remove(&service.key),
             };
         }
-        Ok(self.bumped(summary.removed_backends))
+        Ok(self.bumped())
     }
 
     pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written> {
         let summary = self.datapath.delete(keys)?;
+        self.close_sockets_of(summary.removed_backends);
         for key in keys {
             self.names.remove(key);
         }
-        Ok(self.bumped(summary.removed_backends))
+        Ok(self.bumped())
     }
 
-    fn bumped(&mut self, removed_backends: BTreeSet<RemovedBackend>) -> Written {
+    fn bumped(&mut self) -> Written {
         self.generation += 1;
         Written {
             generation: self.generation,
             services: self.datapath.service_count(),
             digest: None,
-            removed_backends,
         }
     }
 

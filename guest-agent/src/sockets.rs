@@ -8,7 +8,9 @@
 //! The kernel closes a socket on `SOCK_DESTROY` (sock_diag, which needs
 //! `CONFIG_INET_DIAG_DESTROY`). Sockets are found by dumping each network
 //! namespace that a process of the attached cgroup is in, from a thread
-//! that enters it: the programs translate only those processes' sockets.
+//! that enters it, and kept when they were opened in the attached cgroup
+//! or below it, outside opted-out cgroups: the sockets the programs
+//! translate.
 //! A socket connected to the backend's address directly is closed too:
 //! the dump can carry a socket's `CONNECTED_VIP` storage, which would tell
 //! the two apart, but only for TCP (for a UDP socket the kernel's
@@ -16,7 +18,7 @@
 //! matched by the socket's peer alone.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs,
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
@@ -27,11 +29,11 @@ use std::{
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable,
+    NetlinkPayload, NetlinkSerializable, Nla as _,
 };
 use netlink_packet_sock_diag::{
     AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockDiagDestroy, SockDiagMessage,
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 use nix::sched::{CloneFlags, setns};
@@ -84,9 +86,11 @@ impl SocketCloser {
     }
 
     /// Closes the sockets connected to `removed` (TCP ones only with
-    /// `close_tcp`), and logs what it did. A write has succeeded by then,
-    /// so a failure here is logged, not returned.
-    pub fn close(&self, mut removed: BTreeSet<RemovedBackend>) {
+    /// `close_tcp`) that processes of the attached cgroup opened, except in
+    /// the `opted_out` cgroups (ids) and below, and logs what it did. A
+    /// write has succeeded by then, so a failure here is logged, not
+    /// returned.
+    pub fn close(&self, mut removed: BTreeSet<RemovedBackend>, opted_out: &BTreeSet<u64>) {
         if !self.close_tcp {
             removed.retain(|backend| backend.protocol != IPPROTO_TCP);
         }
@@ -94,7 +98,7 @@ impl SocketCloser {
             return;
         }
         let started = Instant::now();
-        match close_sockets_to(&removed, &self.cgroup) {
+        match close_sockets_to(&removed, &Scope::of(&self.cgroup, opted_out)) {
             Ok(closed) => info!(self.log, "closed sockets of removed backends";
                 "backends" => removed.len(), "sockets" => closed.sockets,
                 "namespaces" => closed.namespaces,
@@ -110,72 +114,111 @@ impl SocketCloser {
     }
 }
 
-/// Closes every socket of the processes in `cgroup` (and below) that is
-/// connected to one of `removed`.
-pub fn close_sockets_to(
-    removed: &BTreeSet<RemovedBackend>,
-    cgroup: &Path,
-) -> Result<Closed, CloseError> {
-    if removed.is_empty() {
-        return Ok(Closed::default());
+/// Whose sockets may be closed: those opened in the attached cgroup or
+/// below it, outside opted-out cgroups (a socket carries the cgroup it was
+/// opened in), found in the network namespaces of those cgroups' processes.
+struct Scope {
+    cgroup_ids: HashSet<u64>,
+    /// One open namespace file per network namespace (device, inode).
+    namespaces: BTreeMap<(u64, u64), fs::File>,
+}
+
+impl Scope {
+    /// A cgroup2 directory's inode number is its cgroup id. A process that
+    /// exits meanwhile is skipped.
+    fn of(cgroup: &Path, opted_out: &BTreeSet<u64>) -> Scope {
+        let mut scope = Scope {
+            cgroup_ids: HashSet::new(),
+            namespaces: BTreeMap::new(),
+        };
+        let mut dirs = vec![cgroup.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            if opted_out.contains(&meta.ino()) {
+                continue;
+            }
+            scope.cgroup_ids.insert(meta.ino());
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push(entry.path());
+                    }
+                }
+            }
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines() {
+                if let Ok(file) = fs::File::open(format!("/proc/{pid}/ns/net"))
+                    && let Ok(meta) = file.metadata()
+                {
+                    scope
+                        .namespaces
+                        .entry((meta.dev(), meta.ino()))
+                        .or_insert(file);
+                }
+            }
+        }
+        scope
     }
+}
+
+/// Closes every socket in `scope` that is connected to one of `removed`.
+/// A namespace that fails does not stop the others; the first error (a
+/// missing kernel feature first) is returned after all were tried.
+fn close_sockets_to(
+    removed: &BTreeSet<RemovedBackend>,
+    scope: &Scope,
+) -> Result<Closed, CloseError> {
     if !Path::new("/proc/self/ns/net").exists() {
         // A kernel without network namespaces (CONFIG_NET_NS) has one.
         return Ok(Closed {
-            sockets: close_in_current_namespace(removed)?,
+            sockets: close_in_current_namespace(removed, &scope.cgroup_ids)?,
             namespaces: 1,
         });
     }
-    let namespaces = network_namespaces(cgroup);
     let mut closed = Closed {
-        namespaces: namespaces.len(),
+        namespaces: scope.namespaces.len(),
         ..Closed::default()
     };
-    for netns in namespaces.into_values() {
-        closed.sockets += std::thread::scope(|scope| {
-            scope
+    let mut first_error: Option<CloseError> = None;
+    for netns in scope.namespaces.values() {
+        let result = std::thread::scope(|threads| {
+            threads
                 .spawn(|| {
                     // Only this thread enters the namespace, and it ends
                     // with the pass.
-                    setns(&netns, CloneFlags::CLONE_NEWNET)
+                    setns(netns, CloneFlags::CLONE_NEWNET)
                         .map_err(|err| anyhow::anyhow!("entering a network namespace: {err}"))?;
-                    close_in_current_namespace(removed)
+                    close_in_current_namespace(removed, &scope.cgroup_ids)
                 })
                 .join()
                 .expect("the socket-closing thread panicked")
-        })?;
-    }
-    Ok(closed)
-}
-
-/// One open namespace file per network namespace of the processes in
-/// `cgroup` and its descendants. A process that exits meanwhile is skipped.
-fn network_namespaces(cgroup: &Path) -> BTreeMap<(u64, u64), fs::File> {
-    let mut namespaces = BTreeMap::new();
-    let mut dirs = vec![cgroup.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                dirs.push(entry.path());
-            }
-        }
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines() {
-            let path = format!("/proc/{pid}/ns/net");
-            if let Ok(file) = fs::File::open(&path)
-                && let Ok(meta) = file.metadata()
-            {
-                namespaces.entry((meta.dev(), meta.ino())).or_insert(file);
+        });
+        match result {
+            Ok(sockets) => closed.sockets += sockets,
+            Err(err) => {
+                let keep = match (&first_error, &err) {
+                    (None, _) => true,
+                    (Some(CloseError::Unsupported(_)), _) => false,
+                    (Some(_), unsupported) => matches!(unsupported, CloseError::Unsupported(_)),
+                };
+                if keep {
+                    first_error = Some(err);
+                }
             }
         }
     }
-    namespaces
+    match first_error {
+        Some(err) => Err(err),
+        None => Ok(closed),
+    }
 }
 
-fn close_in_current_namespace(removed: &BTreeSet<RemovedBackend>) -> Result<usize, CloseError> {
+fn close_in_current_namespace(
+    removed: &BTreeSet<RemovedBackend>,
+    cgroup_ids: &HashSet<u64>,
+) -> Result<usize, CloseError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)
         .map_err(|err| anyhow::anyhow!("opening a sock_diag socket: {err}"))?;
     socket
@@ -185,7 +228,7 @@ fn close_in_current_namespace(removed: &BTreeSet<RemovedBackend>) -> Result<usiz
     let mut closed = 0;
     for protocol in protocols {
         for family in [AF_INET, AF_INET6] {
-            for id in connected_sockets(&mut socket, family, protocol, removed)? {
+            for id in connected_sockets(&mut socket, family, protocol, removed, cgroup_ids)? {
                 closed += usize::from(destroy(&mut socket, family, protocol, id)?);
             }
         }
@@ -200,6 +243,7 @@ fn connected_sockets(
     family: u8,
     protocol: u8,
     removed: &BTreeSet<RemovedBackend>,
+    cgroup_ids: &HashSet<u64>,
 ) -> Result<Vec<SocketId>, CloseError> {
     // A connected UDP socket is in TCP_ESTABLISHED; for TCP, every state of
     // a connection that still has a peer.
@@ -234,7 +278,10 @@ fn connected_sockets(
                             id.destination_port,
                         ),
                     };
-                    if removed.contains(&peer) {
+                    // A kernel before 5.7 sends no cgroup: the peer decides.
+                    let in_scope =
+                        cgroup_id(&response.nlas).is_none_or(|id| cgroup_ids.contains(&id));
+                    if in_scope && removed.contains(&peer) {
                         matching.push(id);
                     }
                 }
@@ -250,6 +297,22 @@ fn connected_sockets(
         }
     }
     Ok(matching)
+}
+
+/// `INET_DIAG_CGROUP_ID`: the cgroup the socket was opened in.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+fn cgroup_id(nlas: &[Nla]) -> Option<u64> {
+    nlas.iter().find_map(|nla| match nla {
+        Nla::Other(attribute) if attribute.kind() == INET_DIAG_CGROUP_ID => {
+            let mut value = [0; 8];
+            (attribute.value_len() == value.len()).then(|| {
+                attribute.emit_value(&mut value);
+                u64::from_ne_bytes(value)
+            })
+        }
+        _ => None,
+    })
 }
 
 /// Why a dump failed: ENOENT means no sock_diag handler for the family or

@@ -182,7 +182,7 @@ impl<'a> SockAddr<'a> {
 
     #[inline(always)]
     pub(crate) fn netns_cookie(&self) -> u64 {
-        // SAFETY: as in `socket_cookie`.
+        // SAFETY: the helper takes the program's context, which this is.
         unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
     }
 

@@ -264,6 +264,10 @@ fn datagram_backend(
         if translation.vip == *dst {
             if is_member(service.id, &translation.backend) {
                 vips.latest = index as u32;
+                if vips.latest == vips.next {
+                    // The busiest VIP is not the next to be replaced.
+                    vips.next = (vips.next + 1) % vips.translations.len() as u32;
+                }
                 return Some(translation.backend);
             }
             slot = index as u32;
@@ -379,11 +383,18 @@ fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
 
 /// The VIP endpoint the application asked for, if this socket was
 /// translated to `peer`: its connect's translation, or with `datagrams`
-/// (recvmsg) one of its unconnected translations, the latest first.
+/// (recvmsg; `v4` for recvmsg4) one of its unconnected translations, the
+/// latest first.
 #[inline(always)]
-fn original_vip(sa: &SockAddr, peer: &Endpoint, datagrams: bool) -> Option<Endpoint> {
+fn original_vip(sa: &SockAddr, peer: &Endpoint, datagrams: bool, v4: bool) -> Option<Endpoint> {
     if let Some(translation) = sa.storage(&CONNECTED_VIP, false)
         && translation.backend == *peer
+        // A UDP socket disconnected (AF_UNSPEC, or closed under it) keeps
+        // its storage but is no longer connected to the backend.
+        && (!datagrams
+            || sa
+                .socket_peer(v4)
+                .is_some_and(|(addr, port)| addr == peer.addr && port == peer.port))
     {
         return Some(translation.vip);
     }
@@ -409,7 +420,7 @@ fn reverse4(sa: &SockAddr, datagrams: bool) -> i32 {
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer, datagrams) {
+    if let Some(vip) = original_vip(sa, &peer, datagrams, true) {
         sa.set_user_ip4(vip.addr[3]);
         sa.set_user_port(vip.port);
     }
@@ -423,7 +434,7 @@ fn reverse6(sa: &SockAddr, datagrams: bool) -> i32 {
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer, datagrams) {
+    if let Some(vip) = original_vip(sa, &peer, datagrams, false) {
         sa.set_user_ip6(&vip.addr);
         sa.set_user_port(vip.port);
     }
@@ -450,7 +461,7 @@ fn local_view(sa: &SockAddr, local: &Addr, v4: bool) -> Option<Addr> {
     if !is_loopback(local) && *local != peer.addr {
         return None;
     }
-    let vip = original_vip(sa, &peer, false)?;
+    let vip = original_vip(sa, &peer, false, v4)?;
     if is_loopback(&vip.addr) {
         return None;
     }

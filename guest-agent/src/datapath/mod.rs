@@ -185,15 +185,10 @@ impl Datapath {
             .last()
             .map_or(0, |id| (id + 1) % MAX_SERVICES);
         datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
-        for (key, programmed) in &programmed {
+        for key in programmed.keys() {
             *datapath.services_per_vip.entry(key.vip).or_default() += 1;
-            for backend in &programmed.backends {
-                *datapath
-                    .backend_uses
-                    .entry((key.proto, *backend))
-                    .or_default() += 1;
-            }
         }
+        datapath.count_backend_uses(&programmed);
         datapath.reconcile_vips()?;
         info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
               "adopted_services" => datapath.used_ids.len());

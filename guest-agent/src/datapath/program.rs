@@ -53,7 +53,9 @@ impl Datapath {
             Ok(summary) => summary,
             Err(err) if err.downcast_ref::<TableError>().is_some() => return Err(err),
             Err(err) => {
-                return Err(match self.apply(&table_of(before)) {
+                let restored = self.apply(&table_of(before));
+                self.recount_backend_uses();
+                return Err(match restored {
                     Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
                     Err(restore) => err.context(format!(
                         "writing the table failed half way and restoring the previous one failed too: {restore:#}"
@@ -85,7 +87,11 @@ impl Datapath {
             }
         }
         let mut current = self.read_some(wanted.keys())?;
-        self.write(wanted, &mut current)
+        let written = self.write(wanted, &mut current);
+        if written.is_err() {
+            self.recount_backend_uses();
+        }
+        written
     }
 
     /// Removes the services with `keys`; refuses all if one is unknown.
@@ -99,7 +105,33 @@ impl Datapath {
             }
             .into());
         }
-        self.write(wanted, &mut current)
+        let written = self.write(wanted, &mut current);
+        if written.is_err() {
+            self.recount_backend_uses();
+        }
+        written
+    }
+
+    /// Counts each backend's services from `programmed`.
+    pub(super) fn count_backend_uses(
+        &mut self,
+        programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
+    ) {
+        self.backend_uses.clear();
+        for (key, programmed) in programmed {
+            for backend in &programmed.backends {
+                *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
+            }
+        }
+    }
+
+    /// After a write that failed half way, the counts kept step by step may
+    /// not match the maps: count again from what they hold. Unreadable
+    /// maps leave the counts as they are.
+    fn recount_backend_uses(&mut self) {
+        if let Ok(programmed) = self.read_programmed() {
+            self.count_backend_uses(&programmed);
+        }
     }
 
     /// Brings each listed service to its wanted state (`None`: removed).

@@ -23,7 +23,6 @@ use crate::{
     datapath,
     opt_out::OptOutError,
     services::{ServiceTable, StagedSync, StagingError, StaleGeneration, Written},
-    sockets::SocketCloser,
 };
 
 mod report;
@@ -46,7 +45,6 @@ pub struct Rpc {
     /// Sync and listing ids, never reused while the agent runs.
     next_id: AtomicU64,
     listings: Mutex<VecDeque<Listing>>,
-    socket_closer: Option<Arc<SocketCloser>>,
     log: Logger,
 }
 
@@ -67,7 +65,6 @@ impl Rpc {
             staged: Mutex::new(None),
             next_id: AtomicU64::new(1),
             listings: Mutex::new(VecDeque::new()),
-            socket_closer: None,
             log: log.new(slog::o!("component" => "rpc")),
         }
     }
@@ -75,12 +72,6 @@ impl Rpc {
     /// Lists `names` (what the kernel offers or lacks) in Version's features.
     pub fn with_kernel_features(mut self, names: Vec<&'static str>) -> Rpc {
         self.kernel_features = names;
-        self
-    }
-
-    /// Closes the sockets of backends a write removes.
-    pub fn with_socket_closer(mut self, closer: Arc<SocketCloser>) -> Rpc {
-        self.socket_closer = Some(closer);
         self
     }
 
@@ -109,10 +100,9 @@ impl Rpc {
             })
     }
 
-    /// `sent` is how many services (or keys) the request carried,
-    /// `services` how many the table holds after it.
-    /// The table's generation and its stats. The LRU maps are walked after
-    /// the table lock is released: a walk is one syscall per entry.
+    /// The table's generation and its stats. The `AFFINITY` LRU map is
+    /// walked after the table lock is released: a walk is one syscall per
+    /// entry.
     async fn collect_stats(&self) -> ttrpc::Result<(u64, api::StatsResponse)> {
         let run_time_stats = self.run_time_stats;
         let (generation, mut stats, pin_dir) = self
@@ -129,21 +119,11 @@ impl Rpc {
         Ok((generation, stats))
     }
 
-    /// Logs a write and closes the sockets of the backends it removed (so
-    /// the acknowledgement comes once they are closed), outside the table
-    /// lock.
-    async fn written(&self, request: &str, sent: usize, written: Written) -> api::WriteResponse {
+    /// Logs a write: `sent` is how many services (or keys) the request
+    /// carried, `services` how many the table holds after it.
+    fn written(&self, request: &str, sent: usize, written: Written) -> api::WriteResponse {
         info!(self.log, "table written"; "request" => request, "sent" => sent,
               "generation" => written.generation, "services" => written.services);
-        if let Some(closer) = &self.socket_closer
-            && !written.removed_backends.is_empty()
-        {
-            let closer = closer.clone();
-            let removed = written.removed_backends;
-            if let Err(err) = tokio::task::spawn_blocking(move || closer.close(removed)).await {
-                warn!(self.log, "closing sockets of removed backends failed"; "error" => err.to_string());
-            }
-        }
         api::WriteResponse {
             generation: written.generation,
             digest: written.digest.unwrap_or_default(),

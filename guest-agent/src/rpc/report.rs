@@ -93,7 +93,7 @@ pub fn prometheus_text(generation: u64, stats: &api::StatsResponse) -> String {
     family(
         "socklb_service_insert_failures_total",
         "counter",
-        "Translations whose reverse or sticky entry could not be stored.",
+        "Translations whose per-socket storage or affinity entry could not be stored.",
         stats
             .services
             .iter()

@@ -31,7 +31,7 @@ impl socklb_ttrpc::Services for Rpc {
         let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
         release_freed_memory();
-        Ok(self.written("sync", sent, written).await)
+        Ok(self.written("sync", sent, written))
     }
 
     async fn sync_begin(
@@ -105,7 +105,7 @@ impl socklb_ttrpc::Services for Rpc {
         let sent = table.services.len();
         let written = self.with_table(move |t| t.sync(&table, generation)).await?;
         release_freed_memory();
-        Ok(self.written("sync in parts", sent, written).await)
+        Ok(self.written("sync in parts", sent, written))
     }
 
     async fn upsert(
@@ -128,7 +128,7 @@ impl socklb_ttrpc::Services for Rpc {
                 t.upsert(&services)
             })
             .await?;
-        Ok(self.written("upsert", sent, written).await)
+        Ok(self.written("upsert", sent, written))
     }
 
     async fn delete(
@@ -151,7 +151,7 @@ impl socklb_ttrpc::Services for Rpc {
                 t.delete(&keys)
             })
             .await?;
-        Ok(self.written("delete", sent, written).await)
+        Ok(self.written("delete", sent, written))
     }
 
     async fn list(

@@ -209,15 +209,17 @@ async fn reconnects_back_off_doubling_up_to_the_cap() {
     let at = attempts.join().unwrap();
     let gaps_ms: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
     // 0, 0.05, 0.15, 0.35, 0.75, then every 0.4 s while one more fits in
-    // 3 s: 10 attempts, 9 if a busy machine delays them.
+    // 3 s: 10 attempts, fewer if a busy machine delays them. Each gap is
+    // at least its backoff (less the accept loop's 1 ms polling) and at
+    // most a busy machine's delay more.
     assert!(
-        (9..=10).contains(&at.len()),
+        (7..=10).contains(&at.len()),
         "attempts {gaps_ms:?} ms apart"
     );
     let expected = [50, 100, 200, 400, 400, 400, 400, 400, 400];
     for (gap, expected) in gaps_ms.iter().zip(expected) {
         assert!(
-            (expected..expected + 60).contains(gap),
+            (expected - 2..expected + 250).contains(gap),
             "attempts {gaps_ms:?} ms apart, expected {expected:?}"
         );
     }

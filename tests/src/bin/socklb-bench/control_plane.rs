@@ -102,7 +102,13 @@ pub(crate) fn control_plane() {
     } else {
         "host build, glibc"
     };
-    let _ = writeln!(out, "Agent: `{}` ({build}).\n", agent.display());
+    // Relative to the target directory: the table goes into the README.
+    let shown: std::path::PathBuf = agent
+        .iter()
+        .skip_while(|c| *c != "target")
+        .skip(1)
+        .collect();
+    let _ = writeln!(out, "Agent: `{}` ({build}).\n", shown.display());
     let _ = writeln!(out, "| measure | value |");
     let _ = writeln!(out, "|---|---:|");
     let _ = writeln!(
