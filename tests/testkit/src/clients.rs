@@ -246,17 +246,24 @@ pub(crate) fn stream(args: &[String]) {
 /// `--udp`, from two threads each. Meanwhile, every `--check-ms`, a TCP
 /// socket connected before the churn checks its getpeername and an
 /// unconnected UDP socket its replies' source; before and after, a connect
-/// to `--affinity` (a ClientIP service) tells its backend. Prints one
+/// to each `--affinity` (ClientIP services) tells its backend. Prints one
 /// summary.
 pub(crate) fn churn(args: &[String]) {
     let tcp_target = addr(values(args, "--tcp")[0]);
     let udp_target = addr(values(args, "--udp")[0]);
-    let affinity_target = addr(values(args, "--affinity")[0]);
+    let affinity_targets: Vec<SocketAddr> =
+        values(args, "--affinity").into_iter().map(addr).collect();
+    let affinity_backends = || -> Vec<Value> {
+        affinity_targets
+            .iter()
+            .map(|target| tcp_exchange(*target)["backend"].clone())
+            .collect()
+    };
     let tcp_connections: u32 = value(args, "--tcp-connections", 100_000);
     let udp_sockets: u32 = value(args, "--udp-sockets", 200_000);
     let check_every = Duration::from_millis(value(args, "--check-ms", 500u64));
 
-    let affinity_before = tcp_exchange(affinity_target);
+    let affinity_before = affinity_backends();
     // The backend closes its end at once; the socket stays connected
     // (CLOSE_WAIT) for as long as it is open.
     let long_tcp = TcpStream::connect_timeout(&tcp_target, TIMEOUT).expect("long-lived TCP");
@@ -322,8 +329,8 @@ pub(crate) fn churn(args: &[String]) {
         "checks": checks,
         "first_udp_source": first_udp_source,
         "wrong": wrong,
-        "affinity_before": affinity_before["backend"],
-        "affinity_after": tcp_exchange(affinity_target)["backend"],
+        "affinity_before": affinity_before,
+        "affinity_after": affinity_backends(),
     }));
 }
 

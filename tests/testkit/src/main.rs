@@ -56,7 +56,7 @@ fn usage() -> ! {
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
        socklb-testkit stream ADDR [--ms DURATION]
-       socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR [--tcp-connections N]
+       socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR... [--tcp-connections N]
                             [--udp-sockets N] [--check-ms MS]
        socklb-testkit udp-hold ADDR [--sockets N] [--ms DURATION]
        socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)

@@ -2,7 +2,8 @@
 //! socket (its socket-local storage), against the same number of sockets
 //! connected to the backend directly as the baseline; and the time an
 //! Upsert that removes a backend takes when it closes 10,000 connected UDP
-//! sockets, against the same Upsert with no socket to close.
+//! sockets, against the same Upsert with 10,000 other sockets to list and
+//! none to close.
 
 use std::{fmt::Write as _, net::SocketAddr, thread::sleep, time::Duration, time::Instant};
 
@@ -113,7 +114,19 @@ pub(crate) fn sockets() {
     let (translated, direct) = rounds[rounds.len() / 2];
     let per_socket = (translated - direct) as f64 / SOCKETS as f64;
 
-    // The baseline: Upserts that remove a backend no socket is connected to.
+    // The baseline: Upserts that remove a backend no socket is connected
+    // to, while SOCKETS sockets connected elsewhere (to b3 directly) are
+    // listed and passed over: the same namespace walk and dumps as a
+    // closing pass, without the closing.
+    let idle = sandbox.spawn_client(&[
+        "udp-hold",
+        &format!("{}:5353", backend_ip(3)),
+        "--sockets",
+        &SOCKETS.to_string(),
+        "--ms",
+        HOLD_MS,
+    ]);
+    sleep(Duration::from_millis(2000));
     let mut upsert_ms = |backend: u8| {
         let started = Instant::now();
         runtime
@@ -125,6 +138,11 @@ pub(crate) fn sockets() {
         .map(|i| upsert_ms(if i % 2 == 0 { 2 } else { 1 }))
         .collect();
     let (_, baseline_ms, _) = summary(&baseline);
+    let idle = idle.finish();
+    assert_eq!(
+        idle[0]["failed_sends"], 0,
+        "idle sockets were closed: {idle:?}"
+    );
 
     // The service is on b1 again; SOCKETS sockets are connected through it.
     let holding = sandbox.spawn_client(&[
@@ -160,7 +178,7 @@ pub(crate) fn sockets() {
     );
     let _ = writeln!(
         out,
-        "| Upsert removing a backend, no socket to close (median of {BASELINE_UPSERTS}) | {baseline_ms:.2} ms |"
+        "| Upsert removing a backend, {SOCKETS} other sockets listed, none to close (median of {BASELINE_UPSERTS}) | {baseline_ms:.2} ms |"
     );
     let _ = writeln!(
         out,
