@@ -31,7 +31,8 @@ pub const MAX_CGROUP_LEVELS: i32 = 16;
 /// the least recently used choice is forgotten and chosen afresh.
 pub const AFFINITY_ENTRIES: u32 = 65_536;
 /// VIPs one unconnected UDP socket remembers a backend for at once; a
-/// further VIP replaces the one remembered longest ago.
+/// further VIP replaces the one remembered longest ago, or the next one
+/// when that is the VIP the socket keeps sending to.
 pub const DATAGRAM_VIPS_PER_SOCKET: usize = 4;
 
 /// The third word of a v4-mapped address (`0000:ffff` in network byte order).
