@@ -99,25 +99,31 @@ fn udp_via_vip_replies_come_from_the_vip() {
     }
 }
 
-#[test]
-fn one_socket_talks_to_several_vips() {
-    socklb_tests::require_root!();
+/// One unconnected socket asking 10.96.0.11:53 (on b`first`) and
+/// 10.96.0.12:53 (on b`second`) in turn, three rounds: its six replies.
+fn two_udp_vips_from_one_socket(first: u8, second: u8) -> Vec<Value> {
     let sandbox = Sandbox::create();
-    start_backends(&sandbox, 2);
+    start_backends(&sandbox, first.max(second));
     let table = sandbox.table(
         "t.yaml",
         &format!(
             "services:
   - {{vip: 10.96.0.11, port: 53, protocol: UDP, backends: [{{ip: {}, port: 5353}}]}}
   - {{vip: 10.96.0.12, port: 53, protocol: UDP, backends: [{{ip: {}, port: 5353}}]}}",
-            backend_ip(1),
-            backend_ip(2)
+            backend_ip(first),
+            backend_ip(second)
         ),
     );
     let _agent = sandbox.start_agent(Some(&table));
     let results = sandbox.client(&["udp-multi", "10.96.0.11:53", "10.96.0.12:53"]);
     assert_eq!(ok(&results).len(), 6);
-    for r in &results {
+    results
+}
+
+#[test]
+fn one_socket_talks_to_several_vips() {
+    socklb_tests::require_root!();
+    for r in &two_udp_vips_from_one_socket(1, 2) {
         assert_eq!(r["source"], r["to"], "each reply maps back to its own VIP");
         let expected = if r["to"] == "10.96.0.11:53" {
             "b1"
@@ -135,21 +141,7 @@ fn one_socket_talks_to_several_vips() {
 #[test]
 fn two_vips_sharing_a_backend_on_one_socket() {
     socklb_tests::require_root!();
-    let sandbox = Sandbox::create();
-    start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services:
-  - {{vip: 10.96.0.11, port: 53, protocol: UDP, backends: [{{ip: {b1}, port: 5353}}]}}
-  - {{vip: 10.96.0.12, port: 53, protocol: UDP, backends: [{{ip: {b1}, port: 5353}}]}}",
-            b1 = backend_ip(1),
-        ),
-    );
-    let _agent = sandbox.start_agent(Some(&table));
-    let results = sandbox.client(&["udp-multi", "10.96.0.11:53", "10.96.0.12:53"]);
-    assert_eq!(ok(&results).len(), 6);
-    for r in &results {
+    for r in &two_udp_vips_from_one_socket(1, 1) {
         assert_eq!(r["source"], r["to"], "the reply shows the VIP asked last");
     }
 }

@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::SocketAddr, thread::sleep, time::Duration, time:
 
 use socklb_shim::Options;
 use socklb_table::{Protocol, Service, ServiceKey, Table};
-use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
+use socklb_tests::{RunningClient, Sandbox, agent_client, backend_ip, runtime};
 
 use crate::*;
 
@@ -71,10 +71,9 @@ fn settled_kmalloc_bytes() -> i64 {
     last
 }
 
-/// Extra accounted kernel memory while a client holds SOCKETS sockets
-/// connected to `target`.
-fn held_sockets_bytes(sandbox: &Sandbox, target: &str) -> i64 {
-    let before = settled_kmalloc_bytes();
+/// A client holding SOCKETS UDP sockets connected to `target`, once they
+/// are all open.
+fn hold_sockets(sandbox: &Sandbox, target: &str) -> RunningClient {
     let holding = sandbox.spawn_client(&[
         "udp-hold",
         target,
@@ -84,6 +83,14 @@ fn held_sockets_bytes(sandbox: &Sandbox, target: &str) -> i64 {
         HOLD_MS,
     ]);
     sleep(Duration::from_millis(2000));
+    holding
+}
+
+/// Extra accounted kernel memory while a client holds SOCKETS sockets
+/// connected to `target`.
+fn held_sockets_bytes(sandbox: &Sandbox, target: &str) -> i64 {
+    let before = settled_kmalloc_bytes();
+    let holding = hold_sockets(sandbox, target);
     let during = accounted_kmalloc_bytes();
     let results = holding.finish();
     assert_eq!(results[0]["sockets"], SOCKETS, "{results:?}");
@@ -118,15 +125,7 @@ pub(crate) fn sockets() {
     // to, while SOCKETS sockets connected elsewhere (to b3 directly) are
     // listed and passed over: the same namespace walk and dumps as a
     // closing pass, without the closing.
-    let idle = sandbox.spawn_client(&[
-        "udp-hold",
-        &format!("{}:5353", backend_ip(3)),
-        "--sockets",
-        &SOCKETS.to_string(),
-        "--ms",
-        HOLD_MS,
-    ]);
-    sleep(Duration::from_millis(2000));
+    let idle = hold_sockets(&sandbox, &format!("{}:5353", backend_ip(3)));
     let mut upsert_ms = |backend: u8| {
         let started = Instant::now();
         runtime
@@ -145,15 +144,7 @@ pub(crate) fn sockets() {
     );
 
     // The service is on b1 again; SOCKETS sockets are connected through it.
-    let holding = sandbox.spawn_client(&[
-        "udp-hold",
-        "10.96.0.10:53",
-        "--sockets",
-        &SOCKETS.to_string(),
-        "--ms",
-        HOLD_MS,
-    ]);
-    sleep(Duration::from_millis(2000));
+    let holding = hold_sockets(&sandbox, "10.96.0.10:53");
     let closing_ms = upsert_ms(2);
     let results = holding.finish();
     let failed = &results[0]["failed_sends"];
