@@ -37,11 +37,8 @@ enum Task {
     /// tests on three guest kernels, a short fuzz run (needs root)
     Test,
     /// Every benchmark; tables and plots in target/socklb/bench and
-    /// docs/bench, the README's tables from them (needs root)
+    /// docs/bench (needs root)
     Bench,
-    /// Fill the README's benchmark tables from docs/bench (what `bench`
-    /// does last)
-    BenchTables,
     /// A sandbox VM with a working ClusterIP (needs root)
     Demo {
         #[arg(long, value_enum, default_value_t = guest::Kernel::Own)]
@@ -70,7 +67,6 @@ fn main() -> ExitCode {
         Task::Build => setup::setup().and_then(|()| binaries::build()),
         Task::Test => setup::setup().and_then(|()| test::test()),
         Task::Bench => setup::setup().and_then(|()| bench::bench()),
-        Task::BenchTables => bench::readme_tables(),
         Task::Demo { kernel } => setup::setup().and_then(|()| demo::demo(kernel)),
         Task::Guest { kernel } => setup::setup().and_then(|()| print_image(kernel)),
         Task::KataRootfs { dir, initrd } => {
