@@ -186,13 +186,13 @@ mod tests {
     }
 
     #[test]
-    fn readme_names_exactly_the_installed_files() {
-        let readme = include_str!("../../README.md");
-        let section = readme
+    fn deploying_on_kata_names_exactly_the_installed_files() {
+        let doc = include_str!("../../docs/deploying-on-kata.md");
+        let section = doc
             .split("## Add socklb to a Kata guest image")
             .nth(1)
             .and_then(|rest| rest.split("\n## ").next())
-            .expect("README has the section");
+            .expect("docs/deploying-on-kata.md has the section");
         let named: std::collections::BTreeSet<&str> = section
             .lines()
             .filter(|l| l.starts_with("| systemd |") || l.starts_with("| initrd |"))
