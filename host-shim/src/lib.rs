@@ -3,6 +3,7 @@
 //! those tables.
 
 pub mod addr;
+pub mod backoff;
 pub mod client;
 pub mod connect;
 pub mod node;

@@ -12,7 +12,7 @@ use socklb_protocols::{
 };
 use ttrpc::context::Context;
 
-use crate::connect::connect;
+use crate::{backoff::Backoff, connect::connect};
 
 use super::*;
 
@@ -68,7 +68,7 @@ impl AgentClient {
     /// Opens a connection, retrying with backoff for up to `connect_timeout`.
     pub(super) async fn reopen(&mut self) -> Result<Connection, ClientError> {
         let deadline = tokio::time::Instant::now() + self.options.connect_timeout;
-        let mut backoff = self.options.backoff_initial;
+        let mut backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
         loop {
             match self.open().await {
                 Ok(connection) => {
@@ -80,12 +80,12 @@ impl AgentClient {
                 // Another API major will not change by retrying.
                 Err(OpenError::Incompatible(err)) => return Err(err),
                 Err(OpenError::Unreachable(reason))
-                    if tokio::time::Instant::now() + backoff < deadline =>
+                    if tokio::time::Instant::now() + backoff.delay() < deadline =>
                 {
+                    let wait = backoff.failed();
                     warn!(self.log, "cannot reach the agent; retrying"; "error" => &reason,
-                          "in_ms" => backoff.as_millis() as u64);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.options.backoff_max);
+                          "in_ms" => wait.as_millis() as u64);
+                    tokio::time::sleep(wait).await;
                 }
                 Err(OpenError::Unreachable(reason)) => return Err(self.unreachable(reason)),
             }

@@ -18,6 +18,7 @@ use socklb_table::{Service, ServiceKey, Table};
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
+    backoff::Backoff,
     client::AgentClient,
     node::{
         metrics::Metrics,
@@ -240,7 +241,7 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
     // Connections the client had opened when the agent last got the whole
     // table: another one since means the agent may be a new one.
     let mut opened_at_sync = 0;
-    let mut retry = RETRY_INITIAL;
+    let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_verified = Instant::now();
@@ -316,7 +317,7 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
         match outcome {
             Ok(version) if client.connections_opened() == opened_at_sync => {
                 acked = Some(version);
-                retry = RETRY_INITIAL;
+                retry.reset();
                 shared.registry.acknowledged(&id, version);
             }
             // The client reconnected during an incremental write: the
@@ -325,11 +326,11 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
             Err(err) => {
                 acked = None;
                 let err = err.to_string();
+                let wait = retry.failed();
                 warn!(log, "agent write failed; retrying with the whole table";
-                      "error" => &err, "in_ms" => retry.as_millis() as u64);
+                      "error" => &err, "in_ms" => wait.as_millis() as u64);
                 shared.registry.failed(&id, &err);
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(RETRY_MAX);
+                tokio::time::sleep(wait).await;
             }
         }
     }

@@ -29,6 +29,7 @@ use tokio::{
 };
 
 use crate::{
+    backoff::Backoff,
     client::{AgentClient, Options},
     node::{
         discovery::{AgentUrl, Found},
@@ -186,7 +187,7 @@ async fn follow_sandbox(
     shared: Shared,
     log: Logger,
 ) {
-    let mut retry = RESOLVE_RETRY_INITIAL;
+    let mut retry = Backoff::new(RESOLVE_RETRY_INITIAL, RESOLVE_RETRY_MAX);
     let mut last_problem = String::new();
     let addr = loop {
         let problem = match http::get_unix(&sandbox.socket, "/agent-url", AGENT_URL_TIMEOUT).await {
@@ -213,8 +214,7 @@ async fn follow_sandbox(
                 .note(&sandbox.id, State::Resolving, &problem);
             last_problem = problem;
         }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(RESOLVE_RETRY_MAX);
+        tokio::time::sleep(retry.failed()).await;
     };
     info!(log, "agent address"; "agent" => addr.to_string());
     shared.registry.set_agent(&sandbox.id, addr.to_string());
