@@ -286,6 +286,59 @@ fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
     );
 }
 
+/// Sandboxes whose agent accepts and never answers (a paused VM, a guest
+/// without socklb), twice as many as the daemon's permits for whole
+/// tables, hold up no other: a sandbox found later gets its first table
+/// at once, not after the wedged ones' calls time out (30 s each here).
+#[test]
+fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
+    const WEDGED: usize = 8;
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let mut wedged = Vec::new();
+    let mut shims = Vec::new();
+    for i in 0..WEDGED {
+        let id = format!("wedged-{i}");
+        let (uds, url) = node.vsock(&id);
+        wedged.push(SilentAgent::start(&uds));
+        shims.push(node.sandbox("kata", &id, &url));
+    }
+    // The default call timeout (and the default 4 permits).
+    node.start(&api, 30);
+    converge(
+        &node,
+        "the daemon has a table and tries every wedged sandbox",
+        Duration::from_secs(20),
+        || {
+            let log = node.log();
+            log.contains("\"msg\":\"node table replaced\"")
+                && log.matches("\"msg\":\"agent address\"").count() == WEDGED
+        },
+    );
+    // Their calls are under way.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let (uds, url) = node.vsock("new");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let found = Instant::now();
+    shims.push(node.sandbox("kata", "new", &url));
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+    converge(
+        &node,
+        "the new sandbox's first table, past the wedged ones",
+        Duration::from_secs(10),
+        || lines(&agent) == expected,
+    );
+    println!(
+        "{WEDGED} wedged sandboxes: the new sandbox's first table {:?} after it appeared",
+        found.elapsed()
+    );
+}
+
 #[test]
 fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
     let runtime = runtime();

@@ -123,6 +123,10 @@ impl AgentClient {
         }
     }
 
+    pub fn addr(&self) -> &AgentAddr {
+        &self.addr
+    }
+
     /// How many connections were opened so far. A caller that syncs with
     /// [`AgentClient::sync_once`] compares it before and after its writes:
     /// a change means the agent behind may be a new one that needs the

@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     backoff::Backoff,
-    client::AgentClient,
+    client::{AgentClient, ClientError},
     node::{
         metrics::Metrics,
         status::{Registry, State},
@@ -229,6 +229,8 @@ pub struct Shared {
     /// Bounds how many whole tables are being sent at once (each is
     /// encoded in memory while it is sent).
     pub whole_syncs: Arc<Semaphore>,
+    /// The longest one whole table's send may hold a permit.
+    pub permit_hold: Duration,
     /// How often an idle agent's table is read back and its digest
     /// compared with the node's (None: never).
     pub verify_every: Option<Duration>,
@@ -281,15 +283,9 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
             }
             CatchUp::Whole => {
                 shared.registry.set_state(&id, State::Syncing);
-                let _permit = shared.whole_syncs.acquire().await;
-                let (version, table) = shared.hub.whole();
-                let result = client.sync_once(&table, version).await;
-                shared.metrics.sync_done(result.is_ok());
+                let result = sync_whole(&mut client, &shared, &log).await;
                 opened_at_sync = client.connections_opened();
-                result.map(|_| {
-                    info!(log, "table synced"; "version" => version, "services" => table.services.len());
-                    version
-                })
+                result
             }
             CatchUp::Changes {
                 version,
@@ -336,6 +332,41 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
     }
 }
 
+/// Sends the hub's whole table and returns its version. The agent is
+/// reached and asked Health before a permit is taken, so an agent that
+/// does not answer (a paused VM, a guest without socklb) waits out its
+/// timeouts holding no permit; an agent that answers and then hangs in the
+/// Sync holds its permit for `permit_hold` at most.
+async fn sync_whole(
+    client: &mut AgentClient,
+    shared: &Shared,
+    log: &Logger,
+) -> Result<u64, ClientError> {
+    client.check().await?;
+    let _permit = shared
+        .whole_syncs
+        .acquire()
+        .await
+        .expect("the permits are never closed");
+    let (version, table) = shared.hub.whole();
+    let result = tokio::time::timeout(shared.permit_hold, client.sync_once(&table, version))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unreachable {
+                addr: client.addr().to_string(),
+                reason: format!(
+                    "the whole table was not acknowledged within {:?}",
+                    shared.permit_hold
+                ),
+            })
+        });
+    shared.metrics.sync_done(result.is_ok());
+    result.map(|_| {
+        info!(log, "table synced"; "version" => version, "services" => table.services.len());
+        version
+    })
+}
+
 /// Reads the agent's table back and compares its digest with the node's
 /// table at `acked`: false when they differ (someone else wrote to the
 /// agent). A node table that moved on meanwhile is not compared: the
@@ -345,7 +376,7 @@ async fn verify_digest(
     hub: &Hub,
     acked: Option<u64>,
     log: &Logger,
-) -> Result<bool, crate::client::ClientError> {
+) -> Result<bool, ClientError> {
     let (_, _, agent_digest) = client.list().await?;
     let (version, node_digest) = hub.digest();
     if Some(version) != acked || agent_digest == node_digest {

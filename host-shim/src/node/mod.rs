@@ -76,6 +76,7 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
         registry: Arc::new(Registry::default()),
         metrics: Arc::new(Metrics::default()),
         whole_syncs: Arc::new(Semaphore::new(config.parallel_syncs.max(1))),
+        permit_hold: config.call_timeout,
         verify_every: config.verify_every,
     };
     serve_status(&config, &shared, log)?;
