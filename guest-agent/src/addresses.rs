@@ -62,7 +62,10 @@ impl GuestAddrs {
 pub fn program(services: &mut ServiceTable, addrs: GuestAddrs, log: &Logger) -> Result<()> {
     info!(log, "guest addresses for getsockname";
           "v4" => addrs.v4.map(|ip| ip.to_string()), "v6" => addrs.v6.map(|ip| ip.to_string()));
-    services.datapath_mut().set_guest_addrs(addrs.v4, addrs.v6)
+    services
+        .datapath_mut()
+        .context("the table has no kernel datapath to tell its addresses")?
+        .set_guest_addrs(addrs.v4, addrs.v6)
 }
 
 /// Global addresses of the interfaces that are up, loopback excluded: a

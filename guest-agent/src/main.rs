@@ -165,13 +165,14 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let cgroup = kernel::prepare(config.cgroup.as_deref(), &config.bpffs, log)?;
     let features = kernel::Features::detect();
     features.report(log);
-    let mut services = ServiceTable::new(Datapath::load(&config.bpffs, log)?);
+    let (datapath, programmed) = Datapath::load(&config.bpffs, log)?;
+    let mut services = ServiceTable::new(programmed).with_datapath(datapath);
     match &table {
         Some(table) => {
             services.sync(table, 0)?;
         }
         None => info!(log, "no table given: keeping the programmed one";
-                      "services" => services.datapath().service_count()),
+                      "services" => services.programmed().service_count()),
     }
     // Subscribed before the first read, so no address change is missed.
     let address_changes = config
@@ -180,7 +181,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         .then(addresses::subscribe)
         .transpose()?;
     addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
-    services.datapath_mut().attach(&cgroup)?;
+    services.attach(&cgroup)?;
     services.set_socket_closer(Arc::new(SocketCloser::new(
         cgroup.clone(),
         config.close_tcp_of_removed_backends,

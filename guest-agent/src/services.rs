@@ -1,23 +1,27 @@
-//! The agent's service table: validated writes to the datapath, the names
-//! people gave services (the datapath keeps none) and the generation the
-//! host last synced; and the staging of a Sync that arrives in parts.
+//! The agent's service table: validated writes to the maps, the names
+//! people gave services (the maps keep none) and the generation the host
+//! last synced; the kernel datapath beside them when there is one; and the
+//! staging of a Sync that arrives in parts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use socklb_protocols::socklb as api;
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, ProgrammedTable},
     sockets::{RemovedBackend, SocketCloser},
 };
 
 pub struct ServiceTable {
-    datapath: Datapath,
+    programmed: ProgrammedTable,
+    /// The programs and their attachment; none for a table kept in memory
+    /// (see `datapath::TableMaps::in_memory`).
+    datapath: Option<Datapath>,
     names: BTreeMap<ServiceKey, String>,
     generation: u64,
     socket_closer: Option<Arc<SocketCloser>>,
@@ -45,13 +49,22 @@ pub struct StaleGeneration {
 }
 
 impl ServiceTable {
-    pub fn new(datapath: Datapath) -> ServiceTable {
+    /// A table over `programmed`'s maps, with no kernel datapath beside it
+    /// until [`ServiceTable::with_datapath`].
+    pub fn new(programmed: ProgrammedTable) -> ServiceTable {
         ServiceTable {
-            datapath,
+            programmed,
+            datapath: None,
             names: BTreeMap::new(),
             generation: 0,
             socket_closer: None,
         }
+    }
+
+    /// The programs whose maps `programmed` are.
+    pub fn with_datapath(mut self, datapath: Datapath) -> ServiceTable {
+        self.datapath = Some(datapath);
+        self
     }
 
     /// Closes the sockets of the backends each later write removes.
@@ -66,15 +79,19 @@ impl ServiceTable {
         if let Some(closer) = &self.socket_closer
             && !removed.is_empty()
         {
-            let opted_out = self.datapath.opt_out_cgroups().unwrap_or_default();
+            let opted_out = self
+                .datapath
+                .as_ref()
+                .and_then(|d| d.opt_out_cgroups().ok())
+                .unwrap_or_default();
             closer.close(removed, &opted_out);
         }
     }
 
     /// Makes the datapath hold exactly `table`, or leaves it as it was
-    /// (`Datapath::apply` is all or nothing).
+    /// (`ProgrammedTable::apply` is all or nothing).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
-        let summary = self.datapath.apply(table)?;
+        let summary = self.programmed.apply(table)?;
         self.close_sockets_of(summary.removed_backends);
         self.names = table
             .services
@@ -82,7 +99,7 @@ impl ServiceTable {
             .filter_map(|s| Some((s.key, s.name.clone()?)))
             .collect();
         self.generation = generation;
-        let programmed = self.datapath.read_table()?;
+        let programmed = self.programmed.read_table()?;
         Ok(Written {
             generation,
             services: programmed.services.len(),
@@ -102,7 +119,7 @@ impl ServiceTable {
     }
 
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written> {
-        let summary = self.datapath.upsert(services)?;
+        let summary = self.programmed.upsert(services)?;
         self.close_sockets_of(summary.removed_backends);
         for service in services {
             match &service.name {
@@ -114,7 +131,7 @@ impl ServiceTable {
     }
 
     pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written> {
-        let summary = self.datapath.delete(keys)?;
+        let summary = self.programmed.delete(keys)?;
         self.close_sockets_of(summary.removed_backends);
         for key in keys {
             self.names.remove(key);
@@ -126,14 +143,14 @@ impl ServiceTable {
         self.generation += 1;
         Written {
             generation: self.generation,
-            services: self.datapath.service_count(),
+            services: self.programmed.service_count(),
             digest: None,
         }
     }
 
     /// The generation and the table as read back from the maps, with names.
     pub fn list(&self) -> Result<(u64, Table)> {
-        let mut table = self.datapath.read_table()?;
+        let mut table = self.programmed.read_table()?;
         for service in &mut table.services {
             service.name = self.names.get(&service.key).cloned();
         }
@@ -144,12 +161,25 @@ impl ServiceTable {
         self.generation
     }
 
-    pub fn datapath(&self) -> &Datapath {
-        &self.datapath
+    /// The maps' side: counters and usage.
+    pub fn programmed(&self) -> &ProgrammedTable {
+        &self.programmed
     }
 
-    pub fn datapath_mut(&mut self) -> &mut Datapath {
-        &mut self.datapath
+    /// Attaches the programs to `cgroup` (see `Datapath::attach`).
+    pub fn attach(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        self.datapath
+            .as_mut()
+            .context("a table kept in memory has no programs to attach")?
+            .attach(cgroup)
+    }
+
+    pub fn datapath(&self) -> Option<&Datapath> {
+        self.datapath.as_ref()
+    }
+
+    pub fn datapath_mut(&mut self) -> Option<&mut Datapath> {
+        self.datapath.as_mut()
     }
 }
 

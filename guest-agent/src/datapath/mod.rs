@@ -1,7 +1,9 @@
 //! The eBPF datapath. This file owns its lifecycle: load the programs,
 //! adopt pinned maps (refusing another layout), attach and pin links,
-//! detach. `program` writes service tables into the maps, `stats` reads
-//! counters and usage back, `convert` maps the table's types to the maps'.
+//! detach. `maps` is the boundary under table programming (the kernel's
+//! maps, or the same contract in memory), `program` writes service tables
+//! into them, `stats` reads counters and usage back, `convert` maps the
+//! table's types to the maps'.
 //!
 //! Pins under the bpffs directory `DIR`:
 //! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
@@ -10,11 +12,12 @@
 //!   only then drops the old links, so no connect goes untranslated.
 
 mod convert;
+mod maps;
 mod program;
 mod stats;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -32,11 +35,12 @@ use aya::{
 use slog::{Logger, info};
 use socklb_common::{
     Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint, GUEST_ADDR_V4,
-    GUEST_ADDR_V6, MAX_SERVICES, MemberKey, ServiceCounters, Translation, map_names,
+    GUEST_ADDR_V6, MemberKey, ServiceCounters, Translation, map_names,
 };
 
 pub use convert::addr_words;
-pub use program::ApplySummary;
+pub use maps::{TableMaps, WriteDelay};
+pub use program::{ApplySummary, ProgrammedTable};
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 
 /// The programs, built by build.rs from ebpf/programs.
@@ -95,34 +99,18 @@ pub struct Datapath {
     ebpf: Ebpf,
     dir: PathBuf,
     links_dir: PathBuf,
-    services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service>,
-    vips: HashMap<MapData, Addr, u8>,
-    slots: HashMap<MapData, BackendSlotKey, Endpoint>,
-    members: HashMap<MapData, MemberKey, u8>,
-    stats: PerCpuArray<MapData, ServiceCounters>,
     guest_addrs: Array<MapData, Addr>,
     opt_out_cgroups: HashMap<MapData, u64, u8>,
     opt_out_count: Array<MapData, u32>,
     /// The cgroup the hooks are attached to, once they are.
     cgroup: Option<PathBuf>,
-    /// Ids of the programmed services and their total backend slots, kept
-    /// beside the maps so a write checks capacity without reading them all.
-    used_ids: BTreeSet<u32>,
-    /// Where the search for a free service id starts (see `free_ids`).
-    next_service_id: u32,
-    slot_count: usize,
-    /// Services per VIP: a VIP stays in `VIPS` while it has one.
-    services_per_vip: BTreeMap<Addr, usize>,
-    /// Services per (protocol, backend): a backend is removed, and its
-    /// sockets closed, once no service has it.
-    backend_uses: std::collections::HashMap<(u8, Endpoint), usize>,
     log: Logger,
 }
 
 impl Datapath {
     /// Loads the programs into the kernel, adopting maps pinned under `dir`
-    /// (creating and pinning them when absent).
-    pub fn load(dir: &Path, log: &Logger) -> Result<Datapath> {
+    /// (creating and pinning them when absent), and the table they hold.
+    pub fn load(dir: &Path, log: &Logger) -> Result<(Datapath, ProgrammedTable)> {
         let maps_dir = dir.join("maps");
         let links_dir = dir.join("links");
         for d in [&maps_dir, &links_dir] {
@@ -148,51 +136,31 @@ impl Datapath {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
         };
-        let services = HashMap::try_from(take(map_names::SERVICES)?)?;
-        let vips = HashMap::try_from(take(map_names::VIPS)?)?;
-        let slots = HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?;
-        let members = HashMap::try_from(take(map_names::MEMBERS)?)?;
-        let stats = PerCpuArray::try_from(take(map_names::SERVICE_COUNTERS)?)?;
+        let maps = TableMaps::kernel(
+            HashMap::try_from(take(map_names::SERVICES)?)?,
+            HashMap::try_from(take(map_names::VIPS)?)?,
+            HashMap::try_from(take(map_names::BACKEND_SLOTS)?)?,
+            HashMap::try_from(take(map_names::MEMBERS)?)?,
+            PerCpuArray::try_from(take(map_names::SERVICE_COUNTERS)?)?,
+        );
         let guest_addrs = Array::try_from(take(map_names::GUEST_ADDRS)?)?;
         let opt_out_cgroups = HashMap::try_from(take(map_names::OPT_OUT_CGROUPS)?)?;
         let opt_out_count = Array::try_from(take(map_names::OPT_OUT_COUNT)?)?;
         let log = log.new(slog::o!("component" => "datapath"));
-        let mut datapath = Datapath {
+        let table = ProgrammedTable::adopt(maps, &log)?;
+        info!(log, "programs loaded"; "bpffs" => dir.display().to_string(),
+              "adopted_services" => table.service_count());
+        let datapath = Datapath {
             ebpf,
             dir: dir.to_path_buf(),
             links_dir,
-            services,
-            vips,
-            slots,
-            members,
-            stats,
             guest_addrs,
             opt_out_cgroups,
             opt_out_count,
             cgroup: None,
-            used_ids: BTreeSet::new(),
-            next_service_id: 0,
-            slot_count: 0,
-            services_per_vip: BTreeMap::new(),
-            backend_uses: std::collections::HashMap::new(),
             log,
         };
-        let programmed = datapath.read_programmed()?;
-        datapath.sweep_orphans(&programmed)?;
-        datapath.used_ids = programmed.values().map(|p| p.entry.id).collect();
-        datapath.next_service_id = datapath
-            .used_ids
-            .last()
-            .map_or(0, |id| (id + 1) % MAX_SERVICES);
-        datapath.slot_count = programmed.values().map(|p| p.backends.len()).sum();
-        for key in programmed.keys() {
-            *datapath.services_per_vip.entry(key.vip).or_default() += 1;
-        }
-        datapath.count_backend_uses(&programmed);
-        datapath.reconcile_vips()?;
-        info!(datapath.log, "programs loaded"; "bpffs" => dir.display().to_string(),
-              "adopted_services" => datapath.used_ids.len());
-        Ok(datapath)
+        Ok((datapath, table))
     }
 
     /// Attaches every hook to `cgroup` and pins its link, replacing the link

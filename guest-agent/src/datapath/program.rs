@@ -3,19 +3,16 @@
 //! lookup sees its old backend set or its new one; and the repair of what
 //! an agent killed half way through an update leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::PerCpuValues;
-use slog::info;
-use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MemberKey, ServiceCounters,
-};
+use slog::{Logger, info};
+use socklb_common::{Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MemberKey};
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
-    Datapath,
     convert::{endpoint, map_key, socket_addr, table_key, table_of},
+    maps::TableMaps,
 };
 use crate::sockets::RemovedBackend;
 
@@ -37,7 +34,53 @@ pub(super) struct Programmed {
     pub(super) backends: Vec<Endpoint>,
 }
 
-impl Datapath {
+/// The service table as the maps hold it, and the ledger kept beside them
+/// so a write checks capacity and counts without reading every map.
+pub struct ProgrammedTable {
+    pub(super) maps: TableMaps,
+    /// Ids of the programmed services.
+    pub(super) used_ids: BTreeSet<u32>,
+    /// Where the search for a free service id starts (see `free_ids`).
+    next_service_id: u32,
+    /// Backend slots summed over the services.
+    pub(super) slot_count: usize,
+    /// Services per VIP: a VIP stays in `VIPS` while it has one.
+    pub(super) services_per_vip: BTreeMap<Addr, usize>,
+    /// Services per (protocol, backend): a backend is removed, and its
+    /// sockets closed, once no service has it.
+    backend_uses: HashMap<(u8, Endpoint), usize>,
+    log: Logger,
+}
+
+impl ProgrammedTable {
+    /// Takes over what `maps` hold (an earlier agent's table, or nothing),
+    /// first repairing what an agent killed half way through a write left.
+    pub fn adopt(maps: TableMaps, log: &Logger) -> Result<ProgrammedTable> {
+        let mut table = ProgrammedTable {
+            maps,
+            used_ids: BTreeSet::new(),
+            next_service_id: 0,
+            slot_count: 0,
+            services_per_vip: BTreeMap::new(),
+            backend_uses: HashMap::new(),
+            log: log.new(slog::o!("component" => "table")),
+        };
+        let programmed = table.read_programmed()?;
+        table.sweep_orphans(&programmed)?;
+        table.used_ids = programmed.values().map(|p| p.entry.id).collect();
+        table.next_service_id = table
+            .used_ids
+            .last()
+            .map_or(0, |id| (id + 1) % MAX_SERVICES);
+        table.slot_count = programmed.values().map(|p| p.backends.len()).sum();
+        for key in programmed.keys() {
+            *table.services_per_vip.entry(key.vip).or_default() += 1;
+        }
+        table.count_backend_uses(&programmed);
+        table.reconcile_vips()?;
+        Ok(table)
+    }
+
     /// Makes the maps hold exactly `table`, or leaves them as they were: a
     /// table refused (capacity) changes nothing, and after a kernel error
     /// half way the previous table is written back.
@@ -113,10 +156,7 @@ impl Datapath {
     }
 
     /// Counts each backend's services from `programmed`.
-    pub(super) fn count_backend_uses(
-        &mut self,
-        programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
-    ) {
+    fn count_backend_uses(&mut self, programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>) {
         self.backend_uses.clear();
         for (key, programmed) in programmed {
             for backend in &programmed.backends {
@@ -254,25 +294,33 @@ impl Datapath {
     /// update leaves such state (a removed backend still a member would
     /// keep its sticky clients for good), and a later service given the
     /// same id must not inherit it.
-    pub(super) fn sweep_orphans(
+    fn sweep_orphans(
         &mut self,
         programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
     ) -> Result<()> {
         let live: std::collections::HashMap<u32, &Programmed> =
             programmed.values().map(|p| (p.entry.id, p)).collect();
         let orphan_slots: Vec<BackendSlotKey> = self
+            .maps
             .slots
-            .keys()
-            .filter_map(|key| key.ok())
+            .entries()?
+            .into_iter()
+            .map(|(key, _)| key)
             .filter(|key| {
                 live.get(&key.service_id)
                     .is_none_or(|p| key.slot > p.entry.backend_count)
             })
             .collect();
         for key in &orphan_slots {
-            self.slots.remove(key)?;
+            self.maps.slots.remove(key)?;
         }
-        let members: HashSet<MemberKey> = self.members.keys().filter_map(|key| key.ok()).collect();
+        let members: HashSet<MemberKey> = self
+            .maps
+            .members
+            .entries()?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         let orphan_members: Vec<&MemberKey> = members
             .iter()
             .filter(|key| {
@@ -281,7 +329,7 @@ impl Datapath {
             })
             .collect();
         for key in &orphan_members {
-            self.members.remove(key)?;
+            self.maps.members.remove(key)?;
         }
         let missing_members: Vec<MemberKey> = live
             .values()
@@ -294,7 +342,7 @@ impl Datapath {
             .filter(|key| !members.contains(key))
             .collect();
         for key in &missing_members {
-            self.members.insert(key, 1, 0)?;
+            self.maps.members.insert(*key, 1)?;
         }
         if !orphan_slots.is_empty() || !orphan_members.is_empty() || !missing_members.is_empty() {
             info!(self.log, "repaired leftovers of an interrupted update";
@@ -307,28 +355,37 @@ impl Datapath {
     /// Makes `VIPS` hold exactly the VIPs of the programmed services: an
     /// agent killed half way through an update, or one of a version before
     /// `VIPS`, can leave it behind `SERVICES`.
-    pub(super) fn reconcile_vips(&mut self) -> Result<()> {
-        let pinned: Vec<Addr> = self.vips.keys().collect::<Result<_, _>>()?;
+    fn reconcile_vips(&mut self) -> Result<()> {
+        let pinned: Vec<Addr> = self
+            .maps
+            .vips
+            .entries()?
+            .into_iter()
+            .map(|(vip, _)| vip)
+            .collect();
         for vip in pinned
             .iter()
             .filter(|vip| !self.services_per_vip.contains_key(*vip))
         {
-            self.vips.remove(vip)?;
+            self.maps.vips.remove(vip)?;
         }
         for vip in self.services_per_vip.keys() {
             if !pinned.contains(vip) {
-                self.vips.insert(vip, 1, 0)?;
+                self.maps.vips.insert(*vip, 1)?;
             }
         }
         Ok(())
     }
 
-    pub(super) fn read_programmed(
-        &self,
-    ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+    fn read_programmed(&self) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
         let mut programmed = BTreeMap::new();
-        for item in self.services.iter() {
-            let (key, entry) = item.context("reading the services map")?;
+        for item in self
+            .maps
+            .services
+            .entries()
+            .context("reading the services map")?
+        {
+            let (key, entry) = item;
             programmed.insert(key, self.read_backends(&key, &entry)?);
         }
         Ok(programmed)
@@ -348,12 +405,10 @@ impl Datapath {
             Some(old) => (Some(old.entry), old.backends),
             None => {
                 // A fresh id may have counted for a removed service.
-                let zero =
-                    vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
-                self.stats.set(entry.id, PerCpuValues::try_from(zero)?, 0)?;
+                self.maps.counters.reset(entry.id)?;
                 // The VIP before the entry: a VIP missing from `VIPS` passes
                 // untranslated whatever `SERVICES` holds.
-                self.vips.insert(key.vip, 1, 0)?;
+                self.maps.vips.insert(key.vip, 1)?;
                 (None, Vec::new())
             }
         };
@@ -365,7 +420,7 @@ impl Datapath {
             backend,
         };
         for backend in new_set.difference(&old_set) {
-            self.members.insert(member(*backend), 1, 0)?;
+            self.maps.members.insert(member(*backend), 1)?;
             *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
         }
         for (index, backend) in backends.iter().enumerate() {
@@ -374,30 +429,30 @@ impl Datapath {
                     service_id: entry.id,
                     slot: index as u32 + 1,
                 };
-                self.slots.insert(slot, backend, 0)?;
+                self.maps.slots.insert(slot, *backend)?;
             }
         }
         if old_entry != Some(entry) {
-            if let Err(err) = self.services.insert(key, entry, 0) {
+            if let Err(err) = self.maps.services.insert(*key, entry) {
                 if is_new && !self.services_per_vip.contains_key(&key.vip) {
                     // Best effort: a VIP left in `VIPS` without a service
                     // would refuse its connects until the next agent start.
-                    let _ = self.vips.remove(&key.vip);
+                    let _ = self.maps.vips.remove(&key.vip);
                 }
-                return Err(err.into());
+                return Err(err);
             }
             if is_new {
                 *self.services_per_vip.entry(key.vip).or_default() += 1;
             }
         }
         for slot in backends.len() + 1..=old_backends.len() {
-            self.slots.remove(&BackendSlotKey {
+            self.maps.slots.remove(&BackendSlotKey {
                 service_id: entry.id,
                 slot: slot as u32,
             })?;
         }
         for backend in old_set.difference(&new_set) {
-            self.members.remove(&member(*backend))?;
+            self.maps.members.remove(&member(*backend))?;
             self.release_backend(key.proto, *backend);
         }
         self.used_ids.insert(entry.id);
@@ -407,22 +462,22 @@ impl Datapath {
 
     fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
-        self.services.remove(key)?;
+        self.maps.services.remove(key)?;
         if let Some(count) = self.services_per_vip.get_mut(&key.vip) {
             *count -= 1;
             if *count == 0 {
                 self.services_per_vip.remove(&key.vip);
-                self.vips.remove(&key.vip)?;
+                self.maps.vips.remove(&key.vip)?;
             }
         }
         for slot in 1..=programmed.entry.backend_count {
-            self.slots.remove(&BackendSlotKey {
+            self.maps.slots.remove(&BackendSlotKey {
                 service_id: id,
                 slot,
             })?;
         }
         for backend in &programmed.backends {
-            self.members.remove(&MemberKey {
+            self.maps.members.remove(&MemberKey {
                 service_id: id,
                 backend: *backend,
             })?;
@@ -451,12 +506,8 @@ impl Datapath {
     ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
         let mut programmed = BTreeMap::new();
         for key in keys {
-            match self.services.get(key, 0) {
-                Ok(entry) => {
-                    programmed.insert(*key, self.read_backends(key, &entry)?);
-                }
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(err.into()),
+            if let Some(entry) = self.maps.services.get(key)? {
+                programmed.insert(*key, self.read_backends(key, &entry)?);
             }
         }
         Ok(programmed)
@@ -469,14 +520,12 @@ impl Datapath {
     ) -> Result<Programmed> {
         let backends = (1..=entry.backend_count)
             .map(|slot| {
-                self.slots
-                    .get(
-                        &BackendSlotKey {
-                            service_id: entry.id,
-                            slot,
-                        },
-                        0,
-                    )
+                self.maps
+                    .slots
+                    .get(&BackendSlotKey {
+                        service_id: entry.id,
+                        slot,
+                    })?
                     .with_context(|| {
                         format!("service {} lacks backend slot {slot}", table_key(key))
                     })

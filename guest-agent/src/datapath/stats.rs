@@ -14,7 +14,7 @@ use socklb_common::{
 };
 use socklb_table::ServiceKey;
 
-use super::{Datapath, HOOKS, convert::table_key};
+use super::{Datapath, HOOKS, ProgrammedTable, convert::table_key};
 
 /// How full a map is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,21 +33,14 @@ impl Datapath {
     pub fn pin_dir(&self) -> &Path {
         &self.dir
     }
+}
 
+impl ProgrammedTable {
     /// Translations and rejects per service, summed over CPUs.
     pub fn service_stats(&self) -> Result<Vec<(ServiceKey, ServiceCounters)>> {
         let mut stats = Vec::new();
-        for item in self.services.iter() {
-            let (key, entry) = item?;
-            let per_cpu = self.stats.get(&entry.id, 0)?;
-            let total = per_cpu
-                .iter()
-                .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
-                    translations: sum.translations + c.translations,
-                    rejects: sum.rejects + c.rejects,
-                    insert_failures: sum.insert_failures + c.insert_failures,
-                });
-            stats.push((table_key(&key), total));
+        for (key, entry) in self.maps.services.entries()? {
+            stats.push((table_key(&key), self.maps.counters.total(entry.id)?));
         }
         stats.sort_by_key(|(key, _)| *key);
         Ok(stats)

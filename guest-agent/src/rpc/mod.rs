@@ -107,15 +107,17 @@ impl Rpc {
         let run_time_stats = self.run_time_stats;
         let (generation, mut stats, pin_dir) = self
             .with_table(move |t| {
-                let pin_dir = t.datapath().pin_dir().to_path_buf();
+                let pin_dir = t.datapath().map(|d| d.pin_dir().to_path_buf());
                 Ok((t.generation(), stats(t, run_time_stats)?, pin_dir))
             })
             .await?;
-        let lru = tokio::task::spawn_blocking(move || datapath::lru_usage(&pin_dir))
-            .await
-            .map_err(|err| status(Code::INTERNAL, err))?
-            .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
-        stats.maps.extend(lru.into_iter().map(map_usage));
+        if let Some(pin_dir) = pin_dir {
+            let lru = tokio::task::spawn_blocking(move || datapath::lru_usage(&pin_dir))
+                .await
+                .map_err(|err| status(Code::INTERNAL, err))?
+                .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
+            stats.maps.extend(lru.into_iter().map(map_usage));
+        }
         Ok((generation, stats))
     }
 
@@ -205,7 +207,7 @@ impl socklb_ttrpc::Health for Rpc {
         _: api::VersionRequest,
     ) -> ttrpc::Result<api::VersionResponse> {
         let hooks = self
-            .with_table(|t| Ok(t.datapath().attached_hooks()))
+            .with_table(|t| Ok(t.datapath().map(|d| d.attached_hooks()).unwrap_or_default()))
             .await?;
         let mut features = vec![
             "client-ip-affinity".to_string(),

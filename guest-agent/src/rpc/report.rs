@@ -12,9 +12,13 @@ pub(super) fn stats(
     table: &mut ServiceTable,
     run_time_stats: bool,
 ) -> anyhow::Result<api::StatsResponse> {
-    let datapath = table.datapath();
+    let programmed = table.programmed();
+    let hooks = match table.datapath() {
+        Some(datapath) => datapath.hook_stats()?,
+        None => Vec::new(),
+    };
     Ok(api::StatsResponse {
-        services: datapath
+        services: programmed
             .service_stats()?
             .into_iter()
             .map(|(key, counters)| api::ServiceStats {
@@ -25,8 +29,7 @@ pub(super) fn stats(
                 ..Default::default()
             })
             .collect(),
-        hooks: datapath
-            .hook_stats()?
+        hooks: hooks
             .into_iter()
             .map(|hook| api::HookStats {
                 hook: hook.hook.into(),
@@ -35,7 +38,7 @@ pub(super) fn stats(
                 ..Default::default()
             })
             .collect(),
-        maps: datapath.map_usage().into_iter().map(map_usage).collect(),
+        maps: programmed.map_usage().into_iter().map(map_usage).collect(),
         run_time_stats_enabled: run_time_stats,
         ..Default::default()
     })

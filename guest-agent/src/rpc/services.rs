@@ -245,13 +245,13 @@ impl socklb_ttrpc::Services for Rpc {
     ) -> ttrpc::Result<api::OptOutCgroupsResponse> {
         let cgroups = self
             .with_table(move |t| {
-                let attached = t
-                    .datapath()
-                    .attached_cgroup()
+                let datapath = t
+                    .datapath_mut()
+                    .filter(|d| d.attached_cgroup().is_some())
                     .ok_or(OptOutError::NotAttached)?;
+                let attached = datapath.attached_cgroup().expect("checked above");
                 let wanted = opt_out::resolve(attached, &request.cgroups)?;
-                t.datapath_mut()
-                    .set_opt_out_cgroups(&wanted.keys().copied().collect())?;
+                datapath.set_opt_out_cgroups(&wanted.keys().copied().collect())?;
                 Ok(wanted)
             })
             .await?;
@@ -266,7 +266,9 @@ impl socklb_ttrpc::Services for Rpc {
     ) -> ttrpc::Result<api::OptOutCgroupsResponse> {
         let (ids, attached) = self
             .with_table(|t| {
-                let datapath = t.datapath();
+                let Some(datapath) = t.datapath() else {
+                    return Ok(Default::default());
+                };
                 Ok((
                     datapath.opt_out_cgroups()?,
                     datapath.attached_cgroup().map(std::path::Path::to_path_buf),
