@@ -5,8 +5,8 @@
 //!   (`<sandbox dir>/shim-monitor.sock`), HTTP/1.1 on a unix socket whose
 //!   `GET /agent-url` answers the agent's URL as plain text, as the Go
 //!   shim's `agentURL` handler and runtime-rs do;
-//! - [`StandInAgent`]: socklb.v1 (API 1.0: Health, Sync, Upsert, Delete,
-//!   List) kept in memory with the real table validation and digest,
+//! - [`StandInAgent`]: the agent's own API and table code over maps kept
+//!   in memory (the only layer faked, as aya fakes only its syscalls),
 //!   behind the hybrid vsock handshake (`CONNECT <port>\n` -> `OK <n>\n`)
 //!   on a unix socket, as vhost-device-vsock, Firecracker and Cloud
 //!   Hypervisor offer a guest port;
@@ -23,23 +23,21 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use futures::StreamExt as _;
-use socklb_protocols::{
-    socklb::{self as api, check_response::Status},
-    socklb_ttrpc,
+use slog::{Drain, KV as _, Key, Logger, OwnedKVList, Record, Serializer};
+use socklb_agent::{
+    datapath::{ProgrammedTable, TableMaps, WriteDelay},
+    rpc::Rpc,
+    services::ServiceTable,
 };
 use socklb_shim::node::http::{Handler, Reply, serve_connection};
-use socklb_table::{Service, ServiceKey, Table};
+use socklb_table::Table;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
     task::JoinHandle,
 };
-use ttrpc::{
-    Code,
-    r#async::{Server, TtrpcContext, transport::Listener},
-};
+use ttrpc::r#async::{Server, transport::Listener};
 
 /// Kata's shim management socket for one sandbox.
 pub struct KataShim {
@@ -90,146 +88,54 @@ async fn accept_hybrid(stream: &mut UnixStream, port: u32) -> io::Result<()> {
     stream.write_all(b"OK 1073741824\n").await
 }
 
-/// What a stand-in agent holds.
-#[derive(Default)]
-struct AgentState {
-    services: BTreeMap<ServiceKey, Service>,
-    generation: u64,
-    syncs: u64,
-    upserts: u64,
-    /// How long each Upsert takes: a slow sandbox.
-    upsert_delay: Duration,
-}
-
+/// Counts the agent's "table written" log records by request kind: how
+/// many Syncs and Upserts a sandbox received, as its log tells an operator.
 #[derive(Clone, Default)]
-struct Rpc {
-    state: Arc<Mutex<AgentState>>,
-}
+struct WritesLogged(Arc<Mutex<BTreeMap<String, u64>>>);
 
-fn invalid(err: impl ToString) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(Code::INVALID_ARGUMENT, err.to_string()))
-}
-
-fn written(state: &AgentState, digest: Option<String>) -> api::WriteResponse {
-    api::WriteResponse {
-        generation: state.generation,
-        services: state.services.len() as u32,
-        digest: digest.unwrap_or_default(),
-        ..Default::default()
+impl WritesLogged {
+    fn count(&self, requests: &[&str]) -> u64 {
+        let counts = self.0.lock().unwrap();
+        requests.iter().filter_map(|r| counts.get(*r)).sum()
     }
 }
 
-fn table_of(state: &AgentState) -> Table {
-    Table {
-        services: state.services.values().cloned().collect(),
-    }
-}
+impl Drain for WritesLogged {
+    type Ok = ();
+    type Err = slog::Never;
 
-#[async_trait]
-impl socklb_ttrpc::Health for Rpc {
-    async fn check(
-        &self,
-        _ctx: &TtrpcContext,
-        _: api::CheckRequest,
-    ) -> ttrpc::Result<api::CheckResponse> {
-        Ok(api::CheckResponse {
-            status: Status::SERVING.into(),
-            ..Default::default()
-        })
-    }
-
-    async fn version(
-        &self,
-        _ctx: &TtrpcContext,
-        _: api::VersionRequest,
-    ) -> ttrpc::Result<api::VersionResponse> {
-        Ok(api::VersionResponse {
-            agent_version: "stand-in".into(),
-            api_version: "1.0".into(),
-            ..Default::default()
-        })
-    }
-}
-
-#[async_trait]
-impl socklb_ttrpc::Services for Rpc {
-    async fn sync(
-        &self,
-        _ctx: &TtrpcContext,
-        request: api::SyncRequest,
-    ) -> ttrpc::Result<api::WriteResponse> {
-        let table = Table::from_api(&request.services).map_err(invalid)?;
-        let mut state = self.state.lock().unwrap();
-        state.services = table.services.into_iter().map(|s| (s.key, s)).collect();
-        state.generation = request.generation;
-        state.syncs += 1;
-        let digest = table_of(&state).digest();
-        Ok(written(&state, Some(digest)))
-    }
-
-    async fn upsert(
-        &self,
-        _ctx: &TtrpcContext,
-        request: api::UpsertRequest,
-    ) -> ttrpc::Result<api::WriteResponse> {
-        let services = request
-            .services
-            .iter()
-            .enumerate()
-            .map(|(index, service)| Service::from_api(index, service))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
-        let delay = self.state.lock().unwrap().upsert_delay;
-        tokio::time::sleep(delay).await;
-        let mut state = self.state.lock().unwrap();
-        for service in services {
-            state.services.insert(service.key, service);
+    fn log(&self, record: &Record, _: &OwnedKVList) -> Result<(), slog::Never> {
+        if record.msg().to_string() == "table written" {
+            let mut request = RequestKey(None);
+            let _ = record.kv().serialize(record, &mut request);
+            if let Some(request) = request.0 {
+                *self.0.lock().unwrap().entry(request).or_default() += 1;
+            }
         }
-        state.generation += 1;
-        state.upserts += 1;
-        Ok(written(&state, None))
-    }
-
-    async fn delete(
-        &self,
-        _ctx: &TtrpcContext,
-        request: api::DeleteRequest,
-    ) -> ttrpc::Result<api::WriteResponse> {
-        let keys = request
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(index, key)| ServiceKey::from_api(&format!("keys[{index}]"), key))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invalid)?;
-        let mut state = self.state.lock().unwrap();
-        for key in keys {
-            state.services.remove(&key);
-        }
-        state.generation += 1;
-        Ok(written(&state, None))
-    }
-
-    async fn list(
-        &self,
-        _ctx: &TtrpcContext,
-        _: api::ListRequest,
-    ) -> ttrpc::Result<api::ListResponse> {
-        let state = self.state.lock().unwrap();
-        let table = table_of(&state);
-        Ok(api::ListResponse {
-            generation: state.generation,
-            digest: table.digest(),
-            services: table.to_api(),
-            ..Default::default()
-        })
+        Ok(())
     }
 }
 
-/// An in-memory socklb agent behind hybrid vsock on a unix socket.
+/// Picks the `request` value out of a log record.
+struct RequestKey(Option<String>);
+
+impl Serializer for RequestKey {
+    fn emit_arguments(&mut self, key: Key, value: &std::fmt::Arguments) -> slog::Result {
+        if key == "request" {
+            self.0 = Some(value.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The real agent API (`socklb_agent::rpc::Rpc` over its `ServiceTable`)
+/// with the table kept in memory instead of eBPF maps, behind hybrid vsock
+/// on a unix socket.
 pub struct StandInAgent {
     uds: PathBuf,
-    rpc: Rpc,
+    table: Arc<Mutex<ServiceTable>>,
+    write_delay: WriteDelay,
+    writes: WritesLogged,
     server: Server,
 }
 
@@ -253,43 +159,54 @@ impl StandInAgent {
             }
         })
         .boxed();
-        let rpc = Rpc::default();
-        let mut services = socklb_ttrpc::create_health(Arc::new(rpc.clone()));
-        services.extend(socklb_ttrpc::create_services(Arc::new(rpc.clone())));
+        let writes = WritesLogged::default();
+        let log = Logger::root(writes.clone().fuse(), slog::o!());
+        let write_delay = WriteDelay::default();
+        let programmed = ProgrammedTable::adopt(TableMaps::in_memory(write_delay.clone()), &log)
+            .expect("empty maps in memory");
+        let table = Arc::new(Mutex::new(ServiceTable::new(programmed)));
+        let rpc = Arc::new(Rpc::new(table.clone(), false, &log));
         let mut server = Server::new()
             .add_listener(Listener::new(accepts))
-            .register_service(services);
+            .register_service(rpc.services());
         server.start().await.expect("start the stand-in agent");
         StandInAgent {
             uds: uds.into(),
-            rpc,
+            table,
+            write_delay,
+            writes,
             server,
         }
     }
 
     /// The table it holds.
     pub fn table(&self) -> Table {
-        table_of(&self.rpc.state.lock().unwrap())
+        self.table.lock().unwrap().list().expect("list in memory").1
     }
 
     /// Empties its table behind the host's back, as another writer would.
     pub fn tamper(&self) {
-        self.rpc.state.lock().unwrap().services.clear();
+        let mut table = self.table.lock().unwrap();
+        let generation = table.generation();
+        table
+            .sync(&Table::default(), generation)
+            .expect("empty the table in memory");
     }
 
-    /// Makes every Upsert take `delay` from now on.
+    /// Makes each map write (a service's entry, slot or member) take
+    /// `delay` from now on: a slow sandbox.
     pub fn slow_down(&self, delay: Duration) {
-        self.rpc.state.lock().unwrap().upsert_delay = delay;
+        self.write_delay.set(delay);
     }
 
     /// Upserts it applied.
     pub fn upserts(&self) -> u64 {
-        self.rpc.state.lock().unwrap().upserts
+        self.writes.count(&["upsert"])
     }
 
-    /// Whole-table Syncs it received.
+    /// Whole-table Syncs it applied (in one message or in parts).
     pub fn syncs(&self) -> u64 {
-        self.rpc.state.lock().unwrap().syncs
+        self.writes.count(&["sync", "sync in parts"])
     }
 
     /// Stops listening and drops every connection, as a sandbox that dies;
