@@ -163,3 +163,92 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
     let (_, table, _) = runtime.block_on(client.list()).expect("list");
     assert_eq!(table, web(2));
 }
+
+/// An agent of a given API version that counts how its table was read.
+#[derive(Clone)]
+struct ReadCountingAgent {
+    api_version: &'static str,
+    lists: Arc<AtomicU64>,
+    digests: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl socklb_ttrpc::Health for ReadCountingAgent {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            api_version: self.api_version.into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl socklb_ttrpc::Services for ReadCountingAgent {
+    async fn list(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::ListRequest,
+    ) -> ttrpc::Result<api::ListResponse> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        Ok(api::ListResponse {
+            generation: 7,
+            services: web(1).to_api(),
+            digest: web(1).digest(),
+            ..Default::default()
+        })
+    }
+
+    async fn digest(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::DigestRequest,
+    ) -> ttrpc::Result<api::DigestResponse> {
+        self.digests.fetch_add(1, Ordering::Relaxed);
+        Ok(api::DigestResponse {
+            generation: 7,
+            digest: web(1).digest(),
+            services: 1,
+            ..Default::default()
+        })
+    }
+}
+
+#[test]
+fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime();
+    let _in_runtime = runtime.enter();
+    // API 1.3 answers Digest; 1.2 has none, so the client lists the table.
+    for (api_version, lists, digests) in [("1.3", 0, 1), ("1.2", 1, 0)] {
+        let agent = ReadCountingAgent {
+            api_version,
+            lists: Arc::default(),
+            digests: Arc::default(),
+        };
+        let socket = dir.path().join(format!("agent-{api_version}.sock"));
+        let mut services = socklb_ttrpc::create_health(Arc::new(agent.clone()));
+        services.extend(socklb_ttrpc::create_services(Arc::new(agent.clone())));
+        let mut server = Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .expect("bind the agent")
+            .register_service(services);
+        runtime.block_on(server.start()).expect("start the agent");
+        let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
+
+        let digest = runtime.block_on(client.digest()).expect("digest");
+        assert_eq!(digest, (7, web(1).digest()), "API {api_version}");
+        assert_eq!(
+            (
+                agent.lists.load(Ordering::Relaxed),
+                agent.digests.load(Ordering::Relaxed)
+            ),
+            (lists, digests),
+            "API {api_version}: (Lists, Digests) asked"
+        );
+        runtime.block_on(server.shutdown()).expect("stop the agent");
+    }
+}

@@ -218,6 +218,20 @@ impl socklb_ttrpc::Services for Rpc {
         Ok(response)
     }
 
+    async fn digest(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::DigestRequest,
+    ) -> ttrpc::Result<api::DigestResponse> {
+        let (generation, table) = self.with_table(|t| t.list()).await?;
+        Ok(api::DigestResponse {
+            generation,
+            digest: table.digest(),
+            services: table.services.len() as u32,
+            ..Default::default()
+        })
+    }
+
     async fn stats(
         &self,
         _ctx: &TtrpcContext,

@@ -82,7 +82,7 @@ struct Connection {
     health: HealthClient,
     services: ServicesClient,
     /// The agent's API minor version: 1 and above take a Sync in parts and
-    /// serve List in pages.
+    /// serve List in pages, 3 and above answer Digest.
     api_minor: u32,
 }
 

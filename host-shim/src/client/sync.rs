@@ -191,6 +191,19 @@ impl AgentClient {
         result
     }
 
+    /// The generation and digest of the table the agent's maps hold: by
+    /// Digest from an API 1.3 agent, by a whole List from an older one.
+    pub async fn digest(&mut self) -> Result<(u64, String), ClientError> {
+        if self.connected().await?.api_minor < 3 {
+            let (generation, _, digest) = self.list().await?;
+            return Ok((generation, digest));
+        }
+        let response = self
+            .call(|c, ctx| async move { c.services.digest(ctx, &api::DigestRequest::new()).await })
+            .await?;
+        Ok((response.generation, response.digest))
+    }
+
     pub(super) async fn list_pages(&mut self) -> Result<(u64, Table, String), ClientError> {
         let mut services = Vec::new();
         let mut page_token = String::new();

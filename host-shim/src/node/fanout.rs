@@ -367,7 +367,8 @@ async fn sync_whole(
     })
 }
 
-/// Reads the agent's table back and compares its digest with the node's
+/// Asks the digest of the table the agent's maps hold (not the table: a
+/// few bytes, see `AgentClient::digest`) and compares it with the node's
 /// table at `acked`: false when they differ (someone else wrote to the
 /// agent). A node table that moved on meanwhile is not compared: the
 /// changes are on their way.
@@ -377,7 +378,7 @@ async fn verify_digest(
     acked: Option<u64>,
     log: &Logger,
 ) -> Result<bool, ClientError> {
-    let (_, _, agent_digest) = client.list().await?;
+    let (_, agent_digest) = client.digest().await?;
     let (version, node_digest) = hub.digest();
     if Some(version) != acked || agent_digest == node_digest {
         return Ok(true);
