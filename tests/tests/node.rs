@@ -339,6 +339,51 @@ fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
     );
 }
 
+/// A sandbox whose agent moved (its VM started again under another CID
+/// or socket, the sandbox id and directory the same) is found again: an
+/// agent that keeps failing has its address asked from Kata's shim anew.
+#[test]
+fn an_agent_that_moved_is_found_at_its_new_address() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    // Nothing listens at the first address.
+    let (_, gone_url) = node.vsock("gone");
+    let _old_shim = node.sandbox("kata", "moving", &gone_url);
+    node.start(&api, 3);
+    converge(
+        &node,
+        "the old address failed",
+        Duration::from_secs(20),
+        || node.log().contains("agent write failed"),
+    );
+
+    // Kata's shim now names another socket; its own socket file is
+    // replaced in one rename, so the sandbox never disappears.
+    let (uds, url) = node.vsock("moved");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let staged = node.path("kata/moving/new-monitor.sock");
+    let _new_shim = KataShim::start(&staged, &url);
+    std::fs::rename(&staged, node.path("kata/moving/shim-monitor.sock")).unwrap();
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+    converge(
+        &node,
+        "the agent at its new address synced",
+        Duration::from_secs(10),
+        || lines(&agent) == expected,
+    );
+    let row = node.row("moving").expect("row moving");
+    assert_eq!(
+        row["agent"],
+        format!("hvsock://{}:{DEFAULT_AGENT_PORT}", uds.display()),
+        "{row}"
+    );
+    assert_eq!(row["state"], "in_sync", "{row}");
+}
+
 #[test]
 fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
     let runtime = runtime();

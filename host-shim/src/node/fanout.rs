@@ -33,8 +33,13 @@ const KEPT_BATCHES: usize = 64;
 /// How often an idle sandbox's agent is checked, so that a restarted
 /// agent or a rebooted sandbox is resynced without waiting for a change.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-const RETRY_INITIAL: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The first wait after a failed write; each failure in a row doubles it.
+pub const RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// A sandbox that keeps failing is parked: tried again this often at most.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Failures in a row after which the agent's address is asked again (a
+/// sandbox's VM started again may have another CID or socket).
+const RESOLVE_AGAIN_AFTER: u32 = 3;
 
 /// One batch of changes and the version it made.
 struct Batch {
@@ -236,36 +241,41 @@ pub struct Shared {
     pub verify_every: Option<Duration>,
 }
 
-/// Keeps one sandbox's agent at the hub's newest version, until aborted.
-pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, log: Logger) {
+/// Keeps one sandbox's agent at the hub's newest version until aborted,
+/// or until it has failed [`RESOLVE_AGAIN_AFTER`] times in a row (and
+/// waited out `retry`): then the caller asks for its address again.
+pub async fn serve_sandbox(
+    id: &str,
+    client: &mut AgentClient,
+    retry: &mut Backoff,
+    shared: &Shared,
+    log: &Logger,
+) {
     let mut newest = shared.hub.subscribe();
     let mut acked: Option<u64> = None;
     // Connections the client had opened when the agent last got the whole
     // table: another one since means the agent may be a new one.
-    let mut opened_at_sync = 0;
-    let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    let mut opened_at_sync = client.connections_opened();
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_verified = Instant::now();
     loop {
         if shared.hub.version() == 0 {
-            shared.registry.set_state(&id, State::WaitingForTable);
-            if newest.changed().await.is_err() {
-                return;
-            }
+            shared.registry.set_state(id, State::WaitingForTable);
+            newest.changed().await.expect(HUB_SENDS);
             continue;
         }
         let outcome = match shared.hub.catch_up(acked) {
             CatchUp::Current => {
                 tokio::select! {
-                    changed = newest.changed() => if changed.is_err() { return },
+                    changed = newest.changed() => changed.expect(HUB_SENDS),
                     _ = health.tick() => {
                         let verify = shared
                             .verify_every
                             .is_some_and(|every| last_verified.elapsed() >= every);
                         let alive = if verify {
                             last_verified = Instant::now();
-                            verify_digest(&mut client, &shared.hub, acked, &log).await
+                            verify_digest(client, &shared.hub, acked, log).await
                         } else {
                             client.check().await.map(|_| true)
                         };
@@ -274,7 +284,7 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
                             Ok(_) => acked = None,
                             Err(err) => {
                                 acked = None;
-                                shared.registry.failed(&id, &err.to_string());
+                                shared.registry.failed(id, &err.to_string());
                             }
                         }
                     }
@@ -282,8 +292,8 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
                 continue;
             }
             CatchUp::Whole => {
-                shared.registry.set_state(&id, State::Syncing);
-                let result = sync_whole(&mut client, &shared, &log).await;
+                shared.registry.set_state(id, State::Syncing);
+                let result = sync_whole(client, shared, log).await;
                 opened_at_sync = client.connections_opened();
                 result
             }
@@ -314,7 +324,7 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
             Ok(version) if client.connections_opened() == opened_at_sync => {
                 acked = Some(version);
                 retry.reset();
-                shared.registry.acknowledged(&id, version);
+                shared.registry.acknowledged(id, version);
             }
             // The client reconnected during an incremental write: the
             // agent behind may have restarted with another table.
@@ -324,13 +334,21 @@ pub async fn serve_sandbox(id: String, mut client: AgentClient, shared: Shared, 
                 let err = err.to_string();
                 let wait = retry.failed();
                 warn!(log, "agent write failed; retrying with the whole table";
-                      "error" => &err, "in_ms" => wait.as_millis() as u64);
-                shared.registry.failed(&id, &err);
+                      "error" => &err, "in_ms" => wait.as_millis() as u64,
+                      "failures" => retry.failures());
+                shared.registry.failed(id, &err);
                 tokio::time::sleep(wait).await;
+                if retry.failures() >= RESOLVE_AGAIN_AFTER {
+                    return;
+                }
             }
         }
     }
 }
+
+/// `newest.changed()` fails only once the hub's sender is gone, and every
+/// sandbox task holds the hub.
+const HUB_SENDS: &str = "the hub outlives its sandboxes' tasks";
 
 /// Sends the hub's whole table and returns its version. The agent is
 /// reached and asked Health before a permit is taken, so an agent that

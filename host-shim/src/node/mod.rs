@@ -29,6 +29,7 @@ use tokio::{
 };
 
 use crate::{
+    addr::AgentAddr,
     backoff::Backoff,
     client::{AgentClient, Options},
     node::{
@@ -59,7 +60,8 @@ pub struct NodeConfig {
     pub batch: Duration,
     pub rescan: Duration,
     pub external_vips: bool,
-    /// Per agent call; also how long a connect is retried.
+    /// Per agent call, and for one whole table under a permit. A connect
+    /// is tried once per attempt: the fan-out retries with its backoff.
     pub call_timeout: Duration,
     /// Whole tables being sent at once, at most.
     pub parallel_syncs: usize,
@@ -97,7 +99,7 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
             agent_port: config.agent_port,
             options: Options {
                 call_timeout: config.call_timeout,
-                connect_timeout: config.call_timeout,
+                connect_timeout: Duration::ZERO,
                 ..Options::default()
             },
         },
@@ -179,21 +181,49 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Asks Kata's shim where the agent is (retrying a shim that does not
-/// answer yet, logging each new problem once), then keeps the agent at the
-/// node's table.
+/// Asks Kata's shim where the agent is, then keeps the agent at the
+/// node's table; asks again whenever the agent keeps failing, since a
+/// sandbox's VM started again may have another CID or socket.
 async fn follow_sandbox(
     sandbox: Found,
     settings: Arc<SandboxSettings>,
     shared: Shared,
     log: Logger,
 ) {
+    // Kept across the questions to Kata's shim: an agent that keeps
+    // failing at the same address stays parked.
+    let mut retry = Backoff::new(fanout::RETRY_INITIAL, fanout::RETRY_MAX);
+    let mut agent: Option<AgentClient> = None;
+    loop {
+        let Some(addr) = resolve(&sandbox, &settings, &shared, &log).await else {
+            return;
+        };
+        if agent.as_ref().is_none_or(|known| *known.addr() != addr) {
+            info!(log, "agent address"; "agent" => addr.to_string());
+            shared.registry.set_agent(&sandbox.id, addr.to_string());
+            retry.reset();
+            agent = Some(AgentClient::new(addr, settings.options.clone(), &log));
+        }
+        let client = agent.as_mut().expect("an agent client");
+        fanout::serve_sandbox(&sandbox.id, client, &mut retry, &shared, &log).await;
+    }
+}
+
+/// The agent's address from Kata's shim (retrying a shim that does not
+/// answer yet, logging each new problem once); None for a sandbox whose
+/// agent is not on this node.
+async fn resolve(
+    sandbox: &Found,
+    settings: &SandboxSettings,
+    shared: &Shared,
+    log: &Logger,
+) -> Option<AgentAddr> {
     let mut retry = Backoff::new(RESOLVE_RETRY_INITIAL, RESOLVE_RETRY_MAX);
     let mut last_problem = String::new();
-    let addr = loop {
+    loop {
         let problem = match http::get_unix(&sandbox.socket, "/agent-url", AGENT_URL_TIMEOUT).await {
             Ok(answer) => match discovery::agent_url(&answer, settings.agent_port) {
-                Ok(AgentUrl::Local(addr)) => break addr,
+                Ok(AgentUrl::Local(addr)) => return Some(addr),
                 Ok(AgentUrl::Remote(url)) => {
                     info!(log, "remote (peer-pods) sandbox: its agent is not on this node; skipped";
                               "agent_url" => &url);
@@ -202,7 +232,7 @@ async fn follow_sandbox(
                         State::Skipped,
                         &format!("remote agent {url}"),
                     );
-                    return;
+                    return None;
                 }
                 Err(err) => err,
             },
@@ -216,11 +246,7 @@ async fn follow_sandbox(
             last_problem = problem;
         }
         tokio::time::sleep(retry.failed()).await;
-    };
-    info!(log, "agent address"; "agent" => addr.to_string());
-    shared.registry.set_agent(&sandbox.id, addr.to_string());
-    let client = AgentClient::new(addr, settings.options.clone(), &log);
-    fanout::serve_sandbox(sandbox.id, client, shared, log).await;
+    }
 }
 
 /// `GET /status` on the status socket: the report as JSON.
