@@ -1,7 +1,9 @@
 //! The manifests in `deploy/` parse, grant only get/list/watch on
 //! Services, EndpointSlices and Nodes, and run the daemon as the README
 //! says: NODE_NAME from the downward API, Kata's directories read-only, a
-//! liveness probe on the metrics port, resource requests.
+//! liveness probe on the metrics port, resource requests; with
+//! CAP_NET_BIND_SERVICE as its only capability and a seccomp profile that
+//! is RuntimeDefault plus socket(AF_VSOCK), what a vhost-vsock node needs.
 
 use std::{collections::BTreeSet, path::PathBuf};
 
@@ -148,6 +150,155 @@ fn daemonset_runs_the_node_daemon_as_documented() {
             .unwrap_or_else(|| panic!("{host_dir} mounted"));
         assert_eq!(mount["mountPath"], host_dir);
         assert_eq!(mount["readOnly"], true, "{host_dir} read-only");
+    }
+}
+
+/// The node daemon's one container.
+fn daemon_container(daemonset: &Value) -> &Value {
+    &daemonset["spec"]["template"]["spec"]["containers"][0]
+}
+
+#[test]
+fn daemon_holds_cap_net_bind_service_and_no_other_capability() {
+    let objects = objects();
+    let daemonset = one(&objects, "DaemonSet");
+    // In the initial user namespace, where af_vsock.c looks for it.
+    assert_eq!(daemonset["spec"]["template"]["spec"]["hostUsers"], true);
+    let context = &daemon_container(daemonset)["securityContext"];
+    let capabilities = &context["capabilities"];
+    assert_eq!(
+        strings(&capabilities["drop"]),
+        BTreeSet::from(["ALL".to_string()])
+    );
+    assert_eq!(
+        strings(&capabilities["add"]),
+        BTreeSet::from(["NET_BIND_SERVICE".to_string()]),
+        "a vsock bind below 1024 needs it, nothing needs more"
+    );
+    // Root: the runtime makes added capabilities effective for root only.
+    assert_eq!(context["runAsUser"].as_u64(), Some(0));
+    assert_eq!(context["allowPrivilegeEscalation"], false);
+    assert_eq!(context["readOnlyRootFilesystem"], true);
+    assert!(
+        context.get("privileged").is_none_or(|p| *p == false),
+        "{context:?}"
+    );
+}
+
+/// AF_VSOCK, and AF_ALG, which RuntimeDefault refuses as well.
+const AF_VSOCK: u64 = 40;
+const AF_ALG: u64 = 38;
+
+/// Whether a seccomp profile (the OCI runtime spec's form, as kubelet's
+/// Localhost profiles are) lets `syscall` through with `args`: some ALLOW
+/// rule matches and no other rule does, else the default action.
+fn seccomp_allows(profile: &Value, syscall: &str, args: &[u64]) -> bool {
+    let matches = |rule: &Value| {
+        strings(&rule["names"]).contains(syscall)
+            && rule["args"].as_sequence().is_none_or(|conditions| {
+                conditions.iter().all(|condition| {
+                    let index = condition["index"].as_u64().expect("index") as usize;
+                    let arg = args.get(index).copied().unwrap_or_default();
+                    let value = condition["value"].as_u64().expect("value");
+                    match condition["op"].as_str().expect("op") {
+                        "SCMP_CMP_EQ" => arg == value,
+                        "SCMP_CMP_LT" => arg < value,
+                        "SCMP_CMP_GT" => arg > value,
+                        "SCMP_CMP_MASKED_EQ" => {
+                            arg & value == condition["valueTwo"].as_u64().unwrap_or_default()
+                        }
+                        op => panic!("{op}: not an operator this test knows"),
+                    }
+                })
+            })
+    };
+    let actions: BTreeSet<&str> = profile["syscalls"]
+        .as_sequence()
+        .expect("syscalls")
+        .iter()
+        .filter(|rule| matches(rule))
+        .map(|rule| rule["action"].as_str().expect("action"))
+        .collect();
+    if actions.is_empty() {
+        profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    } else {
+        actions == BTreeSet::from(["SCMP_ACT_ALLOW"])
+    }
+}
+
+#[test]
+fn daemon_seccomp_profile_is_runtime_default_plus_af_vsock() {
+    let objects = objects();
+    let seccomp =
+        &daemon_container(one(&objects, "DaemonSet"))["securityContext"]["seccompProfile"];
+    assert_eq!(
+        seccomp["type"], "Localhost",
+        "RuntimeDefault refuses AF_VSOCK"
+    );
+    let name = seccomp["localhostProfile"]
+        .as_str()
+        .expect("localhostProfile");
+    let path = deploy_dir().join("seccomp").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: the profile deploy/ ships: {e}", path.display()));
+    let profile: Value = serde_yaml::from_str(&text).expect("JSON");
+
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    for family in [
+        libc::AF_UNIX as u64,
+        libc::AF_INET as u64,
+        libc::AF_INET6 as u64,
+        AF_VSOCK,
+    ] {
+        assert!(
+            seccomp_allows(&profile, "socket", &[family]),
+            "socket({family}) refused"
+        );
+    }
+    assert!(
+        !seccomp_allows(&profile, "socket", &[AF_ALG]),
+        "AF_ALG allowed"
+    );
+    // What the daemon does besides: files, threads, inotify, epoll, timers.
+    for syscall in [
+        "bind",
+        "connect",
+        "accept4",
+        "openat",
+        "inotify_init1",
+        "epoll_wait",
+        "futex",
+        "mmap",
+        "clock_nanosleep",
+    ] {
+        assert!(seccomp_allows(&profile, syscall, &[]), "{syscall} refused");
+    }
+    // A thread's clone passes; one that makes namespaces does not.
+    let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+    assert!(seccomp_allows(&profile, "clone", &[thread]));
+    assert!(!seccomp_allows(
+        &profile,
+        "clone",
+        &[thread | libc::CLONE_NEWUSER as u64]
+    ));
+    // What RuntimeDefault keeps from a container without CAP_SYS_ADMIN and
+    // the like stays refused.
+    for syscall in [
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "bpf",
+        "init_module",
+        "finit_module",
+        "kexec_load",
+        "open_by_handle_at",
+        "perf_event_open",
+        "keyctl",
+        "reboot",
+        "clone3",
+    ] {
+        assert!(!seccomp_allows(&profile, syscall, &[]), "{syscall} allowed");
     }
 }
 
