@@ -43,14 +43,15 @@ pub async fn connect(addr: &AgentAddr) -> io::Result<Socket> {
 /// (the kernel's LAST_RESERVED_PORT is 1023; port 0 is not bindable).
 const PRIVILEGED_PORTS: u32 = 1023;
 
-/// Connects to `cid:port` from a privileged source port when this process
-/// may bind one; otherwise from a port the kernel picks, which an agent
-/// keeping the default rule refuses (and logs why).
+/// Connects to `cid:port` from a privileged source port. A process that may
+/// not bind one gets an error naming the capability it lacks, never a
+/// connection from a port the kernel picks: an agent keeping the default
+/// rule would refuse that, and say why only in the guest's log.
 fn connect_vsock(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(vsock_socket_error(io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a new descriptor owned by nothing else.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -74,7 +75,7 @@ fn connect_vsock(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |t| t.subsec_nanos()),
     );
-    let bound = bind_privileged_port(start, |local_port| {
+    let bind = |local_port| {
         let addr = sockaddr(libc::VMADDR_CID_ANY, local_port);
         // SAFETY: `addr` is a valid sockaddr_vm of the length given.
         call(unsafe {
@@ -84,29 +85,63 @@ fn connect_vsock(cid: u32, port: u32) -> io::Result<vsock::VsockStream> {
                 size_of::<libc::sockaddr_vm>() as libc::socklen_t,
             )
         })
-    });
-    match bound {
-        Ok(_) => {}
-        // Without the capability the kernel picks the port at connect.
-        Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {}
-        Err(err) => return Err(err),
-    }
-    let addr = sockaddr(cid, port);
-    // SAFETY: as for bind.
-    call(unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    })?;
+    };
+    let connect = || {
+        let addr = sockaddr(cid, port);
+        // SAFETY: as for bind.
+        call(unsafe {
+            libc::connect(
+                socket.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            )
+        })
+    };
+    connect_from_privileged_port(start, bind, connect)?;
     Ok(vsock::VsockStream::from(socket))
+}
+
+/// Why `socket(AF_VSOCK)` failed, in words that say what to change.
+fn vsock_socket_error(err: io::Error) -> io::Error {
+    match err.raw_os_error() {
+        // Container runtimes' default seccomp profiles answer EPERM.
+        Some(libc::EPERM) => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket(AF_VSOCK) refused: a seccomp profile blocks AF_VSOCK (container \
+                 runtimes' RuntimeDefault does; run under the profile in deploy/seccomp/): {err}"
+            ),
+        ),
+        Some(libc::EAFNOSUPPORT) => io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "socket(AF_VSOCK): this kernel has no vsock (QEMU's vhost_vsock module loads \
+                 it when a VM starts): {err}"
+            ),
+        ),
+        _ => err,
+    }
+}
+
+/// Binds a privileged source port with `bind` (see
+/// [`bind_privileged_port`]), then connects with `connect`; returns the
+/// port. A bind that fails is the answer: `connect` is not tried from a
+/// port the kernel would pick.
+fn connect_from_privileged_port(
+    start: u32,
+    bind: impl FnMut(u32) -> io::Result<()>,
+    connect: impl FnOnce() -> io::Result<()>,
+) -> io::Result<u32> {
+    let local_port = bind_privileged_port(start, bind)?;
+    connect()?;
+    Ok(local_port)
 }
 
 /// Binds a free port of 1..=1023 with `bind`, trying them in turn from
 /// one derived from `start` (so concurrent clients rarely collide); one
 /// connection per agent, so a node daemon needs one port per sandbox.
-/// PermissionDenied: this process may not bind privileged ports.
+/// PermissionDenied, naming CAP_NET_BIND_SERVICE: this process may not bind
+/// privileged ports.
 fn bind_privileged_port(
     start: u32,
     mut bind: impl FnMut(u32) -> io::Result<()>,
@@ -116,10 +151,16 @@ fn bind_privileged_port(
         match bind(port) {
             Ok(()) => return Ok(port),
             Err(err) if err.kind() == io::ErrorKind::AddrInUse => continue,
+            // af_vsock.c: capable(CAP_NET_BIND_SERVICE), which looks at the
+            // initial user namespace only.
             Err(err) if err.raw_os_error() == Some(libc::EACCES) => {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    format!("binding vsock source port {port} needs CAP_NET_BIND_SERVICE: {err}"),
+                    format!(
+                        "binding vsock source port {port} needs CAP_NET_BIND_SERVICE in the \
+                         host's initial user namespace, which this process lacks (an agent \
+                         admits a host peer only from a port below 1024): {err}"
+                    ),
                 ));
             }
             Err(err) => return Err(err),
@@ -226,6 +267,46 @@ mod tests {
         let err = bind_privileged_port(5, |_| Err(io::Error::from_raw_os_error(libc::EINVAL)))
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn a_refused_privileged_bind_is_the_answer_never_an_ephemeral_port() {
+        let mut connected = false;
+        let err = connect_from_privileged_port(
+            5,
+            |_| Err(io::Error::from_raw_os_error(libc::EACCES)),
+            || {
+                connected = true;
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(!connected, "connected from a port the kernel picks");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("CAP_NET_BIND_SERVICE"), "{err}");
+
+        let port = connect_from_privileged_port(
+            5,
+            |_| Ok(()),
+            || {
+                connected = true;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(port, 6);
+        assert!(connected, "a bound socket connects");
+    }
+
+    #[test]
+    fn vsock_socket_errors_say_what_to_change() {
+        let seccomp = vsock_socket_error(io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(seccomp.kind(), io::ErrorKind::PermissionDenied);
+        assert!(seccomp.to_string().contains("seccomp"), "{seccomp}");
+        let no_vsock = vsock_socket_error(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
+        assert!(no_vsock.to_string().contains("no vsock"), "{no_vsock}");
+        let other = vsock_socket_error(io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(other.raw_os_error(), Some(libc::EMFILE));
     }
 
     #[tokio::test]
