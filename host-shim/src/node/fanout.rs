@@ -8,7 +8,7 @@
 //! its own task. The table exists once in memory, however many sandboxes.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -101,16 +101,39 @@ impl Hub {
         self.state.lock().unwrap().services.len()
     }
 
+    /// The first table; after it, a whole table goes out as the batch of
+    /// what differs from the one before, so sandboxes get only that (the
+    /// watch replaces the table whole after a failure, and on every change
+    /// while the cluster is past capacity).
     fn publish_whole(&self, table: Table) {
         let mut state = self.state.lock().unwrap();
-        state.version += 1;
-        state.services = table.services.into_iter().map(|s| (s.key, s)).collect();
-        state.batches.clear();
-        self.version.send_replace(state.version);
+        let services: BTreeMap<ServiceKey, Service> =
+            table.services.into_iter().map(|s| (s.key, s)).collect();
+        if state.version == 0 {
+            state.version = 1;
+            state.services = services;
+            self.version.send_replace(state.version);
+            return;
+        }
+        let deletes: Vec<ServiceKey> = state
+            .services
+            .keys()
+            .filter(|key| !services.contains_key(key))
+            .copied()
+            .collect();
+        let upserts: Vec<Service> = services
+            .into_values()
+            .filter(|s| state.services.get(&s.key) != Some(s))
+            .collect();
+        self.push_batch(&mut state, &upserts, &deletes);
     }
 
     fn publish_changes(&self, upserts: &[Service], deletes: &[ServiceKey]) {
         let mut state = self.state.lock().unwrap();
+        self.push_batch(&mut state, upserts, deletes);
+    }
+
+    fn push_batch(&self, state: &mut HubState, upserts: &[Service], deletes: &[ServiceKey]) {
         state.version += 1;
         for key in deletes {
             state.services.remove(key);
@@ -222,6 +245,10 @@ impl TableSink for HubSink {
 
     fn observed_event(&mut self) {
         self.metrics.watch_event();
+    }
+
+    fn left_out(&mut self, keys: &BTreeSet<ServiceKey>) {
+        self.metrics.set_left_out(keys);
     }
 }
 
@@ -488,8 +515,30 @@ mod tests {
             hub.catch_up(Some(hub.version() - 1)),
             CatchUp::Changes { .. }
         ));
-        // A table replaced whole drops the batches before it.
-        hub.publish_whole(Table::new(Vec::new()).unwrap());
-        assert_eq!(hub.catch_up(Some(hub.version() - 1)), CatchUp::Whole);
+    }
+
+    #[test]
+    fn a_table_replaced_whole_goes_out_as_its_differences() {
+        let hub = Hub::new();
+        let a = service("10.96.0.1", "10.244.0.1:8080");
+        let b = service("10.96.0.2", "10.244.0.2:8080");
+        let c = service("10.96.0.3", "10.244.0.3:8080");
+        hub.publish_whole(Table::new(vec![a.clone(), b.clone()]).unwrap());
+        let b2 = service("10.96.0.2", "10.244.0.9:8080");
+        hub.publish_whole(Table::new(vec![b2.clone(), c.clone()]).unwrap());
+        assert_eq!(hub.version(), 2);
+        let CatchUp::Changes {
+            version,
+            upserts,
+            deletes,
+            ..
+        } = hub.catch_up(Some(1))
+        else {
+            panic!("changes expected, not the whole table");
+        };
+        assert_eq!(version, 2);
+        assert_eq!(upserts, vec![b2.clone(), c.clone()], "changed and added");
+        assert_eq!(deletes, vec![a.key], "gone");
+        assert_eq!(hub.whole().1, Table::new(vec![b2, c]).unwrap());
     }
 }

@@ -5,10 +5,16 @@
 //! size.
 
 use std::{
+    collections::BTreeSet,
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
+
+use socklb_table::ServiceKey;
 
 use crate::node::status::State;
 
@@ -38,6 +44,8 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
+    /// Services the table leaves out: past the datapath's capacity.
+    left_out: Mutex<Vec<ServiceKey>>,
 }
 
 /// What the metrics describe that lives elsewhere.
@@ -58,6 +66,15 @@ impl Metrics {
 
     pub fn delete_done(&self, ok: bool) {
         self.deletes.add(ok);
+    }
+
+    pub fn set_left_out(&self, keys: &BTreeSet<ServiceKey>) {
+        *self.left_out.lock().unwrap() = keys.iter().copied().collect();
+    }
+
+    /// Services the table leaves out, in key order.
+    pub fn left_out(&self) -> Vec<ServiceKey> {
+        self.left_out.lock().unwrap().clone()
     }
 
     pub fn watch_event(&self) {
@@ -169,6 +186,15 @@ impl Metrics {
             "gauge",
             "Services (VIP, port, protocol) in the node's table.",
             vec![(String::new(), snapshot.services.to_string())],
+        );
+        family(
+            "socklb_node_services_left_out",
+            "gauge",
+            "Services not programmed because the datapath cannot hold them (see node status).",
+            vec![(
+                String::new(),
+                self.left_out.lock().unwrap().len().to_string(),
+            )],
         );
         out
     }

@@ -263,10 +263,16 @@ fn serve_status(config: &NodeConfig, shared: &Shared, log: &Logger) -> Result<()
     let state = shared.clone();
     let handler: Handler = Arc::new(move |path| match path {
         "/status" => {
-            let report =
+            let mut report =
                 state
                     .registry
                     .report(&node, state.hub.version(), state.hub.service_count());
+            report.services_left_out = state
+                .metrics
+                .left_out()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             Reply::ok(
                 "application/json",
                 serde_json::to_string(&report).expect("a report serializes"),

@@ -4,7 +4,7 @@
 //! the daemon's unix socket (`GET /status`) and printed by
 //! `socklb-shim node status [-o json]`.
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +69,9 @@ pub struct Report {
     /// The newest table version (0: no complete table yet).
     pub version: u64,
     pub services: usize,
+    /// Services not programmed: past the datapath's capacity.
+    #[serde(default)]
+    pub services_left_out: Vec<String>,
     pub sandboxes: Vec<SandboxRow>,
 }
 
@@ -159,6 +162,7 @@ impl Registry {
             node: node.into(),
             version,
             services,
+            services_left_out: Vec::new(),
             sandboxes,
         }
     }
@@ -173,6 +177,13 @@ pub fn render(report: &Report) -> String {
         report.services,
         report.sandboxes.len()
     );
+    if let Some(first) = report.services_left_out.first() {
+        let _ = writeln!(
+            out,
+            "{} services do not fit the datapath and are not programmed (first: {first})",
+            report.services_left_out.len()
+        );
+    }
     let header = [
         "SANDBOX",
         "POD",

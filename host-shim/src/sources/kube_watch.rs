@@ -21,7 +21,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use slog::{Logger, info, warn};
-use socklb_table::{Service, ServiceKey, Table};
+use socklb_table::{Service, ServiceKey, Table, fit_capacity};
 
 use crate::{
     client::AgentClient,
@@ -59,6 +59,9 @@ pub trait TableSink {
     ) -> impl Future<Output = bool>;
     /// One watch event arrived (for metrics).
     fn observed_event(&mut self) {}
+    /// The services the last whole table left out because the datapath
+    /// cannot hold them (none once the cluster fits again).
+    fn left_out(&mut self, _keys: &BTreeSet<ServiceKey>) {}
     /// Called every [`AGENT_CHECK_INTERVAL`] while the cluster is quiet,
     /// so an agent that restarted empty is noticed without a change;
     /// false asks for the whole table. A sink that checks its agents by
@@ -281,11 +284,19 @@ async fn full_sync(
     policy: &Policy,
     log: &Logger,
 ) -> bool {
-    let services = translation.full(cluster, policy, log);
+    let (services, left_out) = fit_capacity(translation.full(cluster, policy, log));
+    translation.leave_out(&left_out);
+    if !left_out.is_empty() {
+        let first: Vec<String> = left_out.iter().take(10).map(ToString::to_string).collect();
+        warn!(log, "the cluster's services do not fit the datapath: programming what fits";
+              "left_out" => left_out.len(), "programmed" => services.len(),
+              "first_left_out" => first.join(","));
+    }
+    sink.left_out(translation.left_out());
     match Table::new(services) {
         Ok(table) => sink.replace(table, log).await,
         Err(err) => {
-            warn!(log, "the cluster's services do not fit the datapath"; "error" => err.to_string());
+            warn!(log, "the translated table is invalid"; "error" => err.to_string());
             false
         }
     }
@@ -304,6 +315,12 @@ async fn send_changes(
     if plan.is_empty() {
         return true;
     }
+    // Past capacity, which services fit is decided over the whole table
+    // (see `fit_capacity`), so a change that would pass it, or any change
+    // while services are left out, takes a whole translation.
+    if !translation.left_out().is_empty() || !translation.fits(&plan) {
+        return full_sync(sink, cluster, translation, policy, log).await;
+    }
     let (upserts, deletes) = (plan.upserts.len(), plan.deletes.len());
     if !sink.change(&plan.upserts, &plan.deletes, log).await {
         return false;
@@ -315,7 +332,125 @@ async fn send_changes(
 
 #[cfg(test)]
 mod tests {
+    use futures::executor::block_on;
+    use serde_json::json;
+    use socklb_table::MAX_SERVICES;
+
     use super::*;
+
+    /// A sink that takes everything and keeps what it was given.
+    #[derive(Default)]
+    struct Recorded {
+        table: Vec<Service>,
+        replaces: usize,
+        left_out: BTreeSet<ServiceKey>,
+    }
+
+    impl TableSink for Recorded {
+        async fn replace(&mut self, table: Table, _log: &Logger) -> bool {
+            self.table = table.services;
+            self.replaces += 1;
+            true
+        }
+
+        async fn change(
+            &mut self,
+            upserts: &[Service],
+            deletes: &[ServiceKey],
+            _: &Logger,
+        ) -> bool {
+            self.table.retain(|s| !deletes.contains(&s.key));
+            self.table
+                .retain(|s| !upserts.iter().any(|u| u.key == s.key));
+            self.table.extend(upserts.iter().cloned());
+            true
+        }
+
+        fn left_out(&mut self, keys: &BTreeSet<ServiceKey>) {
+            self.left_out = keys.clone();
+        }
+    }
+
+    /// A ClusterIP Service `10.96.<n>` with `ports` ports (no endpoints:
+    /// each port is a service that refuses).
+    fn service(n: u16, ports: u16) -> core::Service {
+        let ports: Vec<_> = (1..=ports)
+            .map(|port| json!({"name": format!("p{port}"), "port": port}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": format!("s{n}")},
+            "spec": {"clusterIP": format!("10.96.{}.{}", n >> 8, n & 0xff), "ports": ports},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn past_capacity_what_fits_is_programmed_and_the_rest_named() {
+        let log = Logger::root(slog::Discard, slog::o!());
+        let policy = Policy::default();
+        let mut cluster = Cluster::default();
+        // 256 x 256 ports fill the datapath; one more service passes it.
+        let per_service = 256;
+        for n in 0..(MAX_SERVICES / per_service) as u16 {
+            cluster.apply_service(service(n, per_service as u16));
+        }
+        let extra = service(300, 1);
+        cluster.apply_service(extra.clone());
+        let mut sink = Recorded::default();
+        let mut translation = Translation::default();
+
+        assert!(block_on(full_sync(
+            &mut sink,
+            &cluster,
+            &mut translation,
+            &policy,
+            &log
+        )));
+        assert_eq!(
+            sink.table.len(),
+            MAX_SERVICES as usize,
+            "what fits is programmed"
+        );
+        let left_out: Vec<String> = sink.left_out.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            left_out,
+            ["10.96.1.44:1/TCP"],
+            "the last in key order is named"
+        );
+
+        // A change while one is left out re-fits the whole table: the
+        // left-out service's turn comes once another goes.
+        let changed = cluster.delete_service(&service(0, per_service as u16));
+        assert!(block_on(send_changes(
+            &mut sink,
+            &cluster,
+            &mut translation,
+            changed.into_iter().collect(),
+            &policy,
+            &log
+        )));
+        assert_eq!(sink.replaces, 2, "re-fitted whole");
+        assert!(sink.left_out.is_empty(), "{:?}", sink.left_out);
+        assert_eq!(sink.table.len(), MAX_SERVICES as usize - 255);
+        assert!(
+            sink.table
+                .iter()
+                .any(|s| s.key.to_string() == "10.96.1.44:1/TCP")
+        );
+
+        // Below capacity, changes go out as changes again.
+        let changed = cluster.apply_service(service(0, 1));
+        assert!(block_on(send_changes(
+            &mut sink,
+            &cluster,
+            &mut translation,
+            changed.into_iter().collect(),
+            &policy,
+            &log
+        )));
+        assert_eq!(sink.replaces, 2, "an Upsert, not a whole table");
+        assert_eq!(sink.table.len(), MAX_SERVICES as usize - 254);
+    }
 
     fn node(zone: Option<&str>) -> core::Node {
         let labels = zone.map(|zone| [(ZONE_LABEL.to_string(), zone.to_string())].into());

@@ -132,6 +132,27 @@ pub fn check_capacity(services: usize, backends: usize) -> Result<(), TableError
     Ok(())
 }
 
+/// What of `services` fits the datapath's capacity, and the keys of the
+/// rest. Services are taken in key order (VIP, port, protocol), each one
+/// that would pass a limit left out, so the same cluster always gives the
+/// same table whatever order its events came in, on every node.
+pub fn fit_capacity(mut services: Vec<Service>) -> (Vec<Service>, Vec<ServiceKey>) {
+    services.sort_by_key(|s| s.key);
+    let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+    let mut backends = 0;
+    for service in services {
+        if kept.len() < MAX_SERVICES as usize
+            && backends + service.backends.len() <= MAX_BACKEND_SLOTS as usize
+        {
+            backends += service.backends.len();
+            kept.push(service);
+        } else {
+            left_out.push(service.key);
+        }
+    }
+    (kept, left_out)
+}
+
 impl Service {
     /// How errors and logs name the service: its name, else its key.
     pub fn label(&self) -> String {
@@ -291,5 +312,56 @@ pub(crate) fn parse_port(port: i64) -> Result<u16, String> {
     match u16::try_from(port) {
         Ok(port) if port != 0 => Ok(port),
         _ => Err(format!("{port} is not a port (1..65535)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn service(vip: [u8; 4], backends: usize) -> Service {
+        Service {
+            name: None,
+            key: ServiceKey {
+                vip: IpAddr::from(vip),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            affinity_timeout_secs: None,
+            backends: (0..backends)
+                .map(|i| SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8], 8080)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn what_fits_is_taken_in_key_order_and_the_rest_named() {
+        let limit = MAX_BACKEND_SLOTS as usize;
+        // In reverse key order: the result must not depend on it.
+        let services = vec![
+            service([10, 96, 0, 4], 1),
+            service([10, 96, 0, 3], limit),
+            service([10, 96, 0, 2], limit - 2),
+            service([10, 96, 0, 1], 1),
+        ];
+        let (kept, left_out) = fit_capacity(services);
+        let kept: Vec<String> = kept.iter().map(|s| s.key.to_string()).collect();
+        assert_eq!(
+            kept,
+            ["10.96.0.1:80/TCP", "10.96.0.2:80/TCP", "10.96.0.4:80/TCP"]
+        );
+        assert_eq!(
+            left_out.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.96.0.3:80/TCP"]
+        );
+
+        let many: Vec<Service> = (0..=MAX_SERVICES)
+            .map(|i| service([10, 97 + (i >> 16) as u8, (i >> 8) as u8, i as u8], 0))
+            .collect();
+        let (kept, left_out) = fit_capacity(many);
+        assert_eq!((kept.len(), left_out.len()), (MAX_SERVICES as usize, 1));
+        assert!(Table::new(kept).is_ok(), "what is kept is a valid table");
     }
 }

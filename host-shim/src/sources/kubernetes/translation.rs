@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use slog::{Logger, warn};
-use socklb_table::{Service, ServiceKey};
+use socklb_table::{Service, ServiceKey, check_capacity};
 
 use super::{Cluster, ObjectKey, Policy};
 
@@ -20,6 +20,9 @@ pub struct Translation {
     /// Services refused a VIP:port another one owns: recomputed with its
     /// owner, so one of them gets it when the owner lets go.
     waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
+    /// Translated services the agent was not given: past the datapath's
+    /// capacity (see `leave_out`).
+    left_out: BTreeSet<ServiceKey>,
 }
 
 /// Changes to send, and the state to keep once the agent has them.
@@ -112,6 +115,42 @@ impl Translation {
         let upserted: BTreeSet<ServiceKey> = plan.upserts.iter().map(|s| s.key).collect();
         plan.deletes.retain(|key| !upserted.contains(key));
         plan
+    }
+
+    /// Records that the services with `keys`, translated by the last
+    /// [`Translation::full`], were not given to the agent (they did not fit
+    /// its capacity), so a later plan sends them when they change.
+    pub fn leave_out(&mut self, keys: &[ServiceKey]) {
+        for key in keys {
+            self.applied.remove(key);
+            self.left_out.insert(*key);
+        }
+    }
+
+    /// Services left out for capacity since the last full translation.
+    pub fn left_out(&self) -> &BTreeSet<ServiceKey> {
+        &self.left_out
+    }
+
+    /// Whether the agent's table stays within the datapath's capacity
+    /// once `plan` is applied.
+    pub fn fits(&self, plan: &Plan) -> bool {
+        let mut services = self.applied.len();
+        let mut backends: usize = self.applied.values().map(|s| s.backends.len()).sum();
+        for key in &plan.deletes {
+            if let Some(old) = self.applied.get(key) {
+                services -= 1;
+                backends -= old.backends.len();
+            }
+        }
+        for service in &plan.upserts {
+            match self.applied.get(&service.key) {
+                Some(old) => backends -= old.backends.len(),
+                None => services += 1,
+            }
+            backends += service.backends.len();
+        }
+        check_capacity(services, backends).is_ok()
     }
 
     /// Records a plan the agent acknowledged.
