@@ -152,6 +152,15 @@ pub(super) fn failure(err: ttrpc::Error) -> Failure {
         ttrpc::Error::RpcStatus(status) if status.message.contains(OVERSIZE) => {
             Failure::Final(too_large_from(status.message))
         }
+        // The agent's ttrpc server ran out of the call's deadline first:
+        // the same as the client's own timeout (the request may still be
+        // applied), which of the two comes first being a race.
+        ttrpc::Error::RpcStatus(status) if status.code() == Code::DEADLINE_EXCEEDED => {
+            Failure::Connection(format!(
+                "no answer within the deadline ({})",
+                status.message
+            ))
+        }
         ttrpc::Error::RpcStatus(status) => Failure::Final(ClientError::Refused {
             code: status.code(),
             message: status.message,

@@ -224,3 +224,69 @@ async fn reconnects_back_off_doubling_up_to_the_cap() {
         );
     }
 }
+
+/// An agent whose first Stats runs out of the call's deadline in its
+/// ttrpc server, counting Stats calls.
+struct FirstStatsTimesOut {
+    stats: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl socklb_ttrpc::Health for FirstStatsTimesOut {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            api_version: API_VERSION.into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl socklb_ttrpc::Services for FirstStatsTimesOut {
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
+        if self.stats.fetch_add(1, Ordering::SeqCst) == 0 {
+            // What ttrpc's server answers when a handler outlives the
+            // request's timeout.
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::DEADLINE_EXCEEDED,
+                "timeout",
+            )));
+        }
+        Ok(api::StatsResponse::new())
+    }
+}
+
+/// The agent's server running out of a call's deadline is the client's own
+/// timeout (which of the two ends first is a race): the call is tried
+/// again on a new connection, not taken for a refusal.
+#[tokio::test]
+async fn a_deadline_the_agent_ran_out_of_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let stats = Arc::new(AtomicU32::new(0));
+    let agent = Arc::new(FirstStatsTimesOut {
+        stats: stats.clone(),
+    });
+    let mut services = socklb_ttrpc::create_health(agent.clone());
+    services.extend(socklb_ttrpc::create_services(agent));
+    let mut server = Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .unwrap()
+        .register_service(services);
+    server.start().await.unwrap();
+    let addr = format!("unix://{}", socket.display()).parse().unwrap();
+    let log = Logger::root(slog::Discard, slog::o!());
+    let mut client = AgentClient::new(addr, Options::default(), &log);
+    client.stats().await.unwrap();
+    assert_eq!(stats.load(Ordering::SeqCst), 2);
+    assert_eq!(client.connections_opened(), 2, "not a new connection");
+    server.shutdown().await.unwrap();
+}
