@@ -102,9 +102,12 @@ struct NodeArgs {
     /// repeatable; replaces the defaults /run/vc/sbs and /run/kata
     #[arg(long = "sandbox-root")]
     sandbox_roots: Vec<PathBuf>,
-    /// A directory of the sandboxes' OCI bundles (<id>/config.json), read
-    /// for the pod's namespace and name; repeatable; replaces the default
-    /// /run/containerd/io.containerd.runtime.v2.task/k8s.io
+    /// A directory of the sandboxes' OCI bundles (<id>/config.json, or
+    /// CRI-O's <id>/userdata/config.json), read for the pod's namespace and
+    /// name; repeatable; replaces the defaults: containerd's
+    /// /run/containerd/io.containerd.runtime.v2.task/k8s.io, k3s's and
+    /// RKE2's /run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io,
+    /// CRI-O's /run/containers/storage/overlay-containers
     #[arg(long = "bundle-root")]
     bundle_roots: Vec<PathBuf>,
     /// socklb-agent's guest vsock port (Kata's own are 1024-1027)

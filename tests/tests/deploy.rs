@@ -1,14 +1,19 @@
 //! The manifests in `deploy/` parse, grant only get/list/watch on
 //! Services, EndpointSlices and Nodes, and run the daemon as the README
-//! says: NODE_NAME from the downward API, Kata's directories read-only, a
+//! says: NODE_NAME from the downward API, the directories it reads by
+//! default (Kata's sandboxes, the runtimes' bundles) read-only, a
 //! liveness probe on the metrics port, resource requests; with
 //! CAP_NET_BIND_SERVICE as its only capability and a seccomp profile that
 //! is RuntimeDefault plus socket(AF_VSOCK), what a vhost-vsock node needs.
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize as _;
 use serde_yaml::Value;
+use socklb_shim::node::discovery::{DEFAULT_BUNDLE_ROOTS, DEFAULT_SANDBOX_ROOTS};
 
 fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -135,9 +140,17 @@ fn daemonset_runs_the_node_daemon_as_documented() {
         );
     }
 
-    // /run/vc and /run/kata from the host, mounted read-only.
+    // Every directory the daemon reads by default (sandbox roots, bundle
+    // roots) from the host, mounted read-only at the same path.
     let volumes = pod["volumes"].as_sequence().expect("volumes");
-    for host_dir in ["/run/vc", "/run/kata"] {
+    let read = DEFAULT_SANDBOX_ROOTS.iter().chain(&DEFAULT_BUNDLE_ROOTS);
+    for read in read {
+        let host_dir = volumes
+            .iter()
+            .filter_map(|v| v["hostPath"]["path"].as_str())
+            .filter(|dir| Path::new(read).starts_with(dir))
+            .max_by_key(|dir| dir.len())
+            .unwrap_or_else(|| panic!("no hostPath volume holds {read}"));
         let volume = volumes
             .iter()
             .find(|v| v["hostPath"]["path"] == host_dir)

@@ -4,8 +4,8 @@
 //! inotify plus a periodic rescan; `GET /agent-url` on that socket names
 //! the sandbox's vsock (`vsock://CID:1024`) or hybrid vsock
 //! (`hvsock:///path:1024`), and socklb's agent port replaces Kata's.
-//! Also where the pod's namespace and name come from: the CRI annotations
-//! in the sandbox's OCI bundle (`config.json`), when the bundle is found.
+//! Also where the pod's namespace and name come from: the annotations in
+//! the sandbox's OCI bundle (`config.json`), when the bundle is found.
 
 use std::{
     collections::BTreeMap,
@@ -22,9 +22,17 @@ use crate::addr::AgentAddr;
 
 /// The Go runtime's and runtime-rs's sandbox directories.
 pub const DEFAULT_SANDBOX_ROOTS: [&str; 2] = ["/run/vc/sbs", "/run/kata"];
-/// Where containerd (CRI) keeps the bundles of Kubernetes sandboxes.
-pub const DEFAULT_BUNDLE_ROOTS: [&str; 1] =
-    ["/run/containerd/io.containerd.runtime.v2.task/k8s.io"];
+/// Where container runtimes keep the bundles of Kubernetes sandboxes, by
+/// sandbox id: containerd's, k3s's and RKE2's containerd (`<id>/`), and
+/// CRI-O's run root (`<id>/userdata/`).
+pub const DEFAULT_BUNDLE_ROOTS: [&str; 3] = [
+    "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+    "/run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io",
+    "/run/containers/storage/overlay-containers",
+];
+/// Where a sandbox's `config.json` sits below `<bundle root>/<id>`:
+/// containerd's bundle directory itself, CRI-O's `userdata`.
+const BUNDLE_SUBDIRS: [&str; 2] = ["", "userdata"];
 /// The management socket Kata's shim serves in each sandbox directory.
 pub const MONITOR_SOCKET: &str = "shim-monitor.sock";
 
@@ -157,21 +165,29 @@ pub fn agent_url(answer: &str, agent_port: u32) -> Result<AgentUrl, String> {
     ))
 }
 
-/// Annotations containerd's CRI and CRI-O put on a sandbox: (namespace, name).
-const POD_ANNOTATIONS: [(&str, &str); 2] = [
+/// Annotations containerd's CRI and CRI-O put on a sandbox: (namespace,
+/// name). CRI-O's are the ones Kata itself reads on CRI-O.
+const POD_ANNOTATIONS: [(&str, &str); 3] = [
     (
         "io.kubernetes.cri.sandbox-namespace",
         "io.kubernetes.cri.sandbox-name",
+    ),
+    (
+        "io.kubernetes.cri-o.Namespace",
+        "io.kubernetes.cri-o.KubeName",
     ),
     ("io.kubernetes.pod.namespace", "io.kubernetes.pod.name"),
 ];
 
 /// `namespace/name` of the pod of sandbox `id`, from the annotations of its
-/// OCI bundle `<bundle root>/<id>/config.json`; None when no bundle says.
+/// OCI bundle (`<bundle root>/<id>/config.json`, or CRI-O's
+/// `<bundle root>/<id>/userdata/config.json`); None when no bundle says.
 pub fn pod_of(id: &str, bundle_roots: &[PathBuf]) -> Option<String> {
-    bundle_roots
-        .iter()
-        .find_map(|root| pod_in_bundle(&root.join(id).join("config.json")))
+    bundle_roots.iter().find_map(|root| {
+        BUNDLE_SUBDIRS
+            .iter()
+            .find_map(|sub| pod_in_bundle(&root.join(id).join(sub).join("config.json")))
+    })
 }
 
 fn pod_in_bundle(config: &Path) -> Option<String> {
@@ -270,5 +286,26 @@ mod tests {
         let roots = vec![bundles.path().to_path_buf()];
         assert_eq!(pod_of("sb1", &roots).as_deref(), Some("shop/web-0"));
         assert_eq!(pod_of("sb2", &roots), None);
+    }
+
+    #[test]
+    fn pod_from_a_cri_o_bundle() {
+        let run_root = tempfile::tempdir().unwrap();
+        let userdata = run_root.path().join("sb1/userdata");
+        std::fs::create_dir_all(&userdata).unwrap();
+        std::fs::write(
+            userdata.join("config.json"),
+            r#"{"annotations": {"io.kubernetes.cri-o.Namespace": "shop",
+                                "io.kubernetes.cri-o.KubeName": "web-0",
+                                "io.kubernetes.cri-o.ContainerType": "sandbox"}}"#,
+        )
+        .unwrap();
+        // Another runtime's bundle root first: the search goes on.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let roots = vec![
+            elsewhere.path().to_path_buf(),
+            run_root.path().to_path_buf(),
+        ];
+        assert_eq!(pod_of("sb1", &roots).as_deref(), Some("shop/web-0"));
     }
 }
