@@ -1,12 +1,15 @@
-//! Agent configuration, merged from (highest first) command-line flags,
-//! `SOCKLB_*` environment variables, `socklb.*` keys on the kernel command
-//! line, and built-in defaults. Flags and environment arrive already merged
-//! by clap in `main` as one [`Settings`]; the kernel command line is another,
-//! merged below it; defaults fill the rest.
+//! Agent configuration. Each option is declared once, as a field of
+//! [`Settings`]: its flag, its `SOCKLB_*` environment variable, its help and
+//! its parser. Its `socklb.<key>=<value>` key on the kernel command line is
+//! the long flag with `_` for `-`, read by the same declaration. Sources
+//! merge as [`precedence`] says: clap merges flags and environment in `main`
+//! into one [`Settings`]; [`Config::resolve`] lays that over the kernel
+//! command line's and fills the rest with defaults.
 
 use std::{net::IpAddr, path::PathBuf};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
+use clap::{Args as _, FromArgMatches as _, error::ContextKind};
 
 use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on};
 
@@ -15,122 +18,137 @@ use crate::{
     server::{HOST_CID, ListenAddr},
 };
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    /// The cgroup the programs attach to (the guest's root cgroup); `None`:
-    /// the root of the cgroup2 mount the kernel module finds or makes.
+/// The agent's options from one source (flags and environment, or the kernel
+/// command line); `None` or empty = not given there. The doc comments are
+/// `--help`'s text; on/off options take an optional value (`--bpf-stats=off`).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Settings {
+    /// Cgroup (v2) to attach the programs to [default: the first cgroup2
+    /// mount, else cgroup2 mounted at /sys/fs/cgroup]
+    #[arg(long, env = "SOCKLB_CGROUP")]
     pub cgroup: Option<PathBuf>,
-    /// The bpffs directory that holds socklb's pins.
-    pub bpffs: PathBuf,
-    /// A table file to program at start (and again on SIGHUP).
+    /// bpffs directory for socklb's pins [default: /sys/fs/bpf/socklb]
+    #[arg(long, env = "SOCKLB_BPFFS")]
+    pub bpffs: Option<PathBuf>,
+    /// Service table (YAML or JSON) to program at start; without it the
+    /// datapath keeps what is already programmed
+    #[arg(long, env = "SOCKLB_TABLE")]
     pub table: Option<PathBuf>,
-    pub log_level: slog::Level,
-    /// The guest's own addresses shown by getsockname in place of loopback;
-    /// empty: the first global address of each family on the guest's
-    /// interfaces.
+    /// critical, error, warning, info, debug or trace [default: info]
+    #[arg(long, env = "SOCKLB_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// The guest's own address(es), shown by getsockname instead of a
+    /// loopback address that only a loopback backend caused [default: the
+    /// first global address of each family on a non-loopback interface,
+    /// followed as it changes]
+    #[arg(long = "pod-ip", env = "SOCKLB_POD_IP", value_delimiter = ',')]
     pub pod_ips: Vec<IpAddr>,
-    /// Where the API is served.
-    pub listen: ListenAddr,
-    /// vsock peers allowed to call the API.
+    /// API address: vsock://-1:PORT (a guest) or unix:///path
+    /// [default: vsock://-1:1100]
+    #[arg(long, env = "SOCKLB_LISTEN")]
+    pub listen: Option<String>,
+    /// Allow --listen on a vsock port Kata's guest services use (1024-1027):
+    /// only for guests that run no kata-agent
+    #[arg(long, env = "SOCKLB_ALLOW_KATA_PORT", value_name = "on|off", num_args = 0..=1,
+          require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
+    pub allow_kata_port: Option<bool>,
+    /// A vsock peer CID allowed to call the API besides the host (2)
+    #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
     pub allowed_cids: Vec<u32>,
-    /// Keep the kernel's BPF run-time stats on (two clock reads per hook
-    /// run) so Stats reports per-hook time.
-    pub bpf_stats: bool,
-    /// Listening on a vsock port Kata's own guest services use was asked
-    /// for explicitly.
-    pub allow_kata_port: bool,
-    /// Admit vsock peers whose source port is 1024 or above (hybrid vsock,
-    /// where the VMM picks the port; see `peers`).
-    pub allow_unprivileged_port: bool,
-    /// Close TCP connections to removed backends too (UDP ones always are).
-    pub close_tcp_of_removed_backends: bool,
+    /// Admit vsock peers from source ports 1024 and above. By default only
+    /// a privileged host process (a port below 1024, which only
+    /// CAP_NET_BIND_SERVICE may bind on the host) may call over vhost-vsock;
+    /// over hybrid vsock (Firecracker, Cloud Hypervisor, vhost-device-vsock)
+    /// the VMM picks the port, so such guests need this and rely on the
+    /// hybrid vsock socket's file permissions
+    #[arg(long, env = "SOCKLB_ALLOW_UNPRIVILEGED_PORT", value_name = "on|off", num_args = 0..=1,
+          require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
+    pub allow_unprivileged_port: Option<bool>,
+    /// When an update removes a backend, close TCP connections to it too.
+    /// Connected UDP sockets to it are always closed (the application gets
+    /// an error and reconnects to a live backend); TCP is left alone by
+    /// default, as kube-proxy leaves established connections
+    #[arg(long, env = "SOCKLB_CLOSE_TCP_OF_REMOVED_BACKENDS", value_name = "on|off",
+          num_args = 0..=1, require_equals = true, default_missing_value = "on",
+          value_parser = parse_switch)]
+    pub close_tcp_of_removed_backends: Option<bool>,
+    /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
+    /// clock reads per hook run)
+    #[arg(long, env = "SOCKLB_BPF_STATS", value_name = "on|off", num_args = 0..=1,
+          require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
+    pub bpf_stats: Option<bool>,
 }
 
-/// Settings from one source (flags and environment, or the kernel command
-/// line); `None` or empty = not given there.
-#[derive(Clone, Debug, Default)]
-pub struct Settings {
-    pub cgroup: Option<PathBuf>,
-    pub bpffs: Option<PathBuf>,
-    pub table: Option<PathBuf>,
-    pub log_level: Option<String>,
-    pub pod_ips: Vec<IpAddr>,
-    pub listen: Option<String>,
-    pub allowed_cids: Vec<u32>,
-    pub bpf_stats: Option<bool>,
-    pub allow_kata_port: Option<bool>,
-    pub allow_unprivileged_port: Option<bool>,
-    pub close_tcp_of_removed_backends: Option<bool>,
+/// How the sources of [`Settings`] rank, for `--help`; the keys are listed
+/// from the declaration.
+pub fn precedence() -> String {
+    format!(
+        "Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
+         variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
+         (keys: {}), built-in defaults. On/off options take {SWITCH_VALUES} \
+         (a bare flag is on).",
+        cmdline_keys().join(", ")
+    )
 }
 
 /// The `socklb.<key>=<value>` keys the agent reads from the kernel command
-/// line (the help text lists them from here).
-pub const CMDLINE_KEYS: [&str; 11] = [
-    "cgroup",
-    "bpffs",
-    "table",
-    "log_level",
-    "pod_ip",
-    "listen",
-    "allow_cid",
-    "bpf_stats",
-    "allow_kata_port",
-    "allow_unprivileged_port",
-    "close_tcp_of_removed_backends",
-];
+/// line: each option's long flag with `_` for `-`.
+pub fn cmdline_keys() -> Vec<String> {
+    kernel_cmdline_parser()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .map(|long| long.replace('-', "_"))
+        .collect()
+}
+
+/// The declaration of [`Settings`] as a parser of `--key=value` words, without
+/// the environment (it ranks above the kernel command line, and is read in
+/// `main`). A key given twice: the last counts, a list key adds to the list.
+fn kernel_cmdline_parser() -> clap::Command {
+    Settings::augment_args(clap::Command::new("kernel command line"))
+        .no_binary_name(true)
+        .disable_help_flag(true)
+        .args_override_self(true)
+        .mut_args(|arg| arg.env(None))
+}
 
 impl Settings {
     /// The `socklb.*` keys of a kernel command line. Keys of later versions
     /// or other components are not ours to refuse; a bad value of ours is.
     pub fn from_kernel_cmdline(kernel_cmdline: &str) -> Result<Settings> {
-        let mut settings = Settings::default();
+        let parser = kernel_cmdline_parser();
+        let keys = cmdline_keys();
+        let mut words = Vec::new();
         for word in kernel_cmdline.split_whitespace() {
             let Some((key, value)) = word.strip_prefix("socklb.").and_then(|w| w.split_once('='))
             else {
                 continue;
             };
-            let bad =
-                |what: &str| format!("kernel command line socklb.{key}: {value:?} is not {what}");
-            match key {
-                "cgroup" => settings.cgroup = Some(value.into()),
-                "bpffs" => settings.bpffs = Some(value.into()),
-                "table" => settings.table = Some(value.into()),
-                "log_level" => settings.log_level = Some(value.into()),
-                "pod_ip" => {
-                    for ip in value.split(',') {
-                        settings.pod_ips.push(ip.parse().with_context(|| {
-                            format!(
-                                "kernel command line socklb.pod_ip: {ip:?} is not an IP address"
-                            )
-                        })?);
-                    }
-                }
-                "listen" => settings.listen = Some(value.into()),
-                "allow_cid" => {
-                    for cid in value.split(',') {
-                        settings.allowed_cids.push(cid.parse().with_context(|| {
-                            format!("kernel command line socklb.allow_cid: {cid:?} is not a CID")
-                        })?);
-                    }
-                }
-                "bpf_stats" => {
-                    settings.bpf_stats = Some(parse_switch(value).context(bad("a switch"))?)
-                }
-                "allow_kata_port" => {
-                    settings.allow_kata_port = Some(parse_switch(value).context(bad("a switch"))?)
-                }
-                "allow_unprivileged_port" => {
-                    settings.allow_unprivileged_port =
-                        Some(parse_switch(value).context(bad("a switch"))?)
-                }
-                "close_tcp_of_removed_backends" => {
-                    settings.close_tcp_of_removed_backends =
-                        Some(parse_switch(value).context(bad("a switch"))?)
-                }
-                _ => {}
+            if !keys.iter().any(|known| known == key) {
+                continue;
             }
+            let flag = format!("--{}={value}", key.replace('_', "-"));
+            // Each word alone first, so that a bad value is named by its key.
+            if let Err(err) = parser.clone().try_get_matches_from([&flag]) {
+                let bad = match err.get(ContextKind::InvalidValue) {
+                    Some(element) => element.to_string(),
+                    None => value.to_string(),
+                };
+                // The value parser's words, else clap's ("a value is required ...").
+                let why = match std::error::Error::source(&err) {
+                    Some(source) => source.to_string(),
+                    None => err
+                        .to_string()
+                        .trim()
+                        .trim_start_matches("error: ")
+                        .to_string(),
+                };
+                bail!("kernel command line socklb.{key}: {bad:?} is not valid: {why}");
+            }
+            words.push(flag);
         }
-        Ok(settings)
+        let matches = parser.try_get_matches_from(words)?;
+        Ok(Settings::from_arg_matches(&matches)?)
     }
 
     /// These settings where given, `lower`'s elsewhere.
@@ -145,17 +163,36 @@ impl Settings {
             log_level: self.log_level.or(lower.log_level),
             pod_ips: list(self.pod_ips, lower.pod_ips),
             listen: self.listen.or(lower.listen),
-            allowed_cids: list(self.allowed_cids, lower.allowed_cids),
-            bpf_stats: self.bpf_stats.or(lower.bpf_stats),
             allow_kata_port: self.allow_kata_port.or(lower.allow_kata_port),
+            allowed_cids: list(self.allowed_cids, lower.allowed_cids),
             allow_unprivileged_port: self
                 .allow_unprivileged_port
                 .or(lower.allow_unprivileged_port),
             close_tcp_of_removed_backends: self
                 .close_tcp_of_removed_backends
                 .or(lower.close_tcp_of_removed_backends),
+            bpf_stats: self.bpf_stats.or(lower.bpf_stats),
         }
     }
+}
+
+/// [`Settings`] resolved: defaults filled in, values parsed and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `None`: the root of the cgroup2 mount the kernel module finds or makes.
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub table: Option<PathBuf>,
+    pub log_level: slog::Level,
+    /// Empty: the guest's addresses are followed as they change.
+    pub pod_ips: Vec<IpAddr>,
+    pub listen: ListenAddr,
+    pub allow_kata_port: bool,
+    /// The host's CID first, then those given.
+    pub allowed_cids: Vec<u32>,
+    pub allow_unprivileged_port: bool,
+    pub close_tcp_of_removed_backends: bool,
+    pub bpf_stats: bool,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -192,22 +229,24 @@ impl Config {
             .map_err(anyhow::Error::msg)?,
             pod_ips: settings.pod_ips,
             listen,
+            allow_kata_port,
             // The host may always call; more peers only when configured.
             allowed_cids: [vec![HOST_CID], settings.allowed_cids].concat(),
-            bpf_stats: settings.bpf_stats.unwrap_or(false),
-            allow_kata_port,
             allow_unprivileged_port: settings.allow_unprivileged_port.unwrap_or(false),
             close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
+            bpf_stats: settings.bpf_stats.unwrap_or(false),
         })
     }
 }
 
+const SWITCH_VALUES: &str = "1, true, on, yes, 0, false, off or no";
+
 /// An on/off value; anything else is an error rather than a silent "off".
-fn parse_switch(value: &str) -> Result<bool> {
+fn parse_switch(value: &str) -> Result<bool, String> {
     match value {
         "1" | "true" | "on" | "yes" => Ok(true),
         "0" | "false" | "off" | "no" => Ok(false),
-        _ => bail!("on/off values are 1, true, on, yes, 0, false, off, no"),
+        _ => Err(format!("on/off values are {SWITCH_VALUES}")),
     }
 }
 
@@ -303,13 +342,44 @@ mod tests {
     #[test]
     fn every_listed_key_is_read() {
         let unset = format!("{:?}", Settings::default());
-        for key in CMDLINE_KEYS {
+        for key in &cmdline_keys() {
             // A value no key accepts silently: each either takes it or refuses it.
             match Settings::from_kernel_cmdline(&format!("socklb.{key}=x")) {
                 Ok(settings) => assert_ne!(format!("{settings:?}"), unset, "{key} was ignored"),
                 Err(err) => assert!(err.to_string().contains(key), "{err}"),
             }
         }
+    }
+
+    #[test]
+    fn a_repeated_key_adds_to_a_list_and_replaces_a_value() {
+        let settings = Settings::from_kernel_cmdline(
+            "socklb.pod_ip=10.244.0.5 socklb.pod_ip=fd00::5 \
+             socklb.listen=unix:///a socklb.listen=unix:///b",
+        )
+        .unwrap();
+        assert_eq!(settings.pod_ips.len(), 2);
+        assert_eq!(settings.listen.as_deref(), Some("unix:///b"));
+    }
+
+    #[test]
+    fn a_bad_element_of_a_list_is_named() {
+        let err = Settings::from_kernel_cmdline("socklb.allow_cid=3,four").unwrap_err();
+        assert!(
+            err.to_string().contains("socklb.allow_cid: \"four\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bare_switch_is_on() {
+        let matches = kernel_cmdline_parser()
+            .try_get_matches_from(["--bpf-stats", "--allow-kata-port=off"])
+            .unwrap();
+        let settings = Settings::from_arg_matches(&matches).unwrap();
+        assert_eq!(settings.bpf_stats, Some(true));
+        assert_eq!(settings.allow_kata_port, Some(false));
+        assert_eq!(settings.allow_unprivileged_port, None);
     }
 
     #[test]

@@ -1,6 +1,4 @@
 use std::{
-    net::IpAddr,
-    path::PathBuf,
     process::ExitCode,
     sync::{Arc, Mutex},
 };
@@ -12,7 +10,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use slog::{Logger, error, info, warn};
 use socklb_agent::{
     addresses::{self, GuestAddrs},
-    config::{CMDLINE_KEYS, Config, Settings},
+    config::{self, Config, Settings},
     datapath::{self, Datapath},
     kernel,
     peers::PeerRule,
@@ -23,71 +21,22 @@ use socklb_agent::{
 };
 use socklb_table::Table;
 
-/// The help text's epilogue; the key list comes from the parser's.
+/// The help text's epilogue.
 fn after_help() -> String {
     format!(
-        "Configuration precedence, highest first: command-line flags, SOCKLB_* environment \
-         variables (named beside each flag), socklb.<key>=<value> on the kernel command line \
-         (keys: {}), built-in defaults.\n\n\
+        "{}\n\n\
          Signals: SIGTERM and SIGINT stop the agent and leave the datapath pinned and working; \
          SIGHUP re-reads the table file.",
-        CMDLINE_KEYS.join(", ")
+        config::precedence()
     )
 }
 
 /// socklb's guest agent: Kubernetes Service load balancing at the socket.
 #[derive(Parser, Debug)]
-#[command(name = "socklb-agent", version)]
+#[command(name = "socklb-agent", version, args_override_self = true)]
 struct Args {
-    /// Cgroup (v2) to attach the programs to [default: the first cgroup2
-    /// mount, else cgroup2 mounted at /sys/fs/cgroup]
-    #[arg(long, env = "SOCKLB_CGROUP")]
-    cgroup: Option<PathBuf>,
-    /// bpffs directory for socklb's pins [default: /sys/fs/bpf/socklb]
-    #[arg(long, env = "SOCKLB_BPFFS")]
-    bpffs: Option<PathBuf>,
-    /// Service table (YAML or JSON) to program at start; without it the
-    /// datapath keeps what is already programmed
-    #[arg(long, env = "SOCKLB_TABLE")]
-    table: Option<PathBuf>,
-    /// critical, error, warning, info, debug or trace [default: info]
-    #[arg(long, env = "SOCKLB_LOG_LEVEL")]
-    log_level: Option<String>,
-    /// The guest's own address(es), shown by getsockname instead of a
-    /// loopback address that only a loopback backend caused [default: the
-    /// first global address of each family on a non-loopback interface,
-    /// followed as it changes]
-    #[arg(long = "pod-ip", env = "SOCKLB_POD_IP", value_delimiter = ',')]
-    pod_ips: Vec<IpAddr>,
-    /// API address: vsock://-1:PORT (a guest) or unix:///path
-    /// [default: vsock://-1:1100]
-    #[arg(long, env = "SOCKLB_LISTEN")]
-    listen: Option<String>,
-    /// Allow --listen on a vsock port Kata's guest services use (1024-1027):
-    /// only for guests that run no kata-agent
-    #[arg(long, env = "SOCKLB_ALLOW_KATA_PORT")]
-    allow_kata_port: bool,
-    /// A vsock peer CID allowed to call the API besides the host (2)
-    #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
-    allowed_cids: Vec<u32>,
-    /// Admit vsock peers from source ports 1024 and above. By default only
-    /// a privileged host process (a port below 1024, which only
-    /// CAP_NET_BIND_SERVICE may bind on the host) may call over vhost-vsock;
-    /// over hybrid vsock (Firecracker, Cloud Hypervisor, vhost-device-vsock)
-    /// the VMM picks the port, so such guests need this and rely on the
-    /// hybrid vsock socket's file permissions
-    #[arg(long, env = "SOCKLB_ALLOW_UNPRIVILEGED_PORT")]
-    allow_unprivileged_port: bool,
-    /// When an update removes a backend, close TCP connections to it too.
-    /// Connected UDP sockets to it are always closed (the application gets
-    /// an error and reconnects to a live backend); TCP is left alone by
-    /// default, as kube-proxy leaves established connections
-    #[arg(long, env = "SOCKLB_CLOSE_TCP_OF_REMOVED_BACKENDS")]
-    close_tcp_of_removed_backends: bool,
-    /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
-    /// clock reads per hook run)
-    #[arg(long, env = "SOCKLB_BPF_STATS")]
-    bpf_stats: bool,
+    #[command(flatten)]
+    settings: Settings,
     /// Validate the table file and exit, without touching the kernel
     #[arg(long, requires = "table", conflicts_with = "detach")]
     check: bool,
@@ -98,22 +47,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::command().after_help(after_help()).get_matches();
-    let args = Args::from_arg_matches(&args).unwrap_or_else(|err| err.exit());
-    let check = args.check;
-    let detach = args.detach;
-    let given = Settings {
-        cgroup: args.cgroup,
-        bpffs: args.bpffs,
-        table: args.table,
-        log_level: args.log_level,
-        pod_ips: args.pod_ips,
-        listen: args.listen,
-        allowed_cids: args.allowed_cids,
-        bpf_stats: args.bpf_stats.then_some(true),
-        allow_kata_port: args.allow_kata_port.then_some(true),
-        allow_unprivileged_port: args.allow_unprivileged_port.then_some(true),
-        close_tcp_of_removed_backends: args.close_tcp_of_removed_backends.then_some(true),
-    };
+    let Args {
+        settings: given,
+        check,
+        detach,
+    } = Args::from_arg_matches(&args).unwrap_or_else(|err| err.exit());
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let config = match Config::resolve(given, &cmdline) {
         Ok(config) => config,
