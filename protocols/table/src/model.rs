@@ -172,8 +172,14 @@ impl Service {
         if self.key.port == 0 {
             return Err(field("port", "0 is not a service port (1..65535)".into()));
         }
-        if self.key.vip.is_unspecified() {
-            return Err(field("vip", format!("{} is unspecified", self.key.vip)));
+        if let Some(class) = guest_own_class(self.key.vip) {
+            return Err(field(
+                "vip",
+                format!(
+                    "{} is {class}: a VIP there would take over the guest's own traffic",
+                    self.key.vip
+                ),
+            ));
         }
         if let Some(timeout) = self.affinity_timeout_secs
             && !(1..=MAX_AFFINITY_TIMEOUT_SECS).contains(&timeout)
@@ -220,8 +226,36 @@ impl Service {
             if !seen.insert(*backend) {
                 return Err(field(&name, format!("{backend} is listed twice")));
             }
+            if backend.ip().to_canonical() == self.key.vip && backend.port() == self.key.port {
+                return Err(field(
+                    &name,
+                    format!(
+                        "{backend} is the service's own VIP:port: a connect would come back to it"
+                    ),
+                ));
+            }
         }
         Ok(self)
+    }
+}
+
+/// The class of addresses `ip` (or the IPv4 address it maps) belongs to,
+/// when that class is the guest's own: unspecified, loopback, link-local,
+/// multicast or broadcast. A VIP there would turn the guest's own traffic
+/// to it (local agents, health checks, the metadata address) into
+/// translations or ECONNREFUSED.
+fn guest_own_class(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("unspecified"),
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(v6) if v6.is_loopback() => Some("a loopback address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("multicast"),
+        _ => None,
     }
 }
 
@@ -334,6 +368,58 @@ mod tests {
                 .map(|i| SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8], 8080)))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn vips_of_the_guests_own_address_classes_are_refused() {
+        for (vip, class) in [
+            ("127.0.0.1", "loopback"),
+            ("127.3.2.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("169.254.1.1", "link-local"),
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("::ffff:169.254.1.1", "link-local"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let mut candidate = service([10, 96, 0, 1], 1);
+            candidate.key.vip = vip.parse().unwrap();
+            let err = candidate.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("vip") && err.contains(class) && err.contains("guest's own traffic"),
+                "{vip}: {err}"
+            );
+        }
+        for vip in ["10.96.0.1", "192.0.2.10", "fd00:96::1", "100.64.0.1"] {
+            let mut candidate = service([10, 96, 0, 1], 0);
+            candidate.key.vip = vip.parse().unwrap();
+            if candidate.key.vip.is_ipv6() {
+                candidate.backends = vec!["[fd00:244::1]:8080".parse().unwrap()];
+            }
+            candidate
+                .validate()
+                .unwrap_or_else(|err| panic!("{vip}: {err}"));
+        }
+    }
+
+    #[test]
+    fn a_backend_that_is_its_own_vip_port_is_refused() {
+        let mut candidate = service([10, 96, 0, 1], 1);
+        candidate.backends.push("10.96.0.1:80".parse().unwrap());
+        let err = candidate.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("backends[1]") && err.contains("own VIP:port"),
+            "{err}"
+        );
+        // The same address on another port is an ordinary backend.
+        let mut candidate = service([10, 96, 0, 1], 0);
+        candidate.backends.push("10.96.0.1:8080".parse().unwrap());
+        candidate.validate().unwrap();
     }
 
     #[test]

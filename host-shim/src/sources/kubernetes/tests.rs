@@ -625,3 +625,22 @@ fn serving_terminating_fallback_and_local_policy_ignore_hints() {
         "10.96.0.40:80/TCP -> [10.244.1.3:8080]"
     );
 }
+
+#[test]
+fn an_external_ip_of_the_guests_own_kind_is_skipped_not_the_service() {
+    let mut cluster = Cluster::default();
+    cluster.apply_service(service(
+        "node-local",
+        json!({
+        "clusterIP": "10.96.0.60", "externalIPs": ["127.0.0.1", "192.0.2.60"],
+        "ports": [{"port": 80}]}),
+    ));
+    let policy = Policy {
+        external_vips: true,
+        ..Policy::default()
+    };
+    assert_eq!(
+        translate(&cluster, "node-local", &policy),
+        ["10.96.0.60:80/TCP -> []", "192.0.2.60:80/TCP -> []"]
+    );
+}
