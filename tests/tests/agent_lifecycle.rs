@@ -382,3 +382,84 @@ fn an_agent_upgraded_in_place_retires_the_previous_counters_map() {
         "b1"
     );
 }
+
+/// Attaches the agent's own connect4 program to the sandbox's cgroup a
+/// second time, after the first, as an in-place upgrade does for a moment
+/// (the new agent's programs are attached, over the same pinned maps,
+/// before the old links are dropped); dropping the returned link detaches
+/// it. Raw bpf(2): aya attaches only programs it loaded.
+fn attach_connect4_again(sandbox: &Sandbox) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    let bpf = |cmd: libc::c_long, attr: &[u8; 128]| {
+        // SAFETY: `attr` is a zero-filled bpf_attr of the size passed.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), attr.len()) }
+    };
+    let link = aya::programs::links::PinnedLink::from_pin(sandbox.bpffs.join("links/connect4"))
+        .expect("the agent's connect4 link");
+    let program_id = aya::programs::links::FdLink::from(link)
+        .info()
+        .expect("link info")
+        .program_id();
+    let mut by_id = [0u8; 128];
+    by_id[..4].copy_from_slice(&program_id.to_ne_bytes());
+    let program = bpf(BPF_PROG_GET_FD_BY_ID, &by_id);
+    assert!(
+        program >= 0,
+        "program fd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor BPF_PROG_GET_FD_BY_ID returned, owned here.
+    let program = unsafe { std::os::fd::OwnedFd::from_raw_fd(program as i32) };
+    let cgroup = std::fs::File::open(&sandbox.cgroup).expect("open the sandbox's cgroup");
+    let mut create = [0u8; 128];
+    for (i, word) in [
+        program.as_raw_fd() as u32,
+        cgroup.as_raw_fd() as u32,
+        BPF_CGROUP_INET4_CONNECT,
+    ]
+    .iter()
+    .enumerate()
+    {
+        create[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let link = bpf(BPF_LINK_CREATE, &create);
+    assert!(
+        link >= 0,
+        "link create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor BPF_LINK_CREATE returned, owned here.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(link as i32) }
+}
+
+#[test]
+fn connected_udp_keeps_its_vip_while_an_upgrade_runs_two_programs() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "dns.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.10, port: 53, protocol: UDP, \
+             backends: [{{ip: {}, port: 5353}}]}}]",
+            socklb_tests::backend_ip(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    // The second program sees the destination the first one wrote (the
+    // backend): it must not drop the translation the first one made.
+    let _second = attach_connect4_again(&sandbox);
+    let replies = sandbox.client(&["udp", "10.96.0.10:53", "--connected", "--count", "3"]);
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    for reply in &replies {
+        assert_eq!(reply["backend"], "b1", "{reply}");
+        assert_eq!(
+            reply["source"], "10.96.0.10:53",
+            "a reply from the VIP: {reply}"
+        );
+        assert_eq!(reply["peer"], "10.96.0.10:53", "getpeername: {reply}");
+    }
+}

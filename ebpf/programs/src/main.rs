@@ -198,9 +198,17 @@ fn refuse() -> i32 {
 #[inline(always)]
 fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
     if hash_get(&VIPS, &dst.addr).is_none() || opted_out() {
-        if !unconnected_udp && sa.protocol() == PROTO_UDP {
+        if !unconnected_udp
+            && sa.protocol() == PROTO_UDP
+            && sa
+                .storage(&CONNECTED_VIP, false)
+                .is_some_and(|translation| translation.backend != *dst)
+        {
             // A UDP socket connected again, elsewhere: its earlier
-            // translation no longer describes its peer.
+            // translation no longer describes its peer. A destination that
+            // is the socket's backend is the rewrite of an earlier program
+            // of this same datapath (during an in-place upgrade both
+            // agents' programs run for a moment), not a new peer.
             sa.forget_storage(&CONNECTED_VIP);
         }
         return Verdict::Pass;
