@@ -205,10 +205,14 @@ fn sigterm_leaves_the_datapath_and_detach_removes_it() {
         String::from_utf8_lossy(&detach.stderr)
     );
     assert!(!sandbox.bpffs.exists(), "pins left behind");
-    assert_eq!(
-        errno(&sandbox.client(&["tcp", "10.96.0.20:80"])[0]),
-        ENETUNREACH
-    );
+    // The kernel releases an unpinned link after an RCU grace period,
+    // which a loaded machine can stretch.
+    let mut last = serde_json::Value::Null;
+    let detached = socklb_tests::vm::eventually(Duration::from_secs(5), || {
+        last = sandbox.client(&["tcp", "10.96.0.20:80"]).remove(0);
+        last.get("errno").and_then(|e| e.as_i64()) == Some(ENETUNREACH)
+    });
+    assert!(detached, "still translated after --detach: {last}");
 }
 
 #[test]
