@@ -193,20 +193,43 @@ pub mod map_names {
     // The kernel keeps 15 bytes of a map's name.
     pub const OPT_OUT_CGROUPS: &str = "OPT_OUT_CGROUPS";
     pub const OPT_OUT_COUNT: &str = "OPT_OUT_COUNT";
-    pub const ALL: [&str; 11] = [
-        SERVICES,
-        VIPS,
-        BACKEND_SLOTS,
-        MEMBERS,
-        AFFINITY,
-        CONNECTED_VIP,
-        DATAGRAM_VIPS,
-        SERVICE_COUNTERS,
-        GUEST_ADDRS,
-        OPT_OUT_CGROUPS,
-        OPT_OUT_COUNT,
-    ];
 }
+
+/// A map's name and the sizes of its key and value: what an agent checks
+/// before it adopts a map another agent pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: usize,
+    pub value_size: usize,
+}
+
+impl MapLayout {
+    const fn of<K, V>(name: &'static str) -> MapLayout {
+        MapLayout {
+            name,
+            key_size: core::mem::size_of::<K>(),
+            value_size: core::mem::size_of::<V>(),
+        }
+    }
+}
+
+/// Every map of the programs, with its key and value types. The agent's
+/// tests hold the built programs to this list.
+pub const MAP_LAYOUTS: [MapLayout; 11] = [
+    MapLayout::of::<ServiceKey, Service>(map_names::SERVICES),
+    MapLayout::of::<Addr, u8>(map_names::VIPS),
+    MapLayout::of::<BackendSlotKey, Endpoint>(map_names::BACKEND_SLOTS),
+    MapLayout::of::<MemberKey, u8>(map_names::MEMBERS),
+    MapLayout::of::<AffinityKey, Affinity>(map_names::AFFINITY),
+    // Socket-local storage is keyed by a socket's file descriptor.
+    MapLayout::of::<i32, Translation>(map_names::CONNECTED_VIP),
+    MapLayout::of::<i32, DatagramVips>(map_names::DATAGRAM_VIPS),
+    MapLayout::of::<u32, ServiceCounters>(map_names::SERVICE_COUNTERS),
+    MapLayout::of::<u32, Addr>(map_names::GUEST_ADDRS),
+    MapLayout::of::<u64, u8>(map_names::OPT_OUT_CGROUPS),
+    MapLayout::of::<u32, u32>(map_names::OPT_OUT_COUNT),
+];
 
 #[cfg(feature = "user")]
 mod pod {

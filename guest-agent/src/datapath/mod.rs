@@ -33,10 +33,7 @@ use aya::{
     },
 };
 use slog::{Logger, info};
-use socklb_common::{
-    Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint, GUEST_ADDR_V4,
-    GUEST_ADDR_V6, MemberKey, ServiceCounters, Translation, map_names,
-};
+use socklb_common::{Addr, GUEST_ADDR_V4, GUEST_ADDR_V6, MAP_LAYOUTS, MapLayout, map_names};
 
 pub use convert::addr_words;
 pub use maps::{TableMaps, WriteDelay};
@@ -290,8 +287,6 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// Refuses pinned maps whose layout differs from this build's (an agent of
-/// another version left them): adopting them would misread every entry.
 /// Maps earlier agents pinned whose data this one does not take over, with
 /// what replaced them. Their pins are removed at load, so an agent upgraded
 /// in place starts (programs still attached keep using the old map until
@@ -324,50 +319,15 @@ fn retire_maps(maps_dir: &Path, log: &Logger) -> Result<()> {
     Ok(())
 }
 
+/// Refuses pinned maps whose layout differs from this build's (an agent of
+/// another version left them): adopting them would misread every entry.
 fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
-    use std::mem::size_of;
-    let layouts = [
-        (
-            map_names::SERVICES,
-            size_of::<socklb_common::ServiceKey>(),
-            size_of::<socklb_common::Service>(),
-        ),
-        (map_names::VIPS, size_of::<Addr>(), size_of::<u8>()),
-        (
-            map_names::BACKEND_SLOTS,
-            size_of::<BackendSlotKey>(),
-            size_of::<Endpoint>(),
-        ),
-        (map_names::MEMBERS, size_of::<MemberKey>(), size_of::<u8>()),
-        (
-            map_names::AFFINITY,
-            size_of::<AffinityKey>(),
-            size_of::<Affinity>(),
-        ),
-        (
-            map_names::CONNECTED_VIP,
-            size_of::<i32>(),
-            size_of::<Translation>(),
-        ),
-        (
-            map_names::DATAGRAM_VIPS,
-            size_of::<i32>(),
-            size_of::<DatagramVips>(),
-        ),
-        (
-            map_names::SERVICE_COUNTERS,
-            size_of::<u32>(),
-            size_of::<ServiceCounters>(),
-        ),
-        (map_names::GUEST_ADDRS, size_of::<u32>(), size_of::<Addr>()),
-        (
-            map_names::OPT_OUT_CGROUPS,
-            size_of::<u64>(),
-            size_of::<u8>(),
-        ),
-        (map_names::OPT_OUT_COUNT, size_of::<u32>(), size_of::<u32>()),
-    ];
-    for (name, key_size, value_size) in layouts {
+    for MapLayout {
+        name,
+        key_size,
+        value_size,
+    } in MAP_LAYOUTS
+    {
         let path = maps_dir.join(name);
         if !path.exists() {
             continue;
@@ -386,4 +346,36 @@ fn check_pinned_layouts(maps_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_programs_declare_the_maps_of_the_layout_table() {
+        let object = aya_obj::Object::parse(PROGRAMS).unwrap();
+        // Sections the loader turns into maps (.rodata, .bss) are not ours.
+        let mut built: Vec<_> = object
+            .maps
+            .iter()
+            .filter(|(name, _)| !name.starts_with('.'))
+            .map(|(name, map)| {
+                let sizes = (map.key_size() as usize, map.value_size() as usize);
+                (name.clone(), sizes)
+            })
+            .collect();
+        built.sort();
+        let mut table: Vec<_> = MAP_LAYOUTS
+            .iter()
+            .map(|layout| {
+                (
+                    layout.name.to_string(),
+                    (layout.key_size, layout.value_size),
+                )
+            })
+            .collect();
+        table.sort();
+        assert_eq!(built, table);
+    }
 }
