@@ -384,6 +384,54 @@ fn an_agent_that_moved_is_found_at_its_new_address() {
     assert_eq!(row["state"], "in_sync", "{row}");
 }
 
+/// A write the daemon resends after a timeout, while the agent still
+/// works on the original, expects the generation the original found: the
+/// agent refuses the resend (FailedPrecondition) instead of applying it a
+/// second time, and the daemon syncs the whole table.
+#[test]
+fn a_resent_write_is_refused_by_generation() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let (uds, url) = node.vsock("late");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let _shim = node.sandbox("kata", "late", &url);
+    // Each call times out after 2 s.
+    node.start(&api, 2);
+    converge(&node, "the first table", Duration::from_secs(20), || {
+        agent.syncs() == 1
+    });
+
+    // The Upsert's first map write takes 3 s: the daemon gives up on it
+    // after 2 s and resends it on a new connection, which the agent
+    // answers once the original is written. The resend expects the
+    // generation the original found.
+    agent.slow_down(Duration::from_secs(3));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web", &["10.244.1.1", "10.244.1.2"]),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    agent.slow_down(Duration::ZERO);
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]"]);
+    converge(
+        &node,
+        "the resend refused and the whole table synced",
+        Duration::from_secs(20),
+        || agent.syncs() == 2 && lines(&agent) == expected,
+    );
+    let log = node.log();
+    let refused = log.lines().any(|line| {
+        line.contains("agent write failed")
+            && line.contains("FAILED_PRECONDITION")
+            && line.contains("the write expects the table at generation")
+    });
+    assert!(refused, "the resend was not refused by generation:\n{log}");
+}
+
 #[test]
 fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
     let runtime = runtime();

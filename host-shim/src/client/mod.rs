@@ -157,9 +157,24 @@ impl AgentClient {
 
     /// Adds or replaces services by key.
     pub async fn upsert(&mut self, services: Vec<Service>) -> Result<WriteResult, ClientError> {
+        self.upsert_expecting(self.expected_generation(), services)
+            .await
+    }
+
+    /// [`AgentClient::upsert`] that the agent refuses (FailedPrecondition,
+    /// nothing changed) unless its table is at generation `expected` (0:
+    /// not checked): for a caller that tracks the generation its own
+    /// writes left the agent at, as one of [`AgentClient::sync_once`]
+    /// does. A resend after a timeout, its original still queued in the
+    /// agent, is then refused instead of applied a second time.
+    pub async fn upsert_expecting(
+        &mut self,
+        expected: u64,
+        services: Vec<Service>,
+    ) -> Result<WriteResult, ClientError> {
         let request = api::UpsertRequest {
             services: services.iter().map(Service::to_api).collect(),
-            expected_generation: self.expected_generation(),
+            expected_generation: expected,
             ..Default::default()
         };
         fits_one_message(
@@ -185,9 +200,20 @@ impl AgentClient {
 
     /// Removes services by key.
     pub async fn delete(&mut self, keys: Vec<ServiceKey>) -> Result<WriteResult, ClientError> {
+        self.delete_expecting(self.expected_generation(), keys)
+            .await
+    }
+
+    /// [`AgentClient::delete`] checked against the agent's generation as
+    /// [`AgentClient::upsert_expecting`].
+    pub async fn delete_expecting(
+        &mut self,
+        expected: u64,
+        keys: Vec<ServiceKey>,
+    ) -> Result<WriteResult, ClientError> {
         let request = api::DeleteRequest {
             keys: keys.iter().map(ServiceKey::to_api).collect(),
-            expected_generation: self.expected_generation(),
+            expected_generation: expected,
             ..Default::default()
         };
         fits_one_message(

@@ -279,7 +279,7 @@ pub async fn serve_sandbox(
     log: &Logger,
 ) {
     let mut newest = shared.hub.subscribe();
-    let mut acked: Option<u64> = None;
+    let mut acked: Option<Acked> = None;
     // Connections the client had opened when the agent last got the whole
     // table: another one since means the agent may be a new one.
     let mut opened_at_sync = client.connections_opened();
@@ -292,8 +292,8 @@ pub async fn serve_sandbox(
             newest.changed().await.expect(HUB_SENDS);
             continue;
         }
-        let outcome = match shared.hub.catch_up(acked) {
-            CatchUp::Current => {
+        let outcome = match (shared.hub.catch_up(acked.map(|a| a.version)), acked) {
+            (CatchUp::Current, _) => {
                 tokio::select! {
                     changed = newest.changed() => changed.expect(HUB_SENDS),
                     _ = health.tick() => {
@@ -302,7 +302,7 @@ pub async fn serve_sandbox(
                             .is_some_and(|every| last_verified.elapsed() >= every);
                         let alive = if verify {
                             last_verified = Instant::now();
-                            verify_digest(client, &shared.hub, acked, log).await
+                            verify_digest(client, &shared.hub, acked.map(|a| a.version), log).await
                         } else {
                             client.check().await.map(|_| true)
                         };
@@ -318,40 +318,49 @@ pub async fn serve_sandbox(
                 }
                 continue;
             }
-            CatchUp::Whole => {
+            (
+                CatchUp::Changes {
+                    version,
+                    upserts,
+                    deletes,
+                    since,
+                },
+                Some(from),
+            ) => {
+                let mut result = Ok(from.generation);
+                if !upserts.is_empty() {
+                    let outcome = client.upsert_expecting(from.generation, upserts).await;
+                    shared.metrics.upsert_done(outcome.is_ok());
+                    result = outcome.map(|written| written.generation);
+                }
+                if let Ok(generation) = result
+                    && !deletes.is_empty()
+                {
+                    let outcome = client.delete_expecting(generation, deletes).await;
+                    shared.metrics.delete_done(outcome.is_ok());
+                    result = outcome.map(|written| written.generation);
+                }
+                if result.is_ok() {
+                    shared.metrics.acknowledged(since.elapsed());
+                }
+                result.map(|generation| Acked {
+                    version,
+                    generation,
+                })
+            }
+            // Changes follow an acknowledged version only.
+            (CatchUp::Whole, _) | (CatchUp::Changes { .. }, None) => {
                 shared.registry.set_state(id, State::Syncing);
                 let result = sync_whole(client, shared, log).await;
                 opened_at_sync = client.connections_opened();
                 result
             }
-            CatchUp::Changes {
-                version,
-                upserts,
-                deletes,
-                since,
-            } => {
-                let mut result = Ok(version);
-                if !upserts.is_empty() {
-                    let outcome = client.upsert(upserts).await;
-                    shared.metrics.upsert_done(outcome.is_ok());
-                    result = outcome.map(|_| version);
-                }
-                if result.is_ok() && !deletes.is_empty() {
-                    let outcome = client.delete(deletes).await;
-                    shared.metrics.delete_done(outcome.is_ok());
-                    result = outcome.map(|_| version);
-                }
-                if result.is_ok() {
-                    shared.metrics.acknowledged(since.elapsed());
-                }
-                result
-            }
         };
         match outcome {
-            Ok(version) if client.connections_opened() == opened_at_sync => {
-                acked = Some(version);
+            Ok(written) if client.connections_opened() == opened_at_sync => {
+                acked = Some(written);
                 retry.reset();
-                shared.registry.acknowledged(id, version);
+                shared.registry.acknowledged(id, written.version);
             }
             // The client reconnected during an incremental write: the
             // agent behind may have restarted with another table.
@@ -373,11 +382,20 @@ pub async fn serve_sandbox(
     }
 }
 
+/// What an agent acknowledged last: the hub's version its table is at, and
+/// the generation the agent gave that table, which the next write expects
+/// (so a write the agent runs late, after a newer one, is refused).
+#[derive(Clone, Copy, Debug)]
+struct Acked {
+    version: u64,
+    generation: u64,
+}
+
 /// `newest.changed()` fails only once the hub's sender is gone, and every
 /// sandbox task holds the hub.
 const HUB_SENDS: &str = "the hub outlives its sandboxes' tasks";
 
-/// Sends the hub's whole table and returns its version. The agent is
+/// Sends the hub's whole table; its version is acknowledged. The agent is
 /// reached and asked Health before a permit is taken, so an agent that
 /// does not answer (a paused VM, a guest without socklb) waits out its
 /// timeouts holding no permit; an agent that answers and then hangs in the
@@ -386,7 +404,7 @@ async fn sync_whole(
     client: &mut AgentClient,
     shared: &Shared,
     log: &Logger,
-) -> Result<u64, ClientError> {
+) -> Result<Acked, ClientError> {
     client.check().await?;
     let _permit = shared
         .whole_syncs
@@ -406,9 +424,12 @@ async fn sync_whole(
             })
         });
     shared.metrics.sync_done(result.is_ok());
-    result.map(|_| {
+    result.map(|written| {
         info!(log, "table synced"; "version" => version, "services" => table.services.len());
-        version
+        Acked {
+            version,
+            generation: written.generation,
+        }
     })
 }
 
