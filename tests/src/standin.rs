@@ -26,7 +26,7 @@ use std::{
 use futures::StreamExt as _;
 use slog::{Drain, KV as _, Key, Logger, OwnedKVList, Record, Serializer};
 use socklb_agent::{
-    datapath::{ProgrammedTable, TableMaps, WriteDelay},
+    datapath::{ProgrammedTable, TableMaps, WriteFaults},
     rpc::Rpc,
     services::ServiceTable,
 };
@@ -134,7 +134,7 @@ impl Serializer for RequestKey {
 pub struct StandInAgent {
     uds: PathBuf,
     table: Arc<Mutex<ServiceTable>>,
-    write_delay: WriteDelay,
+    write_faults: WriteFaults,
     writes: WritesLogged,
     server: Server,
 }
@@ -161,8 +161,8 @@ impl StandInAgent {
         .boxed();
         let writes = WritesLogged::default();
         let log = Logger::root(writes.clone().fuse(), slog::o!());
-        let write_delay = WriteDelay::default();
-        let programmed = ProgrammedTable::adopt(TableMaps::in_memory(write_delay.clone()), &log)
+        let write_faults = WriteFaults::default();
+        let programmed = ProgrammedTable::adopt(TableMaps::in_memory(write_faults.clone()), &log)
             .expect("empty maps in memory");
         let table = Arc::new(Mutex::new(ServiceTable::new(programmed)));
         let rpc = Arc::new(Rpc::new(table.clone(), false, &log));
@@ -173,7 +173,7 @@ impl StandInAgent {
         StandInAgent {
             uds: uds.into(),
             table,
-            write_delay,
+            write_faults,
             writes,
             server,
         }
@@ -196,7 +196,7 @@ impl StandInAgent {
     /// Makes each map write (a service's entry, slot or member) take
     /// `delay` from now on: a slow sandbox.
     pub fn slow_down(&self, delay: Duration) {
-        self.write_delay.set(delay);
+        self.write_faults.slow_down(delay);
     }
 
     /// Upserts it applied.

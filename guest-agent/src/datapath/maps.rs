@@ -70,15 +70,14 @@ impl TableMaps {
         }
     }
 
-    /// Maps in process memory with the kernel maps' capacities. Each
-    /// insert or removal takes `write_delay` (initially none): a sandbox
-    /// whose map writes are slow.
-    pub fn in_memory(write_delay: WriteDelay) -> TableMaps {
+    /// Maps in process memory with the kernel maps' capacities; every
+    /// insert or removal goes through `write_faults` (none at first).
+    pub fn in_memory(write_faults: WriteFaults) -> TableMaps {
         TableMaps {
-            services: Box::new(MemoryMap::new(MAX_SERVICES, write_delay.clone())),
-            vips: Box::new(MemoryMap::new(MAX_VIPS, write_delay.clone())),
-            slots: Box::new(MemoryMap::new(MAX_BACKEND_SLOTS, write_delay.clone())),
-            members: Box::new(MemoryMap::new(MAX_BACKEND_SLOTS, write_delay)),
+            services: Box::new(MemoryMap::new(MAX_SERVICES, write_faults.clone())),
+            vips: Box::new(MemoryMap::new(MAX_VIPS, write_faults.clone())),
+            slots: Box::new(MemoryMap::new(MAX_BACKEND_SLOTS, write_faults.clone())),
+            members: Box::new(MemoryMap::new(MAX_BACKEND_SLOTS, write_faults)),
             counters: Box::new(MemoryCounters),
         }
     }
@@ -125,21 +124,49 @@ impl Counters for PerCpuArray<MapData, ServiceCounters> {
     }
 }
 
-/// How long each write of a map in memory takes; shared, so it can be
-/// changed while the map is in use.
+/// What maps in memory do on each write, changed while they are in use:
+/// take a while (a slow sandbox), or fail from some write on (a kernel
+/// that refuses, to test what a half-written update leaves).
 #[derive(Clone, Default)]
-pub struct WriteDelay(Arc<Mutex<Duration>>);
+pub struct WriteFaults(Arc<Mutex<Faults>>);
 
-impl WriteDelay {
-    pub fn set(&self, delay: Duration) {
-        *self.0.lock().expect("write delay lock") = delay;
+#[derive(Default)]
+struct Faults {
+    delay: Duration,
+    /// Writes that still succeed; `None`: all.
+    writes_left: Option<usize>,
+}
+
+impl WriteFaults {
+    /// Makes every write take `delay`.
+    pub fn slow_down(&self, delay: Duration) {
+        self.0.lock().expect("write faults lock").delay = delay;
     }
 
-    fn wait(&self) {
-        let delay = *self.0.lock().expect("write delay lock");
+    /// Makes every write after the next `writes` fail.
+    pub fn fail_after(&self, writes: usize) {
+        self.0.lock().expect("write faults lock").writes_left = Some(writes);
+    }
+
+    /// Lets every write succeed again.
+    pub fn heal(&self) {
+        self.0.lock().expect("write faults lock").writes_left = None;
+    }
+
+    fn write(&self) -> Result<()> {
+        let delay = {
+            let mut faults = self.0.lock().expect("write faults lock");
+            match &mut faults.writes_left {
+                Some(0) => return Err(anyhow!("the write failed (injected): EFAULT")),
+                Some(left) => *left -= 1,
+                None => {}
+            }
+            faults.delay
+        };
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        Ok(())
     }
 }
 
@@ -148,15 +175,15 @@ impl WriteDelay {
 struct MemoryMap<K, V> {
     entries: HashMap<K, V>,
     capacity: usize,
-    write_delay: WriteDelay,
+    write_faults: WriteFaults,
 }
 
 impl<K, V> MemoryMap<K, V> {
-    fn new(capacity: u32, write_delay: WriteDelay) -> MemoryMap<K, V> {
+    fn new(capacity: u32, write_faults: WriteFaults) -> MemoryMap<K, V> {
         MemoryMap {
             entries: HashMap::new(),
             capacity: capacity as usize,
-            write_delay,
+            write_faults,
         }
     }
 }
@@ -167,7 +194,7 @@ impl<K: Copy + Eq + Hash + Send, V: Copy + Send> TableMap<K, V> for MemoryMap<K,
     }
 
     fn insert(&mut self, key: K, value: V) -> Result<()> {
-        self.write_delay.wait();
+        self.write_faults.write()?;
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
             return Err(anyhow!(
                 "the map is full ({} entries): E2BIG",
@@ -179,7 +206,7 @@ impl<K: Copy + Eq + Hash + Send, V: Copy + Send> TableMap<K, V> for MemoryMap<K,
     }
 
     fn remove(&mut self, key: &K) -> Result<()> {
-        self.write_delay.wait();
+        self.write_faults.write()?;
         self.entries
             .remove(key)
             .map(drop)
@@ -223,7 +250,7 @@ mod tests {
 
     #[test]
     fn memory_maps_keep_the_kernel_maps_contract() {
-        let mut map = MemoryMap::<u32, u8>::new(2, WriteDelay::default());
+        let mut map = MemoryMap::<u32, u8>::new(2, WriteFaults::default());
         map.insert(1, 1).unwrap();
         map.insert(2, 1).unwrap();
         map.insert(2, 7).unwrap();

@@ -36,7 +36,7 @@ use slog::{Logger, info};
 use socklb_common::{Addr, GUEST_ADDR_V4, GUEST_ADDR_V6, MAP_LAYOUTS, MapLayout, map_names};
 
 pub use convert::addr_words;
-pub use maps::{TableMaps, WriteDelay};
+pub use maps::{TableMaps, WriteFaults};
 pub use program::{ApplySummary, ProgrammedTable};
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 

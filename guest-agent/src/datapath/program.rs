@@ -83,25 +83,21 @@ impl ProgrammedTable {
 
     /// Makes the maps hold exactly `table`, or leaves them as they were: a
     /// table refused (capacity) changes nothing, and after a kernel error
-    /// half way the previous table is written back.
+    /// half way the previous table is written back, once: if that fails
+    /// too, the error says the maps hold neither table.
     pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
-        let mut current = self.read_programmed()?;
-        let before = current.clone();
-        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
-            current.keys().map(|key| (*key, None)).collect();
-        for service in &table.services {
-            wanted.insert(map_key(&service.key), Some(service));
-        }
-        let summary = match self.write(wanted, &mut current) {
+        let before = self.read_programmed()?;
+        let summary = match self.replace_with(table) {
             Ok(summary) => summary,
             Err(err) if err.downcast_ref::<TableError>().is_some() => return Err(err),
             Err(err) => {
-                let restored = self.apply(&table_of(before));
+                let restored = self.replace_with(&table_of(before));
                 self.recount_backend_uses();
                 return Err(match restored {
                     Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
                     Err(restore) => err.context(format!(
-                        "writing the table failed half way and restoring the previous one failed too: {restore:#}"
+                        "writing the table failed half way and restoring the previous one failed too \
+                         ({restore:#}): the maps may hold part of each table"
                     )),
                 });
             }
@@ -110,6 +106,17 @@ impl ProgrammedTable {
               "added" => summary.added, "updated" => summary.updated,
               "removed" => summary.removed, "unchanged" => summary.unchanged);
         Ok(summary)
+    }
+
+    /// Brings the maps to exactly `table` (one attempt, no restore).
+    fn replace_with(&mut self, table: &Table) -> Result<ApplySummary> {
+        let mut current = self.read_programmed()?;
+        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
+            current.keys().map(|key| (*key, None)).collect();
+        for service in &table.services {
+            wanted.insert(map_key(&service.key), Some(service));
+        }
+        self.write(wanted, &mut current)
     }
 
     /// Adds or replaces `services` (validated each, distinct keys), leaving
@@ -198,7 +205,19 @@ impl ProgrammedTable {
         }
         socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
 
-        let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added).into_iter();
+        // Ids this write frees: removals run before any service is written,
+        // so when no other id is free (a full table replaced by another) a
+        // new service takes one of them; otherwise a freed id waits its
+        // turn (see `free_ids`).
+        let freed: Vec<u32> = wanted
+            .iter()
+            .filter(|(_, service)| service.is_none())
+            .filter_map(|(key, _)| current.get(key))
+            .map(|programmed| programmed.entry.id)
+            .collect();
+        let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added)
+            .into_iter()
+            .chain(freed);
         let mut removals = Vec::new();
         let mut changes = Vec::new();
         for (key, service) in wanted {
@@ -579,7 +598,76 @@ fn free_ids(used: &BTreeSet<u32>, from: u32, count: usize) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use socklb_table::Protocol;
+
     use super::*;
+    use crate::datapath::{TableMaps, WriteFaults};
+
+    fn in_memory(faults: &WriteFaults) -> ProgrammedTable {
+        let log = Logger::root(slog::Discard, slog::o!());
+        ProgrammedTable::adopt(TableMaps::in_memory(faults.clone()), &log).unwrap()
+    }
+
+    /// `count` services on VIPs 10.`net`.x.y, each with one backend.
+    fn table(net: u8, count: u32) -> Table {
+        let services = (0..count)
+            .map(|i| Service {
+                name: None,
+                key: ServiceKey {
+                    vip: IpAddr::V4(Ipv4Addr::new(10, net, (i >> 8) as u8, i as u8)),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                affinity_timeout_secs: None,
+                backends: vec![
+                    format!("10.244.{}.{}:8080", (i >> 8) as u8, i as u8)
+                        .parse()
+                        .unwrap(),
+                ],
+            })
+            .collect();
+        Table::new(services).unwrap()
+    }
+
+    #[test]
+    fn a_full_table_replaces_any_other_whatever_its_keys() {
+        let faults = WriteFaults::default();
+        let mut programmed = in_memory(&faults);
+        programmed.apply(&table(1, 3)).unwrap();
+        // At capacity over a table of other keys: the ids the removals
+        // free are the only ones left for the last new services.
+        let full = table(2, MAX_SERVICES);
+        programmed.apply(&full).unwrap();
+        assert_eq!(programmed.service_count(), MAX_SERVICES as usize);
+        let other = table(3, MAX_SERVICES);
+        programmed.apply(&other).unwrap();
+        assert!(programmed.read_table().unwrap().digest() == other.digest());
+    }
+
+    #[test]
+    fn a_restore_that_fails_too_is_tried_once_and_said() {
+        let faults = WriteFaults::default();
+        let mut programmed = in_memory(&faults);
+        let before = table(1, 4);
+        programmed.apply(&before).unwrap();
+        // The kernel refuses every write from the tenth on: the write
+        // fails half way and so does its restore, which is not retried.
+        faults.fail_after(10);
+        let err = programmed.apply(&table(2, 4)).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("restoring the previous one failed too")
+                && err.contains("may hold part of each table"),
+            "{err}"
+        );
+        // Once the kernel takes writes again, the next write succeeds.
+        faults.heal();
+        let after = table(3, 2);
+        programmed.apply(&after).unwrap();
+        assert!(programmed.read_table().unwrap().digest() == after.digest());
+    }
 
     #[test]
     fn a_replace_that_would_pass_capacity_half_way_is_refused_up_front() {
