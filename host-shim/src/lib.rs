@@ -6,7 +6,14 @@ pub mod addr;
 pub mod backoff;
 pub mod client;
 pub mod connect;
+#[cfg(feature = "kubernetes")]
 pub mod node;
+/// Without the `kubernetes` feature: of the node daemon, only its HTTP over
+/// unix sockets (the tests' stand-in of Kata's shim serves it).
+#[cfg(not(feature = "kubernetes"))]
+pub mod node {
+    pub mod http;
+}
 pub mod sources;
 
 pub use addr::AgentAddr;

@@ -1,14 +1,19 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+#[cfg(feature = "kubernetes")]
+use std::net::SocketAddr;
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use slog::Logger;
-use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on, socklb as api};
+use socklb_protocols::socklb as api;
+#[cfg(feature = "kubernetes")]
+use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on};
+use socklb_shim::{AgentAddr, AgentClient, Options, sources::file::watch_file};
+#[cfg(feature = "kubernetes")]
 use socklb_shim::{
-    AgentAddr, AgentClient, Options,
     node::{self, NodeConfig, discovery, status},
-    sources::{file::watch_file, kube_watch, kubernetes::Policy},
+    sources::{kube_watch, kubernetes::Policy},
 };
 use socklb_table::Table;
 
@@ -57,6 +62,7 @@ enum Command {
     Metrics,
     /// Keep the agent's table equal to what kube-proxy would program for the
     /// cluster's Services and EndpointSlices, until stopped
+    #[cfg(feature = "kubernetes")]
     Kube {
         /// kubeconfig to use [default: in-cluster, then ~/.kube/config]
         #[arg(long)]
@@ -76,6 +82,7 @@ enum Command {
     /// The node daemon: find every Kata sandbox on this node and keep its
     /// agent's table equal to what kube-proxy would program, from one watch
     /// of the API; `node status` shows how each sandbox is doing
+    #[cfg(feature = "kubernetes")]
     Node(NodeArgs),
     /// Apply FILE on every change until stopped; re-apply after an agent restart
     Watch {
@@ -87,6 +94,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "kubernetes")]
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 struct NodeArgs {
@@ -139,6 +147,7 @@ struct NodeArgs {
     verify_secs: u64,
 }
 
+#[cfg(feature = "kubernetes")]
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
     /// One row per sandbox: id, pod, agent, state, acknowledged version,
@@ -152,6 +161,7 @@ enum NodeCommand {
     },
 }
 
+#[cfg(feature = "kubernetes")]
 const DEFAULT_STATUS_SOCKET: &str = "/run/socklb/node.sock";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -189,10 +199,13 @@ async fn run(args: Args, log: Logger) -> Result<()> {
         connect_timeout: Duration::from_secs(args.timeout),
         ..Options::default()
     };
+    #[cfg(feature = "kubernetes")]
     let command = match args.command {
         Command::Node(node) => return run_node(node, args.timeout, &log).await,
         command => command,
     };
+    #[cfg(not(feature = "kubernetes"))]
+    let command = args.command;
     let Some(agent) = args.agent else {
         bail!("--agent (or SOCKLB_AGENT) is required for this command");
     };
@@ -258,6 +271,7 @@ async fn run(args: Args, log: Logger) -> Result<()> {
             }
         }
         Command::Metrics => print!("{}", client.metrics().await?),
+        #[cfg(feature = "kubernetes")]
         Command::Kube {
             kubeconfig,
             node,
@@ -279,6 +293,7 @@ async fn run(args: Args, log: Logger) -> Result<()> {
                 signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C")?,
             }
         }
+        #[cfg(feature = "kubernetes")]
         Command::Node(_) => unreachable!("handled above"),
         Command::Watch { file, interval_ms } => {
             tokio::select! {
@@ -290,6 +305,7 @@ async fn run(args: Args, log: Logger) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "kubernetes")]
 async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
@@ -302,6 +318,7 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+#[cfg(feature = "kubernetes")]
 async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()> {
     if let Some(NodeCommand::Status {
         output,
@@ -359,6 +376,7 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
 }
 
 /// The node name kube-proxy assumes without --hostname-override.
+#[cfg(feature = "kubernetes")]
 fn host_node_name() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("reading the host name for the node name (or pass --node)")?;
