@@ -21,6 +21,7 @@ use crate::addr::AgentAddr;
 mod connection;
 mod sync;
 
+pub use sync::SyncPayload;
 use sync::fits_one_message;
 #[cfg(test)]
 mod tests;

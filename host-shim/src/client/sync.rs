@@ -15,20 +15,45 @@ use super::{
     *,
 };
 
+/// A whole table as a Sync carries it (the API form at a generation) and
+/// its digest: made once and sent to any number of agents, as the node
+/// daemon does for every sandbox at one table version.
+pub struct SyncPayload {
+    request: api::SyncRequest,
+    digest: String,
+}
+
+impl SyncPayload {
+    pub fn new(table: &Table, generation: u64) -> SyncPayload {
+        SyncPayload {
+            request: api::SyncRequest {
+                generation,
+                services: table.to_api(),
+                ..Default::default()
+            },
+            digest: table.digest(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.request.generation
+    }
+
+    pub fn services(&self) -> usize {
+        self.request.services.len()
+    }
+}
+
 impl AgentClient {
-    /// Makes the agent hold exactly `table` at `generation` and checks the
-    /// digest it read back, but keeps no copy and so does not resync after
-    /// a reconnect: for a caller that shares one table among many agents
+    /// Makes the agent hold exactly `payload`'s table and checks the digest
+    /// it read back, but keeps no copy and so does not resync after a
+    /// reconnect: for a caller that shares one table among many agents
     /// (the node daemon) and resyncs by itself.
-    pub async fn sync_once(
-        &mut self,
-        table: &Table,
-        generation: u64,
-    ) -> Result<WriteResult, ClientError> {
+    pub async fn sync_once(&mut self, payload: &SyncPayload) -> Result<WriteResult, ClientError> {
         let mut result = Err(self.unreachable("not tried".into()));
         for _attempt in 0..2 {
             let connection = self.connected().await?;
-            result = self.send_sync(connection, table, generation).await;
+            result = self.send_sync(connection, payload).await;
             match result {
                 Err(ClientError::Unreachable { .. }) => self.connection = None,
                 _ => break,
@@ -70,9 +95,8 @@ impl AgentClient {
     pub(super) async fn sync_desired(&mut self) -> Result<WriteResult, ClientError> {
         let desired = self.desired.as_ref().expect("a desired table");
         let connection = self.connection.clone().expect("connected");
-        let result = self
-            .send_sync(connection, &desired.table, desired.generation)
-            .await;
+        let payload = SyncPayload::new(&desired.table, desired.generation);
+        let result = self.send_sync(connection, &payload).await;
         if matches!(result, Err(ClientError::Unreachable { .. })) {
             self.connection = None;
         }
@@ -82,22 +106,16 @@ impl AgentClient {
     pub(super) async fn send_sync(
         &self,
         connection: Connection,
-        table: &Table,
-        generation: u64,
+        payload: &SyncPayload,
     ) -> Result<WriteResult, ClientError> {
-        let expected = table.digest();
-        let request = api::SyncRequest {
-            generation,
-            services: table.to_api(),
-            ..Default::default()
-        };
+        let (request, expected) = (&payload.request, &payload.digest);
         // In one message when it fits (as any agent takes it), else in parts.
         let bytes = request.compute_size() as usize;
         let outcome = if bytes <= ONE_MESSAGE_BYTES {
             let context = ttrpc::context::with_duration(self.options.call_timeout);
-            connection.services.sync(context, &request).await
+            connection.services.sync(context, request).await
         } else if connection.api_minor >= 1 {
-            self.sync_in_parts(&connection, request, &expected).await
+            self.sync_in_parts(&connection, request, expected).await
         } else {
             return Err(ClientError::TooLarge {
                 what: format!("a Sync of {} services", request.services.len()),
@@ -110,10 +128,10 @@ impl AgentClient {
             Failure::Final(err) => err,
             Failure::Connection(reason) => self.unreachable(reason),
         })?;
-        if response.digest != expected {
+        if response.digest != *expected {
             return Err(ClientError::DigestMismatch {
                 got: response.digest,
-                expected,
+                expected: expected.clone(),
             });
         }
         Ok(write_result(response))
@@ -124,7 +142,7 @@ impl AgentClient {
     pub(super) async fn sync_in_parts(
         &self,
         connection: &Connection,
-        request: api::SyncRequest,
+        request: &api::SyncRequest,
         digest: &str,
     ) -> ttrpc::Result<api::WriteResponse> {
         let context = || ttrpc::context::with_duration(self.options.call_timeout);
@@ -149,7 +167,7 @@ impl AgentClient {
             ..Default::default()
         };
         let mut bytes = 0;
-        for service in request.services {
+        for service in &request.services {
             // The field's tag and length prefix: at most 6 bytes.
             let size = service.compute_size() as usize + 6;
             if !part.services.is_empty() && bytes + size > PART_BYTES {
@@ -160,7 +178,7 @@ impl AgentClient {
                 parts += 1;
             }
             bytes += size;
-            part.services.push(service);
+            part.services.push(service.clone());
         }
         if !part.services.is_empty() {
             connection.services.sync_part(context(), &part).await?;

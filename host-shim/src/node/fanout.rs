@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     backoff::Backoff,
-    client::{AgentClient, ClientError},
+    client::{AgentClient, ClientError, SyncPayload},
     node::{
         metrics::Metrics,
         status::{Registry, State},
@@ -62,6 +62,10 @@ struct HubState {
 /// The node's table, shared by every sandbox's task.
 pub struct Hub {
     state: Mutex<HubState>,
+    /// The newest version's table as a Sync carries it, made on the first
+    /// whole Sync of that version and shared by every sandbox's (held
+    /// while it is made, so concurrent Syncs wait for one conversion).
+    payload: tokio::sync::Mutex<Option<Arc<SyncPayload>>>,
     version: watch::Sender<u64>,
 }
 
@@ -84,6 +88,7 @@ impl Hub {
     pub fn new() -> Arc<Hub> {
         Arc::new(Hub {
             state: Mutex::default(),
+            payload: tokio::sync::Mutex::default(),
             version: watch::channel(0).0,
         })
     }
@@ -160,6 +165,21 @@ impl Hub {
         let state = self.state.lock().unwrap();
         let services = state.services.values().cloned().collect();
         (state.version, Table { services })
+    }
+
+    /// The newest version's table in the form a whole Sync sends, made once
+    /// per version however many sandboxes need it.
+    pub async fn payload(&self) -> Arc<SyncPayload> {
+        let mut payload = self.payload.lock().await;
+        if let Some(made) = payload.as_ref()
+            && made.generation() == self.version()
+        {
+            return made.clone();
+        }
+        let (version, table) = self.whole();
+        let made = Arc::new(SyncPayload::new(&table, version));
+        *payload = Some(made.clone());
+        made
     }
 
     /// The newest version and the digest of its table (cached per version:
@@ -411,8 +431,9 @@ async fn sync_whole(
         .acquire()
         .await
         .expect("the permits are never closed");
-    let (version, table) = shared.hub.whole();
-    let result = tokio::time::timeout(shared.permit_hold, client.sync_once(&table, version))
+    let payload = shared.hub.payload().await;
+    let version = payload.generation();
+    let result = tokio::time::timeout(shared.permit_hold, client.sync_once(&payload))
         .await
         .unwrap_or_else(|_| {
             Err(ClientError::Unreachable {
@@ -425,7 +446,7 @@ async fn sync_whole(
         });
     shared.metrics.sync_done(result.is_ok());
     result.map(|written| {
-        info!(log, "table synced"; "version" => version, "services" => table.services.len());
+        info!(log, "table synced"; "version" => version, "services" => payload.services());
         Acked {
             version,
             generation: written.generation,
