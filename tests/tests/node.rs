@@ -489,6 +489,79 @@ fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
     assert_eq!(slow.syncs(), 1, "merged changes, not the whole table");
 }
 
+/// Well within the 2 s the slow sandbox below is busy.
+const SOON: Duration = Duration::from_millis(1500);
+
+/// A Service created and deleted while a sandbox is busy with an earlier
+/// write is never in what that sandbox is sent: no Delete of a key its
+/// agent never had (the agent refuses it, NotFound, and the sandbox would
+/// fall back to the whole table).
+#[test]
+fn a_service_come_and_gone_within_a_lag_is_not_deleted_from_the_laggard() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let mut agents = Vec::new();
+    let mut shims = Vec::new();
+    for id in ["fast", "slow"] {
+        let (uds, url) = node.vsock(id);
+        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
+        shims.push(node.sandbox("kata", id, &url));
+    }
+    node.start(&api, 10);
+    converge(&node, "both synced", Duration::from_secs(20), || {
+        agents.iter().all(|a| a.syncs() == 1)
+    });
+    let (fast, slow) = (&agents[0], &agents[1]);
+
+    // The slow one is busy with this change for 2 s and more ...
+    slow.slow_down(Duration::from_secs(2));
+    api.apply(
+        Kind::EndpointSlice,
+        slice("web", &["10.244.1.1", "10.244.1.2"]),
+    );
+    let last = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]"]);
+    let fast_has = |expected: &BTreeSet<String>| lines(fast) == *expected;
+    converge(&node, "the fast one has the change", SOON, || {
+        fast_has(&last)
+    });
+    // ... while tmp comes and goes (the fast one sees both).
+    api.apply(Kind::Service, service("tmp", "10.96.0.30"));
+    let with_tmp = set(&[
+        "10.96.0.20:80/TCP -> [10.244.1.1:8080 10.244.1.2:8080]",
+        "10.96.0.30:80/TCP -> []",
+    ]);
+    converge(&node, "the fast one has tmp", SOON, || fast_has(&with_tmp));
+    api.delete(Kind::Service, "default", "tmp");
+    converge(&node, "the fast one lost tmp", SOON, || fast_has(&last));
+    slow.slow_down(Duration::ZERO);
+    converge(
+        &node,
+        "the slow one has the newest state",
+        Duration::from_secs(10),
+        || lines(slow) == last,
+    );
+    // Settled: no write is under way.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(slow.syncs(), 1, "the slow one fell back to the whole table");
+    let metrics = node.metrics();
+    let deletes = |result: &str| {
+        let name = format!("socklb_node_deletes_total{{result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&name)?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert_eq!(
+        (deletes("ok"), deletes("error")),
+        (1, 0),
+        "one Delete (of tmp, to the fast one) expected"
+    );
+}
+
 #[test]
 fn discovery_follows_sandboxes_as_kata_names_them() {
     let runtime = runtime();

@@ -45,7 +45,11 @@ const RESOLVE_AGAIN_AFTER: u32 = 3;
 struct Batch {
     version: u64,
     upserts: Vec<Service>,
+    /// Only keys the table held: an agent at the version before holds
+    /// exactly that table, and refuses to delete a key it does not hold.
     deletes: Vec<ServiceKey>,
+    /// Keys of `upserts` the table did not hold before.
+    created: BTreeSet<ServiceKey>,
     published: Instant,
 }
 
@@ -140,16 +144,26 @@ impl Hub {
 
     fn push_batch(&self, state: &mut HubState, upserts: &[Service], deletes: &[ServiceKey]) {
         state.version += 1;
-        for key in deletes {
-            state.services.remove(key);
-        }
+        let deletes: Vec<ServiceKey> = deletes
+            .iter()
+            .filter(|key| state.services.remove(key).is_some())
+            .copied()
+            .collect();
+        let mut created = BTreeSet::new();
         for service in upserts {
-            state.services.insert(service.key, service.clone());
+            if state
+                .services
+                .insert(service.key, service.clone())
+                .is_none()
+            {
+                created.insert(service.key);
+            }
         }
         let batch = Batch {
             version: state.version,
             upserts: upserts.to_vec(),
-            deletes: deletes.to_vec(),
+            deletes,
+            created,
             published: Instant::now(),
         };
         state.batches.push_back(Arc::new(batch));
@@ -216,22 +230,40 @@ impl Hub {
             return CatchUp::Whole;
         }
         // Newest wins: a later batch's upsert or delete of a key replaces
-        // an earlier one's.
-        let mut merged: BTreeMap<ServiceKey, Option<&Service>> = BTreeMap::new();
+        // an earlier one's. Whether the agent holds a key comes from the
+        // first batch that names it: one that created it says no.
+        struct Merged<'a> {
+            held: bool,
+            newest: Option<&'a Service>,
+        }
+        let mut merged: BTreeMap<ServiceKey, Merged> = BTreeMap::new();
         for batch in &missed {
             for key in &batch.deletes {
-                merged.insert(*key, None);
+                let first = Merged {
+                    held: true,
+                    newest: None,
+                };
+                merged.entry(*key).or_insert(first).newest = None;
             }
             for service in &batch.upserts {
-                merged.insert(service.key, Some(service));
+                let first = Merged {
+                    held: !batch.created.contains(&service.key),
+                    newest: None,
+                };
+                merged.entry(service.key).or_insert(first).newest = Some(service);
             }
         }
         let mut upserts = Vec::new();
         let mut deletes = Vec::new();
-        for (key, service) in merged {
-            match service {
-                Some(service) => upserts.push(service.clone()),
-                None => deletes.push(key),
+        for (key, merged) in merged {
+            match merged {
+                Merged {
+                    newest: Some(service),
+                    ..
+                } => upserts.push(service.clone()),
+                Merged { held: true, .. } => deletes.push(key),
+                // Created and deleted since the agent's version.
+                Merged { held: false, .. } => {}
             }
         }
         CatchUp::Changes {
@@ -542,6 +574,38 @@ mod tests {
         let (version, digest) = hub.digest();
         assert_eq!(version, 6);
         assert_ne!(digest, table.digest(), "a new version, a new digest");
+    }
+
+    #[test]
+    fn laggards_are_not_asked_to_delete_what_they_never_had() {
+        let hub = Hub::new();
+        let a = service("10.96.0.1", "10.244.0.1:8080");
+        let b = service("10.96.0.2", "10.244.0.2:8080");
+        let never = service("10.96.0.3", "10.244.0.3:8080");
+        hub.publish_whole(Table::new(vec![a.clone()]).unwrap());
+        // b comes and goes; a key the table never held is deleted.
+        hub.publish_changes(std::slice::from_ref(&b), &[]);
+        hub.publish_changes(&[], &[b.key]);
+        hub.publish_changes(&[], &[never.key]);
+        let changes = |acked| match hub.catch_up(Some(acked)) {
+            CatchUp::Changes {
+                version,
+                upserts,
+                deletes,
+                ..
+            } => (version, upserts, deletes),
+            other => panic!("changes expected, got {other:?}"),
+        };
+        assert_eq!(changes(1), (4, vec![], vec![]), "b was never there");
+        assert_eq!(changes(2), (4, vec![], vec![b.key]), "b was there");
+        assert_eq!(changes(3), (4, vec![], vec![]));
+
+        // a was held: deleted, created again and deleted, it goes.
+        hub.publish_changes(&[], &[a.key]);
+        hub.publish_changes(std::slice::from_ref(&a), &[]);
+        hub.publish_changes(&[], &[a.key]);
+        assert_eq!(changes(4), (7, vec![], vec![a.key]));
+        assert_eq!(changes(5), (7, vec![], vec![]), "a was not there");
     }
 
     #[test]
