@@ -19,7 +19,7 @@ pub(crate) fn bench() -> Result<()> {
     test::remove_leftovers()?;
     // The agent as a Kata guest runs it: its memory depends on the C
     // library's allocator (glibc keeps far more of a Sync's peak).
-    let guest_agent = guest::static_agent()?;
+    let guest_agent = guest::static_binaries()?.join("socklb-agent");
     let bench = target_dir().join("release/socklb-bench");
     let socklb_bench = |name: &str| {
         let mut command = Command::new(&bench);

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::process::{cargo, output, run, target_dir};
+use crate::process::{cargo, output, run, step, target_dir};
 
 pub(crate) const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 const BUSYBOX: &str = "/bin/busybox";
@@ -54,48 +54,66 @@ fn progress(line: &str) {
     eprintln!("==> {line}");
 }
 
-/// The static (musl) agent, release build.
-pub(crate) fn static_agent() -> Result<PathBuf> {
-    Ok(static_binaries(&["socklb-agent"])?.remove(0))
+/// The guest's programs besides the agent, each its package's name.
+const GUEST_TOOLS: &[&str] = &["socklb-testkit"];
+
+/// What the demo runs on the host, (package, binary): built with the
+/// guest's binaries, as static musl binaries run on the host too.
+const HOST_BINARIES: &[(&str, &str)] = &[
+    ("socklb-shim", "socklb-shim"),
+    ("socklb-tests", "socklb-demo"),
+];
+
+/// The static (musl) binaries of the guest and of the demo's host side,
+/// release build, from one cargo run (one build of every dependency, for
+/// every command that asks); the directory they are in.
+pub(crate) fn static_binaries() -> Result<PathBuf> {
+    step(
+        "static binaries (musl, release): agent, shim, test tools, demo",
+        || {
+            let mut build = cargo();
+            // Without socklb-shim's Kubernetes sources: neither the guest
+            // nor the demo uses them, and kube-rs was a third of this build.
+            build.args(["build", "--release", "--target", MUSL_TARGET]);
+            build.arg("--no-default-features");
+            build.args(["-p", "socklb-agent", "--bin", "socklb-agent"]);
+            for name in GUEST_TOOLS {
+                build.args(["-p", name, "--bin", name]);
+            }
+            for (package, name) in HOST_BINARIES {
+                build.args(["-p", package, "--bin", name]);
+            }
+            run(&mut build)?;
+            Ok(target_dir().join(MUSL_TARGET).join("release"))
+        },
+    )
 }
 
-/// Release builds of the binaries `names` (each its package's name) for
-/// the musl target; their paths, in order.
-fn static_binaries(names: &[&str]) -> Result<Vec<PathBuf>> {
-    let mut build = cargo();
-    build.args(["build", "--release", "--target", MUSL_TARGET]);
-    for name in names {
-        build.args(["-p", name, "--bin", name]);
-    }
-    run(&mut build)?;
-    let release = target_dir().join(MUSL_TARGET).join("release");
-    Ok(names.iter().map(|name| release.join(name)).collect())
-}
-
-/// Builds what is missing of the guest image for `kernel`.
-pub(crate) fn image(kernel: Kernel) -> Result<Guest> {
-    progress("static agent and test tools (musl)");
-    let [agent, testkit]: [PathBuf; 2] = static_binaries(&["socklb-agent", "socklb-testkit"])?
-        .try_into()
-        .expect("two binaries");
-    let (kernel_image, modules) = match kernel {
-        Kernel::Own => (
-            socklb_kernel::build(socklb_kernel::Flavour::Own, &cache_dir()?, 2, &mut |line| {
-                progress(line)
-            })?,
-            Vec::new(),
-        ),
-        Kernel::Kata => (
-            socklb_kernel::build(
-                socklb_kernel::Flavour::Kata,
-                &cache_dir()?,
-                2,
-                &mut |line| progress(line),
-            )?,
-            Vec::new(),
-        ),
-        Kernel::Debian => debian_kernel()?,
-    };
+/// Builds what is missing of the guest image for `kernel`, with the
+/// static binaries in `binaries`.
+pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
+    let (kernel_image, modules) = step(
+        &format!("guest kernel ({})", kernel.name()),
+        || match kernel {
+            Kernel::Own => Ok((
+                socklb_kernel::build(socklb_kernel::Flavour::Own, &cache_dir()?, 2, &mut |line| {
+                    progress(line)
+                })?,
+                Vec::new(),
+            )),
+            Kernel::Kata => Ok((
+                socklb_kernel::build(
+                    socklb_kernel::Flavour::Kata,
+                    &cache_dir()?,
+                    2,
+                    &mut |line| progress(line),
+                )?,
+                Vec::new(),
+            )),
+            Kernel::Debian => debian_kernel(),
+        },
+    )?;
+    let agent = binaries.join("socklb-agent");
     let out = target_dir().join("socklb");
     std::fs::create_dir_all(&out)?;
     let initrd = out.join(format!("initramfs-{}.cpio.gz", kernel.name()));
@@ -105,7 +123,7 @@ pub(crate) fn image(kernel: Kernel) -> Result<Guest> {
             Kernel::Kata => socklb_rootfs::Boot::KataInitrd,
         },
         agent: agent.clone(),
-        binaries: vec![testkit],
+        binaries: GUEST_TOOLS.iter().map(|name| binaries.join(name)).collect(),
         busybox: BUSYBOX.into(),
         modules,
     };
@@ -179,8 +197,9 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
 /// Builds the guest images of `kernels` and tells `command` where they are
 /// (SOCKLB_GUEST_<KERNEL>_KERNEL and _INITRD, read by tests::vm).
 pub(crate) fn with_images(command: &mut Command, kernels: &[Kernel]) -> Result<()> {
+    let binaries = static_binaries()?;
     for kernel in kernels {
-        let image = image(*kernel)?;
+        let image = image(*kernel, &binaries)?;
         let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
         command.env(format!("{prefix}_KERNEL"), image.kernel);
         command.env(format!("{prefix}_INITRD"), image.initrd);

@@ -9,7 +9,7 @@ use socklb_rootfs::kata::{self, Flavour};
 use crate::guest;
 
 pub(crate) fn kata_rootfs(dir: &Path, initrd: bool) -> Result<()> {
-    let agent = guest::static_agent()?;
+    let agent = guest::static_binaries()?.join("socklb-agent");
     let flavour = if initrd {
         Flavour::Initrd
     } else {

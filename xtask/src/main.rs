@@ -14,6 +14,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use setup::{Need, setup};
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (apt packages, nightly rust-src, the musl
-    /// target, bpf-linker, cargo-fuzz, vhost-device-vsock); idempotent
+    /// Install what any command needs and is missing (apt packages, nightly
+    /// rust-src, the musl target, bpf-linker, vhost-device-vsock,
+    /// cargo-fuzz); idempotent. Every command installs what it needs itself
     Setup,
     /// Build the agent (with its eBPF programs), the shim and the test binaries
     Build,
@@ -61,17 +63,28 @@ enum Task {
 }
 
 fn main() -> ExitCode {
+    process::start_clock();
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::setup(),
-        Task::Build => setup::setup().and_then(|()| binaries::build()),
-        Task::Test => setup::setup().and_then(|()| test::test()),
-        Task::Bench => setup::setup().and_then(|()| bench::bench()),
-        Task::Demo { kernel } => setup::setup().and_then(|()| demo::demo(kernel)),
-        Task::Guest { kernel } => setup::setup().and_then(|()| print_image(kernel)),
-        Task::KataRootfs { dir, initrd } => {
-            setup::setup().and_then(|()| kata_rootfs::kata_rootfs(&dir, initrd))
+        Task::Setup => setup(Need::ALL),
+        Task::Build => setup(&[Need::Ebpf]).and_then(|()| binaries::build()),
+        Task::Test => setup(Need::ALL).and_then(|()| test::test()),
+        Task::Bench => setup(&[
+            Need::Ebpf,
+            Need::GuestImage,
+            Need::KernelBuild,
+            Need::Vm,
+            Need::HostTests,
+        ])
+        .and_then(|()| bench::bench()),
+        Task::Demo { kernel } => {
+            setup(&guest_needs(kernel, &[Need::Vm])).and_then(|()| demo::demo(kernel))
         }
+        Task::Guest { kernel } => {
+            setup(&guest_needs(kernel, &[])).and_then(|()| print_image(kernel))
+        }
+        Task::KataRootfs { dir, initrd } => setup(&[Need::Ebpf, Need::GuestImage])
+            .and_then(|()| kata_rootfs::kata_rootfs(&dir, initrd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -82,8 +95,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// What building the guest image for `kernel` needs, and `more`.
+fn guest_needs(kernel: guest::Kernel, more: &[Need]) -> Vec<Need> {
+    let mut needs = vec![Need::Ebpf, Need::GuestImage];
+    if kernel != guest::Kernel::Debian {
+        needs.push(Need::KernelBuild);
+    }
+    needs.extend_from_slice(more);
+    needs
+}
+
 fn print_image(kernel: guest::Kernel) -> Result<()> {
-    let image = guest::image(kernel)?;
+    let image = guest::image(kernel, &guest::static_binaries()?)?;
     println!(
         "kernel {}\ninitrd {}",
         image.kernel.display(),

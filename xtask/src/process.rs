@@ -4,6 +4,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -72,4 +73,30 @@ pub(crate) fn output(command: &mut Command) -> Result<String> {
 
 pub(crate) fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// Starts the clock [`step`] reports against: the command's start.
+pub(crate) fn start_clock() {
+    STARTED.get_or_init(Instant::now);
+}
+
+/// Runs one step of a command: says what it is, then how long it took
+/// and how long the command has run.
+pub(crate) fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = *STARTED.get_or_init(Instant::now);
+    eprintln!("==> {what}");
+    let begun = Instant::now();
+    let result = f()?;
+    eprintln!(
+        "==> {what}: {} (at {})",
+        minutes(begun.elapsed().as_secs()),
+        minutes(started.elapsed().as_secs())
+    );
+    Ok(result)
+}
+
+fn minutes(secs: u64) -> String {
+    format!("{}m{:02}s", secs / 60, secs % 60)
 }

@@ -5,11 +5,14 @@
 //! through the cluster DNS VIP over UDP; then shuts everything down.
 //!
 //! Reads SOCKLB_GUEST_KERNEL, SOCKLB_GUEST_INITRD and SOCKLB_GUEST_AGENT
-//! (the static agent binary, for its size), set by `cargo xtask demo`.
+//! (the static agent binary, for its size), set by `cargo xtask demo`. It
+//! is a static binary of the same build as the guest's, and runs the
+//! socklb-shim beside it.
 
 use std::{
     path::PathBuf,
     process::Command,
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -20,8 +23,11 @@ use socklb_tests::{
 
 const TABLE: &str = include_str!("../../../rootfs/demo-table.yaml");
 
+/// Says what the demo does next, and how long it has run.
 fn step(text: &str) {
-    println!("\n==> {text}");
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    let started = STARTED.get_or_init(Instant::now);
+    println!("\n==> [{:4.1} s] {text}", started.elapsed().as_secs_f64());
 }
 
 fn env_path(name: &str) -> PathBuf {
