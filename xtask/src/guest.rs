@@ -144,7 +144,15 @@ pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
 /// Debian's cloud kernel, downloaded and unpacked into the cache (never
 /// installed on this machine): the vmlinuz and the vsock modules.
 fn debian_kernel() -> Result<(PathBuf, Vec<PathBuf>)> {
-    let depends = output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
+    let depends = || output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    // A machine that never ran apt-get update knows no packages yet.
+    let depends = match depends() {
+        Ok(depends) => depends,
+        Err(_) => {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            depends()?
+        }
+    };
     let package = depends
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))

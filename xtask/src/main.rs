@@ -43,12 +43,14 @@ enum Task {
     Bench,
     /// A sandbox VM with a working ClusterIP (needs root)
     Demo {
-        #[arg(long, value_enum, default_value_t = guest::Kernel::Own)]
+        /// Debian's prebuilt kernel boots at once; own and kata are built
+        /// from source the first time (minutes)
+        #[arg(long, value_enum, default_value_t = guest::Kernel::Debian)]
         kernel: guest::Kernel,
     },
     /// Build the guest image only
     Guest {
-        #[arg(long, value_enum, default_value_t = guest::Kernel::Own)]
+        #[arg(long, value_enum, default_value_t = guest::Kernel::Debian)]
         kernel: guest::Kernel,
     },
     /// Install the static agent into a Kata osbuilder rootfs directory: its
