@@ -29,9 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what any command needs and is missing (apt packages, nightly
-    /// rust-src, the musl target, bpf-linker, vhost-device-vsock,
-    /// cargo-fuzz); idempotent. Every command installs what it needs itself
+    /// Install what any command needs and is missing (apt packages, the
+    /// pinned eBPF nightly, bpf-linker, vhost-device-vsock, cargo-fuzz);
+    /// idempotent. Every command installs what it needs itself
     Setup,
     /// Build the agent (with its eBPF programs), the shim and the test binaries
     Build,
@@ -85,8 +85,9 @@ fn main() -> ExitCode {
         Task::Guest { kernel } => {
             setup(&guest_needs(kernel, &[])).and_then(|()| print_image(kernel))
         }
-        Task::KataRootfs { dir, initrd } => setup(&[Need::Ebpf, Need::GuestImage])
-            .and_then(|()| kata_rootfs::kata_rootfs(&dir, initrd)),
+        Task::KataRootfs { dir, initrd } => {
+            setup(&[Need::Ebpf]).and_then(|()| kata_rootfs::kata_rootfs(&dir, initrd))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,22 +2,30 @@
 //! when everything is there. Each command asks only for what it uses: the
 //! demo on Debian's kernel builds no kernel and no fuzzer.
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result};
 
-use crate::{
-    guest,
-    process::{cargo, output, run, step},
-};
+use crate::process::{cargo, output, run, step, workspace_root};
+
+/// Tools from crates.io, at the versions CI builds with; moving one
+/// forward here reinstalls it.
+const BPF_LINKER: &str = "0.13.0";
+const VHOST_DEVICE_VSOCK: &str = "0.3.0";
+const CARGO_FUZZ: &str = "0.13.2";
 
 /// What a command needs installed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Need {
-    /// The agent's eBPF programs: nightly with rust-src, and bpf-linker
-    /// built against nightly's LLVM.
+    /// The agent's eBPF programs: the pinned nightly with rust-src, and
+    /// bpf-linker built against that nightly's LLVM.
     Ebpf,
-    /// The guest's static binaries and initramfs: the musl target, busybox.
+    /// The guest's initramfs: busybox. (The musl target comes with the
+    /// pinned stable toolchain, rust-toolchain.toml.)
     GuestImage,
     /// A guest kernel built from source: linux-source-6.1 and what building
     /// it takes.
@@ -80,11 +88,8 @@ pub(crate) fn setup(needs: &[Need]) -> Result<()> {
         .collect();
     apt_packages(&packages)?;
     if needs.contains(&Need::Ebpf) {
-        nightly_rust_src()?;
+        ebpf_toolchain()?;
         bpf_linker()?;
-    }
-    if needs.contains(&Need::GuestImage) {
-        musl_target()?;
     }
     if needs.contains(&Need::Vm) {
         vhost_device_vsock()?;
@@ -95,44 +100,40 @@ pub(crate) fn setup(needs: &[Need]) -> Result<()> {
     Ok(())
 }
 
-/// The guest's binaries are static musl binaries.
-fn musl_target() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
-    if installed.lines().any(|l| l == guest::MUSL_TARGET) {
-        return Ok(());
-    }
-    step(
-        &format!("setup: adding the {} target", guest::MUSL_TARGET),
-        || run(Command::new("rustup").args(["target", "add", guest::MUSL_TARGET])),
-    )
-}
-
 /// The vhost-user vsock device of the test VM; the host talks to the guest
 /// through its unix socket (hybrid vsock).
 fn vhost_device_vsock() -> Result<()> {
-    if Command::new("vhost-device-vsock")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if reports_version(&mut Command::new("vhost-device-vsock"), VHOST_DEVICE_VSOCK) {
         return Ok(());
     }
     step("setup: installing vhost-device-vsock", || {
-        run(cargo().args(["install", "vhost-device-vsock"]))
+        run(&mut cargo_install("vhost-device-vsock", VHOST_DEVICE_VSOCK))
     })
 }
 
 fn cargo_fuzz() -> Result<()> {
-    let installed = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if installed {
+    if reports_version(cargo().arg("fuzz"), CARGO_FUZZ) {
         return Ok(());
     }
     step("setup: installing cargo-fuzz", || {
-        run(cargo().args(["install", "cargo-fuzz"]))
+        run(&mut cargo_install("cargo-fuzz", CARGO_FUZZ))
     })
+}
+
+/// Whether `command --version` runs and says `NAME version`.
+fn reports_version(command: &mut Command, version: &str) -> bool {
+    command.arg("--version").output().is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1) == Some(version)
+    })
+}
+
+/// `cargo install` of one version, with the dependencies it was released
+/// with (its Cargo.lock).
+fn cargo_install(name: &str, version: &str) -> Command {
+    let mut command = cargo();
+    command.args(["install", "--locked", "--force", name, "--version", version]);
+    command
 }
 
 fn apt_packages(packages: &[&str]) -> Result<()> {
@@ -158,43 +159,66 @@ fn apt_packages(packages: &[&str]) -> Result<()> {
     })
 }
 
-fn nightly_rust_src() -> Result<()> {
+/// The eBPF programs' toolchain, the dated nightly that
+/// ebpf/programs/rust-toolchain.toml names (guest-agent's build.rs reads
+/// the same file).
+pub(crate) fn ebpf_toolchain_name() -> Result<String> {
+    let file = workspace_root().join("ebpf/programs/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|c| c.trim_matches('"').to_string())
+        .with_context(|| format!("{} names no channel", file.display()))
+}
+
+/// The pinned nightly with rust-src (the programs build `core` from source)
+/// and clippy.
+fn ebpf_toolchain() -> Result<()> {
+    let toolchain = ebpf_toolchain_name()?;
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        &toolchain,
         "--installed",
     ]))
     .unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    let has = |component: &str| installed.lines().any(|l| l.starts_with(component));
+    if has("rust-src") && has("clippy") {
         return Ok(());
     }
-    step("setup: adding rust-src to the nightly toolchain", || {
+    step(&format!("setup: installing {toolchain} for eBPF"), || {
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            &toolchain,
             "--profile",
             "minimal",
-        ]))?;
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+            "--component",
+            "rust-src,clippy",
+        ]))
     })
 }
 
-/// bpf-linker must link with the nightly rustc's own LLVM: build it against
+/// bpf-linker must link with the eBPF nightly's own LLVM: build it against
 /// the toolchain's libLLVM, through a prefix directory that outlives the
-/// build (its path is baked into bpf-linker as rpath).
+/// build (its path is baked into bpf-linker as rpath). The prefix links to
+/// the library by its file name, which carries the LLVM and rustc versions:
+/// a toolchain with the same library only moves the links.
 fn bpf_linker() -> Result<()> {
+    let toolchain = ebpf_toolchain_name()?;
     let sysroot = PathBuf::from(
-        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+        output(Command::new("rustc").args([&format!("+{toolchain}"), "--print", "sysroot"]))?
+            .trim(),
     );
-    let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))?;
+    let verbose =
+        output(Command::new("rustc").args([&format!("+{toolchain}"), "--version", "--verbose"]))?;
     let llvm_major = verbose
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
-        .context("rustc +nightly does not report its LLVM version")?
+        .with_context(|| format!("rustc +{toolchain} does not report its LLVM version"))?
         .to_string();
     let libllvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -204,44 +228,46 @@ fn bpf_linker() -> Result<()> {
                 .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
         })
         .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}/lib", sysroot.display()))?;
+    let soname = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a file name")
+        .to_string();
 
     let home = env::var_os("HOME").context("HOME is not set")?;
     let prefix = PathBuf::from(home).join(".local/share/socklb/bpf-llvm");
+    // The build links `-lLLVM`; the binary then loads the library by its
+    // soname from the rpath, so the prefix offers both names.
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for name in ["libLLVM.so", &soname] {
+        link(&libllvm, &prefix.join("lib").join(name))?;
+    }
     let stamp = prefix.join("built-against");
-    let wanted = libllvm.display().to_string();
-    let linker_works = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if linker_works && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+    if reports_version(&mut Command::new("bpf-linker"), BPF_LINKER)
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s == soname)
+    {
         return Ok(());
     }
     step(
-        &format!("setup: building bpf-linker against {wanted}"),
+        &format!("setup: building bpf-linker against {soname}"),
         || {
-            std::fs::create_dir_all(prefix.join("lib"))?;
-            // The build links `-lLLVM`; the binary then loads the library by its
-            // soname from the rpath, so the prefix offers both names.
-            let soname = libllvm.file_name().expect("a file");
-            for name in [std::ffi::OsStr::new("libLLVM.so"), soname] {
-                let link = prefix.join("lib").join(name);
-                let _ = std::fs::remove_file(&link);
-                std::os::unix::fs::symlink(&libllvm, &link)?;
-            }
-            run(
-                Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .args([
-                        "install",
-                        "--force",
-                        "bpf-linker",
-                        "--no-default-features",
-                        "--features",
-                    ])
-                    .arg(format!("llvm-{llvm_major}"))
-                    .env("LLVM_PREFIX", &prefix),
-            )
+            run(cargo_install("bpf-linker", BPF_LINKER)
+                .args(["--no-default-features", "--features"])
+                .arg(format!("llvm-{llvm_major}"))
+                .env("LLVM_PREFIX", &prefix))
         },
     )?;
-    std::fs::write(&stamp, wanted)?;
+    std::fs::write(&stamp, soname)?;
     Ok(())
+}
+
+/// Points `link` at `target`, unless it already does (a running bpf-linker
+/// may be loading the library through it).
+fn link(target: &Path, link: &Path) -> Result<()> {
+    if std::fs::read_link(link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link)
+        .with_context(|| format!("cannot link {}", link.display()))
 }

@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     binaries, guest,
     process::{cargo, is_root, output, run, target_dir, workspace_root},
+    setup,
 };
 
 pub(crate) fn test() -> Result<()> {
@@ -27,9 +28,10 @@ pub(crate) fn test() -> Result<()> {
         "warnings",
     ]))?;
     // The programs build only for the BPF target, with nightly's build-std.
+    let nightly = setup::ebpf_toolchain_name()?;
     run(Command::new("rustup").current_dir(workspace_root()).args([
         "run",
-        "nightly",
+        &nightly,
         "cargo",
         "clippy",
         "--package",
@@ -73,7 +75,7 @@ pub(crate) fn test() -> Result<()> {
     let kept = workspace_root().join("protocols/fuzz/corpus/decode_validate");
     run(Command::new("rustup")
         .current_dir(workspace_root().join("protocols/fuzz"))
-        .args(["run", "nightly", "cargo", "fuzz", "run", "decode_validate"])
+        .args(["run", &nightly, "cargo", "fuzz", "run", "decode_validate"])
         .arg(&scratch)
         .arg(&kept)
         .args(["--", "-max_total_time=15"]))
