@@ -145,6 +145,10 @@ struct NodeArgs {
     /// 0: never
     #[arg(long, default_value_t = 300)]
     verify_secs: u64,
+    /// Seconds the Kubernetes watch may keep failing before /healthz
+    /// answers 503 (it does too until the first table)
+    #[arg(long, default_value_t = 60)]
+    watch_stale_secs: u64,
 }
 
 #[cfg(feature = "kubernetes")]
@@ -367,6 +371,7 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
         call_timeout: Duration::from_secs(timeout_secs),
         parallel_syncs: args.parallel_syncs,
         verify_every: (args.verify_secs > 0).then(|| Duration::from_secs(args.verify_secs)),
+        watch_stale: Duration::from_secs(args.watch_stale_secs),
     };
     let kube = kube_client(args.kubeconfig).await?;
     tokio::select! {

@@ -63,6 +63,8 @@ struct Node {
     dir: tempfile::TempDir,
     daemon: Option<Child>,
     metrics: SocketAddr,
+    /// More arguments for `socklb-shim node`.
+    args: Vec<String>,
 }
 
 impl Node {
@@ -78,6 +80,7 @@ impl Node {
             dir,
             daemon: None,
             metrics,
+            args: Vec::new(),
         }
     }
 
@@ -136,6 +139,7 @@ impl Node {
                 "--verify-secs",
                 "1",
             ])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log);
         die_with_parent(&mut command);
@@ -170,10 +174,21 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        let mut stream = TcpStream::connect(self.metrics).expect("connect to /metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-            .unwrap();
+        self.http("/metrics")
+    }
+
+    /// The whole answer (status line, headers, body) to `GET path` on the
+    /// metrics address, or why there is none.
+    fn http(&self, path: &str) -> String {
+        let mut stream = match TcpStream::connect(self.metrics) {
+            Ok(stream) => stream,
+            Err(err) => return format!("connecting to {}: {err}", self.metrics),
+        };
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
         answer
@@ -695,11 +710,31 @@ impl ApiLink {
         ApiLink { addr, cut, open }
     }
 
+    /// A link to `api` and a kubeconfig in `node`'s directory that uses it.
+    fn to(api: &FakeApiServer, node: &Node) -> (ApiLink, PathBuf) {
+        let original = api.kubeconfig(node.dir.path());
+        let upstream: SocketAddr = std::fs::read_to_string(&original)
+            .unwrap()
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("the fake API server's address in its kubeconfig");
+        let link = ApiLink::start(upstream);
+        let kubeconfig = link.kubeconfig(&original, upstream);
+        (link, kubeconfig)
+    }
+
     fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for stream in self.open.lock().unwrap().drain(..) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// New connections get through again.
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
     }
 
     /// A kubeconfig like `original`'s, through this link.
@@ -724,20 +759,12 @@ fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
     api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
     let mut node = Node::new();
     let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
-    let original = api.kubeconfig(node.dir.path());
-    let upstream: SocketAddr = std::fs::read_to_string(&original)
-        .unwrap()
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .and_then(|addr| addr.parse().ok())
-        .expect("the fake API server's address in its kubeconfig");
-    let link = ApiLink::start(upstream);
+    let (link, kubeconfig) = ApiLink::to(&api, &node);
 
     let (uds_a, url_a) = node.vsock("a");
     let agent_a = runtime.block_on(StandInAgent::start(&uds_a, DEFAULT_AGENT_PORT));
     let _shim_a = node.sandbox("vc-sbs", "a", &url_a);
-    node.start_with(&link.kubeconfig(&original, upstream), 3);
+    node.start_with(&kubeconfig, 3);
     converge(&node, "sandbox a synced", Duration::from_secs(20), || {
         lines(&agent_a) == expected
     });
@@ -761,6 +788,51 @@ fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
         Duration::from_secs(10),
         || node.log().contains("\"msg\":\"watching EndpointSlices\""),
     );
+}
+
+/// `/healthz` answers 503 until the daemon has a table, and again once
+/// its watch has kept failing past `--watch-stale-secs`; `/livez` stays ok.
+#[test]
+fn healthz_fails_without_a_table_and_while_the_watch_stays_broken() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let (link, kubeconfig) = ApiLink::to(&api, &node);
+    link.cut();
+    node.args = ["--watch-stale-secs", "2"].map(String::from).to_vec();
+    node.start_with(&kubeconfig, 3);
+    let healthz = |status: &str, words: &str| {
+        let answer = node.http("/healthz");
+        answer.starts_with(&format!("HTTP/1.1 {status}")) && answer.contains(words)
+    };
+    let live = || node.http("/livez").starts_with("HTTP/1.1 200");
+    converge(
+        &node,
+        "unhealthy without a table",
+        Duration::from_secs(10),
+        || healthz("503", "no table yet"),
+    );
+    assert!(live(), "{}", node.http("/livez"));
+
+    link.restore();
+    converge(
+        &node,
+        "healthy with a table",
+        Duration::from_secs(30),
+        || healthz("200", "ok"),
+    );
+
+    link.cut();
+    converge(
+        &node,
+        "unhealthy with the watch broken for 2 s",
+        Duration::from_secs(20),
+        || healthz("503", "the Kubernetes watch has been failing for"),
+    );
+    assert!(live(), "{}", node.http("/livez"));
 }
 
 /// Where a sandbox's hybrid vsock socket is for Kata: a link to the socket

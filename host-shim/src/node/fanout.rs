@@ -21,6 +21,7 @@ use crate::{
     backoff::Backoff,
     client::{AgentClient, ClientError, SyncPayload},
     node::{
+        health::WatchHealth,
         metrics::Metrics,
         status::{Registry, State},
     },
@@ -280,6 +281,7 @@ impl Hub {
 pub struct HubSink {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    pub watch: Arc<WatchHealth>,
 }
 
 impl TableSink for HubSink {
@@ -297,6 +299,11 @@ impl TableSink for HubSink {
 
     fn observed_event(&mut self) {
         self.metrics.watch_event();
+        self.watch.event();
+    }
+
+    fn observed_failure(&mut self) {
+        self.watch.failed(Instant::now());
     }
 
     fn left_out(&mut self, keys: &BTreeSet<ServiceKey>) {

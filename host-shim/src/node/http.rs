@@ -69,6 +69,15 @@ impl Reply {
         }
     }
 
+    /// 503 with the reason.
+    pub fn unavailable(reason: String) -> Reply {
+        Reply {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            content_type: "text/plain",
+            body: reason,
+        }
+    }
+
     pub fn not_found(path: &str) -> Reply {
         Reply {
             status: StatusCode::NOT_FOUND,

@@ -8,6 +8,7 @@
 
 pub mod discovery;
 pub mod fanout;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod status;
@@ -35,6 +36,7 @@ use crate::{
     node::{
         discovery::{AgentUrl, Found},
         fanout::{Hub, HubSink, Shared},
+        health::WatchHealth,
         http::{Handler, Reply},
         metrics::{Metrics, Snapshot},
         status::{Registry, State},
@@ -68,6 +70,9 @@ pub struct NodeConfig {
     /// How often each idle agent's table digest is checked against the
     /// node's (None: never).
     pub verify_every: Option<Duration>,
+    /// How long the Kubernetes watch may keep failing before `/healthz`
+    /// answers 503.
+    pub watch_stale: Duration,
 }
 
 /// Runs the daemon until the watch ends (it does not, short of the
@@ -81,9 +86,10 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
         permit_hold: config.call_timeout,
         verify_every: config.verify_every,
     };
+    let watch = Arc::new(WatchHealth::default());
     serve_status(&config, &shared, log)?;
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, &shared, log).await?;
+        serve_metrics(addr, &shared, &watch, config.watch_stale, log).await?;
     }
     let (found_tx, found) = watch::channel(BTreeMap::new());
     tokio::spawn(discovery::follow(
@@ -118,6 +124,7 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
     let mut sink = HubSink {
         hub: shared.hub.clone(),
         metrics: shared.metrics.clone(),
+        watch,
     };
     kube_watch::run(kube, &mut sink, policy, config.batch, log).await;
     Ok(())
@@ -304,13 +311,25 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     }
 }
 
-/// `/metrics` (Prometheus) and `/healthz` (the liveness probe) over HTTP.
-async fn serve_metrics(addr: SocketAddr, shared: &Shared, log: &Logger) -> Result<()> {
+/// `/metrics` (Prometheus), `/healthz` (503 with the reason while the
+/// daemon has no table or its watch has failed for longer than
+/// `watch_stale`: a readiness probe) and `/livez` (ok while the daemon
+/// serves: a liveness probe; agents keep their tables through an API
+/// server outage, and a restarted daemon would have none to give a new
+/// sandbox) over HTTP.
+async fn serve_metrics(
+    addr: SocketAddr,
+    shared: &Shared,
+    watch: &Arc<WatchHealth>,
+    watch_stale: Duration,
+    log: &Logger,
+) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} for metrics"))?;
     info!(log, "serving metrics"; "addr" => listener.local_addr()?.to_string());
     let state = shared.clone();
+    let watch = watch.clone();
     let handler: Handler = Arc::new(move |path| match path {
         "/metrics" => {
             let sandboxes = state.registry.counts();
@@ -321,7 +340,14 @@ async fn serve_metrics(addr: SocketAddr, shared: &Shared, log: &Logger) -> Resul
             });
             Reply::ok("text/plain; version=0.0.4", text)
         }
-        "/healthz" => Reply::ok("text/plain", "ok\n".into()),
+        "/healthz" => {
+            let failing = watch.failing_for(std::time::Instant::now());
+            match health::problem(state.hub.version(), failing, watch_stale) {
+                None => Reply::ok("text/plain", "ok\n".into()),
+                Some(problem) => Reply::unavailable(format!("{problem}\n")),
+            }
+        }
+        "/livez" => Reply::ok("text/plain", "ok\n".into()),
         other => Reply::not_found(other),
     });
     let log = log.clone();

@@ -59,6 +59,8 @@ pub trait TableSink {
     ) -> impl Future<Output = bool>;
     /// One watch event arrived (for metrics).
     fn observed_event(&mut self) {}
+    /// A watch failed (logged; the watcher retries by itself).
+    fn observed_failure(&mut self) {}
     /// The services the last whole table left out because the datapath
     /// cannot hold them (none once the cluster fits again).
     fn left_out(&mut self, _keys: &BTreeSet<ServiceKey>) {}
@@ -171,7 +173,10 @@ pub async fn run(
                     Cluster::delete_service,
                     Cluster::replace_services,
                 )),
-                Some(Err(err)) => warn!(log, "watching Services"; "error" => err.to_string()),
+                Some(Err(err)) => {
+                    warn!(log, "watching Services"; "error" => err.to_string());
+                    sink.observed_failure();
+                }
                 None => return,
             },
             event = slices.next() => match event {
@@ -184,7 +189,10 @@ pub async fn run(
                     Cluster::delete_slice,
                     Cluster::replace_slices,
                 )),
-                Some(Err(err)) => warn!(log, "watching EndpointSlices"; "error" => err.to_string()),
+                Some(Err(err)) => {
+                    warn!(log, "watching EndpointSlices"; "error" => err.to_string());
+                    sink.observed_failure();
+                }
                 None => return,
             },
             event = this_node.next() => match event {
@@ -197,7 +205,10 @@ pub async fn run(
                         dirty.extend(cluster.service_keys().cloned());
                     }
                 }
-                Some(Err(err)) => warn!(log, "watching this Node"; "error" => err.to_string()),
+                Some(Err(err)) => {
+                    warn!(log, "watching this Node"; "error" => err.to_string());
+                    sink.observed_failure();
+                }
                 None => return,
             },
             _ = agent_check.tick(), if in_sync && dirty.is_empty() => {
