@@ -1,7 +1,8 @@
-//! The agent's service table: validated writes to the maps, the names
-//! people gave services (the maps keep none) and the generation the host
-//! last synced; the kernel datapath beside them when there is one; and the
-//! staging of a Sync that arrives in parts.
+//! The agent's service table: validated writes to the maps (and why one is
+//! refused or fails: [`WriteError`]), the names people gave services (the
+//! maps keep none) and the generation the host last synced; the kernel
+//! datapath beside them when there is one; and the staging of a Sync that
+//! arrives in parts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,6 +15,7 @@ use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use crate::{
     datapath::{Datapath, ProgrammedTable},
+    opt_out::OptOutError,
     sockets::{RemovedBackend, SocketCloser},
 };
 
@@ -37,15 +39,26 @@ pub struct Written {
     pub digest: Option<String>,
 }
 
-/// A write that expected the table at another generation.
+/// Why a write (a table, services, keys, the opt-out list) did not happen
+/// or did not finish. Every variant but `Failed` is a refusal before
+/// anything changed; the API answers each with its own code.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the write expects the table at generation {expected}, it is at {current}: \
-     the client's view is stale (sync, or list, and write again)"
-)]
-pub struct StaleGeneration {
-    pub expected: u64,
-    pub current: u64,
+pub enum WriteError {
+    /// An invalid request, a table past the datapath's capacity, or a key
+    /// that is not programmed.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(
+        "the write expects the table at generation {expected}, it is at {current}: \
+         the client's view is stale (sync, or list, and write again)"
+    )]
+    StaleGeneration { expected: u64, current: u64 },
+    #[error(transparent)]
+    OptOut(#[from] OptOutError),
+    /// A map operation failed, possibly half way (a whole table is then
+    /// written back: see `ProgrammedTable::apply`).
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
 }
 
 impl ServiceTable {
@@ -90,7 +103,7 @@ impl ServiceTable {
 
     /// Makes the datapath hold exactly `table`, or leaves it as it was
     /// (`ProgrammedTable::apply` is all or nothing).
-    pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written> {
+    pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written, WriteError> {
         let summary = self.programmed.apply(table)?;
         self.close_sockets_of(summary.removed_backends);
         self.names = table
@@ -108,9 +121,9 @@ impl ServiceTable {
     }
 
     /// Refuses a write that expects another generation (0: not checked).
-    pub fn check_generation(&self, expected: u64) -> Result<(), StaleGeneration> {
+    pub fn check_generation(&self, expected: u64) -> Result<(), WriteError> {
         if expected != 0 && expected != self.generation {
-            return Err(StaleGeneration {
+            return Err(WriteError::StaleGeneration {
                 expected,
                 current: self.generation,
             });
@@ -118,7 +131,7 @@ impl ServiceTable {
         Ok(())
     }
 
-    pub fn upsert(&mut self, services: &[Service]) -> Result<Written> {
+    pub fn upsert(&mut self, services: &[Service]) -> Result<Written, WriteError> {
         let summary = self.programmed.upsert(services)?;
         self.close_sockets_of(summary.removed_backends);
         for service in services {
@@ -130,7 +143,7 @@ impl ServiceTable {
         Ok(self.bumped())
     }
 
-    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written> {
+    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written, WriteError> {
         let summary = self.programmed.delete(keys)?;
         self.close_sockets_of(summary.removed_backends);
         for key in keys {

@@ -14,7 +14,7 @@ use super::{
     convert::{endpoint, map_key, socket_addr, table_key, table_of},
     maps::TableMaps,
 };
-use crate::sockets::RemovedBackend;
+use crate::{services::WriteError, sockets::RemovedBackend};
 
 /// What `apply` changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -85,22 +85,22 @@ impl ProgrammedTable {
     /// table refused (capacity) changes nothing, and after a kernel error
     /// half way the previous table is written back, once: if that fails
     /// too, the error says the maps hold neither table.
-    pub fn apply(&mut self, table: &Table) -> Result<ApplySummary> {
+    pub fn apply(&mut self, table: &Table) -> Result<ApplySummary, WriteError> {
         let before = self.read_programmed()?;
         let summary = match self.replace_with(table) {
             Ok(summary) => summary,
-            Err(err) if err.downcast_ref::<TableError>().is_some() => return Err(err),
-            Err(err) => {
+            Err(WriteError::Failed(err)) => {
                 let restored = self.replace_with(&table_of(before));
                 self.recount_backend_uses();
-                return Err(match restored {
+                return Err(WriteError::Failed(match restored {
                     Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
                     Err(restore) => err.context(format!(
                         "writing the table failed half way and restoring the previous one failed too \
                          ({restore:#}): the maps may hold part of each table"
                     )),
-                });
+                }));
             }
+            Err(refused) => return Err(refused),
         };
         info!(self.log, "table applied"; "services" => table.services.len(),
               "added" => summary.added, "updated" => summary.updated,
@@ -109,7 +109,7 @@ impl ProgrammedTable {
     }
 
     /// Brings the maps to exactly `table` (one attempt, no restore).
-    fn replace_with(&mut self, table: &Table) -> Result<ApplySummary> {
+    fn replace_with(&mut self, table: &Table) -> Result<ApplySummary, WriteError> {
         let mut current = self.read_programmed()?;
         let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
             current.keys().map(|key| (*key, None)).collect();
@@ -121,7 +121,7 @@ impl ProgrammedTable {
 
     /// Adds or replaces `services` (validated each, distinct keys), leaving
     /// every other service as it is.
-    pub fn upsert(&mut self, services: &[Service]) -> Result<ApplySummary> {
+    pub fn upsert(&mut self, services: &[Service]) -> Result<ApplySummary, WriteError> {
         let mut wanted = BTreeMap::new();
         for service in services {
             if wanted
@@ -145,7 +145,7 @@ impl ProgrammedTable {
     }
 
     /// Removes the services with `keys`; refuses all if one is unknown.
-    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<ApplySummary> {
+    pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<ApplySummary, WriteError> {
         let wanted: BTreeMap<_, Option<&Service>> =
             keys.iter().map(|key| (map_key(key), None)).collect();
         let mut current = self.read_some(wanted.keys())?;
@@ -190,7 +190,7 @@ impl ProgrammedTable {
         &mut self,
         wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>>,
         current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
-    ) -> Result<ApplySummary> {
+    ) -> Result<ApplySummary, WriteError> {
         let mut summary = ApplySummary::default();
         let (mut added, mut removed, mut slots_after) = (0, 0, self.slot_count);
         for (key, service) in &wanted {
@@ -644,6 +644,30 @@ mod tests {
         let other = table(3, MAX_SERVICES);
         programmed.apply(&other).unwrap();
         assert!(programmed.read_table().unwrap().digest() == other.digest());
+    }
+
+    #[test]
+    fn refusals_touch_no_map_and_a_kernel_failure_is_told_apart() {
+        let faults = WriteFaults::default();
+        let mut programmed = in_memory(&faults);
+        let before = table(1, 2);
+        programmed.apply(&before).unwrap();
+        // Every write fails from now on: a refusal must come before any.
+        faults.fail_after(0);
+        let unknown = table(2, 1).services[0].key;
+        assert!(matches!(
+            programmed.delete(&[unknown]),
+            Err(WriteError::Table(TableError::UnknownService { .. }))
+        ));
+        let twice = [before.services[0].clone(), before.services[0].clone()];
+        assert!(matches!(
+            programmed.upsert(&twice),
+            Err(WriteError::Table(TableError::Field { .. }))
+        ));
+        assert!(matches!(
+            programmed.apply(&table(2, 2)),
+            Err(WriteError::Failed(_))
+        ));
     }
 
     #[test]

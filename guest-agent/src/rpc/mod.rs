@@ -22,7 +22,7 @@ use ttrpc::{Code, r#async::TtrpcContext};
 use crate::{
     datapath,
     opt_out::OptOutError,
-    services::{ServiceTable, StagedSync, StagingError, StaleGeneration, Written},
+    services::{ServiceTable, StagedSync, StagingError, WriteError, Written},
 };
 
 mod report;
@@ -82,10 +82,20 @@ impl Rpc {
         services
     }
 
-    /// Runs `op` on the table on a blocking thread.
+    /// Runs `op`, which only reads, on the table on a blocking thread: a
+    /// failure is the kernel's (Internal).
     async fn with_table<T: Send + 'static>(
         &self,
         op: impl FnOnce(&mut ServiceTable) -> anyhow::Result<T> + Send + 'static,
+    ) -> ttrpc::Result<T> {
+        self.write_table(move |t| Ok(op(t)?)).await
+    }
+
+    /// Runs the write `op` on the table on a blocking thread; a refusal or
+    /// failure is answered with its code (`code_of`).
+    async fn write_table<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut ServiceTable) -> Result<T, WriteError> + Send + 'static,
     ) -> ttrpc::Result<T> {
         let table = self.table.clone();
         tokio::task::spawn_blocking(move || op(&mut table.lock().expect("table lock")))
@@ -152,29 +162,24 @@ fn status(code: Code, message: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
 }
 
-/// InvalidArgument names the service and field, ResourceExhausted the limit.
-fn code_of(err: &anyhow::Error) -> Code {
-    if err.downcast_ref::<StaleGeneration>().is_some() {
-        return Code::FAILED_PRECONDITION;
-    }
-    if let Some(err) = err.downcast_ref::<OptOutError>() {
-        return match err {
-            OptOutError::TooMany { .. } => Code::RESOURCE_EXHAUSTED,
-            OptOutError::NotAttached => Code::FAILED_PRECONDITION,
-            _ => Code::INVALID_ARGUMENT,
-        };
-    }
-    match err.downcast_ref::<TableError>() {
-        Some(TableError::Capacity { .. }) => Code::RESOURCE_EXHAUSTED,
-        Some(TableError::UnknownService { .. }) => Code::NOT_FOUND,
-        Some(_) => Code::INVALID_ARGUMENT,
-        None => Code::INTERNAL,
+/// The ttrpc code of each way a write ends short. InvalidArgument names the
+/// service and field, ResourceExhausted the limit; Internal is the kernel's.
+fn code_of(err: &WriteError) -> Code {
+    match err {
+        WriteError::Table(TableError::Capacity { .. }) => Code::RESOURCE_EXHAUSTED,
+        WriteError::Table(TableError::UnknownService { .. }) => Code::NOT_FOUND,
+        WriteError::Table(_) => Code::INVALID_ARGUMENT,
+        WriteError::StaleGeneration { .. } => Code::FAILED_PRECONDITION,
+        WriteError::OptOut(OptOutError::TooMany { .. }) => Code::RESOURCE_EXHAUSTED,
+        WriteError::OptOut(OptOutError::NotAttached) => Code::FAILED_PRECONDITION,
+        WriteError::OptOut(_) => Code::INVALID_ARGUMENT,
+        WriteError::Failed(_) => Code::INTERNAL,
     }
 }
 
 /// A request refused before the table was touched.
 fn invalid(err: TableError) -> ttrpc::Error {
-    let err = anyhow::Error::from(err);
+    let err = WriteError::from(err);
     status(code_of(&err), err)
 }
 

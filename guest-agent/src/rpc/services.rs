@@ -29,7 +29,9 @@ impl socklb_ttrpc::Services for Rpc {
         let table = Table::from_api(&request.services).map_err(invalid)?;
         let generation = request.generation;
         let sent = table.services.len();
-        let written = self.with_table(move |t| t.sync(&table, generation)).await?;
+        let written = self
+            .write_table(move |t| t.sync(&table, generation))
+            .await?;
         release_freed_memory();
         Ok(self.written("sync", sent, written))
     }
@@ -103,7 +105,9 @@ impl socklb_ttrpc::Services for Rpc {
             .map_err(|err| status(Code::INTERNAL, err))?
             .map_err(staging_refused)?;
         let sent = table.services.len();
-        let written = self.with_table(move |t| t.sync(&table, generation)).await?;
+        let written = self
+            .write_table(move |t| t.sync(&table, generation))
+            .await?;
         release_freed_memory();
         Ok(self.written("sync in parts", sent, written))
     }
@@ -123,7 +127,7 @@ impl socklb_ttrpc::Services for Rpc {
         let sent = services.len();
         let expected = request.expected_generation;
         let written = self
-            .with_table(move |t| {
+            .write_table(move |t| {
                 t.check_generation(expected)?;
                 t.upsert(&services)
             })
@@ -146,7 +150,7 @@ impl socklb_ttrpc::Services for Rpc {
         let sent = keys.len();
         let expected = request.expected_generation;
         let written = self
-            .with_table(move |t| {
+            .write_table(move |t| {
                 t.check_generation(expected)?;
                 t.delete(&keys)
             })
@@ -258,7 +262,7 @@ impl socklb_ttrpc::Services for Rpc {
         request: api::SetOptOutCgroupsRequest,
     ) -> ttrpc::Result<api::OptOutCgroupsResponse> {
         let cgroups = self
-            .with_table(move |t| {
+            .write_table(move |t| {
                 let datapath = t
                     .datapath_mut()
                     .filter(|d| d.attached_cgroup().is_some())
