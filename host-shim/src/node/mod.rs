@@ -37,7 +37,7 @@ use crate::{
         discovery::{AgentUrl, Found},
         fanout::{Hub, HubSink, Shared},
         health::WatchHealth,
-        http::{Handler, Reply},
+        http::{Handler, Limits, Reply},
         metrics::{Metrics, Snapshot},
         status::{Registry, State},
     },
@@ -287,15 +287,8 @@ fn serve_status(config: &NodeConfig, shared: &Shared, log: &Logger) -> Result<()
         }
         other => Reply::not_found(other),
     });
-    let log = log.clone();
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => http::serve_connection(stream, handler.clone()),
-                Err(err) => warn!(log, "status socket accept failed"; "error" => err.to_string()),
-            }
-        }
-    });
+    let log = log.new(slog::o!("server" => "status"));
+    tokio::spawn(http::serve(listener, handler, Limits::SERVER, log));
     Ok(())
 }
 
@@ -350,14 +343,7 @@ async fn serve_metrics(
         "/livez" => Reply::ok("text/plain", "ok\n".into()),
         other => Reply::not_found(other),
     });
-    let log = log.clone();
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => http::serve_connection(stream, handler.clone()),
-                Err(err) => warn!(log, "metrics accept failed"; "error" => err.to_string()),
-            }
-        }
-    });
+    let log = log.new(slog::o!("server" => "metrics"));
+    tokio::spawn(http::serve(listener, handler, Limits::SERVER, log));
     Ok(())
 }
