@@ -29,7 +29,8 @@ struct Args {
     /// critical, error, warning, info, debug or trace
     #[arg(long, env = "SOCKLB_LOG_LEVEL", default_value = "info", value_parser = socklb_logging::parse_level)]
     log_level: slog::Level,
-    /// Seconds to wait for one call (and to keep trying to connect)
+    /// Seconds to wait for one call (and to keep trying to connect; `node`
+    /// tries once per attempt and retries with its own backoff)
     #[arg(long, default_value_t = 30)]
     timeout: u64,
     #[command(subcommand)]
