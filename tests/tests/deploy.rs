@@ -130,9 +130,13 @@ fn daemonset_runs_the_node_daemon_as_documented() {
         "spec.nodeName"
     );
 
-    let probe = &container["livenessProbe"]["httpGet"];
-    assert_eq!(probe["path"], "/healthz");
-    assert_eq!(probe["port"].as_u64(), Some(metrics_port));
+    // Liveness never fails on a stale watch (a restart loses the table);
+    // readiness does.
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/healthz")] {
+        let probe = &container[probe]["httpGet"];
+        assert_eq!(probe["path"], path);
+        assert_eq!(probe["port"].as_u64(), Some(metrics_port));
+    }
     for resource in ["cpu", "memory"] {
         assert!(
             container["resources"]["requests"][resource].is_string(),
