@@ -297,3 +297,99 @@ fn sandbox_vm_with_katas_kernel_booted_like_kata() {
         features: ["no-kernel-btf", "bpf-interpreter"],
     });
 }
+
+/// The vhost-vsock client path for real, inside the guest only (never on
+/// the machine that runs the tests): over the guest's loopback vsock, CID
+/// 1, the static socklb-shim connects to the agent the way a host process
+/// on a QEMU node does, from a source port below 1024. The agent admits
+/// CID 1 but keeps the privileged-port rule, so root's shim programs it, a
+/// client from a port the kernel picks is refused, and a shim without
+/// CAP_NET_BIND_SERVICE fails naming it, without connecting at all.
+#[test]
+#[ignore = "needs the guest images: cargo xtask test builds them and runs this"]
+fn shim_over_loopback_vsock_needs_cap_net_bind_service() {
+    socklb_tests::require_root!();
+    // Later socklb.* keys win: this undoes the harness's allowance for
+    // hybrid vsock, whose VMM picks the source port.
+    let vm = Vm::boot(
+        &GuestImage::from_env("DEBIAN"),
+        "socklb.allow_cid=1 socklb.allow_unprivileged_port=0",
+    );
+    let agent = format!("vsock://1:{AGENT_PORT}");
+    let shim = |wrapper: &[&str], args: &[&str]| {
+        let mut argv = wrapper.to_vec();
+        argv.extend(["socklb-shim", "--agent", &agent]);
+        argv.extend(args);
+        vm.exec(&argv)
+    };
+    let refusals = |vm: &Vm| {
+        vm.console_text()
+            .lines()
+            .filter(|l| l.contains("refused an API connection"))
+            .count()
+    };
+
+    // Root holds the capability: it programs the agent.
+    assert!(
+        eventually(Duration::from_secs(60), || shim(
+            &[],
+            &["--timeout", "5", "health"]
+        )["status"]
+            == 0),
+        "root's shim never reached the agent: {}",
+        shim(&[], &["--timeout", "5", "health"])
+    );
+    let written = vm.exec(&[
+        "sh",
+        "-c",
+        r#"printf '%s' "$1" > /tmp/table.yaml"#,
+        "sh",
+        TABLE,
+    ]);
+    assert_eq!(written["status"], 0, "{written}");
+    let applied = shim(&[], &["apply", "-f", "/tmp/table.yaml"]);
+    assert_eq!(applied["status"], 0, "{applied}");
+    let listed = shim(&[], &["list", "-o", "json"]);
+    assert_eq!(listed["status"], 0, "{listed}");
+    let listed: Value = serde_json::from_str(listed["stdout"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("list -o json: {e}: {listed}"));
+    assert_eq!(
+        listed["services"].as_array().map(Vec::len),
+        Some(Table::parse(TABLE).unwrap().services.len()),
+        "{listed}"
+    );
+
+    // The agent still asks for a privileged port: a client bound to one the
+    // kernel picks is refused (what the shim without the capability used
+    // to fall back to).
+    let probe = vm.testkit(&["vsock-probe", "1", &AGENT_PORT.to_string()]);
+    assert_eq!(probe[0]["closed_by_peer"], true, "{probe:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || vm.console_text().lines().any(
+            |l| l.contains("refused an API connection") && l.contains("is unprivileged")
+        )),
+        "no refusal of the unprivileged port logged"
+    );
+
+    // Without the capability: root with it dropped (a container that does
+    // not hold it), and root of a user namespace (a pod with hostUsers:
+    // false), which holds it only there, not in the initial namespace.
+    let refused_before = refusals(&vm);
+    for wrapper in [
+        &["socklb-testkit", "drop-net-bind-service"][..],
+        &["unshare", "-U"],
+    ] {
+        let failed = shim(wrapper, &["--timeout", "2", "list"]);
+        assert_ne!(failed["status"], 0, "{wrapper:?}: {failed}");
+        let stderr = failed["stderr"].as_str().unwrap_or_default();
+        assert!(
+            stderr.contains("needs CAP_NET_BIND_SERVICE"),
+            "{wrapper:?}: the capability not named: {failed}"
+        );
+    }
+    assert_eq!(
+        refusals(&vm),
+        refused_before,
+        "a shim without the capability connected anyway"
+    );
+}

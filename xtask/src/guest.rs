@@ -54,8 +54,10 @@ fn progress(line: &str) {
     eprintln!("==> {line}");
 }
 
-/// The guest's programs besides the agent, each its package's name.
-const GUEST_TOOLS: &[&str] = &["socklb-testkit"];
+/// The guest's programs besides the agent, each its package's name;
+/// socklb-shim reaches the agent over the guest's loopback vsock, the
+/// AF_VSOCK client path no test may open on the machine running it.
+const GUEST_TOOLS: &[&str] = &["socklb-shim", "socklb-testkit"];
 
 /// What the demo runs on the host, (package, binary): built with the
 /// guest's binaries, as static musl binaries run on the host too.

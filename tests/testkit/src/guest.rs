@@ -1,7 +1,8 @@
-//! Inside the test VM: commands run for the host over vsock, and a probe of
-//! the agent's peer rule.
+//! Inside the test VM: commands run for the host over vsock, a probe of
+//! the agent's peer rule, and a root process without CAP_NET_BIND_SERVICE.
 
 use std::{
+    ffi::CString,
     io::{Read as _, Write as _},
     time::{Duration, Instant},
 };
@@ -69,4 +70,79 @@ pub(crate) fn vsock_probe(args: &[String]) {
     let mut byte = [0u8; 1];
     let closed = matches!(stream.read(&mut byte), Ok(0));
     emit(json!({"connected": true, "closed_by_peer": closed}));
+}
+
+/// linux/capability.h: CAP_NET_BIND_SERVICE, and the capget/capset ABI.
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Execs a program as this (root) process, but without CAP_NET_BIND_SERVICE,
+/// as a container runtime starts a root container that does not hold it:
+/// out of the bounding set (so exec cannot give it back to root), and out
+/// of the effective, permitted and inheritable sets.
+pub(crate) fn drop_net_bind_service(args: &[String]) {
+    if args.is_empty() {
+        usage();
+    }
+    let fail = |what: &str| -> ! {
+        eprintln!(
+            "drop-net-bind-service: {what}: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1)
+    };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAPBSET_DROP,
+            CAP_NET_BIND_SERVICE as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        fail("PR_CAPBSET_DROP");
+    }
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // Version 3 takes two words: capabilities 0-31, then 32-63.
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget fills two CapData, the size version 3 asks for.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        fail("capget");
+    }
+    let without = !(1u32 << CAP_NET_BIND_SERVICE);
+    data[0].effective &= without;
+    data[0].permitted &= without;
+    data[0].inheritable &= without;
+    // SAFETY: as for capget; capset only reads `data`.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) } != 0 {
+        fail("capset");
+    }
+    let argv: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_str()).unwrap_or_else(|_| usage()))
+        .collect();
+    let mut pointers: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    pointers.push(std::ptr::null());
+    // SAFETY: a null-terminated array of C strings that outlive the call.
+    unsafe { libc::execvp(pointers[0], pointers.as_ptr()) };
+    fail(&format!("exec {}", args[0]))
 }
