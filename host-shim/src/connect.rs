@@ -5,6 +5,7 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
 };
 
 use tokio::{
@@ -18,25 +19,73 @@ use crate::addr::AgentAddr;
 /// The longest reply line the hybrid vsock handshake is allowed.
 const MAX_HANDSHAKE_LINE: usize = 64;
 
+/// A failed connect, and whether waiting may mend it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No agent can be behind the address now: no socket at a unix path,
+    /// nothing listening on it, or a host that may not open vsock at all.
+    #[error("{0}")]
+    Final(io::Error),
+    /// The agent may be starting: a VM booting, a guest port not listening
+    /// yet, a hybrid vsock handshake not answered.
+    #[error("{0}")]
+    MayBeStarting(io::Error),
+}
+
 /// Connects to `addr` and returns a socket ready for ttrpc.
-pub async fn connect(addr: &AgentAddr) -> io::Result<Socket> {
+pub async fn connect(addr: &AgentAddr) -> Result<Socket, ConnectError> {
+    let starting = ConnectError::MayBeStarting;
     match addr {
-        AgentAddr::Unix(path) => Ok(Socket::new(UnixStream::connect(path).await?)),
+        AgentAddr::Unix(path) => Ok(Socket::new(connect_unix(path).await?)),
         AgentAddr::Vsock { cid, port } => {
             let (cid, port) = (*cid, *port);
             // A blocking connect, bounded by the kernel's vsock connect
             // timeout (2 s by default).
             let stream = tokio::task::spawn_blocking(move || connect_vsock(cid, port))
                 .await
-                .map_err(io::Error::other)??;
-            Ok(Socket::new(tokio_vsock::VsockStream::new(stream)?))
+                .map_err(|err| starting(io::Error::other(err)))?
+                .map_err(|err| match err.kind() {
+                    // A capability, a seccomp profile or a kernel without
+                    // vsock (see vsock_socket_error): no wait mends them.
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported => {
+                        ConnectError::Final(err)
+                    }
+                    _ => starting(err),
+                })?;
+            Ok(Socket::new(
+                tokio_vsock::VsockStream::new(stream).map_err(starting)?,
+            ))
         }
         AgentAddr::HybridVsock { uds, port } => {
-            let mut stream = UnixStream::connect(uds).await?;
-            hybrid_handshake(&mut stream, *port).await?;
+            let mut stream = connect_unix(uds).await?;
+            hybrid_handshake(&mut stream, *port)
+                .await
+                .map_err(starting)?;
             Ok(Socket::new(stream))
         }
     }
+}
+
+/// Connects to the unix socket at `path`; a missing socket or one nobody
+/// listens on is final, in words that name the path (the agent or the VMM
+/// that would listen there is not running, and waiting will not start it).
+async fn connect_unix(path: &Path) -> Result<UnixStream, ConnectError> {
+    UnixStream::connect(path).await.map_err(|err| {
+        let path = path.display();
+        match err.raw_os_error() {
+            Some(libc::ENOENT) => {
+                ConnectError::Final(io::Error::new(err.kind(), format!("no socket at {path}")))
+            }
+            Some(libc::ECONNREFUSED) => ConnectError::Final(io::Error::new(
+                err.kind(),
+                format!("nothing listens on {path} (connection refused)"),
+            )),
+            Some(libc::EACCES | libc::ENOTSOCK) => {
+                ConnectError::Final(io::Error::new(err.kind(), format!("{path}: {err}")))
+            }
+            _ => ConnectError::MayBeStarting(err),
+        }
+    })
 }
 
 /// vsock ports a host process needs CAP_NET_BIND_SERVICE to bind: 1..=1023
@@ -215,6 +264,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::UnixListener;
+
     use super::*;
 
     #[tokio::test]
@@ -307,6 +358,44 @@ mod tests {
         assert!(no_vsock.to_string().contains("no vsock"), "{no_vsock}");
         let other = vsock_socket_error(io::Error::from_raw_os_error(libc::EMFILE));
         assert_eq!(other.raw_os_error(), Some(libc::EMFILE));
+    }
+
+    /// No socket, or nothing listening on one, is final (named by its
+    /// path); a hybrid vsock muxer that hangs up before OK may be waiting
+    /// for its guest to boot.
+    #[tokio::test]
+    async fn only_an_unanswered_handshake_may_mend_by_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let unix = AgentAddr::Unix(path.clone());
+        let Err(ConnectError::Final(err)) = connect(&unix).await else {
+            panic!("a missing socket is not final");
+        };
+        assert_eq!(err.to_string(), format!("no socket at {}", path.display()));
+
+        // A listener gone, its socket file left: connect(2) answers
+        // ECONNREFUSED.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let Err(ConnectError::Final(err)) = connect(&unix).await else {
+            panic!("a refused connection is not final");
+        };
+        assert!(err.to_string().contains("nothing listens on"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+
+        let muxer = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = muxer.accept().await.unwrap();
+            let mut request = [0u8; 13];
+            stream.read_exact(&mut request).await.unwrap();
+        });
+        let hybrid = AgentAddr::HybridVsock {
+            uds: path,
+            port: 1025,
+        };
+        assert!(matches!(
+            connect(&hybrid).await,
+            Err(ConnectError::MayBeStarting(_))
+        ));
     }
 
     #[tokio::test]

@@ -95,6 +95,23 @@ enum Command {
     },
 }
 
+impl Command {
+    /// A command that answers once and exits, rather than a daemon: it
+    /// gives up at once where waiting for the agent cannot help.
+    fn is_one_shot(&self) -> bool {
+        match self {
+            Command::Apply { .. }
+            | Command::List { .. }
+            | Command::Stats { .. }
+            | Command::Health { .. }
+            | Command::Metrics => true,
+            #[cfg(feature = "kubernetes")]
+            Command::Kube { .. } | Command::Node(_) => false,
+            Command::Watch { .. } => false,
+        }
+    }
+}
+
 #[cfg(feature = "kubernetes")]
 #[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -202,6 +219,7 @@ async fn run(args: Args, log: Logger) -> Result<()> {
     let options = Options {
         call_timeout: Duration::from_secs(args.timeout),
         connect_timeout: Duration::from_secs(args.timeout),
+        fail_fast: args.command.is_one_shot(),
         ..Options::default()
     };
     #[cfg(feature = "kubernetes")]

@@ -137,6 +137,7 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
         connect_timeout: Duration::from_secs(1),
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
+        fail_fast: false,
     };
     let mut client = agent_client(&sandbox.api_addr(), options);
     runtime.block_on(client.sync(web(1))).expect("first sync");

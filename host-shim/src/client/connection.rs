@@ -12,7 +12,10 @@ use socklb_protocols::{
 };
 use ttrpc::context::Context;
 
-use crate::{backoff::Backoff, connect::connect};
+use crate::{
+    backoff::Backoff,
+    connect::{ConnectError, connect},
+};
 
 use super::*;
 
@@ -65,10 +68,13 @@ impl AgentClient {
         Ok(connection)
     }
 
-    /// Opens a connection, retrying with backoff for up to `connect_timeout`.
+    /// Opens a connection, retrying with backoff for up to `connect_timeout`
+    /// (with `fail_fast`, only while the agent may be starting, and saying
+    /// so once).
     pub(super) async fn reopen(&mut self) -> Result<Connection, ClientError> {
         let deadline = tokio::time::Instant::now() + self.options.connect_timeout;
         let mut backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
+        let mut announced = false;
         loop {
             match self.open().await {
                 Ok(connection) => {
@@ -79,15 +85,27 @@ impl AgentClient {
                 }
                 // Another API major will not change by retrying.
                 Err(OpenError::Incompatible(err)) => return Err(err),
-                Err(OpenError::Unreachable(reason))
+                Err(OpenError::Absent(reason)) if self.options.fail_fast => {
+                    return Err(self.unreachable(reason));
+                }
+                Err(OpenError::Unreachable(reason) | OpenError::Absent(reason))
                     if tokio::time::Instant::now() + backoff.delay() < deadline =>
                 {
                     let wait = backoff.failed();
-                    warn!(self.log, "cannot reach the agent; retrying"; "error" => &reason,
-                          "in_ms" => wait.as_millis() as u64);
+                    if !self.options.fail_fast {
+                        warn!(self.log, "cannot reach the agent; retrying"; "error" => &reason,
+                              "in_ms" => wait.as_millis() as u64);
+                    } else if !announced {
+                        announced = true;
+                        warn!(self.log, "the agent is not answering yet; waiting";
+                              "error" => &reason,
+                              "up_to_s" => self.options.connect_timeout.as_secs());
+                    }
                     tokio::time::sleep(wait).await;
                 }
-                Err(OpenError::Unreachable(reason)) => return Err(self.unreachable(reason)),
+                Err(OpenError::Unreachable(reason) | OpenError::Absent(reason)) => {
+                    return Err(self.unreachable(reason));
+                }
             }
         }
     }
@@ -98,7 +116,10 @@ impl AgentClient {
         let socket = tokio::time::timeout(self.options.call_timeout, connect(&self.addr))
             .await
             .map_err(|_| unreachable("connect timed out".into()))?
-            .map_err(|err| unreachable(err.to_string()))?;
+            .map_err(|err| match err {
+                ConnectError::Final(err) => OpenError::Absent(err.to_string()),
+                ConnectError::MayBeStarting(err) => unreachable(err.to_string()),
+            })?;
         let client = ttrpc::r#async::Client::new(socket);
         let health = HealthClient::new(client.clone());
         let context = ttrpc::context::with_duration(self.options.call_timeout);
@@ -135,7 +156,11 @@ impl AgentClient {
 
 /// Why a connection could not be opened: worth retrying, or not.
 pub(super) enum OpenError {
+    /// The agent may be starting.
     Unreachable(String),
+    /// No agent is behind the address now (see [`ConnectError::Final`]):
+    /// a one-shot caller gives up, a daemon waits for one to appear.
+    Absent(String),
     Incompatible(ClientError),
 }
 

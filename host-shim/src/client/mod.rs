@@ -34,6 +34,11 @@ pub struct Options {
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// For one-shot commands: give up at once where waiting cannot help
+    /// (no socket at a unix path, nothing listening on it), and log the
+    /// wait for an agent that may be starting once rather than per retry.
+    /// Daemons leave it off: a sandbox's socket may appear at any time.
+    pub fail_fast: bool,
 }
 
 impl Default for Options {
@@ -43,6 +48,7 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            fail_fast: false,
         }
     }
 }

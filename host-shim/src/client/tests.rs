@@ -201,6 +201,7 @@ async fn reconnects_back_off_doubling_up_to_the_cap() {
         connect_timeout: Duration::from_secs(3),
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
+        fail_fast: false,
     };
     let mut client = AgentClient::new(addr, options, &log);
     let err = client.check().await.unwrap_err();
@@ -289,4 +290,46 @@ async fn a_deadline_the_agent_ran_out_of_is_tried_again() {
     assert_eq!(stats.load(Ordering::SeqCst), 2);
     assert_eq!(client.connections_opened(), 2, "not a new connection");
     server.shutdown().await.unwrap();
+}
+
+/// A missing socket is final for a one-shot caller (`fail_fast`), while a
+/// daemon's client keeps trying for its whole connect timeout, since the
+/// socket may yet appear.
+#[tokio::test]
+async fn a_missing_socket_ends_a_fail_fast_call_at_once_and_a_daemon_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let log = Logger::root(slog::Discard, slog::o!());
+    let client = |fail_fast| {
+        let addr = format!("unix://{}", socket.display()).parse().unwrap();
+        let options = Options {
+            connect_timeout: Duration::from_millis(600),
+            fail_fast,
+            ..Options::default()
+        };
+        AgentClient::new(addr, options, &log)
+    };
+
+    let started = std::time::Instant::now();
+    let err = client(true).check().await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "took {:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("no socket at {}", socket.display())),
+        "{text}"
+    );
+
+    // Retries 50, 100 and 200 ms apart fit in 600 ms; the next, 400 ms
+    // on, would not.
+    let started = std::time::Instant::now();
+    let err = client(false).check().await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "gave up after {:?}: {err}",
+        started.elapsed()
+    );
 }
