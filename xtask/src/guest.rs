@@ -129,13 +129,16 @@ pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
         busybox: BUSYBOX.into(),
         modules,
     };
-    let size = socklb_rootfs::build(&spec, &initrd)?;
-    progress(&format!(
-        "initramfs {} ({:.1} MiB; agent {:.1} MiB)",
-        initrd.display(),
-        size as f64 / 1048576.0,
-        std::fs::metadata(&agent)?.len() as f64 / 1048576.0
-    ));
+    step("guest initramfs", || {
+        let size = socklb_rootfs::build(&spec, &initrd)?;
+        progress(&format!(
+            "initramfs {} ({:.1} MiB; agent {:.1} MiB)",
+            initrd.display(),
+            size as f64 / 1048576.0,
+            std::fs::metadata(&agent)?.len() as f64 / 1048576.0
+        ));
+        Ok(())
+    })?;
     Ok(Guest {
         kernel: kernel_image,
         initrd,
