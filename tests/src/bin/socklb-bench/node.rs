@@ -7,7 +7,10 @@
 //! for the first `BASELINE_PROCESSES` sandboxes, and its RSS for 200 is
 //! that measured total scaled linearly (said so in the output). Measures
 //! the first full fan-out, an EndpointSlice change at the (fake) API server
-//! to the acknowledgement of all (p50 / p99), watches opened and RSS.
+//! to the acknowledgement of all (p50 / p99), watches opened, RSS (the
+//! daemon's peak including a verification round of every sandbox), and
+//! how soon a new sandbox gets its first table while `WEDGED` sandboxes'
+//! agents accept connections and never answer.
 
 use std::{
     fmt::Write as _,
@@ -24,7 +27,7 @@ use socklb_tests::{
     Sandbox,
     apiserver::{FakeApiServer, Kind},
     die_with_parent, shim_bin,
-    standin::{HybridFront, KataShim, StandInAgent},
+    standin::{HybridFront, KataShim, SilentAgent, StandInAgent},
 };
 
 use crate::{SERVICES, k8s_service, k8s_slice, percentiles, proc_status_kib};
@@ -35,6 +38,14 @@ const BASELINE_PROCESSES: usize = 40;
 const CHANGES: u32 = 100;
 const BATCH_MS: &str = "10";
 const SETTLE: Duration = Duration::from_secs(600);
+/// Sandboxes whose agent accepts and never answers (a paused VM, a guest
+/// without socklb), added before one more sandbox.
+const WEDGED: usize = 8;
+/// The daemon's `--verify-secs`: each idle sandbox's digest is checked at
+/// its next health tick (every 5 s), so waiting `VERIFY_WAIT` after the
+/// changes takes the peak RSS over a whole verification round.
+const VERIFY_SECS: &str = "1";
+const VERIFY_WAIT: Duration = Duration::from_secs(7);
 
 /// Kills the children on the way out, whatever happens.
 struct Children(Vec<Child>);
@@ -146,6 +157,7 @@ pub(crate) fn node() {
         .arg("--status-socket")
         .arg(&status_socket)
         .args(["--batch-ms", BATCH_MS])
+        .args(["--verify-secs", VERIFY_SECS])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     die_with_parent(&mut command);
@@ -165,17 +177,50 @@ pub(crate) fn node() {
     }
     let node_watches = watches(&api) - watches_before;
     let node_rss = daemon.rss_kib();
+    std::thread::sleep(VERIFY_WAIT);
     let node_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:");
+
+    // Wedged sandboxes, then a new one: its first whole table.
+    let mut wedged = Vec::new();
+    for i in 0..WEDGED {
+        let uds = dir.path().join(format!("wedged-{i}.vsock"));
+        wedged.push(SilentAgent::start(&uds));
+        let sandbox_dir = roots.join(format!("wedged-{i}"));
+        std::fs::create_dir(&sandbox_dir).unwrap();
+        let url = format!("hvsock://{}:1024", uds.display());
+        shims.push(KataShim::start(
+            &sandbox_dir.join("shim-monitor.sock"),
+            &url,
+        ));
+    }
+    // Their calls are under way (the daemon rescans and follows inotify).
+    std::thread::sleep(Duration::from_secs(2));
+    let uds = dir.path().join("new.vsock");
+    let newcomer = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let sandbox_dir = roots.join("new");
+    std::fs::create_dir(&sandbox_dir).unwrap();
+    let appeared = Instant::now();
+    let url = format!("hvsock://{}:1024", uds.display());
+    shims.push(KataShim::start(
+        &sandbox_dir.join("shim-monitor.sock"),
+        &url,
+    ));
+    while newcomer.table().services.len() < SERVICES as usize {
+        assert!(appeared.elapsed() < SETTLE, "the new sandbox got no table");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let newcomer_first = appeared.elapsed();
     drop(daemon);
     let node_latency = percentiles(&mut node_latencies);
     let mib = |kib: u64| kib as f64 / 1024.0;
     eprintln!(
-        "node: first fan-out {:.2} s, change to all p50/p99 {:.1}/{:.1} ms, RSS {:.1} MiB (peak {:.1}), watches {node_watches}",
+        "node: first fan-out {:.2} s, change to all p50/p99 {:.1}/{:.1} ms, RSS {:.1} MiB (peak {:.1}), watches {node_watches}, a new sandbox's first table past {WEDGED} wedged ones {:.2} s",
         node_first.as_secs_f64(),
         node_latency.0,
         node_latency.1,
         mib(node_rss),
-        mib(node_peak)
+        mib(node_peak),
+        newcomer_first.as_secs_f64()
     );
 
     // The baseline: one socklb-shim kube per sandbox, same agents.
@@ -304,8 +349,13 @@ pub(crate) fn node() {
     );
     let _ = writeln!(
         out,
-        "| daemon peak RSS (VmHWM) | {:.1} MiB | | |",
+        "| daemon peak RSS (VmHWM), a verification round of every sandbox included | {:.1} MiB | | |",
         mib(node_peak)
+    );
+    let _ = writeln!(
+        out,
+        "| a new sandbox's first table, {WEDGED} sandboxes wedged (agents accept, never answer) | {:.2} s | | |",
+        newcomer_first.as_secs_f64()
     );
     let _ = writeln!(
         out,
