@@ -57,6 +57,29 @@ impl<T> SocketStorage<T> {
     }
 }
 
+/// Whether `SockAddr::storage` makes a value for a socket that has none.
+/// Every caller names a constant, so after inlining no branch is left.
+#[derive(Clone, Copy)]
+pub(crate) enum Storage {
+    /// A zeroed value is made if the socket has none (a forward hook about
+    /// to remember a translation).
+    Create,
+    /// Only a value the socket already has (a hook that reads or forgets).
+    Existing,
+}
+
+/// The address family of a hook: which fields of the context and of its
+/// socket hold the addresses. Every caller names a constant, as for
+/// `Storage`.
+#[derive(Clone, Copy)]
+pub(crate) enum Family {
+    /// A v4 hook: `user_ip4` and the socket's `dst_ip4`, seen v4-mapped.
+    V4,
+    /// A v6 hook: `user_ip6` and the socket's `dst_ip6` (a v4 address
+    /// reached through an AF_INET6 socket is v4-mapped there already).
+    V6,
+}
+
 /// The `bpf_sock_addr` a `sock_addr` program was called with.
 pub(crate) struct SockAddr<'a> {
     ctx: &'a SockAddrContext,
@@ -134,20 +157,19 @@ impl<'a> SockAddr<'a> {
         unsafe { (*self.sa).protocol as u8 }
     }
 
-    /// The socket's value in the socket-local storage `map`; with
-    /// `create`, a zeroed one is made if it has none. `None` without a
-    /// value, or when the kernel cannot allocate one.
+    /// The socket's value in the socket-local storage `map` (with
+    /// `Storage::Create`, a zeroed one made if it has none). `None` without
+    /// a value, or when the kernel cannot allocate one.
     #[inline(always)]
     pub(crate) fn storage<T>(
         &self,
         map: &SocketStorage<T>,
-        create: bool,
+        storage: Storage,
     ) -> Option<&'static mut T> {
         let sk = self.sock()?;
-        let flags = if create {
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-        } else {
-            0
+        let flags = match storage {
+            Storage::Create => u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+            Storage::Existing => 0,
         };
         // SAFETY: `map` is a socket storage map (the loader relocates its
         // address) and `sk` the context's non-null socket; a null initial
@@ -186,23 +208,23 @@ impl<'a> SockAddr<'a> {
         unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
     }
 
-    /// The socket's peer address (v4-mapped when `v4`) and port (network
-    /// byte order) as the kernel holds them, or `None` without a socket.
+    /// The socket's peer address (v4-mapped for `Family::V4`) and port
+    /// (network byte order) as the kernel holds them, or `None` without a
+    /// socket.
     #[inline(always)]
-    pub(crate) fn socket_peer(&self, v4: bool) -> Option<(Addr, u16)> {
+    pub(crate) fn socket_peer(&self, family: Family) -> Option<(Addr, u16)> {
         let sk = self.sock()?;
         // SAFETY: `sk` is not null; its fields are read one 4-byte word at a
         // time, the width the verifier accepts for dst_ip6.
         let (addr, port) = unsafe {
-            let addr = if v4 {
-                socklb_common::v4_mapped((*sk).dst_ip4)
-            } else {
-                [
+            let addr = match family {
+                Family::V4 => socklb_common::v4_mapped((*sk).dst_ip4),
+                Family::V6 => [
                     (&raw const (*sk).dst_ip6[0]).read_volatile(),
                     (&raw const (*sk).dst_ip6[1]).read_volatile(),
                     (&raw const (*sk).dst_ip6[2]).read_volatile(),
                     (&raw const (*sk).dst_ip6[3]).read_volatile(),
-                ]
+                ],
             };
             (addr, (*sk).dst_port)
         };

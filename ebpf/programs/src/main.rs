@@ -21,8 +21,8 @@
 mod access;
 
 use access::{
-    SockAddr, SocketStorage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns,
-    per_cpu_mut, random_u32, set_syscall_error,
+    Family, SockAddr, SocketStorage, Storage, current_ancestor_cgroup_id, hash_get, lru_get_mut,
+    monotonic_ns, per_cpu_mut, random_u32, set_syscall_error,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -90,53 +90,76 @@ enum Verdict {
     Refuse,
 }
 
+/// What a forward hook translates. Each hook names a constant, so after
+/// inlining no branch is left.
+#[derive(Clone, Copy)]
+enum Forward {
+    /// A connect (TCP, or UDP becoming connected): the socket's one
+    /// translation, in `CONNECTED_VIP`.
+    Connect,
+    /// A datagram of an unconnected UDP socket (sendmsg): one of its
+    /// translations per VIP, in `DATAGRAM_VIPS`.
+    UnconnectedDatagram,
+}
+
+/// Which translations a reverse hook looks in; like `Forward`, a constant
+/// of each hook.
+#[derive(Clone, Copy)]
+enum Lookup {
+    /// The connect's translation alone (getpeername, getsockname).
+    Connected,
+    /// The connect's translation while the socket is still connected to
+    /// that peer, then its unconnected ones (recvmsg).
+    Datagrams,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    forward4(&SockAddr::new(&ctx), false)
+    forward4(&SockAddr::new(&ctx), Forward::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    forward6(&SockAddr::new(&ctx), false)
+    forward6(&SockAddr::new(&ctx), Forward::Connect)
 }
 
 // The kernel runs sendmsg hooks only for datagrams that carry a destination,
 // that is, on unconnected UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub(crate) fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward4(&SockAddr::new(&ctx), true)
+    forward4(&SockAddr::new(&ctx), Forward::UnconnectedDatagram)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward6(&SockAddr::new(&ctx), true)
+    forward6(&SockAddr::new(&ctx), Forward::UnconnectedDatagram)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub(crate) fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx), true)
+    reverse4(&SockAddr::new(&ctx), Lookup::Datagrams)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx), true)
+    reverse6(&SockAddr::new(&ctx), Lookup::Datagrams)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub(crate) fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx), false)
+    reverse4(&SockAddr::new(&ctx), Lookup::Connected)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub(crate) fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx), false)
+    reverse6(&SockAddr::new(&ctx), Lookup::Connected)
 }
 
 #[cgroup_sock_addr(getsockname4)]
 pub(crate) fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
     let sa = SockAddr::new(&ctx);
     let local = v4_mapped(sa.user_ip4());
-    if let Some(shown) = local_view(&sa, &local, true) {
+    if let Some(shown) = local_view(&sa, &local, Family::V4) {
         sa.set_user_ip4(shown[3]);
     }
     ALLOW
@@ -146,20 +169,20 @@ pub(crate) fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
 pub(crate) fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
     let sa = SockAddr::new(&ctx);
     let local = sa.user_ip6();
-    if let Some(shown) = local_view(&sa, &local, false) {
+    if let Some(shown) = local_view(&sa, &local, Family::V6) {
         sa.set_user_ip6(&shown);
     }
     ALLOW
 }
 
 #[inline(always)]
-fn forward4(sa: &SockAddr, unconnected_udp: bool) -> i32 {
+fn forward4(sa: &SockAddr, forward: Forward) -> i32 {
     let dst = Endpoint {
         addr: v4_mapped(sa.user_ip4()),
         port: sa.user_port(),
         _pad: 0,
     };
-    match translate(sa, &dst, unconnected_udp) {
+    match translate(sa, &dst, forward) {
         Verdict::Pass => ALLOW,
         Verdict::Backend(backend) => {
             sa.set_user_ip4(backend.addr[3]);
@@ -171,13 +194,13 @@ fn forward4(sa: &SockAddr, unconnected_udp: bool) -> i32 {
 }
 
 #[inline(always)]
-fn forward6(sa: &SockAddr, unconnected_udp: bool) -> i32 {
+fn forward6(sa: &SockAddr, forward: Forward) -> i32 {
     let dst = Endpoint {
         addr: sa.user_ip6(),
         port: sa.user_port(),
         _pad: 0,
     };
-    match translate(sa, &dst, unconnected_udp) {
+    match translate(sa, &dst, forward) {
         Verdict::Pass => ALLOW,
         Verdict::Backend(backend) => {
             sa.set_user_ip6(&backend.addr);
@@ -196,12 +219,12 @@ fn refuse() -> i32 {
 }
 
 #[inline(always)]
-fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
+fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
     if hash_get(&VIPS, &dst.addr).is_none() || opted_out() {
-        if !unconnected_udp
+        if matches!(forward, Forward::Connect)
             && sa.protocol() == PROTO_UDP
             && sa
-                .storage(&CONNECTED_VIP, false)
+                .storage(&CONNECTED_VIP, Storage::Existing)
                 .is_some_and(|translation| translation.backend != *dst)
         {
             // A UDP socket connected again, elsewhere: its earlier
@@ -223,10 +246,9 @@ fn translate(sa: &SockAddr, dst: &Endpoint, unconnected_udp: bool) -> Verdict {
     let Some(service) = hash_get(&SERVICES, &key) else {
         return Verdict::Refuse;
     };
-    let backend = if unconnected_udp {
-        datagram_backend(sa, dst, &key, &service)
-    } else {
-        connected_backend(sa, dst, &key, &service)
+    let backend = match forward {
+        Forward::Connect => connected_backend(sa, dst, &key, &service),
+        Forward::UnconnectedDatagram => datagram_backend(sa, dst, &key, &service),
     };
     let Some(backend) = backend else {
         count(service.id, |c| c.rejects += 1);
@@ -245,7 +267,7 @@ fn connected_backend(
     service: &Service,
 ) -> Option<Endpoint> {
     let backend = choose_backend(sa, key, service)?;
-    match sa.storage(&CONNECTED_VIP, true) {
+    match sa.storage(&CONNECTED_VIP, Storage::Create) {
         Some(translation) => *translation = Translation { vip: *dst, backend },
         // The reverse hooks will show this socket the backend, not the VIP.
         None => count(service.id, |c| c.insert_failures += 1),
@@ -263,7 +285,7 @@ fn datagram_backend(
     key: &ServiceKey,
     service: &Service,
 ) -> Option<Endpoint> {
-    let Some(vips) = sa.storage(&DATAGRAM_VIPS, true) else {
+    let Some(vips) = sa.storage(&DATAGRAM_VIPS, Storage::Create) else {
         count(service.id, |c| c.insert_failures += 1);
         return choose_backend(sa, key, service);
     };
@@ -390,26 +412,31 @@ fn count(service_id: u32, bump: impl FnOnce(&mut ServiceCounters)) {
 }
 
 /// The VIP endpoint the application asked for, if this socket was
-/// translated to `peer`: its connect's translation, or with `datagrams`
-/// (recvmsg; `v4` for recvmsg4) one of its unconnected translations, the
-/// latest first.
+/// translated to `peer`: its connect's translation, or with
+/// `Lookup::Datagrams` (recvmsg, of the hook's `family`) one of its
+/// unconnected translations, the latest first.
 #[inline(always)]
-fn original_vip(sa: &SockAddr, peer: &Endpoint, datagrams: bool, v4: bool) -> Option<Endpoint> {
-    if let Some(translation) = sa.storage(&CONNECTED_VIP, false)
+fn original_vip(
+    sa: &SockAddr,
+    peer: &Endpoint,
+    lookup: Lookup,
+    family: Family,
+) -> Option<Endpoint> {
+    if let Some(translation) = sa.storage(&CONNECTED_VIP, Storage::Existing)
         && translation.backend == *peer
         // A UDP socket disconnected (AF_UNSPEC, or closed under it) keeps
         // its storage but is no longer connected to the backend.
-        && (!datagrams
+        && (matches!(lookup, Lookup::Connected)
             || sa
-                .socket_peer(v4)
+                .socket_peer(family)
                 .is_some_and(|(addr, port)| addr == peer.addr && port == peer.port))
     {
         return Some(translation.vip);
     }
-    if !datagrams {
+    if matches!(lookup, Lookup::Connected) {
         return None;
     }
-    let vips = sa.storage(&DATAGRAM_VIPS, false)?;
+    let vips = sa.storage(&DATAGRAM_VIPS, Storage::Existing)?;
     if let Some(latest) = vips.translations.get(vips.latest as usize)
         && latest.backend == *peer
     {
@@ -422,13 +449,13 @@ fn original_vip(sa: &SockAddr, peer: &Endpoint, datagrams: bool, v4: bool) -> Op
 }
 
 #[inline(always)]
-fn reverse4(sa: &SockAddr, datagrams: bool) -> i32 {
+fn reverse4(sa: &SockAddr, lookup: Lookup) -> i32 {
     let peer = Endpoint {
         addr: v4_mapped(sa.user_ip4()),
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer, datagrams, true) {
+    if let Some(vip) = original_vip(sa, &peer, lookup, Family::V4) {
         sa.set_user_ip4(vip.addr[3]);
         sa.set_user_port(vip.port);
     }
@@ -436,13 +463,13 @@ fn reverse4(sa: &SockAddr, datagrams: bool) -> i32 {
 }
 
 #[inline(always)]
-fn reverse6(sa: &SockAddr, datagrams: bool) -> i32 {
+fn reverse6(sa: &SockAddr, lookup: Lookup) -> i32 {
     let peer = Endpoint {
         addr: sa.user_ip6(),
         port: sa.user_port(),
         _pad: 0,
     };
-    if let Some(vip) = original_vip(sa, &peer, datagrams, false) {
+    if let Some(vip) = original_vip(sa, &peer, lookup, Family::V6) {
         sa.set_user_ip6(&vip.addr);
         sa.set_user_port(vip.port);
     }
@@ -459,8 +486,8 @@ fn reverse6(sa: &SockAddr, datagrams: bool) -> i32 {
 /// instead, the address it would have had with kube-proxy. Every other
 /// local address (and any socket not translated) is shown as it is.
 #[inline(always)]
-fn local_view(sa: &SockAddr, local: &Addr, v4: bool) -> Option<Addr> {
-    let (peer_addr, peer_port) = sa.socket_peer(v4)?;
+fn local_view(sa: &SockAddr, local: &Addr, family: Family) -> Option<Addr> {
+    let (peer_addr, peer_port) = sa.socket_peer(family)?;
     let peer = Endpoint {
         addr: peer_addr,
         port: peer_port,
@@ -469,7 +496,7 @@ fn local_view(sa: &SockAddr, local: &Addr, v4: bool) -> Option<Addr> {
     if !is_loopback(local) && *local != peer.addr {
         return None;
     }
-    let vip = original_vip(sa, &peer, false, v4)?;
+    let vip = original_vip(sa, &peer, Lookup::Connected, family)?;
     if is_loopback(&vip.addr) {
         return None;
     }
