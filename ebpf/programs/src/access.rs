@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
-use socklb_common::Addr;
+use socklb_common::{Addr, Endpoint, v4_mapped};
 
 /// A socket-local storage map (`BPF_MAP_TYPE_SK_STORAGE`): one `T` per
 /// socket, freed by the kernel with the socket.
@@ -95,16 +95,54 @@ impl<'a> SockAddr<'a> {
         }
     }
 
+    /// The address (v4-mapped for `Family::V4`) and port the hook was
+    /// called with: the destination of a connect or sendmsg, the source of
+    /// a recvmsg, the peer of getpeername, the local end of getsockname.
+    #[inline(always)]
+    pub(crate) fn user_endpoint(&self, family: Family) -> Endpoint {
+        Endpoint {
+            addr: self.user_addr(family),
+            port: self.user_port(),
+            _pad: 0,
+        }
+    }
+
+    /// Rewrites what `user_endpoint` read (for `Family::V4`, `endpoint`'s
+    /// address is v4-mapped).
+    #[inline(always)]
+    pub(crate) fn set_user_endpoint(&self, family: Family, endpoint: &Endpoint) {
+        self.set_user_addr(family, &endpoint.addr);
+        self.set_user_port(endpoint.port);
+    }
+
+    /// The address half of `user_endpoint`.
+    #[inline(always)]
+    pub(crate) fn user_addr(&self, family: Family) -> Addr {
+        match family {
+            Family::V4 => v4_mapped(self.user_ip4()),
+            Family::V6 => self.user_ip6(),
+        }
+    }
+
+    /// The address half of `set_user_endpoint`.
+    #[inline(always)]
+    pub(crate) fn set_user_addr(&self, family: Family, addr: &Addr) {
+        match family {
+            Family::V4 => self.set_user_ip4(addr[3]),
+            Family::V6 => self.set_user_ip6(addr),
+        }
+    }
+
     /// The IPv4 address (network byte order) of a v4 hook.
     #[inline(always)]
-    pub(crate) fn user_ip4(&self) -> u32 {
+    fn user_ip4(&self) -> u32 {
         // SAFETY: `sa` is the context the kernel passed to this program,
         // valid for its whole run; the verifier checks the field's offset.
         unsafe { (*self.sa).user_ip4 }
     }
 
     #[inline(always)]
-    pub(crate) fn set_user_ip4(&self, ip4: u32) {
+    fn set_user_ip4(&self, ip4: u32) {
         // SAFETY: as in `user_ip4`; user_ip4 is writable in connect4,
         // sendmsg4, recvmsg4, getpeername4 and getsockname4.
         unsafe { (*self.sa).user_ip4 = ip4 }
@@ -113,7 +151,7 @@ impl<'a> SockAddr<'a> {
     /// The IPv6 address of a v6 hook, read one 4-byte word at a time, the
     /// only width the verifier accepts for user_ip6.
     #[inline(always)]
-    pub(crate) fn user_ip6(&self) -> Addr {
+    fn user_ip6(&self) -> Addr {
         // SAFETY: as in `user_ip4`; volatile so the compiler does not merge
         // the four loads into wider ones.
         unsafe {
@@ -127,7 +165,7 @@ impl<'a> SockAddr<'a> {
     }
 
     #[inline(always)]
-    pub(crate) fn set_user_ip6(&self, addr: &Addr) {
+    fn set_user_ip6(&self, addr: &Addr) {
         // SAFETY: as in `user_ip6`, for stores.
         unsafe {
             (&raw mut (*self.sa).user_ip6[0]).write_volatile(addr[0]);
@@ -139,13 +177,13 @@ impl<'a> SockAddr<'a> {
 
     /// The port, network byte order (the low half of the word).
     #[inline(always)]
-    pub(crate) fn user_port(&self) -> u16 {
+    fn user_port(&self) -> u16 {
         // SAFETY: as in `user_ip4`.
         unsafe { (*self.sa).user_port as u16 }
     }
 
     #[inline(always)]
-    pub(crate) fn set_user_port(&self, port: u16) {
+    fn set_user_port(&self, port: u16) {
         // SAFETY: as in `set_user_ip4`.
         unsafe { (*self.sa).user_port = u32::from(port) }
     }
@@ -218,7 +256,7 @@ impl<'a> SockAddr<'a> {
         // time, the width the verifier accepts for dst_ip6.
         let (addr, port) = unsafe {
             let addr = match family {
-                Family::V4 => socklb_common::v4_mapped((*sk).dst_ip4),
+                Family::V4 => v4_mapped((*sk).dst_ip4),
                 Family::V6 => [
                     (&raw const (*sk).dst_ip6[0]).read_volatile(),
                     (&raw const (*sk).dst_ip6[1]).read_volatile(),

@@ -9,6 +9,11 @@
 //! a loopback local address that only exists because the backend is
 //! loopback (see `local_view`).
 //!
+//! Each kind of hook has one body for both families (`forward`, `reverse`,
+//! `local_address`); each entry point names its `Family` as a constant, so
+//! after inlining the v4 and v6 programs are the ones separate v4 and v6
+//! functions gave, instruction for instruction.
+//!
 //! A destination that is not a service VIP costs one hash lookup (`VIPS`,
 //! keyed by the address alone); a VIP on a port that is no service port is
 //! refused with ECONNREFUSED, as kube-proxy's nftables mode rejects it.
@@ -34,7 +39,7 @@ use socklb_common::{
     AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
     GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
     MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, Service, ServiceCounters, ServiceKey,
-    Translation, is_loopback, is_v4_mapped, v4_mapped,
+    Translation, is_loopback, is_v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -115,96 +120,66 @@ enum Lookup {
 
 #[cgroup_sock_addr(connect4)]
 pub(crate) fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    forward4(&SockAddr::new(&ctx), Forward::Connect)
+    forward(&ctx, Family::V4, Forward::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub(crate) fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    forward6(&SockAddr::new(&ctx), Forward::Connect)
+    forward(&ctx, Family::V6, Forward::Connect)
 }
 
 // The kernel runs sendmsg hooks only for datagrams that carry a destination,
 // that is, on unconnected UDP sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub(crate) fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward4(&SockAddr::new(&ctx), Forward::UnconnectedDatagram)
+    forward(&ctx, Family::V4, Forward::UnconnectedDatagram)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub(crate) fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward6(&SockAddr::new(&ctx), Forward::UnconnectedDatagram)
+    forward(&ctx, Family::V6, Forward::UnconnectedDatagram)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub(crate) fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx), Lookup::Datagrams)
+    reverse(&ctx, Family::V4, Lookup::Datagrams)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub(crate) fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx), Lookup::Datagrams)
+    reverse(&ctx, Family::V6, Lookup::Datagrams)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub(crate) fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    reverse4(&SockAddr::new(&ctx), Lookup::Connected)
+    reverse(&ctx, Family::V4, Lookup::Connected)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub(crate) fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
-    reverse6(&SockAddr::new(&ctx), Lookup::Connected)
+    reverse(&ctx, Family::V6, Lookup::Connected)
 }
 
 #[cgroup_sock_addr(getsockname4)]
 pub(crate) fn lb_getsockname4(ctx: SockAddrContext) -> i32 {
-    let sa = SockAddr::new(&ctx);
-    let local = v4_mapped(sa.user_ip4());
-    if let Some(shown) = local_view(&sa, &local, Family::V4) {
-        sa.set_user_ip4(shown[3]);
-    }
-    ALLOW
+    local_address(&ctx, Family::V4)
 }
 
 #[cgroup_sock_addr(getsockname6)]
 pub(crate) fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
-    let sa = SockAddr::new(&ctx);
-    let local = sa.user_ip6();
-    if let Some(shown) = local_view(&sa, &local, Family::V6) {
-        sa.set_user_ip6(&shown);
-    }
-    ALLOW
+    local_address(&ctx, Family::V6)
 }
 
+/// connect and sendmsg: a VIP destination becomes a backend, or the call
+/// is refused.
 #[inline(always)]
-fn forward4(sa: &SockAddr, forward: Forward) -> i32 {
-    let dst = Endpoint {
-        addr: v4_mapped(sa.user_ip4()),
-        port: sa.user_port(),
-        _pad: 0,
-    };
+fn forward(ctx: &SockAddrContext, family: Family, forward: Forward) -> i32 {
+    let sa = &SockAddr::new(ctx);
+    let dst = sa.user_endpoint(family);
     match translate(sa, &dst, forward) {
         Verdict::Pass => ALLOW,
         Verdict::Backend(backend) => {
-            sa.set_user_ip4(backend.addr[3]);
-            sa.set_user_port(backend.port);
-            ALLOW
-        }
-        Verdict::Refuse => refuse(),
-    }
-}
-
-#[inline(always)]
-fn forward6(sa: &SockAddr, forward: Forward) -> i32 {
-    let dst = Endpoint {
-        addr: sa.user_ip6(),
-        port: sa.user_port(),
-        _pad: 0,
-    };
-    match translate(sa, &dst, forward) {
-        Verdict::Pass => ALLOW,
-        Verdict::Backend(backend) => {
-            sa.set_user_ip6(&backend.addr);
-            sa.set_user_port(backend.port);
+            sa.set_user_endpoint(family, &backend);
             ALLOW
         }
         Verdict::Refuse => refuse(),
@@ -448,30 +423,24 @@ fn original_vip(
         .map(|translation| translation.vip)
 }
 
+/// recvmsg and getpeername: a translated peer is shown as its VIP.
 #[inline(always)]
-fn reverse4(sa: &SockAddr, lookup: Lookup) -> i32 {
-    let peer = Endpoint {
-        addr: v4_mapped(sa.user_ip4()),
-        port: sa.user_port(),
-        _pad: 0,
-    };
-    if let Some(vip) = original_vip(sa, &peer, lookup, Family::V4) {
-        sa.set_user_ip4(vip.addr[3]);
-        sa.set_user_port(vip.port);
+fn reverse(ctx: &SockAddrContext, family: Family, lookup: Lookup) -> i32 {
+    let sa = &SockAddr::new(ctx);
+    let peer = sa.user_endpoint(family);
+    if let Some(vip) = original_vip(sa, &peer, lookup, family) {
+        sa.set_user_endpoint(family, &vip);
     }
     ALLOW
 }
 
+/// getsockname: shows `local_view` of the socket's local address.
 #[inline(always)]
-fn reverse6(sa: &SockAddr, lookup: Lookup) -> i32 {
-    let peer = Endpoint {
-        addr: sa.user_ip6(),
-        port: sa.user_port(),
-        _pad: 0,
-    };
-    if let Some(vip) = original_vip(sa, &peer, lookup, Family::V6) {
-        sa.set_user_ip6(&vip.addr);
-        sa.set_user_port(vip.port);
+fn local_address(ctx: &SockAddrContext, family: Family) -> i32 {
+    let sa = &SockAddr::new(ctx);
+    let local = sa.user_addr(family);
+    if let Some(shown) = local_view(sa, &local, family) {
+        sa.set_user_addr(family, &shown);
     }
     ALLOW
 }
