@@ -1,6 +1,6 @@
 #[cfg(feature = "kubernetes")]
 use std::net::SocketAddr;
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -29,6 +29,11 @@ struct Args {
     /// critical, error, warning, info, debug or trace
     #[arg(long, env = "SOCKLB_LOG_LEVEL", default_value = "info", value_parser = socklb_logging::parse_level)]
     log_level: slog::Level,
+    /// auto: lines for a person when a one-shot command's stderr is a
+    /// terminal, else JSON lines (the daemons, `watch`, `kube` and `node`,
+    /// always); human or json: that, whatever stderr is
+    #[arg(long, env = "SOCKLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
     /// Seconds to wait for one call (and to keep trying to connect; `node`
     /// tries once per attempt and retries with its own backoff)
     #[arg(long, default_value_t = 30)]
@@ -187,6 +192,26 @@ enum NodeCommand {
 const DEFAULT_STATUS_SOCKET: &str = "/run/socklb/node.sock";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Human,
+    Json,
+}
+
+impl Args {
+    fn log_format(&self) -> socklb_logging::Format {
+        use socklb_logging::Format;
+        match self.log_format {
+            LogFormat::Auto if self.command.is_one_shot() && std::io::stderr().is_terminal() => {
+                Format::Human
+            }
+            LogFormat::Auto | LogFormat::Json => Format::Json,
+            LogFormat::Human => Format::Human,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -205,7 +230,7 @@ fn main() -> ExitCode {
         }
     };
     // Held to the end of main: dropping it flushes the last lines.
-    let (log, _flush) = socklb_logging::json("socklb-shim", args.log_level);
+    let (log, _flush) = socklb_logging::logger("socklb-shim", args.log_level, args.log_format());
     match runtime.block_on(run(args, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

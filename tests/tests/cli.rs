@@ -1,12 +1,21 @@
 //! socklb-shim's one-shot commands run as a person runs them: a mistyped
 //! or dead agent address fails at once in one line, and only an agent that
-//! may be starting is waited for (saying so once). Needs no root: the
-//! agents here are unix sockets the tests make.
+//! may be starting is waited for (saying so once); a terminal gets lines for
+//! a person, a pipe JSON. Needs no root: the agents here are unix sockets
+//! the tests make, the terminals pseudo-terminals.
 
 use std::{
-    os::unix::net::UnixListener,
+    io::Read as _,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::net::UnixListener,
+    },
     path::Path,
-    process::{Command, Output},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -78,14 +87,16 @@ fn an_address_that_cannot_parse_fails_at_once() {
 }
 
 /// A hybrid vsock muxer that takes connections and hangs up before `OK`,
-/// as one does while its guest boots, until `for_how_long` has passed.
-fn unanswering_muxer(path: &Path, for_how_long: Duration) -> std::thread::JoinHandle<u32> {
+/// as one does while its guest boots, until the returned flag is set; the
+/// thread answers how many connections it took.
+fn unanswering_muxer(path: &Path) -> (Arc<AtomicBool>, std::thread::JoinHandle<u32>) {
     let listener = UnixListener::bind(path).unwrap();
     listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let muxer = std::thread::spawn(move || {
         let mut accepted = 0;
-        while started.elapsed() < for_how_long {
+        while !stopped.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((stream, _)) => {
                     accepted += 1;
@@ -95,16 +106,18 @@ fn unanswering_muxer(path: &Path, for_how_long: Duration) -> std::thread::JoinHa
             }
         }
         accepted
-    })
+    });
+    (stop, muxer)
 }
 
 #[test]
 fn an_unanswered_handshake_is_waited_for_and_said_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.sock");
-    let muxer = unanswering_muxer(&path, Duration::from_secs(3));
+    let (stop, muxer) = unanswering_muxer(&path);
     let agent = format!("hvsock://{}:1100", path.display());
     let (output, took) = shim(&agent, &["--timeout", "2", "health"]);
+    stop.store(true, Ordering::Relaxed);
     let lines = stderr_lines(&output);
     assert!(!output.status.success(), "{lines:?}");
     assert!(
@@ -115,4 +128,126 @@ fn an_unanswered_handshake_is_waited_for_and_said_once() {
     assert!(lines[0].contains("not answering yet"), "{lines:?}");
     assert!(lines[1].contains("hybrid vsock"), "{lines:?}");
     assert!(muxer.join().unwrap() > 2, "retried too little");
+}
+
+/// Starts `socklb-shim ARGS` with stderr on a new pseudo-terminal; returns
+/// the child and a thread that reads what it writes there, to the end.
+fn on_a_terminal(args: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: out-pointers to two ints; no name, termios or window size.
+    let result = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(result, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty returned two new descriptors, owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let child = Command::new(shim_bin())
+        .env_remove("SOCKLB_AGENT")
+        .env_remove("SOCKLB_LOG_FORMAT")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("run socklb-shim");
+    // The Command and its copy of the slave are gone: the master reads
+    // EIO once the child has exited.
+    let reader = std::thread::spawn(move || {
+        let mut master = std::fs::File::from(master);
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = master.read(&mut chunk) {
+            text.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    (child, reader)
+}
+
+/// `text` without the terminal's colour and charset escapes.
+fn plain(text: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                // CSI: parameters up to a final byte (`m` for colour).
+                Some('[') => {
+                    chars.find(|c| ('@'..='~').contains(c));
+                }
+                // A charset designation (`ESC ( B`): one byte more.
+                Some('(') => {
+                    chars.next();
+                }
+                _ => {}
+            },
+            c => plain.push(c),
+        }
+    }
+    plain
+}
+
+#[test]
+fn a_terminal_gets_lines_for_a_person_and_a_pipe_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.sock");
+    let (stop, muxer) = unanswering_muxer(&path);
+    let agent = format!("hvsock://{}:1100", path.display());
+    let args = ["--agent", &agent, "--timeout", "1", "health"];
+
+    let (mut child, reader) = on_a_terminal(&args);
+    assert!(!child.wait().unwrap().success());
+    let text = plain(&reader.join().unwrap());
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains("WARN the agent is not answering yet; waiting")
+            && !lines[0].contains('{'),
+        "not for a person: {text}"
+    );
+    assert!(
+        lines[1].starts_with("socklb-shim: agent hvsock://"),
+        "{text}"
+    );
+
+    let (mut child, reader) = on_a_terminal(&[&["--log-format", "json"][..], &args].concat());
+    assert!(!child.wait().unwrap().success());
+    let text = reader.join().unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        line["msg"], "the agent is not answering yet; waiting",
+        "{text}"
+    );
+
+    let (output, _) = shim(&agent, &["--timeout", "1", "health"]);
+    stop.store(true, Ordering::Relaxed);
+    let lines = stderr_lines(&output);
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(
+        line["msg"], "the agent is not answering yet; waiting",
+        "{lines:?}"
+    );
+    muxer.join().unwrap();
+}
+
+/// `watch` is a daemon: JSON lines even at a terminal.
+#[test]
+fn a_daemon_at_a_terminal_keeps_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = format!("unix://{}", dir.path().join("agent.sock").display());
+    let file = dir.path().join("absent.yaml").display().to_string();
+    let (mut child, reader) = on_a_terminal(&["--agent", &agent, "watch", "-f", &file]);
+    // Its first line (the file cannot be read) comes at once; then stop it.
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = reader.join().unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())
+        .unwrap_or_else(|err| panic!("{err}: {text}"));
+    assert_eq!(line["msg"], "cannot read the table file", "{text}");
 }

@@ -1,28 +1,72 @@
-//! The one way socklb's programs log: JSON lines on stderr through an async
-//! drain (a slow stderr never blocks the datapath's control), filtered at
-//! the level chosen at start, and flushed when the returned guard drops, so
-//! the last lines before an exit are not lost.
+//! The one way socklb's programs log: on stderr through an async drain (a
+//! slow stderr never blocks the datapath's control), filtered at the level
+//! chosen at start, and flushed when the returned guard drops, so the last
+//! lines before an exit are not lost. Daemons write JSON lines; a one-shot
+//! command at a terminal writes lines for a person.
 
-use slog::{Drain as _, Level, Logger, o};
+use slog::{Drain, Level, Logger, o};
 
 /// Keep this alive until the program's last log line: dropping it flushes
 /// what is queued and stops the drain's thread.
 pub type FlushGuard = slog_async::AsyncGuard;
 
-/// The root logger of program `name`, and the guard that flushes it.
+/// How the lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object a line, with the program's name and version: for
+    /// log collectors, and for scripts reading a pipe.
+    Json,
+    /// `time LEVEL message, key: value, ...`, coloured at a terminal: for
+    /// a person. The name and version are left out: the person knows what
+    /// they ran.
+    Human,
+}
+
+/// The root logger of program `name` writing JSON lines, and the guard
+/// that flushes it.
 pub fn json(name: &'static str, level: Level) -> (Logger, FlushGuard) {
-    let json = slog_json::Json::new(std::io::stderr())
-        .add_default_keys()
-        .build()
-        .fuse();
-    let (drain, guard) = slog_async::Async::new(json)
+    logger(name, level, Format::Json)
+}
+
+/// The root logger of program `name` in `format`, and the guard that
+/// flushes it.
+pub fn logger(name: &'static str, level: Level, format: Format) -> (Logger, FlushGuard) {
+    match format {
+        Format::Json => {
+            let json = slog_json::Json::new(std::io::stderr())
+                .add_default_keys()
+                .build()
+                .fuse();
+            root(
+                json,
+                level,
+                o!("name" => name, "version" => env!("CARGO_PKG_VERSION")),
+            )
+        }
+        Format::Human => {
+            let decorator = slog_term::TermDecorator::new().stderr().build();
+            root(human(decorator).fuse(), level, o!())
+        }
+    }
+}
+
+/// The human format over `decorator` (the terminal, or a buffer in tests).
+fn human<D: slog_term::Decorator>(decorator: D) -> slog_term::FullFormat<D> {
+    slog_term::FullFormat::new(decorator).build()
+}
+
+fn root<D>(
+    drain: D,
+    level: Level,
+    keys: slog::OwnedKV<impl slog::SendSyncRefUnwindSafeKV + 'static>,
+) -> (Logger, FlushGuard)
+where
+    D: Drain<Ok = (), Err = slog::Never> + Send + 'static,
+{
+    let (drain, guard) = slog_async::Async::new(drain)
         .chan_size(4096)
         .build_with_guard();
-    let logger = Logger::root(
-        drain.filter_level(level).fuse(),
-        o!("name" => name, "version" => env!("CARGO_PKG_VERSION")),
-    );
-    (logger, guard)
+    (Logger::root(drain.filter_level(level).fuse(), keys), guard)
 }
 
 /// The levels, by the names `--log-level` takes.
@@ -50,7 +94,44 @@ pub fn parse_level(text: &str) -> Result<Level, String> {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use slog::warn;
+
     use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn human_lines_read_as_text_with_their_keys() {
+        let buffer = Buffer::default();
+        let decorator = slog_term::PlainSyncDecorator::new(buffer.clone());
+        let log = Logger::root(human(decorator).fuse(), o!("agent" => "unix:///a.sock"));
+        warn!(log, "the agent is not answering yet; waiting"; "up_to_s" => 2);
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(
+                "WARN the agent is not answering yet; waiting, up_to_s: 2, agent: unix:///a.sock"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains('{'), "{text}");
+    }
 
     #[test]
     fn levels_by_name() {
