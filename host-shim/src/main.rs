@@ -26,6 +26,15 @@ struct Args {
     /// (every command but `node`, which finds the node's agents itself)
     #[arg(long, env = "SOCKLB_AGENT")]
     agent: Option<AgentAddr>,
+    /// Instead of --agent, for list, stats, health and metrics: the agent
+    /// of this pod's Kata sandbox on this node, as the node daemon found it
+    #[cfg(feature = "kubernetes")]
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "agent")]
+    pod: Option<String>,
+    /// The node daemon's status socket, which --pod asks
+    #[cfg(feature = "kubernetes")]
+    #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+    status_socket: PathBuf,
     /// critical, error, warning, info, debug or trace
     #[arg(long, env = "SOCKLB_LOG_LEVEL", default_value = "info", value_parser = socklb_logging::parse_level)]
     log_level: slog::Level,
@@ -254,7 +263,14 @@ async fn run(args: Args, log: Logger) -> Result<()> {
     };
     #[cfg(not(feature = "kubernetes"))]
     let command = args.command;
-    let Some(agent) = args.agent else {
+    #[cfg(feature = "kubernetes")]
+    let agent = match args.pod {
+        Some(pod) => Some(agent_of_pod(&pod, &command, &args.status_socket, args.timeout).await?),
+        None => args.agent,
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    let agent = args.agent;
+    let Some(agent) = agent else {
         bail!("--agent (or SOCKLB_AGENT) is required for this command");
     };
     let mut client = AgentClient::new(agent, options, &log);
@@ -422,6 +438,41 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
         result = node::run(config, kube, log) => result,
         signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
     }
+}
+
+/// The agent of `pod`'s sandbox, from the node daemon's status report.
+#[cfg(feature = "kubernetes")]
+async fn agent_of_pod(
+    pod: &str,
+    command: &Command,
+    status_socket: &std::path::Path,
+    timeout_secs: u64,
+) -> Result<AgentAddr> {
+    if !matches!(
+        command,
+        Command::List { .. } | Command::Stats { .. } | Command::Health { .. } | Command::Metrics
+    ) {
+        bail!(
+            "--pod reads one sandbox's agent (list, stats, health, metrics); the node daemon \
+             writes its table"
+        );
+    }
+    match pod.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {}
+        _ => bail!("--pod {pod:?}: expected NAMESPACE/NAME"),
+    }
+    let text = node::http::get_unix(status_socket, "/status", Duration::from_secs(timeout_secs))
+        .await
+        .with_context(|| {
+            format!("asking the node daemon for pod {pod} (is `socklb-shim node` running?)")
+        })?;
+    let report: status::Report =
+        serde_json::from_str(&text).context("reading the daemon's status report")?;
+    let agent = status::agent_of(&report, pod).map_err(anyhow::Error::msg)?;
+    agent
+        .parse()
+        .with_context(|| format!("pod {pod}'s agent address from the node daemon"))
 }
 
 /// The node name kube-proxy assumes without --hostname-override.

@@ -577,6 +577,71 @@ fn a_service_come_and_gone_within_a_lag_is_not_deleted_from_the_laggard() {
     );
 }
 
+/// `socklb-shim --pod POD COMMAND`, asking `node`'s daemon.
+fn by_pod(node: &Node, pod: &str, command: &[&str]) -> std::process::Output {
+    Command::new(shim_bin())
+        .env_remove("SOCKLB_AGENT")
+        .args(["--timeout", "5", "--pod", pod, "--status-socket"])
+        .arg(node.path("node.sock"))
+        .args(command)
+        .output()
+        .expect("run socklb-shim --pod")
+}
+
+/// Fails with one line on stderr holding `needle`.
+fn fails_in_one_line(output: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "succeeded: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
+#[test]
+fn a_pod_name_reaches_its_sandboxes_agent_through_the_daemon() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let mut node = Node::new();
+    let (uds, url) = node.vsock("a");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let _shim = node.sandbox("vc-sbs", "a", &url);
+    std::fs::create_dir(node.path("bundles/a")).unwrap();
+    std::fs::write(
+        node.path("bundles/a/config.json"),
+        r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "shop",
+                            "io.kubernetes.cri.sandbox-name": "web-0"}}"#,
+    )
+    .unwrap();
+
+    // No daemon yet: its socket is missing.
+    fails_in_one_line(
+        &by_pod(&node, "shop/web-0", &["list"]),
+        "is `socklb-shim node` running?",
+    );
+
+    node.start(&api, 3);
+    converge(&node, "sandbox a synced", Duration::from_secs(20), || {
+        lines(&agent) == set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"])
+    });
+    let output = by_pod(&node, "shop/web-0", &["list", "-o", "json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&output.stdout).expect("list JSON");
+    assert!(listed.to_string().contains("10.96.0.20"), "{listed}");
+    let output = by_pod(&node, "shop/web-0", &["health"]);
+    assert!(output.status.success(), "{output:?}");
+
+    fails_in_one_line(
+        &by_pod(&node, "shop/web-9", &["stats"]),
+        "pod shop/web-9 is not a Kata sandbox on node node-a",
+    );
+}
+
 #[test]
 fn discovery_follows_sandboxes_as_kata_names_them() {
     let runtime = runtime();

@@ -231,9 +231,73 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// The agent address of pod `pod` (`namespace/name`) in `report`, or why
+/// there is none, in words for a person.
+pub fn agent_of(report: &Report, pod: &str) -> Result<String, String> {
+    let rows: Vec<&SandboxRow> = report
+        .sandboxes
+        .iter()
+        .filter(|row| row.pod.as_deref() == Some(pod))
+        .collect();
+    if let Some(agent) = rows.iter().find_map(|row| row.agent.clone()) {
+        return Ok(agent);
+    }
+    let Some(row) = rows.first() else {
+        return Err(format!(
+            "pod {pod} is not a Kata sandbox on node {} (the node daemon knows {} sandboxes: \
+             `socklb-shim node status` lists them)",
+            report.node,
+            report.sandboxes.len()
+        ));
+    };
+    Err(match row.state {
+        State::Skipped => format!(
+            "pod {pod} (sandbox {}) is a remote sandbox, not served from node {}",
+            row.id, report.node
+        ),
+        state => format!(
+            "the node daemon has not found pod {pod}'s agent yet (sandbox {}, {}{})",
+            row.id,
+            state.name(),
+            row.last_error
+                .as_ref()
+                .map_or(String::new(), |error| format!(": {error}"))
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_names_its_agent_or_says_why_not() {
+        let registry = Registry::default();
+        registry.add("sb-a", Some("shop/web-0".into()));
+        registry.set_agent("sb-a", "hvsock:///run/a.sock:1100".into());
+        registry.add("sb-b", Some("shop/web-1".into()));
+        registry.failed("sb-b", "no agent URL");
+        registry.add("sb-c", Some("shop/remote".into()));
+        registry.set_state("sb-c", State::Skipped);
+        let report = registry.report("node-1", 1, 1);
+
+        assert_eq!(
+            agent_of(&report, "shop/web-0").as_deref(),
+            Ok("hvsock:///run/a.sock:1100")
+        );
+        let err = agent_of(&report, "shop/absent").unwrap_err();
+        assert!(
+            err.contains("pod shop/absent is not a Kata sandbox on node node-1"),
+            "{err}"
+        );
+        let err = agent_of(&report, "shop/web-1").unwrap_err();
+        assert!(
+            err.contains("not found pod shop/web-1's agent yet") && err.contains("no agent URL"),
+            "{err}"
+        );
+        let err = agent_of(&report, "shop/remote").unwrap_err();
+        assert!(err.contains("remote sandbox"), "{err}");
+    }
 
     #[test]
     fn rows_show_lag_and_errors() {
