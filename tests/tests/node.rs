@@ -447,10 +447,12 @@ fn a_resent_write_is_refused_by_generation() {
     assert!(refused, "the resend was not refused by generation:\n{log}");
 }
 
-#[test]
-fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
-    let runtime = runtime();
-    let _entered = runtime.enter();
+/// Service web on one endpoint, and the stand-in agents of two sandboxes,
+/// "fast" and "slow", that both got the whole table: where a test of a
+/// lagging sandbox starts. Called inside `runtime`.
+fn fast_and_slow(
+    runtime: &tokio::runtime::Runtime,
+) -> (FakeApiServer, Node, Vec<StandInAgent>, Vec<KataShim>) {
     let api = FakeApiServer::start();
     api.apply(Kind::Service, service("web", "10.96.0.20"));
     api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
@@ -466,6 +468,14 @@ fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
     converge(&node, "both synced", Duration::from_secs(20), || {
         agents.iter().all(|a| a.syncs() == 1)
     });
+    (api, node, agents, shims)
+}
+
+#[test]
+fn a_slow_sandbox_gets_the_newest_state_not_every_batch() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let (api, node, agents, _shims) = fast_and_slow(&runtime);
     let (fast, slow) = (&agents[0], &agents[1]);
     slow.slow_down(Duration::from_millis(500));
 
@@ -515,21 +525,7 @@ const SOON: Duration = Duration::from_millis(1500);
 fn a_service_come_and_gone_within_a_lag_is_not_deleted_from_the_laggard() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
-    let mut node = Node::new();
-    let mut agents = Vec::new();
-    let mut shims = Vec::new();
-    for id in ["fast", "slow"] {
-        let (uds, url) = node.vsock(id);
-        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
-        shims.push(node.sandbox("kata", id, &url));
-    }
-    node.start(&api, 10);
-    converge(&node, "both synced", Duration::from_secs(20), || {
-        agents.iter().all(|a| a.syncs() == 1)
-    });
+    let (api, node, agents, _shims) = fast_and_slow(&runtime);
     let (fast, slow) = (&agents[0], &agents[1]);
 
     // The slow one is busy with this change for 2 s and more ...
