@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    hash::{BuildHasher as _, RandomState},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -344,7 +345,7 @@ pub async fn serve_sandbox(
     let mut opened_at_sync = client.connections_opened();
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_verified = Instant::now();
+    let mut last_verified = jittered_start(Instant::now(), shared.verify_every);
     loop {
         if shared.hub.version() == 0 {
             shared.registry.set_state(id, State::WaitingForTable);
@@ -450,6 +451,20 @@ struct Acked {
     generation: u64,
 }
 
+/// When a sandbox's digest check counts as last done at its start: a random
+/// point of the last `every`, so the sandboxes found together (every one,
+/// when the daemon starts) spread their checks over the interval instead
+/// of reading their tables back at the same moment.
+fn jittered_start(now: Instant, every: Option<Duration>) -> Instant {
+    let Some(every) = every.filter(|every| !every.is_zero()) else {
+        return now;
+    };
+    let span_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    let offset = RandomState::new().hash_one(now) % span_ms.max(1);
+    now.checked_sub(Duration::from_millis(offset))
+        .unwrap_or(now)
+}
+
 /// `newest.changed()` fails only once the hub's sender is gone, and every
 /// sandbox task holds the hub.
 const HUB_SENDS: &str = "the hub outlives its sandboxes' tasks";
@@ -533,6 +548,20 @@ mod tests {
             affinity_timeout_secs: None,
             backends: vec![backend.parse::<SocketAddr>().unwrap()],
         }
+    }
+
+    #[test]
+    fn digest_checks_start_spread_over_their_interval() {
+        let now = Instant::now();
+        let every = Duration::from_secs(300);
+        let starts: BTreeSet<Instant> =
+            (0..200).map(|_| jittered_start(now, Some(every))).collect();
+        assert!(starts.iter().all(|s| *s <= now && now - *s < every));
+        // 200 sandboxes found together: not one moment, but spread.
+        assert!(starts.len() > 150, "{} distinct starts", starts.len());
+        let spread = *starts.last().unwrap() - *starts.first().unwrap();
+        assert!(spread > every / 2, "spread over {spread:?}");
+        assert_eq!(jittered_start(now, None), now);
     }
 
     #[test]
