@@ -72,6 +72,14 @@ pub struct Settings {
           num_args = 0..=1, require_equals = true, default_missing_value = "on",
           value_parser = parse_switch)]
     pub close_tcp_of_removed_backends: Option<bool>,
+    /// Take backends on loopback addresses (127.0.0.0/8, ::1), whose
+    /// connections go to a port of the guest itself: for a node-local
+    /// proxy. Refused by default, so no table can hand a service's traffic
+    /// to a local process
+    #[arg(long, env = "SOCKLB_ALLOW_LOOPBACK_BACKENDS", value_name = "on|off",
+          num_args = 0..=1, require_equals = true, default_missing_value = "on",
+          value_parser = parse_switch)]
+    pub allow_loopback_backends: Option<bool>,
     /// Keep BPF run-time stats on, so Stats reports per-hook time (costs two
     /// clock reads per hook run)
     #[arg(long, env = "SOCKLB_BPF_STATS", value_name = "on|off", num_args = 0..=1,
@@ -171,6 +179,9 @@ impl Settings {
             close_tcp_of_removed_backends: self
                 .close_tcp_of_removed_backends
                 .or(lower.close_tcp_of_removed_backends),
+            allow_loopback_backends: self
+                .allow_loopback_backends
+                .or(lower.allow_loopback_backends),
             bpf_stats: self.bpf_stats.or(lower.bpf_stats),
         }
     }
@@ -192,6 +203,7 @@ pub struct Config {
     pub allowed_cids: Vec<u32>,
     pub allow_unprivileged_port: bool,
     pub close_tcp_of_removed_backends: bool,
+    pub allow_loopback_backends: bool,
     pub bpf_stats: bool,
 }
 
@@ -234,6 +246,7 @@ impl Config {
             allowed_cids: [vec![HOST_CID], settings.allowed_cids].concat(),
             allow_unprivileged_port: settings.allow_unprivileged_port.unwrap_or(false),
             close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
+            allow_loopback_backends: settings.allow_loopback_backends.unwrap_or(false),
             bpf_stats: settings.bpf_stats.unwrap_or(false),
         })
     }

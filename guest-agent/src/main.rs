@@ -16,10 +16,10 @@ use socklb_agent::{
     peers::PeerRule,
     rpc::Rpc,
     server,
-    services::ServiceTable,
+    services::{ServiceTable, refuse_loopback_backends},
     sockets::SocketCloser,
 };
-use socklb_table::Table;
+use socklb_table::{Table, TableError};
 
 /// The help text's epilogue.
 fn after_help() -> String {
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     };
     if check {
         let path = config.table.as_ref().expect("clap requires --table");
-        return match Table::from_file(path) {
+        return match table_file(&config, path) {
             Ok(table) => {
                 println!(
                     "{}: {} services, valid",
@@ -97,14 +97,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// The table file, valid and within this agent's backend policy (see
+/// `refuse_loopback_backends`): what --check, the start and SIGHUP take.
+fn table_file(config: &Config, path: &std::path::Path) -> Result<Table, TableError> {
+    let table = Table::from_file(path)?;
+    if !config.allow_loopback_backends {
+        refuse_loopback_backends(&table.services)?;
+    }
+    Ok(table)
+}
+
 async fn serve(config: &Config, log: &Logger) -> Result<()> {
     // Validate the table before touching the kernel.
-    let table = config.table.as_deref().map(Table::from_file).transpose()?;
+    let table = config
+        .table
+        .as_deref()
+        .map(|path| table_file(config, path))
+        .transpose()?;
     let cgroup = kernel::prepare(config.cgroup.as_deref(), &config.bpffs, log)?;
     let features = kernel::Features::detect();
     features.report(log);
     let (datapath, programmed) = Datapath::load(&config.bpffs, log)?;
-    let mut services = ServiceTable::new(programmed).with_datapath(datapath);
+    let mut services = ServiceTable::new(programmed)
+        .with_datapath(datapath)
+        .allowing_loopback_backends(config.allow_loopback_backends);
     match &table {
         Some(table) => {
             services.sync(table, 0)?;
@@ -178,7 +194,7 @@ fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
         return;
     };
     let mut services = services.lock().expect("table lock");
-    let result = Table::from_file(path)
+    let result = table_file(config, path)
         .map_err(anyhow::Error::from)
         .and_then(|table| {
             // A new table under a new generation, so a host comparing

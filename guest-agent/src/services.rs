@@ -27,6 +27,36 @@ pub struct ServiceTable {
     names: BTreeMap<ServiceKey, String>,
     generation: u64,
     socket_closer: Option<Arc<SocketCloser>>,
+    /// Whether a backend may be a loopback address (see
+    /// [`refuse_loopback_backends`]).
+    allow_loopback_backends: bool,
+}
+
+/// Refuses a backend on a loopback address (127.0.0.0/8, ::1): the VIP's
+/// connections would go to a port of the guest itself, so a table could
+/// hand a service's traffic to any local process. A node-local proxy that
+/// wants exactly that runs the agent with `--allow-loopback-backends`.
+pub fn refuse_loopback_backends(services: &[Service]) -> Result<(), TableError> {
+    for service in services {
+        if let Some((index, backend)) = service
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, backend)| backend.ip().to_canonical().is_loopback())
+        {
+            return Err(TableError::Field {
+                service: service.label(),
+                field: format!("backends[{index}].ip"),
+                message: format!(
+                    "{} is a loopback address: the service's connections would go to a port \
+                     of the guest itself (start the agent with --allow-loopback-backends for a \
+                     node-local proxy)",
+                    backend.ip()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The outcome of a write.
@@ -71,7 +101,21 @@ impl ServiceTable {
             names: BTreeMap::new(),
             generation: 0,
             socket_closer: None,
+            allow_loopback_backends: false,
         }
+    }
+
+    /// Takes backends on loopback addresses (a node-local proxy).
+    pub fn allowing_loopback_backends(mut self, allow: bool) -> ServiceTable {
+        self.allow_loopback_backends = allow;
+        self
+    }
+
+    fn check_backends(&self, services: &[Service]) -> Result<(), WriteError> {
+        if !self.allow_loopback_backends {
+            refuse_loopback_backends(services)?;
+        }
+        Ok(())
     }
 
     /// The programs whose maps `programmed` are.
@@ -104,6 +148,7 @@ impl ServiceTable {
     /// Makes the datapath hold exactly `table`, or leaves it as it was
     /// (`ProgrammedTable::apply` is all or nothing).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written, WriteError> {
+        self.check_backends(&table.services)?;
         let summary = self.programmed.apply(table)?;
         self.close_sockets_of(summary.removed_backends);
         self.names = table
@@ -132,6 +177,7 @@ impl ServiceTable {
     }
 
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written, WriteError> {
+        self.check_backends(services)?;
         let summary = self.programmed.upsert(services)?;
         self.close_sockets_of(summary.removed_backends);
         for service in services {
@@ -325,6 +371,31 @@ impl StagedSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::{TableMaps, WriteFaults};
+
+    #[test]
+    fn loopback_backends_are_refused_before_the_maps_unless_allowed() {
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let table = Table::parse(
+            r#"{"services": [{"vip": "10.96.0.20", "port": 80,
+                "backends": [{"ip": "::ffff:127.0.0.1", "port": 15001}]}]}"#,
+        )
+        .unwrap();
+        let maps =
+            || ProgrammedTable::adopt(TableMaps::in_memory(WriteFaults::default()), &log).unwrap();
+        let mut refusing = ServiceTable::new(maps());
+        for result in [refusing.sync(&table, 1), refusing.upsert(&table.services)] {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(&err, WriteError::Table(TableError::Field { field, .. }) if field == "backends[0].ip"),
+                "{err}"
+            );
+        }
+        assert_eq!(refusing.programmed().service_count(), 0, "nothing written");
+        let mut allowing = ServiceTable::new(maps()).allowing_loopback_backends(true);
+        allowing.sync(&table, 1).unwrap();
+        assert_eq!(allowing.programmed().service_count(), 1);
+    }
 
     fn part(services: &[(&str, u32, &[&str])]) -> Vec<api::Service> {
         let table = Table::parse(

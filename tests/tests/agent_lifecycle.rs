@@ -141,6 +141,34 @@ fn agent_killed_and_restarted_while_clients_connect() {
 }
 
 #[test]
+fn a_loopback_backend_is_refused_unless_allowed() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    let table = sandbox.table(
+        "t.yaml",
+        "services:
+  - {name: web, vip: 10.96.0.20, port: 80, backends: [{ip: 10.244.1.1, port: 80}]}
+  - {name: sidecar, vip: 10.96.0.21, port: 80, backends: [{ip: 10.244.1.1, port: 80}, {ip: 127.0.0.1, port: 15001}]}",
+    );
+    let path = table.to_str().unwrap();
+    let check = sandbox.agent_once(&["--check", "--table", path]);
+    let message = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{message}");
+    assert!(
+        message.contains(
+            r#"service "sidecar" (10.96.0.21:80/TCP): backends[1].ip: 127.0.0.1 is a loopback address"#
+        ),
+        "{message}"
+    );
+    let allowed = sandbox.agent_once(&["--check", "--allow-loopback-backends", "--table", path]);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+}
+
+#[test]
 fn bad_table_is_refused_and_changes_nothing() {
     socklb_tests::require_root!();
     let sandbox = Sandbox::create();

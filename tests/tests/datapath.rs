@@ -498,7 +498,9 @@ fn getsockname_hides_a_backend_local_to_the_pod() {
   - {vip: 10.96.0.50, port: 80, backends: [{ip: 127.0.0.1, port: 9090}]}
   - {vip: 10.96.0.51, port: 80, backends: [{ip: 10.244.0.9, port: 9090}]}",
     );
-    let _agent = sandbox.start_agent(Some(&table));
+    // A node-local proxy's setup: a loopback backend, which the agent
+    // takes only when told to.
+    let _agent = sandbox.start_agent_with(Some(&table), &["--allow-loopback-backends"]);
     for (vip, backend) in [("10.96.0.50:80", "loopback"), ("10.96.0.51:80", "local")] {
         let via_vip = one(sandbox.client(&["tcp", vip]));
         assert_eq!(via_vip["backend"], backend);
