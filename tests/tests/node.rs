@@ -96,6 +96,17 @@ impl Node {
         KataShim::start(&dir.join("shim-monitor.sock"), agent_url)
     }
 
+    /// Sandbox `id`'s OCI bundle as containerd writes it, naming its pod.
+    fn pod_bundle(&self, id: &str, namespace: &str, name: &str) {
+        let dir = self.path(&format!("bundles/{id}"));
+        std::fs::create_dir(&dir).unwrap();
+        let annotations = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.sandbox-namespace": namespace,
+            "io.kubernetes.cri.sandbox-name": name,
+        }});
+        std::fs::write(dir.join("config.json"), annotations.to_string()).unwrap();
+    }
+
     /// The hybrid vsock socket of sandbox `id` and the URL Kata gives it.
     fn vsock(&self, id: &str) -> (PathBuf, String) {
         let uds = self.path("vsock").join(format!("{id}.sock"));
@@ -226,9 +237,7 @@ const SANDBOXES: usize = 100;
 fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let mut agents = Vec::new();
     let mut shims = Vec::new();
@@ -310,9 +319,7 @@ fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
     const WEDGED: usize = 8;
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let mut wedged = Vec::new();
     let mut shims = Vec::new();
@@ -361,9 +368,7 @@ fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
 fn an_agent_that_moved_is_found_at_its_new_address() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     // Nothing listens at the first address.
     let (_, gone_url) = node.vsock("gone");
@@ -407,9 +412,7 @@ fn an_agent_that_moved_is_found_at_its_new_address() {
 fn a_resent_write_is_refused_by_generation() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let (uds, url) = node.vsock("late");
     let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
@@ -447,15 +450,22 @@ fn a_resent_write_is_refused_by_generation() {
     assert!(refused, "the resend was not refused by generation:\n{log}");
 }
 
+/// An API server holding Service web (10.96.0.20:80) on one endpoint,
+/// 10.244.1.1: what most of these tests start from.
+fn web_api() -> FakeApiServer {
+    let api = FakeApiServer::start();
+    api.apply(Kind::Service, service("web", "10.96.0.20"));
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    api
+}
+
 /// Service web on one endpoint, and the stand-in agents of two sandboxes,
 /// "fast" and "slow", that both got the whole table: where a test of a
 /// lagging sandbox starts. Called inside `runtime`.
 fn fast_and_slow(
     runtime: &tokio::runtime::Runtime,
 ) -> (FakeApiServer, Node, Vec<StandInAgent>, Vec<KataShim>) {
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let mut agents = Vec::new();
     let mut shims = Vec::new();
@@ -596,20 +606,12 @@ fn fails_in_one_line(output: &std::process::Output, needle: &str) {
 fn a_pod_name_reaches_its_sandboxes_agent_through_the_daemon() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let (uds, url) = node.vsock("a");
     let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
     let _shim = node.sandbox("vc-sbs", "a", &url);
-    std::fs::create_dir(node.path("bundles/a")).unwrap();
-    std::fs::write(
-        node.path("bundles/a/config.json"),
-        r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "shop",
-                            "io.kubernetes.cri.sandbox-name": "web-0"}}"#,
-    )
-    .unwrap();
+    node.pod_bundle("a", "shop", "web-0");
 
     // No daemon yet: its socket is missing.
     fails_in_one_line(
@@ -642,9 +644,7 @@ fn a_pod_name_reaches_its_sandboxes_agent_through_the_daemon() {
 fn discovery_follows_sandboxes_as_kata_names_them() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
 
@@ -652,13 +652,7 @@ fn discovery_follows_sandboxes_as_kata_names_them() {
     let (uds_a, url_a) = node.vsock("a");
     let agent_a = runtime.block_on(StandInAgent::start(&uds_a, DEFAULT_AGENT_PORT));
     let _shim_a = node.sandbox("vc-sbs", "a", &url_a);
-    std::fs::create_dir(node.path("bundles/a")).unwrap();
-    std::fs::write(
-        node.path("bundles/a/config.json"),
-        r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "shop",
-                            "io.kubernetes.cri.sandbox-name": "web-0"}}"#,
-    )
-    .unwrap();
+    node.pod_bundle("a", "shop", "web-0");
     // Peer pods, and a shim that answers garbage.
     let _remote = node.sandbox("kata", "remote", "remote://10.0.0.9:15150");
     let _garbage = node.sandbox("kata", "garbage", "<html>oops</html>");
@@ -815,9 +809,7 @@ impl ApiLink {
 fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
     let (link, kubeconfig) = ApiLink::to(&api, &node);
@@ -857,9 +849,7 @@ fn without_the_api_server_agents_keep_and_new_sandboxes_get_the_last_table() {
 fn healthz_fails_without_a_table_and_while_the_watch_stays_broken() {
     let runtime = runtime();
     let _entered = runtime.enter();
-    let api = FakeApiServer::start();
-    api.apply(Kind::Service, service("web", "10.96.0.20"));
-    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.1"]));
+    let api = web_api();
     let mut node = Node::new();
     let (link, kubeconfig) = ApiLink::to(&api, &node);
     link.cut();
