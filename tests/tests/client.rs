@@ -88,12 +88,16 @@ impl socklb_ttrpc::Services for LyingAgent {
     }
 }
 
-fn serve_lying_agent(socket: &Path, agent: &LyingAgent) -> Server {
+/// A server for `agent`'s Health and Services on the unix socket `socket`.
+fn serve_agent<A>(socket: &Path, agent: &A) -> Server
+where
+    A: socklb_ttrpc::Health + socklb_ttrpc::Services + Clone + Send + Sync + 'static,
+{
     let mut services = socklb_ttrpc::create_health(Arc::new(agent.clone()));
     services.extend(socklb_ttrpc::create_services(Arc::new(agent.clone())));
     Server::new()
         .bind(&format!("unix://{}", socket.display()))
-        .expect("bind the lying agent")
+        .expect("bind the agent")
         .register_service(services)
 }
 
@@ -104,7 +108,7 @@ fn a_lying_agent_is_caught_by_the_digest_check() {
     let runtime = runtime();
     let agent = LyingAgent::default();
     let _in_runtime = runtime.enter();
-    let mut server = serve_lying_agent(&socket, &agent);
+    let mut server = serve_agent(&socket, &agent);
     runtime
         .block_on(server.start())
         .expect("start the lying agent");
@@ -231,12 +235,7 @@ fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
             digests: Arc::default(),
         };
         let socket = dir.path().join(format!("agent-{api_version}.sock"));
-        let mut services = socklb_ttrpc::create_health(Arc::new(agent.clone()));
-        services.extend(socklb_ttrpc::create_services(Arc::new(agent.clone())));
-        let mut server = Server::new()
-            .bind(&format!("unix://{}", socket.display()))
-            .expect("bind the agent")
-            .register_service(services);
+        let mut server = serve_agent(&socket, &agent);
         runtime.block_on(server.start()).expect("start the agent");
         let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
 

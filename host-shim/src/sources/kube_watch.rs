@@ -395,6 +395,25 @@ mod tests {
         .unwrap()
     }
 
+    /// One batch of the Services `changed` to `sink`, as the watch sends it.
+    fn send(
+        sink: &mut Recorded,
+        cluster: &Cluster,
+        translation: &mut Translation,
+        changed: Vec<ObjectKey>,
+    ) -> bool {
+        let log = Logger::root(slog::Discard, slog::o!());
+        let changed = changed.into_iter().collect();
+        block_on(send_changes(
+            sink,
+            cluster,
+            translation,
+            changed,
+            &Policy::default(),
+            &log,
+        ))
+    }
+
     #[test]
     fn past_capacity_what_fits_is_programmed_and_the_rest_named() {
         let log = Logger::root(slog::Discard, slog::o!());
@@ -432,14 +451,7 @@ mod tests {
         // A change while one is left out re-fits the whole table: the
         // left-out service's turn comes once another goes.
         let changed = cluster.delete_service(&service(0, per_service as u16));
-        assert!(block_on(send_changes(
-            &mut sink,
-            &cluster,
-            &mut translation,
-            changed.into_iter().collect(),
-            &policy,
-            &log
-        )));
+        assert!(send(&mut sink, &cluster, &mut translation, changed));
         assert_eq!(sink.replaces, 2, "re-fitted whole");
         assert!(sink.left_out.is_empty(), "{:?}", sink.left_out);
         assert_eq!(sink.table.len(), MAX_SERVICES as usize - 255);
@@ -451,14 +463,7 @@ mod tests {
 
         // Below capacity, changes go out as changes again.
         let changed = cluster.apply_service(service(0, 1));
-        assert!(block_on(send_changes(
-            &mut sink,
-            &cluster,
-            &mut translation,
-            changed.into_iter().collect(),
-            &policy,
-            &log
-        )));
+        assert!(send(&mut sink, &cluster, &mut translation, changed));
         assert_eq!(sink.replaces, 2, "an Upsert, not a whole table");
         assert_eq!(sink.table.len(), MAX_SERVICES as usize - 254);
     }
