@@ -2,10 +2,8 @@
 //! runtime links to push service tables into a sandbox) and the sources of
 //! those tables.
 
-pub mod addr;
 pub mod backoff;
 pub mod client;
-pub mod connect;
 #[cfg(feature = "kubernetes")]
 pub mod node;
 /// Without the `kubernetes` feature: of the node daemon, only its HTTP over
@@ -16,5 +14,4 @@ pub mod node {
 }
 pub mod sources;
 
-pub use addr::AgentAddr;
-pub use client::{AgentClient, ClientError, Options, WriteResult};
+pub use client::{AgentAddr, AgentClient, ClientError, Options, WriteResult};

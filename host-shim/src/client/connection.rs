@@ -14,7 +14,7 @@ use ttrpc::context::Context;
 
 use crate::{
     backoff::Backoff,
-    connect::{ConnectError, connect},
+    client::connect::{ConnectError, connect},
 };
 
 use super::*;

@@ -16,11 +16,12 @@ use socklb_protocols::{
 use socklb_table::{Service, ServiceKey, Table, TableError};
 use ttrpc::Code;
 
-use crate::addr::AgentAddr;
-
+pub mod addr;
+pub mod connect;
 mod connection;
 mod sync;
 
+pub use addr::AgentAddr;
 pub use sync::SyncPayload;
 use sync::fits_one_message;
 #[cfg(test)]

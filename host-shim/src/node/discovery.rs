@@ -18,7 +18,7 @@ use inotify::{Inotify, WatchMask};
 use slog::{Logger, warn};
 use tokio::sync::watch;
 
-use crate::addr::AgentAddr;
+use crate::client::AgentAddr;
 
 /// The Go runtime's and runtime-rs's sandbox directories.
 pub const DEFAULT_SANDBOX_ROOTS: [&str; 2] = ["/run/vc/sbs", "/run/kata"];

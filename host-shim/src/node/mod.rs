@@ -30,9 +30,8 @@ use tokio::{
 };
 
 use crate::{
-    addr::AgentAddr,
     backoff::Backoff,
-    client::{AgentClient, Options},
+    client::{AgentAddr, AgentClient, Options},
     node::{
         discovery::{AgentUrl, Found},
         fanout::{Hub, HubSink, Shared},

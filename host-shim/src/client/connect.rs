@@ -14,7 +14,7 @@ use tokio::{
 };
 use ttrpc::r#async::transport::Socket;
 
-use crate::addr::AgentAddr;
+use super::addr::AgentAddr;
 
 /// The longest reply line the hybrid vsock handshake is allowed.
 const MAX_HANDSHAKE_LINE: usize = 64;
