@@ -13,7 +13,7 @@ use socklb_shim::{AgentAddr, AgentClient, Options, sources::file::watch_file};
 #[cfg(feature = "kubernetes")]
 use socklb_shim::{
     node::{self, NodeConfig, discovery, status},
-    sources::{kube_watch, kubernetes::Policy},
+    sources::kubernetes::{Policy, kube_watch},
 };
 use socklb_table::Table;
 

@@ -26,7 +26,7 @@ use crate::{
         metrics::Metrics,
         status::{Registry, State},
     },
-    sources::kube_watch::TableSink,
+    sources::kubernetes::kube_watch::TableSink,
 };
 
 /// Batches kept for sandboxes that are behind; one further behind gets

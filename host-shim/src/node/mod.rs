@@ -1,9 +1,9 @@
 //! `socklb-shim node`: one daemon per Kubernetes node (as kube-proxy is)
 //! serving every Kata sandbox on it. It finds sandboxes ([`discovery`]),
 //! watches the API once and keeps one table ([`fanout::Hub`], fed by
-//! [`crate::sources::kube_watch`]), keeps each sandbox's agent at that
-//! table in a task of its own ([`fanout::serve_sandbox`]), and tells
-//! people how each sandbox is doing ([`status`] on a unix socket,
+//! [`crate::sources::kubernetes::kube_watch`]), keeps each sandbox's agent
+//! at that table in a task of its own ([`fanout::serve_sandbox`]), and
+//! tells people how each sandbox is doing ([`status`] on a unix socket,
 //! [`metrics`] over HTTP).
 
 pub mod discovery;
@@ -40,7 +40,7 @@ use crate::{
         metrics::{Metrics, Snapshot},
         status::{Registry, State},
     },
-    sources::{kube_watch, kubernetes::Policy},
+    sources::kubernetes::{Policy, kube_watch},
 };
 
 /// How long Kata's shim gets to answer `/agent-url`.

@@ -2,8 +2,4 @@
 
 pub mod file;
 #[cfg(feature = "kubernetes")]
-pub mod kube_watch;
-#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
-#[cfg(feature = "kubernetes")]
-pub mod trim;

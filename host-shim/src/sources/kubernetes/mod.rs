@@ -28,8 +28,10 @@
 //! it lets go, the next claimant gets it.
 
 mod endpoints;
+pub mod kube_watch;
 mod service;
 mod translation;
+pub mod trim;
 
 pub use translation::{Plan, Translation};
 

@@ -25,10 +25,7 @@ use socklb_table::{Service, ServiceKey, Table, fit_capacity};
 
 use crate::{
     client::AgentClient,
-    sources::{
-        kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL},
-        trim::Trim,
-    },
+    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL, trim::Trim},
 };
 
 /// One kind's list as it arrives during a (re)list.
