@@ -727,7 +727,23 @@ fn a_write_expecting_another_generation_is_refused() {
     assert_eq!(generation, written.generation);
     assert_eq!(sorted(listed), sorted(table));
     // The same write expecting the current generation lands.
-    runtime
+    let behind_the_client = runtime
         .block_on(raw.upsert(context(), &upsert(written.generation)))
         .unwrap();
+
+    // That write moved the table past the generation the client knows, so
+    // the client's next writes are refused: they expect what it knows.
+    let refused = runtime
+        .block_on(client.upsert(vec![late.clone()]))
+        .unwrap_err();
+    let at_the_others = format!("at {}", behind_the_client.generation);
+    assert!(
+        matches!(&refused, ClientError::Refused { code: Code::FAILED_PRECONDITION, message }
+            if message.contains(&at_the_others)),
+        "{refused}"
+    );
+    let refused = runtime.block_on(client.delete(vec![late.key])).unwrap_err();
+    assert_eq!(refused.code(), Some(Code::FAILED_PRECONDITION), "{refused}");
+    let (generation, _, _) = runtime.block_on(client.list()).unwrap();
+    assert_eq!(generation, behind_the_client.generation);
 }
