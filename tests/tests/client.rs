@@ -1,9 +1,11 @@
 //! The shim's agent client against agents that misbehave: one that lies
 //! about what it holds (a wrong digest) and a real one stopped with SIGSTOP
-//! (calls time out, the client reconnects with backoff, and once the agent
-//! runs again it gets the whole table back). Needs root for the real agent.
+//! (calls time out, the client reconnects with backoff) and then restarted
+//! empty (the reconnect gives it the whole table back). Needs root for the
+//! real agent.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
     sync::{
         Arc,
@@ -32,6 +34,20 @@ fn web(backend: u8) -> Table {
         backends: vec![format!("{}:8080", backend_ip(backend)).parse().unwrap()],
     }])
     .unwrap()
+}
+
+/// [`web`] and a service `api` the test never changes.
+fn web_and_api(backend: u8) -> Table {
+    let mut api = web(1).services.remove(0);
+    api.key.vip = "10.96.0.21".parse().unwrap();
+    let mut services = web(backend).services;
+    services.push(api);
+    Table::new(services).unwrap()
+}
+
+/// A table's services as text, in key order.
+fn lines(table: &Table) -> BTreeSet<String> {
+    table.services.iter().map(ToString::to_string).collect()
 }
 
 /// An agent that takes every write and reports a digest of nothing, and
@@ -134,7 +150,7 @@ fn a_lying_agent_is_caught_by_the_digest_check() {
 fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
     socklb_tests::require_root!();
     let sandbox = Sandbox::create();
-    let agent = sandbox.start_agent(None);
+    let mut agent = sandbox.start_agent(None);
     let runtime = runtime();
     let options = Options {
         call_timeout: Duration::from_millis(300),
@@ -144,7 +160,9 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
         fail_fast: false,
     };
     let mut client = agent_client(&sandbox.api_addr(), options);
-    runtime.block_on(client.sync(web(1))).expect("first sync");
+    runtime
+        .block_on(client.sync(web_and_api(1)))
+        .expect("first sync");
 
     // A stopped agent still accepts connections (the kernel queues them)
     // but answers nothing: every call must end in Unreachable, not hang.
@@ -158,15 +176,24 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
         "a call to a stopped agent: {checked:?}"
     );
 
-    // Running again: the next call reconnects, and the reconnect syncs the
-    // whole table the client holds before anything else.
+    // Running again: the next call reconnects.
     let opened = client.connections_opened();
     runtime
         .block_on(client.upsert(web(2).services))
         .expect("upsert after SIGCONT");
     assert!(client.connections_opened() > opened, "no reconnect");
+
+    // Restarted with an empty datapath: the reconnect syncs the whole table
+    // the client holds before its next write, so the agent holds `api` too,
+    // which that write does not carry.
+    agent.signal(Signal::SIGKILL);
+    assert!(sandbox.agent_once(&["--detach"]).status.success());
+    let _restarted = sandbox.start_agent(None);
+    runtime
+        .block_on(client.upsert(web(3).services))
+        .expect("upsert after the restart");
     let (_, table, _) = runtime.block_on(client.list()).expect("list");
-    assert_eq!(table, web(2));
+    assert_eq!(lines(&table), lines(&web_and_api(3)));
 }
 
 /// An agent of a given API version that counts how its table was read.
