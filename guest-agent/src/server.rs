@@ -1,11 +1,15 @@
 //! Where the agent serves its API: `vsock://-1:PORT` in a guest (only the
 //! peers `peers::PeerRule` admits) or `unix:///path` for tests and local
-//! use.
+//! use, read by the one grammar of [`socklb_protocols::address`].
 
 use std::{path::PathBuf, sync::Arc};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use slog::Logger;
+use socklb_protocols::{
+    DEFAULT_AGENT_PORT,
+    address::{Address, AddressError, Fault},
+};
 use ttrpc::r#async::{Server, transport::Listener};
 
 use crate::{
@@ -22,37 +26,39 @@ pub enum ListenAddr {
     Unix(PathBuf),
 }
 
-impl std::str::FromStr for ListenAddr {
-    type Err = anyhow::Error;
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "listen address {0} (vsock://-1[:PORT] or unix:///path; PORT defaults to {DEFAULT_AGENT_PORT})"
+)]
+pub struct ListenAddrError(#[from] AddressError);
 
-    fn from_str(text: &str) -> Result<ListenAddr> {
-        if let Some(rest) = text.strip_prefix("vsock://") {
-            let port = match rest.rsplit_once(':') {
-                Some(("-1" | "", port)) => port
-                    .parse()
-                    .with_context(|| format!("listen address {text:?}: bad port {port:?}"))?,
-                None if rest == "-1" || rest.is_empty() => socklb_protocols::DEFAULT_AGENT_PORT,
-                _ => {
-                    bail!("listen address {text:?}: the agent listens on any CID: vsock://-1:PORT")
-                }
-            };
-            return Ok(ListenAddr::Vsock { port });
-        }
-        if let Some(path) = text.strip_prefix("unix://")
-            && path.starts_with('/')
-        {
-            return Ok(ListenAddr::Unix(path.into()));
-        }
-        bail!("listen address {text:?} is neither vsock://-1:PORT nor unix:///path")
+impl std::str::FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(text: &str) -> Result<ListenAddr, ListenAddrError> {
+        let error = |fault| AddressError::new(text, fault);
+        Ok(match text.parse()? {
+            Address::Vsock { cid: None, port } => ListenAddr::Vsock {
+                port: port.unwrap_or(DEFAULT_AGENT_PORT),
+            },
+            Address::Vsock { cid: Some(_), .. } => Err(error(Fault::NotAnyCid))?,
+            // The guest's end of hybrid vsock is plain vsock.
+            Address::HybridVsock { .. } => Err(error(Fault::SchemeNotTaken))?,
+            Address::Unix(path) => ListenAddr::Unix(path),
+        })
     }
 }
 
 impl std::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Vsock { port } => write!(f, "vsock://-1:{port}"),
-            ListenAddr::Unix(path) => write!(f, "unix://{}", path.display()),
-        }
+        let written = match self {
+            ListenAddr::Vsock { port } => Address::Vsock {
+                cid: None,
+                port: Some(*port),
+            },
+            ListenAddr::Unix(path) => Address::Unix(path.clone()),
+        };
+        written.fmt(f)
     }
 }
 
@@ -130,5 +136,20 @@ mod tests {
         ] {
             assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_agent_listens_on_any_cid_and_never_on_hybrid_vsock() {
+        for (text, fault) in [
+            ("vsock://3:1100", Fault::NotAnyCid),
+            ("hvsock:///run/vm.sock:1100", Fault::SchemeNotTaken),
+        ] {
+            let ListenAddrError(err) = text.parse::<ListenAddr>().unwrap_err();
+            assert_eq!(err.fault, fault, "{text}");
+        }
+        assert_eq!(
+            ListenAddr::Vsock { port: 1100 }.to_string(),
+            "vsock://-1:1100"
+        );
     }
 }

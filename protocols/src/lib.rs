@@ -1,6 +1,8 @@
 //! socklb's host-to-guest API. `socklb` holds the messages, `socklb_ttrpc`
 //! the async client and server; nothing else depends on how they were
-//! generated.
+//! generated. `address` is how either side writes where the agent is.
+
+pub mod address;
 
 include!(concat!(env!("OUT_DIR"), "/modules.rs"));
 

@@ -1,8 +1,14 @@
-//! Agent addresses: `vsock://CID[:PORT]`, `hvsock:///path/to/uds[:PORT]`
-//! (hybrid vsock, as Firecracker, Cloud Hypervisor and vhost-device-vsock
-//! offer it) and `unix:///path`.
+//! Where a client finds the agent: `vsock://CID[:PORT]`,
+//! `hvsock:///path/to/uds[:PORT]` or `unix:///path`, read by the one
+//! grammar of [`socklb_protocols::address`]; a client needs the CID (not
+//! any) and takes the agent's port when none is given.
 
 use std::{fmt, path::PathBuf, str::FromStr};
+
+use socklb_protocols::{
+    DEFAULT_AGENT_PORT,
+    address::{Address, AddressError, Fault},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentAddr {
@@ -13,69 +19,52 @@ pub enum AgentAddr {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "agent address {text:?}: {reason} (vsock://CID[:PORT], hvsock:///path/to/uds[:PORT] or unix:///path; PORT defaults to 1100)"
+    "agent address {0} (vsock://CID[:PORT], hvsock:///path/to/uds[:PORT] or unix:///path; PORT defaults to {DEFAULT_AGENT_PORT})"
 )]
-pub struct AddrError {
-    text: String,
-    reason: &'static str,
-}
+pub struct AddrError(#[from] AddressError);
 
 impl FromStr for AgentAddr {
     type Err = AddrError;
 
     fn from_str(text: &str) -> Result<AgentAddr, AddrError> {
-        let error = |reason| AddrError {
-            text: text.into(),
-            reason,
-        };
-        // Without a port: the agent's default (DEFAULT_AGENT_PORT).
-        if let Some(rest) = text.strip_prefix("vsock://") {
-            let (cid, port) = rest.split_once(':').unwrap_or((rest, ""));
-            return Ok(AgentAddr::Vsock {
-                cid: cid.parse().map_err(|_| error("bad CID"))?,
-                port: parse_port(port).ok_or_else(|| error("bad port"))?,
-            });
-        }
-        if let Some(rest) = text.strip_prefix("hvsock://") {
-            // A socket path may hold ':' itself: only digits after the last
-            // one make a port.
-            let (uds, port) = match rest.rsplit_once(':') {
-                Some((uds, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (uds, port),
-                _ => (rest, ""),
-            };
-            if !uds.starts_with('/') {
-                return Err(error("the socket path must be absolute"));
-            }
-            return Ok(AgentAddr::HybridVsock {
-                uds: uds.into(),
-                port: parse_port(port).ok_or_else(|| error("bad port"))?,
-            });
-        }
-        if let Some(path) = text.strip_prefix("unix://") {
-            if !path.starts_with('/') {
-                return Err(error("the socket path must be absolute"));
-            }
-            return Ok(AgentAddr::Unix(path.into()));
-        }
-        Err(error("unknown scheme"))
+        Ok(match text.parse()? {
+            Address::Vsock { cid: None, .. } => Err(AddressError::new(text, Fault::AnyCid))?,
+            Address::Vsock {
+                cid: Some(cid),
+                port,
+            } => AgentAddr::Vsock {
+                cid,
+                port: port.unwrap_or(DEFAULT_AGENT_PORT),
+            },
+            Address::HybridVsock { uds, port } => AgentAddr::HybridVsock {
+                uds,
+                port: port.unwrap_or(DEFAULT_AGENT_PORT),
+            },
+            Address::Unix(path) => AgentAddr::Unix(path),
+        })
     }
 }
 
-fn parse_port(text: &str) -> Option<u32> {
-    if text.is_empty() {
-        Some(socklb_protocols::DEFAULT_AGENT_PORT)
-    } else {
-        text.parse().ok()
+impl AgentAddr {
+    /// As written: every part given.
+    fn written(&self) -> Address {
+        match self {
+            AgentAddr::Vsock { cid, port } => Address::Vsock {
+                cid: Some(*cid),
+                port: Some(*port),
+            },
+            AgentAddr::HybridVsock { uds, port } => Address::HybridVsock {
+                uds: uds.clone(),
+                port: Some(*port),
+            },
+            AgentAddr::Unix(path) => Address::Unix(path.clone()),
+        }
     }
 }
 
 impl fmt::Display for AgentAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AgentAddr::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
-            AgentAddr::HybridVsock { uds, port } => write!(f, "hvsock://{}:{port}", uds.display()),
-            AgentAddr::Unix(path) => write!(f, "unix://{}", path.display()),
-        }
+        self.written().fmt(f)
     }
 }
 
@@ -120,6 +109,14 @@ mod tests {
         ] {
             let err = bad.parse::<AgentAddr>().unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_client_needs_the_agents_cid() {
+        for any in ["vsock://-1:1100", "vsock://:1100", "vsock://"] {
+            let AddrError(err) = any.parse::<AgentAddr>().unwrap_err();
+            assert_eq!(err.fault, Fault::AnyCid, "{any}");
         }
     }
 }

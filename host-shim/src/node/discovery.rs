@@ -16,6 +16,7 @@ use std::{
 use futures::StreamExt as _;
 use inotify::{Inotify, WatchMask};
 use slog::{Logger, warn};
+use socklb_protocols::address::{Address, AddressError, Fault};
 use tokio::sync::watch;
 
 use crate::client::AgentAddr;
@@ -131,38 +132,36 @@ pub enum AgentUrl {
     Remote(String),
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("agent URL {0} (Kata answers vsock://CID:PORT, hvsock:///path:PORT or remote://...)")]
+pub struct AgentUrlError(#[from] AddressError);
+
 /// Reads Kata's answer (`vsock://CID:PORT`, `hvsock://PATH:PORT` or
 /// `remote://...`) and puts socklb's `agent_port` in place of Kata's.
-pub fn agent_url(answer: &str, agent_port: u32) -> Result<AgentUrl, String> {
+pub fn agent_url(answer: &str, agent_port: u32) -> Result<AgentUrl, AgentUrlError> {
     let answer = answer.trim();
-    let bad = |reason: &str| format!("agent URL {answer:?}: {reason}");
     if answer.starts_with("remote://") {
         return Ok(AgentUrl::Remote(answer.into()));
     }
-    if let Some(rest) = answer.strip_prefix("vsock://") {
-        let (cid, _kata_port) = rest.split_once(':').ok_or_else(|| bad("no port"))?;
-        let cid = cid.parse().map_err(|_| bad("the CID is not a number"))?;
-        return Ok(AgentUrl::Local(AgentAddr::Vsock {
+    let error = |fault| AddressError::new(answer, fault);
+    // Kata always names kata-agent's port: an answer without one is not
+    // Kata's.
+    let addr = match answer.parse()? {
+        Address::Vsock { port: None, .. } | Address::HybridVsock { port: None, .. } => {
+            Err(error(Fault::NoPort))?
+        }
+        Address::Vsock { cid: None, .. } => Err(error(Fault::AnyCid))?,
+        Address::Vsock { cid: Some(cid), .. } => AgentAddr::Vsock {
             cid,
             port: agent_port,
-        }));
-    }
-    if let Some(rest) = answer.strip_prefix("hvsock://") {
-        let (uds, kata_port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        if kata_port.parse::<u32>().is_err() {
-            return Err(bad("the port is not a number"));
-        }
-        if !uds.starts_with('/') {
-            return Err(bad("the socket path is not absolute"));
-        }
-        return Ok(AgentUrl::Local(AgentAddr::HybridVsock {
-            uds: uds.into(),
+        },
+        Address::HybridVsock { uds, .. } => AgentAddr::HybridVsock {
+            uds,
             port: agent_port,
-        }));
-    }
-    Err(bad(
-        "unknown scheme (expected vsock://, hvsock:// or remote://)",
-    ))
+        },
+        Address::Unix(_) => Err(error(Fault::SchemeNotTaken))?,
+    };
+    Ok(AgentUrl::Local(addr))
 }
 
 /// Annotations containerd's CRI and CRI-O put on a sandbox: (namespace,
@@ -246,8 +245,21 @@ mod tests {
             "hvsock:///a.sock",
             "tcp://1.2.3.4:1024",
         ] {
-            let err = agent_url(garbage, 1100).unwrap_err();
+            let err = agent_url(garbage, 1100).unwrap_err().to_string();
             assert!(err.contains(garbage.trim()), "{err}");
+        }
+    }
+
+    #[test]
+    fn what_kata_never_answers_is_refused_by_name() {
+        for (answer, fault) in [
+            ("vsock://3", Fault::NoPort),
+            ("hvsock:///run/vm.sock", Fault::NoPort),
+            ("vsock://-1:1024", Fault::AnyCid),
+            ("unix:///run/agent.sock", Fault::SchemeNotTaken),
+        ] {
+            let AgentUrlError(err) = agent_url(answer, 1100).unwrap_err();
+            assert_eq!(err.fault, fault, "{answer}");
         }
     }
 

@@ -240,7 +240,7 @@ async fn resolve(
                     );
                     return None;
                 }
-                Err(err) => err,
+                Err(err) => err.to_string(),
             },
             Err(err) => format!("{err:#}"),
         };
