@@ -281,6 +281,11 @@ fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
     );
     // Incremental: only the first table went whole.
     assert!(agents.iter().all(|a| a.syncs() == 1));
+    // One list and one watch of each kind for the node, none per sandbox.
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+        let asked = (api.lists(kind), api.watches(kind));
+        assert_eq!(asked, (1, 1), "{kind:?} (lists, watches)");
+    }
 
     let status = node.status();
     let rows = status["sandboxes"].as_array().expect("rows");
@@ -583,15 +588,16 @@ fn a_service_come_and_gone_within_a_lag_is_not_deleted_from_the_laggard() {
     );
 }
 
-/// `socklb-shim --pod POD COMMAND`, asking `node`'s daemon.
-fn by_pod(node: &Node, pod: &str, command: &[&str]) -> std::process::Output {
+/// `socklb-shim ARGS` with `node`'s status socket, where --pod and
+/// --sandbox ask the daemon.
+fn through_daemon(node: &Node, args: &[&str]) -> std::process::Output {
     Command::new(shim_bin())
         .env_remove("SOCKLB_AGENT")
-        .args(["--timeout", "5", "--pod", pod, "--status-socket"])
+        .args(["--timeout", "5", "--status-socket"])
         .arg(node.path("node.sock"))
-        .args(command)
+        .args(args)
         .output()
-        .expect("run socklb-shim --pod")
+        .expect("run socklb-shim")
 }
 
 /// Fails with one line on stderr holding `needle`.
@@ -602,42 +608,131 @@ fn fails_in_one_line(output: &std::process::Output, needle: &str) {
     assert!(stderr.contains(needle), "{stderr}");
 }
 
-#[test]
-fn a_pod_name_reaches_its_sandboxes_agent_through_the_daemon() {
-    let runtime = runtime();
-    let _entered = runtime.enter();
-    let api = web_api();
-    let mut node = Node::new();
-    let (uds, url) = node.vsock("a");
-    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
-    let _shim = node.sandbox("vc-sbs", "a", &url);
-    node.pod_bundle("a", "shop", "web-0");
-
-    // No daemon yet: its socket is missing.
-    fails_in_one_line(
-        &by_pod(&node, "shop/web-0", &["list"]),
-        "is `socklb-shim node` running?",
-    );
-
-    node.start(&api, 3);
-    converge(&node, "sandbox a synced", Duration::from_secs(20), || {
-        lines(&agent) == set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"])
-    });
-    let output = by_pod(&node, "shop/web-0", &["list", "-o", "json"]);
+/// Its standard output, having succeeded.
+fn succeeds(output: std::process::Output) -> String {
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let listed: Value = serde_json::from_slice(&output.stdout).expect("list JSON");
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
+#[test]
+fn a_pod_or_sandbox_id_reaches_its_agent_and_its_row_through_the_daemon() {
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    // More backends than a row shows unless wide.
+    api.apply(Kind::Service, service("big", "10.96.0.30"));
+    let big = [
+        "10.244.2.1",
+        "10.244.2.2",
+        "10.244.2.3",
+        "10.244.2.4",
+        "10.244.2.5",
+    ];
+    api.apply(Kind::EndpointSlice, slice("big", &big));
+    let mut node = Node::new();
+    let (uds, url) = node.vsock("a");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let _shim = node.sandbox("vc-sbs", "a", &url);
+    node.pod_bundle("a", "shop", "web-0");
+    let _remote = node.sandbox("kata", "remote", "remote://10.0.0.9:15150");
+
+    // No daemon yet: its socket is missing.
+    fails_in_one_line(
+        &through_daemon(&node, &["--pod", "shop/web-0", "list"]),
+        "is `socklb-shim node` running?",
+    );
+
+    node.start(&api, 3);
+    converge(&node, "sandbox a synced", Duration::from_secs(20), || {
+        lines(&agent).len() == 2
+    });
+    let listed = succeeds(through_daemon(
+        &node,
+        &["--pod", "shop/web-0", "list", "-o", "json"],
+    ));
+    let listed: Value = serde_json::from_str(&listed).expect("list JSON");
     assert!(listed.to_string().contains("10.96.0.20"), "{listed}");
-    let output = by_pod(&node, "shop/web-0", &["health"]);
-    assert!(output.status.success(), "{output:?}");
+    // --sandbox beside --pod, after the command as before it.
+    let listed = succeeds(through_daemon(
+        &node,
+        &["list", "--sandbox", "a", "-o", "yaml"],
+    ));
+    let listed: serde_yaml::Value = serde_yaml::from_str(&listed).expect("list YAML");
+    assert_eq!(listed["services"][0]["vip"], "10.96.0.20", "{listed:?}");
+    succeeds(through_daemon(&node, &["health", "--pod", "shop/web-0"]));
+
+    // A row shows three backends and how many more; -o wide all of them.
+    let narrow = succeeds(through_daemon(&node, &["--sandbox", "a", "list"]));
+    assert!(
+        narrow.contains("10.244.2.3:8080 + 2 more") && !narrow.contains("10.244.2.5"),
+        "{narrow}"
+    );
+    let wide = succeeds(through_daemon(
+        &node,
+        &["--sandbox", "a", "list", "-o", "wide"],
+    ));
+    assert!(
+        big.iter().all(|ip| wide.contains(ip)) && !wide.contains("more"),
+        "{wide}"
+    );
+    let stats = succeeds(through_daemon(
+        &node,
+        &["--sandbox", "a", "stats", "-o", "wide"],
+    ));
+    assert!(stats.contains("INSERT FAILURES"), "{stats}");
 
     fails_in_one_line(
-        &by_pod(&node, "shop/web-9", &["stats"]),
+        &through_daemon(&node, &["--pod", "shop/web-9", "stats"]),
         "pod shop/web-9 is not a Kata sandbox on node node-a",
     );
+    fails_in_one_line(
+        &through_daemon(&node, &["--sandbox", "b", "metrics"]),
+        "node node-a has no Kata sandbox b",
+    );
+    fails_in_one_line(
+        &through_daemon(&node, &["--sandbox", "remote", "health"]),
+        "sandbox remote is a remote sandbox, not served from node node-a",
+    );
+
+    // node status --pod: its header and its one row; the agent at -o wide.
+    let status = succeeds(through_daemon(
+        &node,
+        &["node", "status", "--pod", "shop/web-0"],
+    ));
+    let rows: Vec<&str> = status.lines().collect();
+    assert_eq!(rows.len(), 2, "{status}");
+    assert!(
+        rows[0].starts_with("SANDBOX") && !rows[0].contains("AGENT"),
+        "{status}"
+    );
+    assert!(
+        rows[1].starts_with("a ") && rows[1].contains("shop/web-0"),
+        "{status}"
+    );
+    let status = succeeds(through_daemon(
+        &node,
+        &["node", "status", "--sandbox", "a", "-o", "wide"],
+    ));
+    assert!(
+        status.contains("AGENT") && status.contains(&uds.display().to_string()),
+        "{status}"
+    );
+    let status = succeeds(through_daemon(
+        &node,
+        &["--pod", "shop/web-0", "node", "status", "-o", "yaml"],
+    ));
+    let status: serde_yaml::Value = serde_yaml::from_str(&status).expect("status YAML");
+    let ids: Vec<&serde_yaml::Value> = status["sandboxes"]
+        .as_sequence()
+        .expect("sandboxes")
+        .iter()
+        .map(|row| &row["id"])
+        .collect();
+    assert_eq!(ids, ["a"], "{status:?}");
 }
 
 #[test]
