@@ -30,7 +30,7 @@ use socklb_agent::{
     rpc::Rpc,
     services::ServiceTable,
 };
-use socklb_shim::node::http::{Handler, Reply, serve_connection};
+use socklb_shim::node::http::{self, Handler, Limits, Reply};
 use socklb_table::Table;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -54,11 +54,8 @@ impl KataShim {
             "/agent-url" => Reply::ok("text/plain; charset=utf-8", agent_url.clone()),
             other => Reply::not_found(other),
         });
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                serve_connection(stream, handler.clone());
-            }
-        });
+        let log = Logger::root(slog::Discard, slog::o!());
+        let task = tokio::spawn(http::serve(listener, handler, Limits::SERVER, log));
         KataShim { task }
     }
 }

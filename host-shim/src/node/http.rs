@@ -147,7 +147,7 @@ pub async fn serve(listener: impl Accept, handler: Handler, limits: Limits, log:
             .await
             .expect("the permits are never closed");
         match listener.accept_one().await {
-            Ok(stream) => spawn_connection(stream, handler.clone(), limits, Some(permit)),
+            Ok(stream) => spawn_connection(stream, handler.clone(), limits, permit),
             Err(err) => {
                 warn!(log, "accepting a connection failed"; "error" => err.to_string());
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -156,23 +156,10 @@ pub async fn serve(listener: impl Accept, handler: Handler, limits: Limits, log:
     }
 }
 
-/// Serves HTTP/1.1 on one accepted connection until the peer closes it,
-/// or [`Limits::SERVER`]'s times run out.
-pub fn serve_connection<S>(stream: S, handler: Handler)
+/// Serves HTTP/1.1 on one connection until the peer closes it or
+/// `limits`' times run out; `permit` goes when the connection ends.
+fn spawn_connection<S>(stream: S, handler: Handler, limits: Limits, permit: OwnedSemaphorePermit)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    spawn_connection(stream, handler, Limits::SERVER, None);
-}
-
-/// Serves one connection within `limits`' times; `permit` goes when the
-/// connection ends.
-fn spawn_connection<S>(
-    stream: S,
-    handler: Handler,
-    limits: Limits,
-    permit: Option<OwnedSemaphorePermit>,
-) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
