@@ -78,10 +78,7 @@ pub async fn start(
             }
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
-            let accepts = futures::stream::unfold(listener, |listener| async move {
-                Some((listener.accept().await.map(|(stream, _)| stream), listener))
-            });
-            Listener::new(accepts)
+            Listener::from(listener)
         }
         ListenAddr::Vsock { port } => {
             let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
