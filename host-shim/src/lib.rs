@@ -12,6 +12,7 @@ pub mod node;
 pub mod node {
     pub mod http;
 }
+pub mod output;
 pub mod sources;
 
 pub use client::{AgentAddr, AgentClient, ClientError, Options, WriteResult};

@@ -1,6 +1,6 @@
 #[cfg(feature = "kubernetes")]
 use std::net::SocketAddr;
-use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{fmt::Write as _, io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -9,7 +9,11 @@ use slog::Logger;
 use socklb_protocols::socklb as api;
 #[cfg(feature = "kubernetes")]
 use socklb_protocols::{DEFAULT_AGENT_PORT, kata_service_on};
-use socklb_shim::{AgentAddr, AgentClient, Options, sources::file::watch_file};
+use socklb_shim::{
+    AgentAddr, AgentClient, Options,
+    output::{Column, Output, table},
+    sources::file::watch_file,
+};
 #[cfg(feature = "kubernetes")]
 use socklb_shim::{
     node::{self, NodeConfig, discovery, status},
@@ -186,8 +190,8 @@ struct NodeArgs {
 #[cfg(feature = "kubernetes")]
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
-    /// One row per sandbox: id, pod, agent, state, acknowledged version,
-    /// lag, last error
+    /// One row per sandbox: id, pod, agent (at -o wide), state,
+    /// acknowledged version, lag, last error
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -218,12 +222,6 @@ impl Args {
             LogFormat::Human => Format::Human,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 fn main() -> ExitCode {
@@ -287,52 +285,52 @@ async fn run(args: Args, log: Logger) -> Result<()> {
             );
         }
         Command::List { output } => {
-            let (generation, table, digest) = client.list().await?;
-            match output {
-                Output::Json => {
-                    let mut value = serde_json::to_value(table.to_file())?;
-                    value["generation"] = json!(generation);
-                    value["digest"] = json!(digest);
-                    println!("{}", serde_json::to_string_pretty(&value)?);
-                }
-                Output::Table => print_services(&table),
-            }
+            let (generation, services, digest) = client.list().await?;
+            let mut data = serde_json::to_value(services.to_file())?;
+            data["generation"] = json!(generation);
+            data["digest"] = json!(digest);
+            print!(
+                "{}",
+                output.render(&data, |wide| services_table(&services, wide))?
+            );
         }
         Command::Stats { output } => {
             let stats = client.stats().await?;
-            match output {
-                Output::Json => println!("{}", protobuf_json_mapping::print_to_string(&stats)?),
-                Output::Table => print_stats(&stats),
-            }
+            let data: serde_json::Value =
+                serde_json::from_str(&protobuf_json_mapping::print_to_string(&stats)?)?;
+            print!(
+                "{}",
+                output.render(&data, |wide| stats_tables(&stats, wide))?
+            );
         }
         Command::Health { output } => {
-            let status = client.check().await?;
+            let status = format!("{:?}", client.check().await?);
             let version = client.version().await?;
-            match output {
-                Output::Json => println!(
-                    "{}",
-                    json!({
-                        "status": format!("{status:?}"),
-                        "agent_version": version.agent_version,
-                        "api_version": version.api_version,
-                        "kernel_release": version.kernel_release,
-                        "hooks_attached": version.hooks_attached,
-                        "features": version.features,
-                    })
-                ),
-                Output::Table => {
-                    println!("status          {status:?}");
-                    println!("agent version   {}", version.agent_version);
-                    println!("API version     {}", version.api_version);
-                    println!("guest kernel    {}", version.kernel_release);
-                    println!(
-                        "hooks attached  {} ({})",
-                        version.hooks_attached.len(),
-                        version.hooks_attached.join(" ")
-                    );
-                    println!("features        {}", version.features.join(" "));
-                }
-            }
+            let data = json!({
+                "status": status,
+                "agent_version": version.agent_version,
+                "api_version": version.api_version,
+                "kernel_release": version.kernel_release,
+                "hooks_attached": version.hooks_attached,
+                "features": version.features,
+            });
+            let text = |_wide| {
+                format!(
+                    "status          {status}\n\
+                     agent version   {}\n\
+                     API version     {}\n\
+                     guest kernel    {}\n\
+                     hooks attached  {} ({})\n\
+                     features        {}\n",
+                    version.agent_version,
+                    version.api_version,
+                    version.kernel_release,
+                    version.hooks_attached.len(),
+                    version.hooks_attached.join(" "),
+                    version.features.join(" ")
+                )
+            };
+            print!("{}", output.render(&data, text)?);
         }
         Command::Metrics => print!("{}", client.metrics().await?),
         #[cfg(feature = "kubernetes")]
@@ -395,10 +393,10 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
                 .with_context(|| "asking the node daemon (is `socklb-shim node` running?)")?;
         let report: status::Report =
             serde_json::from_str(&text).context("reading the daemon's status report")?;
-        match output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            Output::Table => print!("{}", status::render(&report)),
-        }
+        print!(
+            "{}",
+            output.render(&report, |wide| status::render(&report, wide))?
+        );
         return Ok(());
     }
     let Some(node_name) = args.node.filter(|n| !n.is_empty()) else {
@@ -483,43 +481,67 @@ fn host_node_name() -> Result<String> {
     Ok(name.trim().to_lowercase())
 }
 
-fn print_services(table: &Table) {
-    let rows: Vec<[String; 4]> = table
+/// Backends a service's row shows unless wide, as `kubectl get endpoints`.
+const BACKENDS_SHOWN: usize = 3;
+
+fn services_table(services: &Table, wide: bool) -> String {
+    let rows: Vec<[String; 4]> = services
         .services
         .iter()
         .map(|s| {
+            let shown = if wide {
+                s.backends.len()
+            } else {
+                BACKENDS_SHOWN
+            };
+            let mut backends = s
+                .backends
+                .iter()
+                .take(shown)
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if s.backends.is_empty() {
+                backends = "(none: refused)".into();
+            } else if s.backends.len() > shown {
+                let _ = write!(backends, " + {} more", s.backends.len() - shown);
+            }
             [
                 s.name.clone().unwrap_or_else(|| "-".into()),
                 s.key.to_string(),
                 s.affinity_timeout_secs
                     .map_or("-".into(), |t| format!("ClientIP {t}s")),
-                if s.backends.is_empty() {
-                    "(none: refused)".into()
-                } else {
-                    s.backends
-                        .iter()
-                        .map(|b| b.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
+                backends,
             ]
         })
         .collect();
-    print_rows(["NAME", "SERVICE", "AFFINITY", "BACKENDS"], &rows);
+    let header = ["NAME", "SERVICE", "AFFINITY", "BACKENDS"].map(Column::new);
+    table(header, &rows, wide)
 }
 
-fn print_stats(stats: &api::StatsResponse) {
-    let rows: Vec<[String; 3]> = stats
+fn stats_tables(stats: &api::StatsResponse, wide: bool) -> String {
+    let rows: Vec<[String; 4]> = stats
         .services
         .iter()
         .map(|s| {
             let key = socklb_table::ServiceKey::from_api("stats", &s.key)
                 .map_or_else(|_| s.key.vip.clone(), |k| k.to_string());
-            [key, s.translations.to_string(), s.rejects.to_string()]
+            [
+                key,
+                s.translations.to_string(),
+                s.rejects.to_string(),
+                s.insert_failures.to_string(),
+            ]
         })
         .collect();
-    print_rows(["SERVICE", "TRANSLATIONS", "REJECTS"], &rows);
-    println!();
+    let header = [
+        Column::new("SERVICE"),
+        Column::new("TRANSLATIONS"),
+        Column::new("REJECTS"),
+        Column::wide("INSERT FAILURES"),
+    ];
+    let mut out = table(header, &rows, wide);
+    out.push('\n');
     let rows: Vec<[String; 3]> = stats
         .hooks
         .iter()
@@ -532,36 +554,16 @@ fn print_stats(stats: &api::StatsResponse) {
             [h.hook.clone(), h.run_count.to_string(), average]
         })
         .collect();
-    print_rows(["HOOK", "RUNS", "NS/RUN"], &rows);
+    out += &table(["HOOK", "RUNS", "NS/RUN"].map(Column::new), &rows, wide);
     if !stats.run_time_stats_enabled {
-        println!("(hook runs are counted only while the agent runs with --bpf-stats)");
+        out += "(hook runs are counted only while the agent runs with --bpf-stats)\n";
     }
-    println!();
+    out.push('\n');
     let rows: Vec<[String; 3]> = stats
         .maps
         .iter()
         .map(|m| [m.map.clone(), m.entries.to_string(), m.capacity.to_string()])
         .collect();
-    print_rows(["MAP", "ENTRIES", "CAPACITY"], &rows);
-}
-
-fn print_rows<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
+    out += &table(["MAP", "ENTRIES", "CAPACITY"].map(Column::new), &rows, wide);
+    out
 }

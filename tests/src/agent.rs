@@ -49,21 +49,24 @@ impl Agent {
     /// Waits for the next log record whose message starts with `msg`; fails
     /// on an error record or after 30 s.
     pub fn wait_for(&self, msg: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.next_record(msg, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("agent did not log {msg:?} within 30 s"))
+    }
+
+    /// The next log record whose message starts with `msg`, or `None`
+    /// within `timeout`; fails on an error record.
+    pub fn next_record(&self, msg: &str, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(record) => {
-                    let text = record["msg"].as_str().unwrap_or_default();
-                    assert_ne!(
-                        record["level"], "ERRO",
-                        "agent error while waiting for {msg:?}: {text}"
-                    );
-                    if text.starts_with(msg) {
-                        return record;
-                    }
-                }
-                Err(_) => panic!("agent did not log {msg:?} within 30 s"),
+            let record = self.log.recv_timeout(left).ok()?;
+            let text = record["msg"].as_str().unwrap_or_default();
+            assert_ne!(
+                record["level"], "ERRO",
+                "agent error while waiting for {msg:?}: {text}"
+            );
+            if text.starts_with(msg) {
+                return Some(record);
             }
         }
     }

@@ -438,6 +438,10 @@ fn a_relist_sends_the_agent_only_what_changed() {
     let expected: BTreeSet<(String, u64)> =
         [("upsert".to_string(), 1), ("delete".to_string(), 1)].into();
     assert_eq!(writes, expected, "a relist must send only what changed");
+    // And nothing more: the relists of both kinds are done by now, so any
+    // further write would repeat what the agent already holds.
+    let more = agent.next_record("table written", Duration::from_secs(2));
+    assert_eq!(more, None, "a write after the relist's two");
 }
 
 #[test]

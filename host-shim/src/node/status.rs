@@ -2,11 +2,13 @@
 //! address, state, acknowledged version, lag behind the newest, last
 //! error), kept by the sandbox tasks in the [`Registry`], served as JSON on
 //! the daemon's unix socket (`GET /status`) and printed by
-//! `socklb-shim node status [-o json]`.
+//! `socklb-shim node status [-o wide|json|yaml]`.
 
 use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::output::{Column, table};
 
 /// Where a sandbox is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -168,8 +170,9 @@ impl Registry {
     }
 }
 
-/// The report as a table for people.
-pub fn render(report: &Report) -> String {
+/// The report for people: a line about the node, a row per sandbox (the
+/// agent's address only when `wide`: it is long, and --pod finds it).
+pub fn render(report: &Report, wide: bool) -> String {
     let mut out = format!(
         "node {}: table version {}, {} services, {} sandboxes\n",
         report.node,
@@ -184,17 +187,21 @@ pub fn render(report: &Report) -> String {
             report.services_left_out.len()
         );
     }
+    out + &sandbox_table(&report.sandboxes, wide)
+}
+
+/// A row per sandbox (the agent's address only when `wide`).
+pub fn sandbox_table(sandboxes: &[SandboxRow], wide: bool) -> String {
     let header = [
-        "SANDBOX",
-        "POD",
-        "AGENT",
-        "STATE",
-        "ACKED",
-        "LAG",
-        "LAST ERROR",
+        Column::new("SANDBOX"),
+        Column::new("POD"),
+        Column::wide("AGENT"),
+        Column::new("STATE"),
+        Column::new("ACKED"),
+        Column::new("LAG"),
+        Column::new("LAST ERROR"),
     ];
-    let rows: Vec<[String; 7]> = report
-        .sandboxes
+    let rows: Vec<[String; 7]> = sandboxes
         .iter()
         .map(|row| {
             let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".into());
@@ -209,26 +216,7 @@ pub fn render(report: &Report) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(padded.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+    table(header, &rows, wide)
 }
 
 /// The agent address of pod `pod` (`namespace/name`) in `report`, or why
@@ -312,9 +300,18 @@ mod tests {
         assert_eq!(report.sandboxes[1].state, State::Failing);
         assert_eq!(registry.counts()[&State::InSync], 1);
         assert_eq!(registry.counts()[&State::Resolving], 0);
-        let text = render(&report);
+        let text = render(&report, false);
         assert!(text.contains("shop/web-0"), "{text}");
         assert!(text.contains("agent unreachable"), "{text}");
+        assert!(
+            !text.contains("hvsock://"),
+            "the agent is for -o wide: {text}"
+        );
+        let wide = render(&report, true);
+        assert!(
+            wide.contains("AGENT") && wide.contains("hvsock:///run/a.sock:1100"),
+            "{wide}"
+        );
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
         registry.remove("sb-b");
