@@ -1,6 +1,6 @@
-#[cfg(feature = "kubernetes")]
-use std::net::SocketAddr;
 use std::{fmt::Write as _, io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+#[cfg(feature = "kubernetes")]
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,7 +16,10 @@ use socklb_shim::{
 };
 #[cfg(feature = "kubernetes")]
 use socklb_shim::{
-    node::{self, NodeConfig, discovery, status},
+    node::{
+        self, NodeConfig, discovery,
+        status::{self, PodOrSandbox},
+    },
     sources::kubernetes::{Policy, kube_watch},
 };
 use socklb_table::Table;
@@ -28,16 +31,22 @@ struct Args {
     /// The agent: vsock://CID[:PORT], hvsock:///path/to/uds[:PORT] or
     /// unix:///path (PORT defaults to the agent's, 1100)
     /// (every command but `node`, which finds the node's agents itself)
-    #[arg(long, env = "SOCKLB_AGENT")]
+    #[arg(long, global = true, env = "SOCKLB_AGENT")]
     agent: Option<AgentAddr>,
     /// Instead of --agent, for list, stats, health and metrics: the agent
     /// of this pod's Kata sandbox on this node, as the node daemon found it
+    /// (and with `node status`, that sandbox's row)
     #[cfg(feature = "kubernetes")]
-    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "agent")]
+    #[arg(long, global = true, value_name = "NAMESPACE/NAME", conflicts_with_all = ["agent", "sandbox"])]
     pod: Option<String>,
-    /// The node daemon's status socket, which --pod asks
+    /// As --pod, by the sandbox's id (`node status` lists them)
     #[cfg(feature = "kubernetes")]
-    #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
+    #[arg(long, global = true, value_name = "ID", conflicts_with = "agent")]
+    sandbox: Option<String>,
+    /// The node daemon's status socket: where `node` serves it, and what
+    /// `node status`, --pod and --sandbox ask
+    #[cfg(feature = "kubernetes")]
+    #[arg(long, global = true, default_value = DEFAULT_STATUS_SOCKET)]
     status_socket: PathBuf,
     /// critical, error, warning, info, debug or trace
     #[arg(long, env = "SOCKLB_LOG_LEVEL", default_value = "info", value_parser = socklb_logging::parse_level)]
@@ -157,9 +166,6 @@ struct NodeArgs {
     /// socklb-agent's guest vsock port (Kata's own are 1024-1027)
     #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
     agent_port: u32,
-    /// The daemon's status socket (`socklb-shim node status` reads it)
-    #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
-    status_socket: PathBuf,
     /// Serve Prometheus /metrics and /healthz over HTTP here (e.g. 0.0.0.0:9470)
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -190,14 +196,11 @@ struct NodeArgs {
 #[cfg(feature = "kubernetes")]
 #[derive(Subcommand, Debug)]
 enum NodeCommand {
-    /// One row per sandbox: id, pod, agent (at -o wide), state,
-    /// acknowledged version, lag, last error
+    /// One row per sandbox (or only the one of --pod or --sandbox): id,
+    /// pod, agent (at -o wide), state, acknowledged version, lag, last error
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
-        /// The daemon's status socket
-        #[arg(long, default_value = DEFAULT_STATUS_SOCKET)]
-        status_socket: PathBuf,
     },
 }
 
@@ -221,6 +224,16 @@ impl Args {
             LogFormat::Auto | LogFormat::Json => Format::Json,
             LogFormat::Human => Format::Human,
         }
+    }
+
+    /// The sandbox --pod or --sandbox names, if either is given.
+    #[cfg(feature = "kubernetes")]
+    fn chosen_sandbox(&self) -> Result<Option<PodOrSandbox>> {
+        Ok(match (&self.pod, &self.sandbox) {
+            (Some(pod), _) => Some(PodOrSandbox::pod(pod).map_err(anyhow::Error::msg)?),
+            (None, Some(id)) => Some(PodOrSandbox::Sandbox(id.clone())),
+            (None, None) => None,
+        })
     }
 }
 
@@ -255,15 +268,17 @@ async fn run(args: Args, log: Logger) -> Result<()> {
         ..Options::default()
     };
     #[cfg(feature = "kubernetes")]
+    let chosen = args.chosen_sandbox()?;
     let command = match args.command {
-        Command::Node(node) => return run_node(node, args.timeout, &log).await,
+        #[cfg(feature = "kubernetes")]
+        Command::Node(node) => {
+            return run_node(node, chosen, args.status_socket, args.timeout, &log).await;
+        }
         command => command,
     };
-    #[cfg(not(feature = "kubernetes"))]
-    let command = args.command;
     #[cfg(feature = "kubernetes")]
-    let agent = match args.pod {
-        Some(pod) => Some(agent_of_pod(&pod, &command, &args.status_socket, args.timeout).await?),
+    let agent = match chosen {
+        Some(chosen) => Some(agent_of(&chosen, &command, &args.status_socket, args.timeout).await?),
         None => args.agent,
     };
     #[cfg(not(feature = "kubernetes"))]
@@ -381,23 +396,38 @@ async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client> {
 }
 
 #[cfg(feature = "kubernetes")]
-async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()> {
-    if let Some(NodeCommand::Status {
-        output,
-        status_socket,
-    }) = args.command
-    {
-        let text =
-            node::http::get_unix(&status_socket, "/status", Duration::from_secs(timeout_secs))
-                .await
-                .with_context(|| "asking the node daemon (is `socklb-shim node` running?)")?;
-        let report: status::Report =
-            serde_json::from_str(&text).context("reading the daemon's status report")?;
-        print!(
-            "{}",
-            output.render(&report, |wide| status::render(&report, wide))?
-        );
+async fn run_node(
+    args: NodeArgs,
+    chosen: Option<PodOrSandbox>,
+    status_socket: PathBuf,
+    timeout_secs: u64,
+    log: &Logger,
+) -> Result<()> {
+    if let Some(NodeCommand::Status { output }) = args.command {
+        let mut report =
+            status::Report::fetch(&status_socket, Duration::from_secs(timeout_secs)).await?;
+        let text = match chosen {
+            None => output.render(&report, |wide| status::render(&report, wide))?,
+            Some(chosen) => {
+                report.sandboxes = chosen
+                    .rows(&report)
+                    .map_err(anyhow::Error::msg)?
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                output.render(&report, |wide| {
+                    status::sandbox_table(&report.sandboxes, wide)
+                })?
+            }
+        };
+        print!("{text}");
         return Ok(());
+    }
+    if chosen.is_some() {
+        bail!(
+            "--pod and --sandbox choose a sandbox to read (list, stats, health, metrics, node \
+             status); the node daemon serves every sandbox of the node"
+        );
     }
     let Some(node_name) = args.node.filter(|n| !n.is_empty()) else {
         bail!(
@@ -421,7 +451,7 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
             &discovery::DEFAULT_BUNDLE_ROOTS,
         ),
         agent_port: args.agent_port,
-        status_socket: args.status_socket,
+        status_socket,
         metrics_addr: args.metrics_addr,
         batch: Duration::from_millis(args.batch_ms),
         rescan: Duration::from_millis(args.rescan_ms),
@@ -438,12 +468,13 @@ async fn run_node(args: NodeArgs, timeout_secs: u64, log: &Logger) -> Result<()>
     }
 }
 
-/// The agent of `pod`'s sandbox, from the node daemon's status report.
+/// The agent of the sandbox `chosen` names, from the node daemon's status
+/// report.
 #[cfg(feature = "kubernetes")]
-async fn agent_of_pod(
-    pod: &str,
+async fn agent_of(
+    chosen: &PodOrSandbox,
     command: &Command,
-    status_socket: &std::path::Path,
+    status_socket: &Path,
     timeout_secs: u64,
 ) -> Result<AgentAddr> {
     if !matches!(
@@ -451,26 +482,15 @@ async fn agent_of_pod(
         Command::List { .. } | Command::Stats { .. } | Command::Health { .. } | Command::Metrics
     ) {
         bail!(
-            "--pod reads one sandbox's agent (list, stats, health, metrics); the node daemon \
-             writes its table"
+            "--pod and --sandbox read one sandbox's agent (list, stats, health, metrics); the \
+             node daemon writes its table"
         );
     }
-    match pod.split_once('/') {
-        Some((namespace, name))
-            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {}
-        _ => bail!("--pod {pod:?}: expected NAMESPACE/NAME"),
-    }
-    let text = node::http::get_unix(status_socket, "/status", Duration::from_secs(timeout_secs))
-        .await
-        .with_context(|| {
-            format!("asking the node daemon for pod {pod} (is `socklb-shim node` running?)")
-        })?;
-    let report: status::Report =
-        serde_json::from_str(&text).context("reading the daemon's status report")?;
-    let agent = status::agent_of(&report, pod).map_err(anyhow::Error::msg)?;
+    let report = status::Report::fetch(status_socket, Duration::from_secs(timeout_secs)).await?;
+    let agent = chosen.agent(&report).map_err(anyhow::Error::msg)?;
     agent
         .parse()
-        .with_context(|| format!("pod {pod}'s agent address from the node daemon"))
+        .with_context(|| format!("the agent address {agent:?} from the node daemon"))
 }
 
 /// The node name kube-proxy assumes without --hostname-override.

@@ -2,10 +2,12 @@
 //! address, state, acknowledged version, lag behind the newest, last
 //! error), kept by the sandbox tasks in the [`Registry`], served as JSON on
 //! the daemon's unix socket (`GET /status`) and printed by
-//! `socklb-shim node status [-o wide|json|yaml]`.
+//! `socklb-shim node status [-o wide|json|yaml]`; `--pod` and `--sandbox`
+//! find a sandbox's agent in it.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, sync::Mutex, time::Duration};
 
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::output::{Column, table};
@@ -219,39 +221,101 @@ pub fn sandbox_table(sandboxes: &[SandboxRow], wide: bool) -> String {
     table(header, &rows, wide)
 }
 
-/// The agent address of pod `pod` (`namespace/name`) in `report`, or why
-/// there is none, in words for a person.
-pub fn agent_of(report: &Report, pod: &str) -> Result<String, String> {
-    let rows: Vec<&SandboxRow> = report
-        .sandboxes
-        .iter()
-        .filter(|row| row.pod.as_deref() == Some(pod))
-        .collect();
-    if let Some(agent) = rows.iter().find_map(|row| row.agent.clone()) {
-        return Ok(agent);
+impl Report {
+    /// The report of the node daemon serving `socket`.
+    pub async fn fetch(socket: &Path, timeout: Duration) -> anyhow::Result<Report> {
+        let text = super::http::get_unix(socket, "/status", timeout)
+            .await
+            .with_context(|| {
+                format!(
+                    "asking the node daemon at {} (is `socklb-shim node` running?)",
+                    socket.display()
+                )
+            })?;
+        serde_json::from_str(&text).context("reading the node daemon's status report")
     }
-    let Some(row) = rows.first() else {
-        return Err(format!(
-            "pod {pod} is not a Kata sandbox on node {} (the node daemon knows {} sandboxes: \
-             `socklb-shim node status` lists them)",
-            report.node,
+}
+
+/// One sandbox of a node, as a person names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodOrSandbox {
+    /// `namespace/name`
+    Pod(String),
+    /// The sandbox's id
+    Sandbox(String),
+}
+
+impl PodOrSandbox {
+    /// `pod` as --pod takes it: NAMESPACE/NAME.
+    pub fn pod(pod: &str) -> Result<Self, String> {
+        match pod.split_once('/') {
+            Some((namespace, name))
+                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+            {
+                Ok(PodOrSandbox::Pod(pod.into()))
+            }
+            _ => Err(format!("--pod {pod:?}: expected NAMESPACE/NAME")),
+        }
+    }
+
+    fn names(&self, row: &SandboxRow) -> bool {
+        match self {
+            PodOrSandbox::Pod(pod) => row.pod.as_ref() == Some(pod),
+            PodOrSandbox::Sandbox(id) => row.id == *id,
+        }
+    }
+
+    /// The rows in `report` this names (a pod may have a second sandbox
+    /// while its first is torn down), or why there are none, for a person.
+    pub fn rows<'r>(&self, report: &'r Report) -> Result<Vec<&'r SandboxRow>, String> {
+        let rows: Vec<&SandboxRow> = report
+            .sandboxes
+            .iter()
+            .filter(|row| self.names(row))
+            .collect();
+        if !rows.is_empty() {
+            return Ok(rows);
+        }
+        let absent = match self {
+            PodOrSandbox::Pod(pod) => {
+                format!("pod {pod} is not a Kata sandbox on node {}", report.node)
+            }
+            PodOrSandbox::Sandbox(id) => {
+                format!("node {} has no Kata sandbox {id}", report.node)
+            }
+        };
+        Err(format!(
+            "{absent} (the node daemon knows {} sandboxes: `socklb-shim node status` lists them)",
             report.sandboxes.len()
-        ));
-    };
-    Err(match row.state {
-        State::Skipped => format!(
-            "pod {pod} (sandbox {}) is a remote sandbox, not served from node {}",
-            row.id, report.node
-        ),
-        state => format!(
-            "the node daemon has not found pod {pod}'s agent yet (sandbox {}, {}{})",
-            row.id,
-            state.name(),
-            row.last_error
-                .as_ref()
-                .map_or(String::new(), |error| format!(": {error}"))
-        ),
-    })
+        ))
+    }
+
+    /// The agent address of the sandbox this names in `report`, or why
+    /// there is none, for a person.
+    pub fn agent(&self, report: &Report) -> Result<String, String> {
+        let rows = self.rows(report)?;
+        if let Some(agent) = rows.iter().find_map(|row| row.agent.clone()) {
+            return Ok(agent);
+        }
+        let row = rows[0];
+        let sandbox = match &row.pod {
+            Some(pod) => format!("sandbox {} of pod {pod}", row.id),
+            None => format!("sandbox {}", row.id),
+        };
+        Err(match row.state {
+            State::Skipped => format!(
+                "{sandbox} is a remote sandbox, not served from node {}",
+                report.node
+            ),
+            state => format!(
+                "the node daemon has not found the agent of {sandbox} yet ({}{})",
+                state.name(),
+                row.last_error
+                    .as_ref()
+                    .map_or(String::new(), |error| format!(": {error}"))
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -259,7 +323,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pod_names_its_agent_or_says_why_not() {
+    fn a_pod_or_sandbox_names_its_agent_or_says_why_not() {
         let registry = Registry::default();
         registry.add("sb-a", Some("shop/web-0".into()));
         registry.set_agent("sb-a", "hvsock:///run/a.sock:1100".into());
@@ -268,23 +332,50 @@ mod tests {
         registry.add("sb-c", Some("shop/remote".into()));
         registry.set_state("sb-c", State::Skipped);
         let report = registry.report("node-1", 1, 1);
+        let pod = |pod: &str| PodOrSandbox::pod(pod).unwrap();
+        let sandbox = |id: &str| PodOrSandbox::Sandbox(id.into());
 
-        assert_eq!(
-            agent_of(&report, "shop/web-0").as_deref(),
-            Ok("hvsock:///run/a.sock:1100")
-        );
-        let err = agent_of(&report, "shop/absent").unwrap_err();
+        for which in [pod("shop/web-0"), sandbox("sb-a")] {
+            assert_eq!(
+                which.agent(&report).as_deref(),
+                Ok("hvsock:///run/a.sock:1100")
+            );
+        }
+        let err = pod("shop/absent").agent(&report).unwrap_err();
         assert!(
             err.contains("pod shop/absent is not a Kata sandbox on node node-1"),
             "{err}"
         );
-        let err = agent_of(&report, "shop/web-1").unwrap_err();
+        let err = sandbox("sb-z").agent(&report).unwrap_err();
         assert!(
-            err.contains("not found pod shop/web-1's agent yet") && err.contains("no agent URL"),
+            err.contains("node node-1 has no Kata sandbox sb-z"),
             "{err}"
         );
-        let err = agent_of(&report, "shop/remote").unwrap_err();
-        assert!(err.contains("remote sandbox"), "{err}");
+        for which in [pod("shop/web-1"), sandbox("sb-b")] {
+            let err = which.agent(&report).unwrap_err();
+            assert!(
+                err.contains("not found the agent of sandbox sb-b of pod shop/web-1 yet")
+                    && err.contains("failing: no agent URL"),
+                "{err}"
+            );
+        }
+        for which in [pod("shop/remote"), sandbox("sb-c")] {
+            let err = which.agent(&report).unwrap_err();
+            assert!(
+                err.contains("sb-c of pod shop/remote is a remote sandbox"),
+                "{err}"
+            );
+        }
+        let rows = sandbox("sb-b").rows(&report).unwrap();
+        assert_eq!(rows.iter().map(|row| &row.id).collect::<Vec<_>>(), ["sb-b"]);
+    }
+
+    #[test]
+    fn a_pod_is_a_namespace_and_a_name() {
+        for bad in ["web-0", "shop/", "/web-0", "shop/web/0"] {
+            let err = PodOrSandbox::pod(bad).unwrap_err();
+            assert!(err.contains("expected NAMESPACE/NAME"), "{bad}: {err}");
+        }
     }
 
     #[test]
