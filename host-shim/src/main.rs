@@ -3,7 +3,7 @@ use std::{fmt::Write as _, io::IsTerminal as _, path::PathBuf, process::ExitCode
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use slog::Logger;
 use socklb_protocols::socklb as api;
@@ -88,6 +88,12 @@ enum Command {
     },
     /// Statistics in the Prometheus text format
     Metrics,
+    /// Print SHELL's completion script for socklb-shim, e.g.
+    /// `source <(socklb-shim completions bash)`
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page of socklb-shim, or of one of its commands
+    /// (`man node status`), as roff: `socklb-shim man | man -l -`
+    Man { command: Vec<String> },
     /// Keep the agent's table equal to what kube-proxy would program for the
     /// cluster's Services and EndpointSlices, until stopped
     #[cfg(feature = "kubernetes")]
@@ -131,7 +137,9 @@ impl Command {
             | Command::List { .. }
             | Command::Stats { .. }
             | Command::Health { .. }
-            | Command::Metrics => true,
+            | Command::Metrics
+            | Command::Completions { .. }
+            | Command::Man { .. } => true,
             #[cfg(feature = "kubernetes")]
             Command::Kube { .. } | Command::Node(_) => false,
             Command::Watch { .. } => false,
@@ -274,6 +282,11 @@ async fn run(args: Args, log: Logger) -> Result<()> {
         Command::Node(node) => {
             return run_node(node, chosen, args.status_socket, args.timeout, &log).await;
         }
+        Command::Completions { shell } => {
+            print!("{}", completions(shell)?);
+            return Ok(());
+        }
+        Command::Man { command } => return print_man(&command),
         command => command,
     };
     #[cfg(feature = "kubernetes")]
@@ -372,6 +385,7 @@ async fn run(args: Args, log: Logger) -> Result<()> {
         }
         #[cfg(feature = "kubernetes")]
         Command::Node(_) => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
         Command::Watch { file, interval_ms } => {
             tokio::select! {
                 () = watch_file(&mut client, &file, Duration::from_millis(interval_ms), &log) => {}
@@ -586,4 +600,41 @@ fn stats_tables(stats: &api::StatsResponse, wide: bool) -> String {
         .collect();
     out += &table(["MAP", "ENTRIES", "CAPACITY"].map(Column::new), &rows, wide);
     out
+}
+
+/// `shell`'s completion script for socklb-shim.
+fn completions(shell: clap_complete::Shell) -> Result<String> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Args::command(), "socklb-shim", &mut script);
+    let script = String::from_utf8(script).context("the completion script")?;
+    Ok(match shell {
+        // clap_complete's bash script (4.6.12) spells the state of a
+        // hyphenated program's subcommands one way in its dispatch loop and
+        // another in its case arms, so no command's options ever complete
+        // (clap-rs/clap#6421): spell the arms as the loop does.
+        clap_complete::Shell::Bash => script.replace("socklb__subcmd__shim__", "socklb__shim__"),
+        _ => script,
+    })
+}
+
+/// Prints the manual page of socklb-shim, or of its command `path` (e.g.
+/// `["node", "status"]`).
+fn print_man(path: &[String]) -> Result<()> {
+    // As clap_mangen's own generate_to: `help` is no command to document.
+    let mut command = Args::command().disable_help_subcommand(true);
+    command.build();
+    let mut page = &command;
+    for name in path {
+        page = page.find_subcommand(name).with_context(|| {
+            let commands: Vec<&str> = page.get_subcommands().map(|c| c.get_name()).collect();
+            format!(
+                "{} has no command {name:?} (its commands: {})",
+                page.get_display_name().unwrap_or(page.get_name()),
+                commands.join(", ")
+            )
+        })?;
+    }
+    clap_mangen::Man::new(page.clone())
+        .render(&mut std::io::stdout())
+        .context("writing the manual page")
 }

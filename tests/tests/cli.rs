@@ -1,7 +1,8 @@
 //! socklb-shim's one-shot commands run as a person runs them: a mistyped
 //! or dead agent address fails at once in one line, and only an agent that
 //! may be starting is waited for (saying so once); a terminal gets lines for
-//! a person, a pipe JSON. Needs no root: the agents here are unix sockets
+//! a person, a pipe JSON; shell completions and the manual page come from
+//! the same definitions. Needs no root: the agents here are unix sockets
 //! the tests make, the terminals pseudo-terminals.
 
 use std::{
@@ -250,4 +251,96 @@ fn a_daemon_at_a_terminal_keeps_json_lines() {
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())
         .unwrap_or_else(|err| panic!("{err}: {text}"));
     assert_eq!(line["msg"], "cannot read the table file", "{text}");
+}
+
+/// `socklb-shim ARGS`' standard output, having succeeded.
+fn printed(args: &[&str]) -> String {
+    let output = Command::new(shim_bin())
+        .args(args)
+        .output()
+        .expect("run socklb-shim");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
+/// What bash completes for the words `line` (the last one being typed),
+/// with socklb-shim's completion script loaded.
+fn bash_completes(script: &Path, line: &[&str]) -> String {
+    let words: Vec<String> = line.iter().map(|word| format!("'{word}'")).collect();
+    let program = format!(
+        "source '{}'\n\
+         COMP_WORDS=({})\n\
+         COMP_CWORD={}\n\
+         _socklb__shim socklb-shim \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"\n\
+         echo \"${{COMPREPLY[*]}}\"",
+        script.display(),
+        words.join(" "),
+        line.len() - 1
+    );
+    let output = Command::new("bash")
+        .args(["--norc", "-c", &program])
+        .output()
+        .expect("run bash");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn completions_generate_for_three_shells() {
+    for (shell, marker) in [
+        ("bash", "complete -F _socklb__shim"),
+        ("zsh", "#compdef socklb-shim"),
+        ("fish", "complete -c socklb-shim"),
+    ] {
+        let script = printed(&["completions", shell]);
+        assert!(
+            script.contains(marker) && script.contains("sandbox") && script.contains("yaml"),
+            "{shell}: {script}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("socklb-shim.bash");
+    std::fs::write(&bash, printed(&["completions", "bash"])).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(syntax.status.success(), "{syntax:?}");
+    // A command's own options and values complete too, not only the
+    // commands.
+    assert_eq!(bash_completes(&bash, &["socklb-shim", "no"]), "node");
+    assert_eq!(
+        bash_completes(&bash, &["socklb-shim", "list", "-o", ""]),
+        "table wide json yaml"
+    );
+    assert_eq!(
+        bash_completes(&bash, &["socklb-shim", "node", "status", "--po"]),
+        "--pod"
+    );
+}
+
+#[test]
+fn a_man_page_for_socklb_shim_and_each_command() {
+    let page = printed(&["man"]);
+    assert!(
+        page.contains(".TH socklb-shim 1") && page.contains("\\-\\-sandbox"),
+        "{page}"
+    );
+    let page = printed(&["man", "node", "status"]);
+    assert!(
+        page.contains(".TH socklb-shim-node-status 1") && page.contains("wide"),
+        "{page}"
+    );
+    let output = Command::new(shim_bin())
+        .args(["man", "node", "stat"])
+        .output()
+        .unwrap();
+    let lines = stderr_lines(&output);
+    assert!(!output.status.success(), "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("socklb-shim-node has no command \"stat\" (its commands: status)"),
+        "{lines:?}"
+    );
 }
