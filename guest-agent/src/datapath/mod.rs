@@ -2,8 +2,9 @@
 //! adopt pinned maps (refusing another layout), attach and pin links,
 //! detach. `maps` is the boundary under table programming (the kernel's
 //! maps, or the same contract in memory), `program` writes service tables
-//! into them, `stats` reads counters and usage back, `convert` maps the
-//! table's types to the maps'.
+//! into them: `ledger` counts what they hold, `plan` works out a write
+//! without touching them, `program` runs it. `stats` reads counters and
+//! usage back, `convert` maps the table's types to the maps'.
 //!
 //! Pins under the bpffs directory `DIR`:
 //! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
@@ -12,7 +13,9 @@
 //!   only then drops the old links, so no connect goes untranslated.
 
 mod convert;
+mod ledger;
 mod maps;
+mod plan;
 mod program;
 mod stats;
 
@@ -37,7 +40,8 @@ use socklb_common::{Addr, GUEST_ADDR_V4, GUEST_ADDR_V6, MAP_LAYOUTS, MapLayout, 
 
 pub use convert::addr_words;
 pub use maps::{TableMaps, WriteFaults};
-pub use program::{ApplySummary, ProgrammedTable};
+pub use plan::ApplySummary;
+pub use program::ProgrammedTable;
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 
 /// The programs, built by build.rs from ebpf/programs.

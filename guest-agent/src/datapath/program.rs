@@ -1,34 +1,26 @@
 //! Programming service tables into the maps: whole tables (all or
-//! nothing), upserts and deletes, each service written so a concurrent
-//! lookup sees its old backend set or its new one; and the repair of what
-//! an agent killed half way through an update leaves.
+//! nothing), upserts and deletes, each run as its `Plan` says and each
+//! service written so a concurrent lookup sees its old backend set or its
+//! new one; and the repair of what an agent killed half way through an
+//! update leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use slog::{Logger, info};
-use socklb_common::{Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MemberKey};
+use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey};
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
-    convert::{endpoint, map_key, socket_addr, table_key, table_of},
+    convert::{map_key, table_key, table_of},
+    ledger::Ledger,
     maps::TableMaps,
+    plan::{ApplySummary, Plan},
 };
-use crate::{services::WriteError, sockets::RemovedBackend};
-
-/// What `apply` changed.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct ApplySummary {
-    pub added: usize,
-    pub updated: usize,
-    pub removed: usize,
-    pub unchanged: usize,
-    /// Backends that some service had before the write and none has after.
-    pub removed_backends: BTreeSet<RemovedBackend>,
-}
+use crate::services::WriteError;
 
 /// A service as the maps hold it.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Programmed {
     pub(super) entry: socklb_common::Service,
     pub(super) backends: Vec<Endpoint>,
@@ -38,17 +30,7 @@ pub(super) struct Programmed {
 /// so a write checks capacity and counts without reading every map.
 pub struct ProgrammedTable {
     pub(super) maps: TableMaps,
-    /// Ids of the programmed services.
-    pub(super) used_ids: BTreeSet<u32>,
-    /// Where the search for a free service id starts (see `free_ids`).
-    next_service_id: u32,
-    /// Backend slots summed over the services.
-    pub(super) slot_count: usize,
-    /// Services per VIP: a VIP stays in `VIPS` while it has one.
-    pub(super) services_per_vip: BTreeMap<Addr, usize>,
-    /// Services per (protocol, backend): a backend is removed, and its
-    /// sockets closed, once no service has it.
-    backend_uses: HashMap<(u8, Endpoint), usize>,
+    pub(super) ledger: Ledger,
     log: Logger,
 }
 
@@ -58,25 +40,12 @@ impl ProgrammedTable {
     pub fn adopt(maps: TableMaps, log: &Logger) -> Result<ProgrammedTable> {
         let mut table = ProgrammedTable {
             maps,
-            used_ids: BTreeSet::new(),
-            next_service_id: 0,
-            slot_count: 0,
-            services_per_vip: BTreeMap::new(),
-            backend_uses: HashMap::new(),
+            ledger: Ledger::default(),
             log: log.new(slog::o!("component" => "table")),
         };
         let programmed = table.read_programmed()?;
         table.sweep_orphans(&programmed)?;
-        table.used_ids = programmed.values().map(|p| p.entry.id).collect();
-        table.next_service_id = table
-            .used_ids
-            .last()
-            .map_or(0, |id| (id + 1) % MAX_SERVICES);
-        table.slot_count = programmed.values().map(|p| p.backends.len()).sum();
-        for key in programmed.keys() {
-            *table.services_per_vip.entry(key.vip).or_default() += 1;
-        }
-        table.count_backend_uses(&programmed);
+        table.ledger = Ledger::of(&programmed);
         table.reconcile_vips()?;
         Ok(table)
     }
@@ -91,7 +60,6 @@ impl ProgrammedTable {
             Ok(summary) => summary,
             Err(WriteError::Failed(err)) => {
                 let restored = self.replace_with(&table_of(before));
-                self.recount_backend_uses();
                 return Err(WriteError::Failed(match restored {
                     Ok(_) => err.context("writing the table failed half way; the previous table is restored"),
                     Err(restore) => err.context(format!(
@@ -110,13 +78,13 @@ impl ProgrammedTable {
 
     /// Brings the maps to exactly `table` (one attempt, no restore).
     fn replace_with(&mut self, table: &Table) -> Result<ApplySummary, WriteError> {
-        let mut current = self.read_programmed()?;
+        let current = self.read_programmed()?;
         let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
             current.keys().map(|key| (*key, None)).collect();
         for service in &table.services {
             wanted.insert(map_key(&service.key), Some(service));
         }
-        self.write(wanted, &mut current)
+        self.write(wanted, current)
     }
 
     /// Adds or replaces `services` (validated each, distinct keys), leaving
@@ -136,165 +104,70 @@ impl ProgrammedTable {
                 .into());
             }
         }
-        let mut current = self.read_some(wanted.keys())?;
-        let written = self.write(wanted, &mut current);
-        if written.is_err() {
-            self.recount_backend_uses();
-        }
-        written
+        let current = self.read_some(wanted.keys())?;
+        self.write(wanted, current)
     }
 
     /// Removes the services with `keys`; refuses all if one is unknown.
     pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<ApplySummary, WriteError> {
         let wanted: BTreeMap<_, Option<&Service>> =
             keys.iter().map(|key| (map_key(key), None)).collect();
-        let mut current = self.read_some(wanted.keys())?;
+        let current = self.read_some(wanted.keys())?;
         if let Some(missing) = keys.iter().find(|key| !current.contains_key(&map_key(key))) {
             return Err(TableError::UnknownService {
                 key: missing.to_string(),
             }
             .into());
         }
-        let written = self.write(wanted, &mut current);
-        if written.is_err() {
-            self.recount_backend_uses();
-        }
-        written
+        self.write(wanted, current)
     }
 
-    /// Counts each backend's services from `programmed`.
-    fn count_backend_uses(&mut self, programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>) {
-        self.backend_uses.clear();
-        for (key, programmed) in programmed {
-            for backend in &programmed.backends {
-                *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
-            }
-        }
-    }
-
-    /// After a write that failed half way, the counts kept step by step may
-    /// not match the maps: count again from what they hold. Unreadable
-    /// maps leave the counts as they are.
-    fn recount_backend_uses(&mut self) {
-        if let Ok(programmed) = self.read_programmed() {
-            self.count_backend_uses(&programmed);
-        }
-    }
-
-    /// Brings each listed service to its wanted state (`None`: removed).
-    /// Capacity is checked before anything changes. Each service's update
-    /// is atomic for concurrent lookups (see `write_service`); removals and
-    /// shrinking services go first, so the maps never hold more than the
-    /// larger of the old and the new table.
+    /// Plans the write (nothing is written if it is refused), then runs
+    /// its steps. Each step's service is counted in the ledger once the
+    /// step has run; a step that fails half way leaves its service as the
+    /// maps then hold it (`settle`), so the ledger never counts what the
+    /// maps do not hold.
     fn write(
         &mut self,
         wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>>,
-        current: &mut BTreeMap<socklb_common::ServiceKey, Programmed>,
+        current: BTreeMap<socklb_common::ServiceKey, Programmed>,
     ) -> Result<ApplySummary, WriteError> {
-        let mut summary = ApplySummary::default();
-        let (mut added, mut removed, mut slots_after) = (0, 0, self.slot_count);
-        for (key, service) in &wanted {
-            let old = current.get(key);
-            match (service, old) {
-                (Some(_), None) => added += 1,
-                (None, Some(_)) => removed += 1,
-                _ => {}
-            }
-            slots_after = slots_after + service.map_or(0, |s| s.backends.len())
-                - old.map_or(0, |p| p.backends.len());
+        let plan = Plan::new(&self.ledger, wanted, current)?;
+        if let Some(id) = plan.last_new_id {
+            self.ledger.handed_out(id);
         }
-        socklb_table::check_capacity(self.used_ids.len() + added - removed, slots_after)?;
+        for (key, old) in &plan.removals {
+            let removed = self.remove(key, old);
+            self.settle(key, Some(old), None, removed)?;
+        }
+        for change in &plan.changes {
+            let written = self.write_service(&change.key, &change.new, change.old.as_ref());
+            self.settle(&change.key, change.old.as_ref(), Some(&change.new), written)?;
+        }
+        Ok(plan.summary)
+    }
 
-        // Ids this write frees: removals run before any service is written,
-        // so when no other id is free (a full table replaced by another) a
-        // new service takes one of them; otherwise a freed id waits its
-        // turn (see `free_ids`).
-        let freed: Vec<u32> = wanted
-            .iter()
-            .filter(|(_, service)| service.is_none())
-            .filter_map(|(key, _)| current.get(key))
-            .map(|programmed| programmed.entry.id)
-            .collect();
-        let mut free_ids = free_ids(&self.used_ids, self.next_service_id, added)
-            .into_iter()
-            .chain(freed);
-        let mut removals = Vec::new();
-        let mut changes = Vec::new();
-        for (key, service) in wanted {
-            let old = current.remove(&key);
-            let Some(service) = service else {
-                if let Some(old) = old {
-                    removals.push((key, old));
+    /// Counts the service at `key` in the ledger as a step left it: `new`
+    /// once the step has run; after a failure, as the maps hold it (a
+    /// service may be rewritten in part). Unreadable maps leave the count
+    /// as it was.
+    fn settle(
+        &mut self,
+        key: &socklb_common::ServiceKey,
+        old: Option<&Programmed>,
+        new: Option<&Programmed>,
+        step: Result<()>,
+    ) -> Result<()> {
+        match step {
+            Ok(()) => self.ledger.record(key, old, new),
+            Err(err) => {
+                if let Ok(now) = self.read_some(std::iter::once(key)) {
+                    self.ledger.record(key, old, now.get(key));
                 }
-                continue;
-            };
-            let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
-            let entry = socklb_common::Service {
-                id: match &old {
-                    Some(old) => old.entry.id,
-                    None => {
-                        let id = free_ids
-                            .next()
-                            .ok_or_else(|| anyhow!("no free service id"))?;
-                        self.next_service_id = (id + 1) % MAX_SERVICES;
-                        id
-                    }
-                },
-                backend_count: backends.len() as u32,
-                affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
-                _pad: 0,
-            };
-            match &old {
-                Some(old) if old.entry == entry && old.backends == backends => {
-                    summary.unchanged += 1;
-                    continue;
-                }
-                Some(_) => summary.updated += 1,
-                None => summary.added += 1,
+                return Err(err);
             }
-            changes.push((key, entry, backends, old));
         }
-        changes.sort_by_key(|(_, entry, _, old)| {
-            i64::from(entry.backend_count)
-                - old.as_ref().map_or(0, |o| i64::from(o.entry.backend_count))
-        });
-        check_members_peak(
-            self.slot_count
-                - removals
-                    .iter()
-                    .map(|(_, old)| old.backends.len())
-                    .sum::<usize>(),
-            changes
-                .iter()
-                .map(|(_, _, backends, old)| (backends.as_slice(), old.as_ref())),
-        )?;
-        let mut dropped = Vec::new();
-        for (key, old) in removals {
-            self.remove(&key, &old)?;
-            dropped.extend(old.backends.iter().map(|backend| (key.proto, *backend)));
-            summary.removed += 1;
-        }
-        for (key, entry, backends, old) in changes {
-            if let Some(old) = &old {
-                dropped.extend(
-                    old.backends
-                        .iter()
-                        .filter(|backend| !backends.contains(backend))
-                        .map(|backend| (key.proto, *backend)),
-                );
-            }
-            self.write_service(&key, entry, &backends, old)?;
-        }
-        // A backend moved from one service to another in this write stays.
-        summary.removed_backends = dropped
-            .into_iter()
-            .filter(|use_key| !self.backend_uses.contains_key(use_key))
-            .map(|(protocol, backend)| RemovedBackend {
-                protocol,
-                addr: socket_addr(&backend),
-            })
-            .collect();
-        Ok(summary)
+        Ok(())
     }
 
     /// The table as the maps hold it (names are not kept in the datapath).
@@ -303,7 +176,7 @@ impl ProgrammedTable {
     }
 
     pub fn service_count(&self) -> usize {
-        self.used_ids.len()
+        self.ledger.service_count()
     }
 
     /// Makes slots and members agree with the service entries: removes
@@ -384,11 +257,11 @@ impl ProgrammedTable {
             .collect();
         for vip in pinned
             .iter()
-            .filter(|vip| !self.services_per_vip.contains_key(*vip))
+            .filter(|vip| self.ledger.services_on(vip) == 0)
         {
             self.maps.vips.remove(vip)?;
         }
-        for vip in self.services_per_vip.keys() {
+        for vip in self.ledger.vips() {
             if !pinned.contains(vip) {
                 self.maps.vips.insert(*vip, 1)?;
             }
@@ -416,22 +289,18 @@ impl ProgrammedTable {
     fn write_service(
         &mut self,
         key: &socklb_common::ServiceKey,
-        entry: socklb_common::Service,
-        backends: &[Endpoint],
-        old: Option<Programmed>,
+        new: &Programmed,
+        old: Option<&Programmed>,
     ) -> Result<()> {
-        let (old_entry, old_backends) = match old {
-            Some(old) => (Some(old.entry), old.backends),
-            None => {
-                // A fresh id may have counted for a removed service.
-                self.maps.counters.reset(entry.id)?;
-                // The VIP before the entry: a VIP missing from `VIPS` passes
-                // untranslated whatever `SERVICES` holds.
-                self.maps.vips.insert(key.vip, 1)?;
-                (None, Vec::new())
-            }
-        };
-        let is_new = old_entry.is_none();
+        let (entry, backends) = (new.entry, new.backends.as_slice());
+        let old_backends: &[Endpoint] = old.map_or(&[], |old| &old.backends);
+        if old.is_none() {
+            // A fresh id may have counted for a removed service.
+            self.maps.counters.reset(entry.id)?;
+            // The VIP before the entry: a VIP missing from `VIPS` passes
+            // untranslated whatever `SERVICES` holds.
+            self.maps.vips.insert(key.vip, 1)?;
+        }
         let old_set: HashSet<Endpoint> = old_backends.iter().copied().collect();
         let new_set: HashSet<Endpoint> = backends.iter().copied().collect();
         let member = |backend: Endpoint| MemberKey {
@@ -440,7 +309,6 @@ impl ProgrammedTable {
         };
         for backend in new_set.difference(&old_set) {
             self.maps.members.insert(member(*backend), 1)?;
-            *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
         }
         for (index, backend) in backends.iter().enumerate() {
             if old_backends.get(index) != Some(backend) {
@@ -451,18 +319,15 @@ impl ProgrammedTable {
                 self.maps.slots.insert(slot, *backend)?;
             }
         }
-        if old_entry != Some(entry) {
-            if let Err(err) = self.maps.services.insert(*key, entry) {
-                if is_new && !self.services_per_vip.contains_key(&key.vip) {
-                    // Best effort: a VIP left in `VIPS` without a service
-                    // would refuse its connects until the next agent start.
-                    let _ = self.maps.vips.remove(&key.vip);
-                }
-                return Err(err);
+        if old.map(|old| old.entry) != Some(entry)
+            && let Err(err) = self.maps.services.insert(*key, entry)
+        {
+            if old.is_none() && self.ledger.services_on(&key.vip) == 0 {
+                // Best effort: a VIP left in `VIPS` without a service
+                // would refuse its connects until the next agent start.
+                let _ = self.maps.vips.remove(&key.vip);
             }
-            if is_new {
-                *self.services_per_vip.entry(key.vip).or_default() += 1;
-            }
+            return Err(err);
         }
         for slot in backends.len() + 1..=old_backends.len() {
             self.maps.slots.remove(&BackendSlotKey {
@@ -472,22 +337,17 @@ impl ProgrammedTable {
         }
         for backend in old_set.difference(&new_set) {
             self.maps.members.remove(&member(*backend))?;
-            self.release_backend(key.proto, *backend);
         }
-        self.used_ids.insert(entry.id);
-        self.slot_count = self.slot_count + backends.len() - old_backends.len();
         Ok(())
     }
 
     fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
         self.maps.services.remove(key)?;
-        if let Some(count) = self.services_per_vip.get_mut(&key.vip) {
-            *count -= 1;
-            if *count == 0 {
-                self.services_per_vip.remove(&key.vip);
-                self.maps.vips.remove(&key.vip)?;
-            }
+        // The last service of its VIP (the ledger counts it until this
+        // step has run).
+        if self.ledger.services_on(&key.vip) == 1 {
+            self.maps.vips.remove(&key.vip)?;
         }
         for slot in 1..=programmed.entry.backend_count {
             self.maps.slots.remove(&BackendSlotKey {
@@ -500,22 +360,8 @@ impl ProgrammedTable {
                 service_id: id,
                 backend: *backend,
             })?;
-            self.release_backend(key.proto, *backend);
         }
-        self.used_ids.remove(&id);
-        self.slot_count -= programmed.backends.len();
         Ok(())
-    }
-
-    fn release_backend(&mut self, protocol: u8, backend: Endpoint) {
-        if let std::collections::hash_map::Entry::Occupied(mut uses) =
-            self.backend_uses.entry((protocol, backend))
-        {
-            *uses.get_mut() -= 1;
-            if *uses.get() == 0 {
-                uses.remove();
-            }
-        }
     }
 
     /// The programmed state of the services with `keys` (absent ones left out).
@@ -557,49 +403,11 @@ impl ProgrammedTable {
     }
 }
 
-/// Refuses, before anything is written, a write whose members would pass
-/// `MEMBERS`' capacity on the way although the final table fits: while a
-/// service is rewritten, its new backends are members before its old ones
-/// stop being (see `write_service`), and services are written in `changes`'
-/// order starting from `members` entries.
-fn check_members_peak<'a>(
-    mut members: usize,
-    changes: impl Iterator<Item = (&'a [Endpoint], Option<&'a Programmed>)>,
-) -> Result<(), TableError> {
-    for (backends, old) in changes {
-        let old: &[Endpoint] = old.map_or(&[], |o| &o.backends);
-        let added = backends.iter().filter(|b| !old.contains(b)).count();
-        let peak = members + added;
-        if peak > MAX_BACKEND_SLOTS as usize {
-            return Err(TableError::Capacity {
-                what: "backends while the update is written (a service's new backends are \
-                       members before its old ones are dropped)",
-                count: peak,
-                limit: MAX_BACKEND_SLOTS as usize,
-            });
-        }
-        members = members + backends.len() - old.len();
-    }
-    Ok(())
-}
-
-/// `count` service ids not in `used`, searched from `from` upward (wrapping).
-/// A freed id thus comes back only after every other free id has been
-/// handed out, long after any connect that read the removed service's
-/// entry has finished; handing it out at once could let such a connect
-/// pick a slot of the new service.
-fn free_ids(used: &BTreeSet<u32>, from: u32, count: usize) -> Vec<u32> {
-    (0..MAX_SERVICES)
-        .map(|offset| (from + offset) % MAX_SERVICES)
-        .filter(|id| !used.contains(id))
-        .take(count)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
+    use socklb_common::MAX_SERVICES;
     use socklb_table::Protocol;
 
     use super::*;
@@ -694,38 +502,55 @@ mod tests {
     }
 
     #[test]
-    fn a_replace_that_would_pass_capacity_half_way_is_refused_up_front() {
-        let endpoint = |i: u32| Endpoint {
-            addr: [0, 0, 0, i],
-            ..Default::default()
+    fn after_a_write_failing_at_any_step_the_ledger_counts_what_the_maps_hold() {
+        let table = |services: serde_json::Value| {
+            Table::parse(&serde_json::json!({ "services": services }).to_string()).unwrap()
         };
-        let old = Programmed {
-            entry: socklb_common::Service::default(),
-            backends: (0..4).map(endpoint).collect(),
+        let backends = |ips: &[&str]| {
+            ips.iter()
+                .map(|ip| serde_json::json!({"ip": ip, "port": 8080}))
+                .collect::<Vec<_>>()
         };
-        let replaced: Vec<Endpoint> = (4..8).map(endpoint).collect();
-        let full = MAX_BACKEND_SLOTS as usize;
-        // At capacity, four backends replaced by four others: the final
-        // table fits, but eight are members for a moment.
-        let err =
-            check_members_peak(full, [(replaced.as_slice(), Some(&old))].into_iter()).unwrap_err();
-        assert!(
-            matches!(err, TableError::Capacity { count, .. } if count == full + 4),
-            "{err}"
-        );
-        // With room for the four, or keeping the same backends, it fits.
-        check_members_peak(full - 4, [(replaced.as_slice(), Some(&old))].into_iter()).unwrap();
-        check_members_peak(full, [(old.backends.as_slice(), Some(&old))].into_iter()).unwrap();
-    }
-
-    #[test]
-    fn a_freed_service_id_is_not_handed_out_again_at_once() {
-        let used = BTreeSet::from([0, 2, 3]);
-        // Id 1 was freed; the search goes on from 4.
-        assert_eq!(free_ids(&used, 4, 2), [4, 5]);
-        assert_eq!(
-            free_ids(&used, MAX_SERVICES - 1, 3),
-            [MAX_SERVICES - 1, 1, 4]
-        );
+        let before = table(serde_json::json!([
+            {"vip": "10.96.0.1", "port": 80, "backends": backends(&["10.244.0.1", "10.244.0.2"])},
+            {"vip": "10.96.0.1", "port": 81, "backends": backends(&["10.244.0.2"])},
+            {"vip": "10.96.0.2", "port": 80, "backends": backends(&["10.244.0.3"])},
+        ]));
+        // Grows and changes the first, empties the second, adds a fourth
+        // on a backend of the first.
+        let upserted = table(serde_json::json!([
+            {"vip": "10.96.0.1", "port": 80,
+             "backends": backends(&["10.244.0.4", "10.244.0.5", "10.244.0.6"])},
+            {"vip": "10.96.0.1", "port": 81, "backends": []},
+            {"vip": "10.96.0.3", "port": 80, "backends": backends(&["10.244.0.1"])},
+        ]));
+        let replaced = table(serde_json::json!([
+            {"vip": "10.96.0.4", "port": 80, "backends": backends(&["10.244.0.2", "10.244.0.7"])},
+        ]));
+        let mut failed = 0;
+        for writes in 0..40 {
+            for write in ["upsert", "delete", "apply"] {
+                let faults = WriteFaults::default();
+                let mut programmed = in_memory(&faults);
+                programmed.apply(&before).unwrap();
+                faults.fail_after(writes);
+                let result = match write {
+                    "upsert" => programmed.upsert(&upserted.services),
+                    "delete" => {
+                        programmed.delete(&[before.services[0].key, before.services[2].key])
+                    }
+                    _ => programmed.apply(&replaced),
+                };
+                failed += usize::from(result.is_err());
+                faults.heal();
+                let held = Ledger::of(&programmed.read_programmed().unwrap());
+                assert_eq!(
+                    programmed.ledger.without_id_search(),
+                    held.without_id_search(),
+                    "{write} failing after {writes} writes"
+                );
+            }
+        }
+        assert!(failed > 20, "the writes failed half way {failed} times");
     }
 }

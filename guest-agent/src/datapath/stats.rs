@@ -52,22 +52,22 @@ impl ProgrammedTable {
         vec![
             MapUsage {
                 map: map_names::SERVICES,
-                entries: self.used_ids.len(),
+                entries: self.ledger.service_count(),
                 capacity: MAX_SERVICES as usize,
             },
             MapUsage {
                 map: map_names::VIPS,
-                entries: self.services_per_vip.len(),
+                entries: self.ledger.vip_count(),
                 capacity: MAX_VIPS as usize,
             },
             MapUsage {
                 map: map_names::BACKEND_SLOTS,
-                entries: self.slot_count,
+                entries: self.ledger.slot_count(),
                 capacity: MAX_BACKEND_SLOTS as usize,
             },
             MapUsage {
                 map: map_names::MEMBERS,
-                entries: self.slot_count,
+                entries: self.ledger.slot_count(),
                 capacity: MAX_BACKEND_SLOTS as usize,
             },
         ]
