@@ -241,13 +241,17 @@ pub(crate) fn stream(args: &[String]) {
 }
 
 /// Socket churn through VIPs while long-lived sockets keep asking what they
-/// are connected to: `--tcp-connections` short TCP connections to `--tcp`
-/// and `--udp-sockets` short-lived UDP sockets (one datagram each) to
-/// `--udp`, from two threads each. Meanwhile, every `--check-ms`, a TCP
-/// socket connected before the churn checks its getpeername and an
-/// unconnected UDP socket its replies' source; before and after, a connect
-/// to each `--affinity` (ClientIP services) tells its backend. Prints one
-/// summary.
+/// are connected to: `--tcp-connections` short TCP connections, in turn to
+/// `--tcp`, to each `--affinity` (ClientIP services, whose choices are
+/// checked) and to each `--affinity-churn` (ClientIP services the churn
+/// alone uses, so it makes choices of its own), and `--udp-sockets`
+/// short-lived UDP sockets (one datagram each) to `--udp`, from two threads
+/// each. Meanwhile, every `--check-ms`, a TCP socket connected before the
+/// churn checks its getpeername, and an unconnected UDP socket reads one of
+/// the replies it was sent before the churn (their source comes from the
+/// translation made then). Before and after, a connect to each
+/// `--affinity` tells its backend; each churn connection to one must reach
+/// the same. Prints one summary.
 pub(crate) fn churn(args: &[String]) {
     let tcp_target = addr(values(args, "--tcp")[0]);
     let udp_target = addr(values(args, "--udp")[0]);
@@ -264,31 +268,59 @@ pub(crate) fn churn(args: &[String]) {
     let check_every = Duration::from_millis(value(args, "--check-ms", 500u64));
 
     let affinity_before = affinity_backends();
+    // Where the churn connects in turn, with the backend each must reach.
+    let rotation: Vec<(SocketAddr, Option<Value>)> = std::iter::once((tcp_target, None))
+        .chain(
+            affinity_targets
+                .iter()
+                .zip(&affinity_before)
+                .map(|(target, backend)| (*target, Some(backend.clone()))),
+        )
+        .chain(
+            values(args, "--affinity-churn")
+                .into_iter()
+                .map(|target| (addr(target), None)),
+        )
+        .collect();
     // The backend closes its end at once; the socket stays connected
     // (CLOSE_WAIT) for as long as it is open.
     let long_tcp = TcpStream::connect_timeout(&tcp_target, TIMEOUT).expect("long-lived TCP");
     let long_udp = udp_socket_for(udp_target).expect("long-lived UDP");
-    let udp_reply_source = |socket: &UdpSocket| -> String {
-        let mut buf = [0u8; 64];
-        let sent = socket.send_to(b"ping", udp_target);
-        match sent.and_then(|_| socket.recv_from(&mut buf)) {
-            Ok((_, source)) => source.to_string(),
-            Err(err) => format!("error: {err}"),
-        }
+    let mut buf = [0u8; 64];
+    let sent = long_udp.send_to(b"ping", udp_target);
+    let first_udp_source = match sent.and_then(|_| long_udp.recv_from(&mut buf)) {
+        Ok((_, source)) => source.to_string(),
+        Err(err) => format!("error: {err}"),
     };
-    let first_udp_source = udp_reply_source(&long_udp);
+    // Replies queued for the checks: a send before each read would make
+    // the translation afresh and hide one the churn lost.
+    let mut udp_replies_left = UDP_REPLIES_QUEUED;
+    for _ in 0..UDP_REPLIES_QUEUED {
+        long_udp
+            .send_to(b"ping", udp_target)
+            .expect("queue a UDP reply");
+    }
 
     let started = Instant::now();
-    let churners: Vec<std::thread::JoinHandle<u32>> = (0..2)
-        .map(|_| {
+    let churners: Vec<std::thread::JoinHandle<(u32, Vec<String>)>> = (0..2)
+        .map(|thread| {
+            let rotation = rotation.clone();
             std::thread::spawn(move || {
-                let mut failed = 0;
-                for _ in 0..tcp_connections / 2 {
+                let (mut failed, mut moved) = (0, Vec::new());
+                for n in 0..tcp_connections / 2 {
                     // The backend closes first and so holds the TIME_WAIT:
                     // the client's ports are not used up.
-                    failed += u32::from(tcp_exchange(tcp_target).get("error").is_some());
+                    let (target, chosen) = &rotation[(n as usize * 2 + thread) % rotation.len()];
+                    let exchange = tcp_exchange(*target);
+                    failed += u32::from(exchange.get("error").is_some());
+                    if let Some(chosen) = chosen
+                        && exchange["backend"] != *chosen
+                        && exchange.get("error").is_none()
+                    {
+                        moved.push(format!("{target}: {}", exchange["backend"]));
+                    }
                 }
-                failed
+                (failed, moved)
             })
         })
         .chain((0..2).map(|_| {
@@ -299,40 +331,60 @@ pub(crate) fn churn(args: &[String]) {
                         .and_then(|socket| socket.send_to(b"churn", udp_target));
                     failed += u32::from(sent.is_err());
                 }
-                failed
+                (failed, Vec::new())
             })
         }))
         .collect();
-    let mut checks = 0;
+    let (mut tcp_checks, mut udp_checks) = (0, 0);
     let mut wrong = Vec::new();
-    let mut check = |checks: &mut u32| {
-        *checks += 1;
+    let mut check = || {
+        tcp_checks += 1;
         let peer = long_tcp.peer_addr().map(|a| a.to_string());
         if peer.as_ref().ok() != Some(&tcp_target.to_string()) {
             wrong.push(format!("getpeername: {peer:?}"));
         }
-        let source = udp_reply_source(&long_udp);
-        if source != udp_target.to_string() {
-            wrong.push(format!("recvfrom: {source}"));
+        if udp_replies_left > 0 {
+            udp_replies_left -= 1;
+            udp_checks += 1;
+            let source = match long_udp.recv_from(&mut buf) {
+                Ok((_, source)) => source.to_string(),
+                Err(err) => format!("error: {err}"),
+            };
+            if source != udp_target.to_string() {
+                wrong.push(format!("recvfrom: {source}"));
+            }
         }
     };
     while !churners.iter().all(std::thread::JoinHandle::is_finished) {
         std::thread::sleep(check_every);
-        check(&mut checks);
+        check();
     }
-    let failed: u32 = churners.into_iter().map(|t| t.join().unwrap()).sum();
+    let (mut failed, mut affinity_moved) = (0, Vec::new());
+    for churner in churners {
+        let (f, moved) = churner.join().unwrap();
+        failed += f;
+        affinity_moved.extend(moved);
+    }
     let churn_ms = started.elapsed().as_millis() as u64;
-    check(&mut checks);
+    check();
     emit(json!({
         "churn_ms": churn_ms,
         "failed": failed,
-        "checks": checks,
+        "tcp_checks": tcp_checks,
+        "udp_checks": udp_checks,
         "first_udp_source": first_udp_source,
         "wrong": wrong,
         "affinity_before": affinity_before,
         "affinity_after": affinity_backends(),
+        "affinity_moved": affinity_moved.len(),
+        "affinity_moved_first": affinity_moved.into_iter().take(5).collect::<Vec<_>>(),
     }));
 }
+
+/// How many replies the churn's long-lived UDP socket has queued for its
+/// checks: more than a churn checked every few seconds needs, far fewer
+/// than its receive buffer holds.
+const UDP_REPLIES_QUEUED: u32 = 64;
 
 /// `--sockets` UDP sockets connected to ADDR (each connect translated once),
 /// held for `--ms`; then one datagram on each. Prints how many were opened
