@@ -15,7 +15,7 @@ use netlink_sys::{AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket
 use nix::net::if_::InterfaceFlags;
 use slog::{Logger, error, info, warn};
 
-use crate::services::ServiceTable;
+use crate::service_table::ServiceTable;
 
 /// rtnetlink multicast groups (linux/rtnetlink.h): interfaces going up or
 /// down, IPv4 and IPv6 addresses added or removed.
@@ -59,10 +59,10 @@ impl GuestAddrs {
 }
 
 /// Writes `addrs` into the datapath and logs them.
-pub fn program(services: &mut ServiceTable, addrs: GuestAddrs, log: &Logger) -> Result<()> {
+pub fn program(service_table: &mut ServiceTable, addrs: GuestAddrs, log: &Logger) -> Result<()> {
     info!(log, "guest addresses for getsockname";
           "v4" => addrs.v4.map(|ip| ip.to_string()), "v6" => addrs.v6.map(|ip| ip.to_string()));
-    services
+    service_table
         .datapath_mut()
         .context("the table has no kernel datapath to tell its addresses")?
         .set_guest_addrs(addrs.v4, addrs.v6)
@@ -109,7 +109,7 @@ pub fn subscribe() -> Result<TokioSocket> {
 /// Re-reads the interfaces after every burst of notifications and programs
 /// them (also when a SIGHUP reload wrote them meanwhile: one small write per
 /// burst, and no state to keep in step); runs for as long as the agent does.
-pub async fn follow(socket: TokioSocket, services: Arc<Mutex<ServiceTable>>, log: Logger) {
+pub async fn follow(socket: TokioSocket, service_table: Arc<Mutex<ServiceTable>>, log: Logger) {
     loop {
         match socket.recv_from_full().await {
             Ok(_) => {}
@@ -134,8 +134,8 @@ pub async fn follow(socket: TokioSocket, services: Arc<Mutex<ServiceTable>>, log
         // Drain what arrived while settling: one re-read covers all of it.
         while let Ok(Ok(_)) = tokio::time::timeout(Duration::ZERO, socket.recv_from_full()).await {}
         let now = GuestAddrs::first_of_each_family(&interface_ips());
-        let mut services = services.lock().expect("table lock");
-        if let Err(err) = program(&mut services, now, &log) {
+        let mut service_table = service_table.lock().expect("table lock");
+        if let Err(err) = program(&mut service_table, now, &log) {
             warn!(log, "guest addresses not programmed: {err:#}");
         }
     }

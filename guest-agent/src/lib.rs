@@ -10,5 +10,5 @@ pub mod opt_out;
 pub mod peers;
 pub mod rpc;
 pub mod server;
-pub mod services;
+pub mod service_table;
 pub mod sockets;

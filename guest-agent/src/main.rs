@@ -16,7 +16,7 @@ use socklb_agent::{
     peers::PeerRule,
     rpc::Rpc,
     server,
-    services::{ServiceTable, refuse_loopback_backends},
+    service_table::{ServiceTable, refuse_loopback_backends},
     sockets::SocketCloser,
 };
 use socklb_table::{Table, TableError};
@@ -118,15 +118,15 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let features = kernel::Features::detect();
     features.report(log);
     let (datapath, programmed) = Datapath::load(&config.bpffs, log)?;
-    let mut services = ServiceTable::new(programmed)
+    let mut service_table = ServiceTable::new(programmed)
         .with_datapath(datapath)
         .allowing_loopback_backends(config.allow_loopback_backends);
     match &table {
         Some(table) => {
-            services.sync(table, 0)?;
+            service_table.sync(table, 0)?;
         }
         None => info!(log, "no table given: keeping the programmed one";
-                      "services" => services.programmed().service_count()),
+                      "services" => service_table.programmed().service_count()),
     }
     // Subscribed before the first read, so no address change is missed.
     let address_changes = config
@@ -134,9 +134,13 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         .is_empty()
         .then(addresses::subscribe)
         .transpose()?;
-    addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)?;
-    services.attach(&cgroup)?;
-    services.set_socket_closer(Arc::new(SocketCloser::new(
+    addresses::program(
+        &mut service_table,
+        GuestAddrs::current(&config.pod_ips),
+        log,
+    )?;
+    service_table.attach(&cgroup)?;
+    service_table.set_socket_closer(Arc::new(SocketCloser::new(
         cgroup.clone(),
         config.close_tcp_of_removed_backends,
         log,
@@ -150,16 +154,17 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let services = Arc::new(Mutex::new(services));
+    let service_table = Arc::new(Mutex::new(service_table));
     if let Some(socket) = address_changes {
         tokio::spawn(addresses::follow(
             socket,
-            services.clone(),
+            service_table.clone(),
             log.new(slog::o!("component" => "addresses")),
         ));
     }
     let rpc = Arc::new(
-        Rpc::new(services.clone(), config.bpf_stats, log).with_kernel_features(features.names()),
+        Rpc::new(service_table.clone(), config.bpf_stats, log)
+            .with_kernel_features(features.names()),
     );
     let peer_rule = PeerRule {
         allowed_cids: config.allowed_cids.clone(),
@@ -177,7 +182,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(config, &services, log),
+            _ = hangup.recv() => reload(config, &service_table, log),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -188,20 +193,24 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
 }
 
 /// SIGHUP: program the table file again; a bad file changes nothing.
-fn reload(config: &Config, services: &Mutex<ServiceTable>, log: &Logger) {
+fn reload(config: &Config, service_table: &Mutex<ServiceTable>, log: &Logger) {
     let Some(path) = &config.table else {
         info!(log, "SIGHUP without a table file: nothing to re-read");
         return;
     };
-    let mut services = services.lock().expect("table lock");
+    let mut service_table = service_table.lock().expect("table lock");
     let result = table_file(config, path)
         .map_err(anyhow::Error::from)
         .and_then(|table| {
             // A new table under a new generation, so a host comparing
             // generations sees that the table changed under it.
-            let generation = services.generation() + 1;
-            services.sync(&table, generation)?;
-            addresses::program(&mut services, GuestAddrs::current(&config.pod_ips), log)
+            let generation = service_table.generation() + 1;
+            service_table.sync(&table, generation)?;
+            addresses::program(
+                &mut service_table,
+                GuestAddrs::current(&config.pod_ips),
+                log,
+            )
         });
     if let Err(err) = result {
         error!(log, "table not applied, the datapath is unchanged: {err:#}");

@@ -28,7 +28,7 @@ use slog::{Drain, KV as _, Key, Logger, OwnedKVList, Record, Serializer};
 use socklb_agent::{
     datapath::{ProgrammedTable, TableMaps, WriteFaults},
     rpc::Rpc,
-    services::ServiceTable,
+    service_table::ServiceTable,
 };
 use socklb_shim::node::http::{self, Handler, Limits, Reply};
 use socklb_table::Table;

@@ -15,7 +15,7 @@ use super::{
     ledger::Ledger,
     program::Programmed,
 };
-use crate::{services::WriteError, sockets::RemovedBackend};
+use crate::{service_table::WriteError, sockets::RemovedBackend};
 
 /// What a write changed.
 #[derive(Debug, Default, PartialEq, Eq)]

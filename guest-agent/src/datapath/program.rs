@@ -17,7 +17,7 @@ use super::{
     maps::TableMaps,
     plan::{ApplySummary, Plan},
 };
-use crate::services::WriteError;
+use crate::service_table::WriteError;
 
 /// A service as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use ttrpc::{Code, r#async::TtrpcContext};
 use crate::{
     datapath,
     opt_out::OptOutError,
-    services::{ServiceTable, StagedSync, StagingError, WriteError, Written},
+    service_table::{ServiceTable, StagedSync, StagingError, WriteError, Written},
 };
 
 mod report;

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use socklb_protocols::socklb::{self as api};
 
 use crate::datapath;
-use crate::services::ServiceTable;
+use crate::service_table::ServiceTable;
 
 pub(super) fn stats(
     table: &mut ServiceTable,

@@ -15,7 +15,7 @@ use socklb_table::{Service, ServiceKey, Table};
 use ttrpc::{Code, r#async::TtrpcContext};
 
 use crate::opt_out::{self, OptOutError};
-use crate::services::{StagedSync, StagingError};
+use crate::service_table::{StagedSync, StagingError};
 
 use super::*;
 
