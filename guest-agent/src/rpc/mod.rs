@@ -26,7 +26,7 @@ use crate::{
 };
 
 mod report;
-mod services;
+mod services_api;
 
 pub use report::prometheus_text;
 use report::{map_usage, stats};
