@@ -331,7 +331,7 @@ fn a_restarted_agent_removes_leftovers_of_an_interrupted_update() {
     // the old members leaves: a backend in none of the live service's slots
     // still a member (its sticky clients would keep it for good). And the
     // member of the backend that is in its slot gone.
-    let services: HashMap<MapData, socklb_common::ServiceKey, socklb_common::Service> =
+    let services: HashMap<MapData, socklb_common::ServiceEntryKey, socklb_common::ServiceEntry> =
         HashMap::try_from(aya::maps::Map::HashMap(map(map_names::SERVICES))).unwrap();
     let (_, web) = services.iter().next().unwrap().unwrap();
     let b1 = slots

@@ -74,7 +74,7 @@ pub struct Endpoint {
 /// Key of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ServiceKey {
+pub struct ServiceEntryKey {
     pub vip: Addr,
     /// Network byte order.
     pub port: u16,
@@ -89,7 +89,7 @@ pub struct ServiceKey {
 /// concurrent lookup always sees a complete set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Service {
+pub struct ServiceEntry {
     /// Agent-assigned, below `MAX_SERVICES`; indexes `SERVICE_COUNTERS`.
     pub id: u32,
     /// 0: connect and sendmsg are refused with ECONNREFUSED.
@@ -217,7 +217,7 @@ impl MapLayout {
 /// Every map of the programs, with its key and value types. The agent's
 /// tests hold the built programs to this list.
 pub const MAP_LAYOUTS: [MapLayout; 11] = [
-    MapLayout::of::<ServiceKey, Service>(map_names::SERVICES),
+    MapLayout::of::<ServiceEntryKey, ServiceEntry>(map_names::SERVICES),
     MapLayout::of::<Addr, u8>(map_names::VIPS),
     MapLayout::of::<BackendSlotKey, Endpoint>(map_names::BACKEND_SLOTS),
     MapLayout::of::<MemberKey, u8>(map_names::MEMBERS),
@@ -247,8 +247,8 @@ mod pod {
 
     pod!(
         Endpoint,
-        ServiceKey,
-        Service,
+        ServiceEntryKey,
+        ServiceEntry,
         BackendSlotKey,
         MemberKey,
         AffinityKey,
@@ -265,8 +265,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<ServiceEntryKey>(), 20);
+        assert_eq!(size_of::<ServiceEntry>(), 16);
         assert_eq!(size_of::<BackendSlotKey>(), 8);
         assert_eq!(size_of::<MemberKey>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 16);

@@ -38,7 +38,7 @@ use aya_ebpf::{
 use socklb_common::{
     AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
     GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
-    MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, Service, ServiceCounters, ServiceKey,
+    MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, ServiceCounters, ServiceEntry, ServiceEntryKey,
     Translation, is_loopback, is_v4_mapped,
 };
 
@@ -46,7 +46,8 @@ use socklb_common::{
 // preallocation a replaced element is freed only after an RCU grace period,
 // so a reader never sees it reused.
 #[map]
-static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+static SERVICES: HashMap<ServiceEntryKey, ServiceEntry> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 /// Every VIP of `SERVICES` (the value is unused): the prefilter that lets
 /// a non-VIP destination pass after one lookup of a 16-byte key.
 #[map]
@@ -211,7 +212,7 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
         }
         return Verdict::Pass;
     }
-    let key = ServiceKey {
+    let key = ServiceEntryKey {
         vip: dst.addr,
         port: dst.port,
         proto: sa.protocol(),
@@ -238,8 +239,8 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
 fn connected_backend(
     sa: &SockAddr,
     dst: &Endpoint,
-    key: &ServiceKey,
-    service: &Service,
+    key: &ServiceEntryKey,
+    service: &ServiceEntry,
 ) -> Option<Endpoint> {
     let backend = choose_backend(sa, key, service)?;
     match sa.storage(&CONNECTED_VIP, Storage::Create) {
@@ -257,8 +258,8 @@ fn connected_backend(
 fn datagram_backend(
     sa: &SockAddr,
     dst: &Endpoint,
-    key: &ServiceKey,
-    service: &Service,
+    key: &ServiceEntryKey,
+    service: &ServiceEntry,
 ) -> Option<Endpoint> {
     let Some(vips) = sa.storage(&DATAGRAM_VIPS, Storage::Create) else {
         count(service.id, |c| c.insert_failures += 1);
@@ -323,7 +324,11 @@ fn opted_out() -> bool {
 /// Under ClientIP affinity, the backend this client namespace used last if
 /// it is still fresh and a member; else (and without affinity) a random one.
 #[inline(always)]
-fn choose_backend(sa: &SockAddr, key: &ServiceKey, service: &Service) -> Option<Endpoint> {
+fn choose_backend(
+    sa: &SockAddr,
+    key: &ServiceEntryKey,
+    service: &ServiceEntry,
+) -> Option<Endpoint> {
     if service.backend_count == 0 {
         return None;
     }
@@ -359,7 +364,7 @@ fn choose_backend(sa: &SockAddr, key: &ServiceKey, service: &Service) -> Option<
 }
 
 #[inline(always)]
-fn random_backend(key: &ServiceKey, service: &Service) -> Option<Endpoint> {
+fn random_backend(key: &ServiceEntryKey, service: &ServiceEntry) -> Option<Endpoint> {
     if let Some(backend) = backend_in_slot(service) {
         return Some(backend);
     }
@@ -370,7 +375,7 @@ fn random_backend(key: &ServiceKey, service: &Service) -> Option<Endpoint> {
 }
 
 #[inline(always)]
-fn backend_in_slot(service: &Service) -> Option<Endpoint> {
+fn backend_in_slot(service: &ServiceEntry) -> Option<Endpoint> {
     let index = random_u32().checked_rem(service.backend_count)?;
     let slot = BackendSlotKey {
         service_id: service.id,

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use socklb_common::{Addr, Endpoint, is_v4_mapped, v4_mapped};
+use socklb_common::{Addr, Endpoint, ServiceEntryKey, is_v4_mapped, v4_mapped};
 use socklb_table::{Protocol, Service, ServiceKey, Table};
 
 use super::program::Programmed;
@@ -50,7 +50,7 @@ pub(super) fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
 }
 
 /// Programmed services as a table (without names: the maps keep none).
-pub(super) fn table_of(programmed: BTreeMap<socklb_common::ServiceKey, Programmed>) -> Table {
+pub(super) fn table_of(programmed: BTreeMap<ServiceEntryKey, Programmed>) -> Table {
     let services = programmed
         .into_iter()
         .map(|(key, programmed)| Service {
@@ -66,8 +66,8 @@ pub(super) fn table_of(programmed: BTreeMap<socklb_common::ServiceKey, Programme
     Table { services }
 }
 
-pub(super) fn map_key(key: &ServiceKey) -> socklb_common::ServiceKey {
-    socklb_common::ServiceKey {
+pub(super) fn map_key(key: &ServiceKey) -> ServiceEntryKey {
+    ServiceEntryKey {
         vip: addr_words(key.vip),
         port: key.port.to_be(),
         proto: key.protocol.number(),
@@ -75,7 +75,7 @@ pub(super) fn map_key(key: &ServiceKey) -> socklb_common::ServiceKey {
     }
 }
 
-pub(super) fn table_key(key: &socklb_common::ServiceKey) -> ServiceKey {
+pub(super) fn table_key(key: &ServiceEntryKey) -> ServiceKey {
     ServiceKey {
         vip: ip_of(&key.vip),
         port: u16::from_be(key.port),

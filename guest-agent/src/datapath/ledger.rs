@@ -9,7 +9,7 @@ use std::{
     hash::Hash,
 };
 
-use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceKey};
+use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceEntryKey};
 
 use super::program::Programmed;
 
@@ -31,7 +31,7 @@ pub(super) struct Ledger {
 impl Ledger {
     /// The counts of `programmed`, what the maps hold; ids are searched
     /// from past the highest in use.
-    pub(super) fn of(programmed: &BTreeMap<ServiceKey, Programmed>) -> Ledger {
+    pub(super) fn of(programmed: &BTreeMap<ServiceEntryKey, Programmed>) -> Ledger {
         let mut ledger = Ledger::default();
         for (key, service) in programmed {
             ledger.record(key, None, Some(service));
@@ -46,7 +46,7 @@ impl Ledger {
     /// Counts the service at `key` as `new` instead of `old` (None: absent).
     pub(super) fn record(
         &mut self,
-        key: &ServiceKey,
+        key: &ServiceEntryKey,
         old: Option<&Programmed>,
         new: Option<&Programmed>,
     ) {
@@ -138,11 +138,13 @@ fn decrement<K: Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
 
 #[cfg(test)]
 mod tests {
+    use socklb_common::ServiceEntry;
+
     use super::*;
 
     /// A service with id `id`, as the maps hold it, on VIP `vip`.
-    fn programmed(id: u32, vip: u32, backends: &[u32]) -> (ServiceKey, Programmed) {
-        let key = ServiceKey {
+    fn programmed(id: u32, vip: u32, backends: &[u32]) -> (ServiceEntryKey, Programmed) {
+        let key = ServiceEntryKey {
             vip: [0, 0, 0, vip],
             port: 80,
             proto: 6,
@@ -155,7 +157,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let entry = socklb_common::Service {
+        let entry = ServiceEntry {
             id,
             backend_count: backends.len() as u32,
             ..Default::default()

@@ -20,8 +20,8 @@ use aya::{
     maps::{MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use socklb_common::{
-    Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, MemberKey, Service,
-    ServiceCounters, ServiceKey,
+    Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, MemberKey,
+    ServiceCounters, ServiceEntry, ServiceEntryKey,
 };
 
 /// A hash map as table programming uses it.
@@ -45,7 +45,7 @@ pub(super) trait Counters: Send {
 
 /// The maps one service table lives in.
 pub struct TableMaps {
-    pub(super) services: Box<dyn TableMap<ServiceKey, Service>>,
+    pub(super) services: Box<dyn TableMap<ServiceEntryKey, ServiceEntry>>,
     pub(super) vips: Box<dyn TableMap<Addr, u8>>,
     pub(super) slots: Box<dyn TableMap<BackendSlotKey, Endpoint>>,
     pub(super) members: Box<dyn TableMap<MemberKey, u8>>,
@@ -55,7 +55,7 @@ pub struct TableMaps {
 impl TableMaps {
     /// The pinned BPF maps the programs read.
     pub(super) fn kernel(
-        services: aya::maps::HashMap<MapData, ServiceKey, Service>,
+        services: aya::maps::HashMap<MapData, ServiceEntryKey, ServiceEntry>,
         vips: aya::maps::HashMap<MapData, Addr, u8>,
         slots: aya::maps::HashMap<MapData, BackendSlotKey, Endpoint>,
         members: aya::maps::HashMap<MapData, MemberKey, u8>,

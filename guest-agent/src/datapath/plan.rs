@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use anyhow::anyhow;
-use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceKey};
+use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, TableError};
 
 use super::{
@@ -34,7 +34,7 @@ pub struct ApplySummary {
 #[derive(Debug)]
 pub(super) struct Plan {
     /// Services to remove, as the maps hold them.
-    pub(super) removals: Vec<(ServiceKey, Programmed)>,
+    pub(super) removals: Vec<(ServiceEntryKey, Programmed)>,
     pub(super) changes: Vec<Change>,
     /// The last id a new service takes (the next search starts past it).
     pub(super) last_new_id: Option<u32>,
@@ -45,7 +45,7 @@ pub(super) struct Plan {
 /// A service to add (`old` None) or to change.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Change {
-    pub(super) key: ServiceKey,
+    pub(super) key: ServiceEntryKey,
     pub(super) new: Programmed,
     pub(super) old: Option<Programmed>,
 }
@@ -56,8 +56,8 @@ impl Plan {
     /// A write past capacity, at the end or on the way, is refused.
     pub(super) fn new(
         ledger: &Ledger,
-        wanted: BTreeMap<ServiceKey, Option<&Service>>,
-        mut current: BTreeMap<ServiceKey, Programmed>,
+        wanted: BTreeMap<ServiceEntryKey, Option<&Service>>,
+        mut current: BTreeMap<ServiceEntryKey, Programmed>,
     ) -> Result<Plan, WriteError> {
         let (mut added, mut removed, mut slots_after) = (0, 0, ledger.slot_count());
         for (key, service) in &wanted {
@@ -109,7 +109,7 @@ impl Plan {
             };
             let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
             let new = Programmed {
-                entry: socklb_common::Service {
+                entry: ServiceEntry {
                     id,
                     backend_count: backends.len() as u32,
                     affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
@@ -244,9 +244,9 @@ mod tests {
     }
 
     /// `service` as the maps hold it under `id`.
-    fn programmed(id: u32, service: &Service) -> (ServiceKey, Programmed) {
+    fn programmed(id: u32, service: &Service) -> (ServiceEntryKey, Programmed) {
         let backends: Vec<Endpoint> = service.backends.iter().map(endpoint).collect();
-        let entry = socklb_common::Service {
+        let entry = ServiceEntry {
             id,
             backend_count: backends.len() as u32,
             ..Default::default()
@@ -339,7 +339,7 @@ mod tests {
             ..Default::default()
         };
         let old = Programmed {
-            entry: socklb_common::Service::default(),
+            entry: ServiceEntry::default(),
             backends: (0..4).map(endpoint).collect(),
         };
         let replaced: Vec<Endpoint> = (4..8).map(endpoint).collect();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use slog::{Logger, info};
-use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey};
+use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
@@ -22,7 +22,7 @@ use crate::service_table::WriteError;
 /// A service as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Programmed {
-    pub(super) entry: socklb_common::Service,
+    pub(super) entry: ServiceEntry,
     pub(super) backends: Vec<Endpoint>,
 }
 
@@ -79,7 +79,7 @@ impl ProgrammedTable {
     /// Brings the maps to exactly `table` (one attempt, no restore).
     fn replace_with(&mut self, table: &Table) -> Result<ApplySummary, WriteError> {
         let current = self.read_programmed()?;
-        let mut wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>> =
+        let mut wanted: BTreeMap<ServiceEntryKey, Option<&Service>> =
             current.keys().map(|key| (*key, None)).collect();
         for service in &table.services {
             wanted.insert(map_key(&service.key), Some(service));
@@ -129,8 +129,8 @@ impl ProgrammedTable {
     /// maps do not hold.
     fn write(
         &mut self,
-        wanted: BTreeMap<socklb_common::ServiceKey, Option<&Service>>,
-        current: BTreeMap<socklb_common::ServiceKey, Programmed>,
+        wanted: BTreeMap<ServiceEntryKey, Option<&Service>>,
+        current: BTreeMap<ServiceEntryKey, Programmed>,
     ) -> Result<ApplySummary, WriteError> {
         let plan = Plan::new(&self.ledger, wanted, current)?;
         if let Some(id) = plan.last_new_id {
@@ -153,7 +153,7 @@ impl ProgrammedTable {
     /// as it was.
     fn settle(
         &mut self,
-        key: &socklb_common::ServiceKey,
+        key: &ServiceEntryKey,
         old: Option<&Programmed>,
         new: Option<&Programmed>,
         step: Result<()>,
@@ -186,10 +186,7 @@ impl ProgrammedTable {
     /// update leaves such state (a removed backend still a member would
     /// keep its sticky clients for good), and a later service given the
     /// same id must not inherit it.
-    fn sweep_orphans(
-        &mut self,
-        programmed: &BTreeMap<socklb_common::ServiceKey, Programmed>,
-    ) -> Result<()> {
+    fn sweep_orphans(&mut self, programmed: &BTreeMap<ServiceEntryKey, Programmed>) -> Result<()> {
         let live: std::collections::HashMap<u32, &Programmed> =
             programmed.values().map(|p| (p.entry.id, p)).collect();
         let orphan_slots: Vec<BackendSlotKey> = self
@@ -269,7 +266,7 @@ impl ProgrammedTable {
         Ok(())
     }
 
-    fn read_programmed(&self) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+    fn read_programmed(&self) -> Result<BTreeMap<ServiceEntryKey, Programmed>> {
         let mut programmed = BTreeMap::new();
         for item in self
             .maps
@@ -288,7 +285,7 @@ impl ProgrammedTable {
     /// next, surplus slots and members last.
     fn write_service(
         &mut self,
-        key: &socklb_common::ServiceKey,
+        key: &ServiceEntryKey,
         new: &Programmed,
         old: Option<&Programmed>,
     ) -> Result<()> {
@@ -341,7 +338,7 @@ impl ProgrammedTable {
         Ok(())
     }
 
-    fn remove(&mut self, key: &socklb_common::ServiceKey, programmed: &Programmed) -> Result<()> {
+    fn remove(&mut self, key: &ServiceEntryKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
         self.maps.services.remove(key)?;
         // The last service of its VIP (the ledger counts it until this
@@ -367,8 +364,8 @@ impl ProgrammedTable {
     /// The programmed state of the services with `keys` (absent ones left out).
     fn read_some<'k>(
         &self,
-        keys: impl Iterator<Item = &'k socklb_common::ServiceKey>,
-    ) -> Result<BTreeMap<socklb_common::ServiceKey, Programmed>> {
+        keys: impl Iterator<Item = &'k ServiceEntryKey>,
+    ) -> Result<BTreeMap<ServiceEntryKey, Programmed>> {
         let mut programmed = BTreeMap::new();
         for key in keys {
             if let Some(entry) = self.maps.services.get(key)? {
@@ -378,11 +375,7 @@ impl ProgrammedTable {
         Ok(programmed)
     }
 
-    fn read_backends(
-        &self,
-        key: &socklb_common::ServiceKey,
-        entry: &socklb_common::Service,
-    ) -> Result<Programmed> {
+    fn read_backends(&self, key: &ServiceEntryKey, entry: &ServiceEntry) -> Result<Programmed> {
         let backends = (1..=entry.backend_count)
             .map(|slot| {
                 self.maps
