@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, stream::BoxStream};
 use slog::{Drain, KV as _, Key, Logger, OwnedKVList, Record, Serializer};
 use socklb_agent::{
     datapath::{ProgrammedTable, TableMaps, WriteFaults},
@@ -85,6 +85,25 @@ async fn accept_hybrid(stream: &mut UnixStream, port: u32) -> io::Result<()> {
     stream.write_all(b"OK 1073741824\n").await
 }
 
+/// The guest's end of hybrid vsock on `listener`: each connection that asks
+/// for `port` and is answered `OK`, as a muxer hands it to the guest port.
+/// A connection that fails the handshake, or takes over 2 s, is dropped,
+/// as the muxer drops it.
+fn hybrid_accepts(listener: UnixListener, port: u32) -> BoxStream<'static, UnixStream> {
+    futures::stream::unfold(listener, move |listener| async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handshake = accept_hybrid(&mut stream, port);
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), handshake).await {
+                return Some((stream, listener));
+            }
+        }
+    })
+    .boxed()
+}
+
 /// Counts the agent's "table written" log records by request kind: how
 /// many Syncs and Upserts a sandbox received, as its log tells an operator.
 #[derive(Clone, Default)]
@@ -142,20 +161,7 @@ impl StandInAgent {
         let _ = std::fs::remove_file(uds);
         let listener =
             UnixListener::bind(uds).unwrap_or_else(|e| panic!("bind {}: {e}", uds.display()));
-        let accepts = futures::stream::unfold(listener, move |listener| async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let handshake = accept_hybrid(&mut stream, port);
-                // A connection that fails the handshake is dropped, as the
-                // muxer drops it.
-                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), handshake).await {
-                    return Some((Ok::<_, io::Error>(stream), listener));
-                }
-            }
-        })
-        .boxed();
+        let accepts = hybrid_accepts(listener, port).map(Ok::<_, io::Error>);
         let writes = WritesLogged::default();
         let log = Logger::root(writes.clone().fuse(), slog::o!());
         let write_faults = WriteFaults::default();
@@ -253,12 +259,10 @@ impl HybridFront {
             UnixListener::bind(uds).unwrap_or_else(|e| panic!("bind {}: {e}", uds.display()));
         let agent = agent.to_path_buf();
         let task = tokio::spawn(async move {
-            while let Ok((mut host, _)) = listener.accept().await {
+            let mut hosts = hybrid_accepts(listener, port);
+            while let Some(mut host) = hosts.next().await {
                 let agent = agent.clone();
                 tokio::spawn(async move {
-                    if accept_hybrid(&mut host, port).await.is_err() {
-                        return;
-                    }
                     if let Ok(mut guest) = UnixStream::connect(&agent).await {
                         let _ = tokio::io::copy_bidirectional(&mut host, &mut guest).await;
                     }
