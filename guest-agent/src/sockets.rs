@@ -271,17 +271,7 @@ fn connected_sockets(
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let id = response.header.socket_id;
-                    let peer = RemovedBackend {
-                        protocol,
-                        addr: SocketAddr::new(
-                            id.destination_address.to_canonical(),
-                            id.destination_port,
-                        ),
-                    };
-                    // A kernel before 5.7 sends no cgroup: the peer decides.
-                    let in_scope =
-                        cgroup_id(&response.nlas).is_none_or(|id| cgroup_ids.contains(&id));
-                    if in_scope && removed.contains(&peer) {
+                    if is_to_close(protocol, &id, &response.nlas, removed, cgroup_ids) {
                         matching.push(id);
                     }
                 }
@@ -297,6 +287,25 @@ fn connected_sockets(
         }
     }
     Ok(matching)
+}
+
+/// Whether a dumped socket of `protocol` is one to close: its peer (a
+/// v4-mapped one read as v4) is one of `removed`, and it was opened in one
+/// of `cgroup_ids`.
+fn is_to_close(
+    protocol: u8,
+    id: &SocketId,
+    nlas: &[Nla],
+    removed: &BTreeSet<RemovedBackend>,
+    cgroup_ids: &HashSet<u64>,
+) -> bool {
+    let peer = RemovedBackend {
+        protocol,
+        addr: SocketAddr::new(id.destination_address.to_canonical(), id.destination_port),
+    };
+    // A kernel before 5.7 sends no cgroup: the peer decides.
+    let in_scope = cgroup_id(nlas).is_none_or(|id| cgroup_ids.contains(&id));
+    in_scope && removed.contains(&peer)
 }
 
 /// `INET_DIAG_CGROUP_ID`: the cgroup the socket was opened in.
@@ -403,4 +412,123 @@ fn receive<T: NetlinkDeserializable>(
         messages.push(message);
     }
     Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::DefaultNla;
+
+    use super::*;
+
+    const CGROUP: u64 = 7;
+
+    fn removed_udp(addr: &str) -> BTreeSet<RemovedBackend> {
+        [RemovedBackend {
+            protocol: IPPROTO_UDP,
+            addr: addr.parse().unwrap(),
+        }]
+        .into()
+    }
+
+    /// A dumped v4 socket connected to `peer`.
+    fn socket_to(peer: &str) -> SocketId {
+        let peer: SocketAddr = peer.parse().unwrap();
+        SocketId {
+            destination_address: peer.ip(),
+            destination_port: peer.port(),
+            ..SocketId::new_v4()
+        }
+    }
+
+    /// The cgroup attribute of a socket opened in `cgroup`.
+    fn opened_in(cgroup: u64) -> Vec<Nla> {
+        vec![Nla::Other(DefaultNla::new(
+            INET_DIAG_CGROUP_ID,
+            cgroup.to_ne_bytes().to_vec(),
+        ))]
+    }
+
+    fn in_scope() -> HashSet<u64> {
+        [CGROUP].into()
+    }
+
+    #[test]
+    fn a_socket_of_the_cgroup_to_a_removed_backend_is_closed() {
+        let removed = removed_udp("10.244.1.1:53");
+        let id = socket_to("10.244.1.1:53");
+        assert!(is_to_close(
+            IPPROTO_UDP,
+            &id,
+            &opened_in(CGROUP),
+            &removed,
+            &in_scope()
+        ));
+        // An AF_INET6 socket shows a v4 peer as v4-mapped.
+        let mapped = SocketId {
+            destination_address: "::ffff:10.244.1.1".parse().unwrap(),
+            destination_port: 53,
+            ..SocketId::new_v6()
+        };
+        assert!(is_to_close(
+            IPPROTO_UDP,
+            &mapped,
+            &opened_in(CGROUP),
+            &removed,
+            &in_scope()
+        ));
+        // A kernel before 5.7 says no cgroup: the peer decides.
+        assert!(is_to_close(IPPROTO_UDP, &id, &[], &removed, &in_scope()));
+    }
+
+    #[test]
+    fn a_socket_to_a_live_backend_stays() {
+        let removed = removed_udp("10.244.1.1:53");
+        for live in ["10.244.1.2:53", "10.244.1.1:54"] {
+            let id = socket_to(live);
+            assert!(
+                !is_to_close(IPPROTO_UDP, &id, &opened_in(CGROUP), &removed, &in_scope()),
+                "{live}"
+            );
+        }
+        // The same endpoint over the other protocol is another backend.
+        let id = socket_to("10.244.1.1:53");
+        assert!(!is_to_close(
+            IPPROTO_TCP,
+            &id,
+            &opened_in(CGROUP),
+            &removed,
+            &in_scope()
+        ));
+    }
+
+    #[test]
+    fn a_socket_of_another_cgroup_stays() {
+        let removed = removed_udp("10.244.1.1:53");
+        let id = socket_to("10.244.1.1:53");
+        assert!(!is_to_close(
+            IPPROTO_UDP,
+            &id,
+            &opened_in(CGROUP + 1),
+            &removed,
+            &in_scope()
+        ));
+    }
+
+    /// A cgroup2 directory's id is its inode number: plain directories
+    /// stand in for a cgroup tree.
+    #[test]
+    fn the_scope_is_the_cgroup_and_below_without_opted_out_subtrees() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("pod");
+        for sub in ["app", "meshed/sidecar"] {
+            fs::create_dir_all(pod.join(sub)).unwrap();
+        }
+        let id = |sub: &str| fs::metadata(pod.join(sub)).unwrap().ino();
+        let opted_out = [id("meshed")].into();
+        let scope = Scope::of(&pod, &opted_out);
+        let expected: HashSet<u64> = [id(""), id("app")].into();
+        assert_eq!(scope.cgroup_ids, expected);
+        // Nothing in these directories runs: no namespace to enter.
+        assert!(scope.namespaces.is_empty());
+    }
 }
