@@ -339,18 +339,19 @@ impl Sandbox {
     /// Starts a testkit client in the pod; its output is read as it comes,
     /// so a chatty client never blocks on a full pipe.
     pub fn spawn_client(&self, args: &[&str]) -> RunningClient {
-        let mut child = self
-            .pod_command(&testkit_bin(), args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn client");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let reader = std::thread::spawn(move || {
-            let mut output = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut stdout, &mut output);
-            output
-        });
-        RunningClient { child, reader }
+        RunningClient::spawn(self.pod_command(&testkit_bin(), args))
+    }
+
+    /// [`Sandbox::spawn_client`] in the cgroup `cgroup` (one of
+    /// `child_cgroup`).
+    pub fn spawn_client_in_cgroup(&self, cgroup: &Path, args: &[&str]) -> RunningClient {
+        RunningClient::spawn(self.command_in(cgroup, &self.client_ns, &testkit_bin(), args))
+    }
+
+    /// [`Sandbox::spawn_client`] in the client namespace but outside the
+    /// cgroup.
+    pub fn spawn_client_outside_cgroup(&self, args: &[&str]) -> RunningClient {
+        RunningClient::spawn(self.in_netns(&self.client_ns, &testkit_bin(), args))
     }
 
     /// Runs a program in the pod through `ip netns exec`, which also gives it
@@ -429,6 +430,20 @@ pub struct RunningClient {
 }
 
 impl RunningClient {
+    fn spawn(mut command: Command) -> RunningClient {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let reader = std::thread::spawn(move || {
+            let mut output = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut output);
+            output
+        });
+        RunningClient { child, reader }
+    }
+
     /// Waits for the client and parses its JSON lines.
     pub fn finish(mut self) -> Vec<Value> {
         self.child.wait().expect("wait for client");

@@ -2,7 +2,7 @@
 //! conntrack entries of a removed endpoint: a connected UDP socket gets an
 //! error and, connected again, reaches a live backend; TCP connections are
 //! left alone unless the agent runs with --close-tcp-of-removed-backends.
-//! Needs root.
+//! Sockets the removal does not concern stay open. Needs root.
 
 use std::{net::SocketAddr, thread::sleep, time::Duration};
 
@@ -97,6 +97,88 @@ fn a_connected_udp_socket_of_a_removed_backend_gets_an_error_and_reconnects() {
         reconnected.iter().all(|r| r["backend"] == "b2"),
         "after reconnecting: {reconnected:?}"
     );
+}
+
+/// A connected UDP socket to `target` sending a datagram every 50 ms for
+/// about 2.5 s.
+fn connected_udp(target: &str) -> [&str; 7] {
+    [
+        "udp",
+        target,
+        "--connected",
+        "--count",
+        "50",
+        "--interval-ms",
+        "50",
+    ]
+}
+
+/// Only the sockets a removal concerns are closed. A socket connected
+/// through service A to b1 stays open while service B still has b1, and is
+/// closed once B loses b1 too (which shows the pass ran); meanwhile sockets
+/// to the live backend b2, sockets connected to b1 from another cgroup and
+/// from an opted-out cgroup stay open throughout.
+#[test]
+fn sockets_a_removal_does_not_concern_stay_open() {
+    socklb_tests::require_root!();
+    let mut sandbox = Sandbox::create();
+    for n in 1..=2 {
+        sandbox.backend(&format!("b{n}"), &[], &[&format!("{}:5353", backend_ip(n))]);
+    }
+    let meshed = sandbox.child_cgroup("meshed");
+    let _agent = sandbox.start_agent(None);
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    let dns = |vip: &str, set: &[u8]| service(vip, Protocol::Udp, set, 5353);
+    let table = vec![
+        dns("10.96.0.10", &[1]),
+        dns("10.96.0.11", &[1]),
+        dns("10.96.0.12", &[2]),
+    ];
+    runtime
+        .block_on(client.sync(Table::new(table).unwrap()))
+        .expect("first sync");
+    runtime
+        .block_on(client.set_opt_out_cgroups(&["meshed".into()]))
+        .expect("opt out");
+
+    let b1 = format!("{}:5353", backend_ip(1));
+    let through_a = sandbox.spawn_client(&connected_udp("10.96.0.10:53"));
+    let to_live = sandbox.spawn_client(&connected_udp("10.96.0.12:53"));
+    let other_cgroup = sandbox.spawn_client_outside_cgroup(&connected_udp(&b1));
+    let opted_out = sandbox.spawn_client_in_cgroup(&meshed, &connected_udp(&b1));
+    sleep(Duration::from_millis(700));
+    runtime
+        .block_on(client.upsert(vec![dns("10.96.0.10", &[2])]))
+        .expect("A loses b1");
+    sleep(Duration::from_millis(700));
+    let b1_removed_us = now_us();
+    runtime
+        .block_on(client.upsert(vec![dns("10.96.0.11", &[2])]))
+        .expect("B loses b1");
+
+    let started = |r: &Value| r["start_us"].as_u64().unwrap();
+    let through_a = through_a.finish();
+    let (kept, closed): (Vec<&Value>, Vec<&Value>) =
+        through_a.iter().partition(|r| started(r) < b1_removed_us);
+    assert!(
+        kept.len() > 10 && kept.iter().all(|r| r["backend"] == "b1"),
+        "through A while B had b1: {kept:?}"
+    );
+    assert!(
+        closed.iter().any(|r| r.get("error").is_some()),
+        "through A once b1 was in no service: {closed:?}"
+    );
+    for (socket, results, backend) in [
+        ("to the live backend", to_live.finish(), "b2"),
+        ("of another cgroup", other_cgroup.finish(), "b1"),
+        ("of an opted-out cgroup", opted_out.finish(), "b1"),
+    ] {
+        assert!(
+            results.len() == 50 && results.iter().all(|r| r["backend"] == backend),
+            "a socket {socket} was closed: {results:?}"
+        );
+    }
 }
 
 /// A TCP stream from a bulk backend whose service loses it 0.7 s in: how
