@@ -493,6 +493,13 @@ impl Results {
         );
         let _ = writeln!(
             out,
+            "Each one-service update is timed as it is made in use: socklb's as the node \
+             daemon sends it, an Upsert over its open connection to the agent; iptables' and \
+             nftables' as kube-proxy applies it, a new `iptables-restore --noflush` or `nft -f` \
+             process (in the pod's namespace here), whose start alone the next column times.\n"
+        );
+        let _ = writeln!(
+            out,
             "| services | mode | whole table | one-service update, median (min - max of {UPDATES}) | starting the process (`ip netns exec NS true`), median | update less that start, median |"
         );
         let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|");
