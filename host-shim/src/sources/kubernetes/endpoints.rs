@@ -2,14 +2,16 @@
 //! categorization of them (readiness, internalTrafficPolicy, topology).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::discovery::v1 as discovery;
 use socklb_table::Protocol;
 
-use super::Policy;
+use super::{
+    Policy,
+    trim::{Family, TrimmedSlice},
+};
 
 /// One endpoint as kube-proxy's categorization sees it.
 #[derive(Debug)]
@@ -104,21 +106,23 @@ pub(super) fn categorize(
 
 /// The endpoints for one VIP family and service port.
 pub(super) fn endpoints<'a>(
-    slices: Option<&'a BTreeMap<String, discovery::EndpointSlice>>,
+    slices: Option<&'a Vec<TrimmedSlice>>,
     vip: &IpAddr,
     port_name: &str,
     protocol: Protocol,
 ) -> Vec<Endpoint<'a>> {
-    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let family = Family::of(vip);
+    let protocol = protocol.to_string();
     let mut found = Vec::new();
-    for slice in slices.into_iter().flat_map(|s| s.values()) {
-        if slice.address_type != family {
+    for slice in slices.into_iter().flatten() {
+        if slice.family != Some(family) {
             continue;
         }
-        let Some(target) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
-        }) else {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+        else {
             continue;
         };
         let Some(target_port) = target
@@ -129,36 +133,14 @@ pub(super) fn endpoints<'a>(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let Some(ip) = endpoint
-                .addresses
-                .first()
-                .and_then(|a| a.parse::<IpAddr>().ok())
-            else {
-                continue;
-            };
-            let conditions = endpoint.conditions.as_ref();
-            // Kubernetes: a missing ready means ready, a missing serving
-            // means the same as ready, a missing terminating means not.
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let hints = endpoint.hints.as_ref();
             found.push(Endpoint {
-                backend: SocketAddr::new(ip.to_canonical(), target_port),
-                ready,
-                serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                node: endpoint.node_name.as_deref(),
-                zone_hints: hints
-                    .and_then(|h| h.for_zones.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|z| z.name.as_str())
-                    .collect(),
-                node_hints: hints
-                    .and_then(|h| h.for_nodes.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|n| n.name.as_str())
-                    .collect(),
+                backend: SocketAddr::new(endpoint.address.to_canonical(), target_port),
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
+                node: endpoint.node.as_deref(),
+                zone_hints: endpoint.zone_hints.iter().map(String::as_str).collect(),
+                node_hints: endpoint.node_hints.iter().map(String::as_str).collect(),
             });
         }
     }

@@ -25,7 +25,7 @@ use socklb_table::{Service, ServiceKey, Table, fit_capacity};
 
 use crate::{
     client::AgentClient,
-    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL, trim::Trim},
+    sources::kubernetes::{Cluster, ObjectKey, Policy, Translation, ZONE_LABEL},
 };
 
 /// One kind's list as it arrives during a (re)list.
@@ -229,15 +229,16 @@ pub async fn run(
     }
 }
 
-/// Feeds one watcher event into `cluster`; returns the services it touched.
-fn on_event<K: Resource + Trim>(
+/// Feeds one watcher event into `cluster`; returns the services it
+/// touched. A (re)list's objects wait trimmed (`T`) for the list's end.
+fn on_event<K: Resource + Into<T>, T>(
     sink: &mut impl TableSink,
     event: watcher::Event<K>,
-    listing: &mut Listing<K>,
+    listing: &mut Listing<T>,
     cluster: &mut Cluster,
     apply: fn(&mut Cluster, K) -> Vec<ObjectKey>,
     delete: fn(&mut Cluster, &K) -> Vec<ObjectKey>,
-    replace: fn(&mut Cluster, Vec<K>) -> Vec<ObjectKey>,
+    replace: fn(&mut Cluster, Vec<T>) -> Vec<ObjectKey>,
 ) -> Vec<ObjectKey> {
     sink.observed_event();
     match event {
@@ -249,14 +250,14 @@ fn on_event<K: Resource + Trim>(
             listing
                 .items
                 .get_or_insert_with(Vec::new)
-                .push(object.trimmed());
+                .push(object.into());
             Vec::new()
         }
         watcher::Event::InitDone => {
             listing.synced = true;
             replace(cluster, listing.items.take().unwrap_or_default())
         }
-        watcher::Event::Apply(object) => apply(cluster, object.trimmed()),
+        watcher::Event::Apply(object) => apply(cluster, object),
         watcher::Event::Delete(object) => delete(cluster, &object),
     }
 }

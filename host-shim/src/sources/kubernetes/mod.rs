@@ -31,9 +31,10 @@ mod endpoints;
 pub mod kube_watch;
 mod service;
 mod translation;
-pub mod trim;
+mod trim;
 
 pub use translation::{Plan, Translation};
+pub use trim::{TrimmedService, TrimmedSlice};
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -81,20 +82,25 @@ pub struct Policy {
     pub zone: Option<String>,
 }
 
-/// The Services and EndpointSlices seen so far. Every change returns the
-/// services whose translation may have changed.
+/// The Services and EndpointSlices seen so far, as much of them as
+/// translation reads. Every change returns the services whose translation
+/// may have changed.
 #[derive(Default)]
 pub struct Cluster {
-    services: BTreeMap<ObjectKey, core::Service>,
-    /// Slices by the service they belong to, then by slice name.
-    slices: BTreeMap<ObjectKey, BTreeMap<String, discovery::EndpointSlice>>,
+    services: BTreeMap<ObjectKey, TrimmedService>,
+    /// Slices by the service they belong to (most services have one).
+    slices: BTreeMap<ObjectKey, Vec<TrimmedSlice>>,
     /// The service each slice was filed under (its label may change).
     slice_owner: HashMap<ObjectKey, ObjectKey>,
 }
 
 impl Cluster {
     pub fn apply_service(&mut self, service: core::Service) -> Vec<ObjectKey> {
-        let key = ObjectKey::of(&service.metadata);
+        self.insert_service(service.into())
+    }
+
+    fn insert_service(&mut self, service: TrimmedService) -> Vec<ObjectKey> {
+        let key = service.key.clone();
         self.services.insert(key.clone(), service);
         vec![key]
     }
@@ -106,36 +112,34 @@ impl Cluster {
     }
 
     pub fn apply_slice(&mut self, slice: discovery::EndpointSlice) -> Vec<ObjectKey> {
-        let mut dirty = self.delete_slice(&slice);
-        let slice_key = ObjectKey::of(&slice.metadata);
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        else {
+        self.insert_slice(slice.into())
+    }
+
+    fn insert_slice(&mut self, slice: TrimmedSlice) -> Vec<ObjectKey> {
+        let mut dirty = self.remove_slice(&slice.key);
+        let Some(service) = &slice.service else {
             return dirty;
         };
         let owner = ObjectKey {
-            namespace: slice_key.namespace.clone(),
+            namespace: slice.key.namespace.clone(),
             name: service.clone(),
         };
-        self.slices
-            .entry(owner.clone())
-            .or_default()
-            .insert(slice_key.name.clone(), slice);
-        self.slice_owner.insert(slice_key, owner.clone());
+        self.slice_owner.insert(slice.key.clone(), owner.clone());
+        self.slices.entry(owner.clone()).or_default().push(slice);
         dirty.push(owner);
         dirty
     }
 
     pub fn delete_slice(&mut self, slice: &discovery::EndpointSlice) -> Vec<ObjectKey> {
-        let slice_key = ObjectKey::of(&slice.metadata);
-        let Some(owner) = self.slice_owner.remove(&slice_key) else {
+        self.remove_slice(&ObjectKey::of(&slice.metadata))
+    }
+
+    fn remove_slice(&mut self, slice_key: &ObjectKey) -> Vec<ObjectKey> {
+        let Some(owner) = self.slice_owner.remove(slice_key) else {
             return Vec::new();
         };
         if let Some(slices) = self.slices.get_mut(&owner) {
-            slices.remove(&slice_key.name);
+            slices.retain(|slice| slice.key != *slice_key);
             if slices.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -143,23 +147,25 @@ impl Cluster {
         vec![owner]
     }
 
-    /// A relist of Services: they replace all known ones.
-    pub fn replace_services(&mut self, services: Vec<core::Service>) -> Vec<ObjectKey> {
+    /// A relist of Services (trimmed as they arrived): they replace all
+    /// known ones.
+    pub fn replace_services(&mut self, services: Vec<TrimmedService>) -> Vec<ObjectKey> {
         let mut dirty: Vec<ObjectKey> = self.services.keys().cloned().collect();
         self.services.clear();
         for service in services {
-            dirty.extend(self.apply_service(service));
+            dirty.extend(self.insert_service(service));
         }
         dirty
     }
 
-    /// A relist of EndpointSlices: they replace all known ones.
-    pub fn replace_slices(&mut self, slices: Vec<discovery::EndpointSlice>) -> Vec<ObjectKey> {
+    /// A relist of EndpointSlices (trimmed as they arrived): they replace
+    /// all known ones.
+    pub fn replace_slices(&mut self, slices: Vec<TrimmedSlice>) -> Vec<ObjectKey> {
         let mut dirty: Vec<ObjectKey> = self.slices.keys().cloned().collect();
         self.slices.clear();
         self.slice_owner.clear();
         for slice in slices {
-            dirty.extend(self.apply_slice(slice));
+            dirty.extend(self.insert_slice(slice));
         }
         dirty
     }

@@ -1,102 +1,215 @@
-//! What of each watched object the translation keeps: a copy holding only
-//! the fields `kubernetes.rs` reads, made before an object is stored, so a
-//! node daemon holds the cluster's Services and EndpointSlices at a
-//! fraction of their size (no managedFields, annotations, selectors,
-//! target references, ...).
+//! What of each watched object the translation keeps: its own small
+//! types holding only what `kubernetes/` reads, made as each object
+//! arrives, so a node daemon holds the cluster's Services and
+//! EndpointSlices at a fraction of their size. The k8s-openapi structs
+//! carry every field the API has (an `Endpoint` is 352 bytes with none
+//! set), and a whole cluster of them was most of the daemon's memory.
+//! Addresses are parsed here, once; values translation cannot use (an
+//! address that does not parse, an endpoint without one) are dropped here
+//! as translation would skip them. Lists are boxed slices: collected in
+//! place from the API's `Vec`s, a `Vec` would keep their allocation.
 
-use k8s_openapi::{
-    api::{core::v1 as core, discovery::v1 as discovery},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use std::net::IpAddr;
 
-use crate::sources::kubernetes::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
+use socklb_table::DEFAULT_AFFINITY_TIMEOUT_SECS;
 
-/// An object reduced to what translation reads.
-pub trait Trim {
-    fn trimmed(self) -> Self;
+use crate::sources::kubernetes::{ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+/// What translation reads of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrimmedService {
+    pub key: ObjectKey,
+    /// Without a spec, ExternalName, or served by another proxy (labelled
+    /// `service.kubernetes.io/service-proxy-name`): nothing to translate.
+    pub ignored: bool,
+    /// clusterIPs (clusterIP when the list is absent or empty).
+    pub cluster_ips: Box<[IpAddr]>,
+    pub external_ips: Box<[IpAddr]>,
+    /// LoadBalancer ingress IPs, except those of `ipMode: Proxy`.
+    pub ingress_ips: Box<[IpAddr]>,
+    pub ports: Box<[ServicePort]>,
+    /// sessionAffinity ClientIP's timeout.
+    pub affinity_timeout_secs: Option<u32>,
+    /// internalTrafficPolicy Local.
+    pub local_only: bool,
 }
 
-/// Name, namespace and the one label translation reads.
-fn meta(meta: ObjectMeta, label: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        labels: meta
-            .labels
-            .map(|labels| labels.into_iter().filter(|(key, _)| key == label).collect())
-            .filter(|labels: &std::collections::BTreeMap<_, _>| !labels.is_empty()),
-        ..ObjectMeta::default()
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: i32,
+    /// As written (TCP when absent).
+    pub protocol: String,
+}
+
+/// What translation reads of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrimmedSlice {
+    pub key: ObjectKey,
+    /// The Service it belongs to (`kubernetes.io/service-name`).
+    pub service: Option<String>,
+    /// addressType: IPv4, IPv6 (FQDN slices have no family).
+    pub family: Option<Family>,
+    pub ports: Box<[SlicePort]>,
+    pub endpoints: Box<[TrimmedEndpoint]>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 }
 
-impl Trim for core::Service {
-    fn trimmed(self) -> core::Service {
-        let spec = self.spec.map(|spec| core::ServiceSpec {
-            type_: spec.type_,
-            cluster_ip: spec.cluster_ip,
-            cluster_ips: spec.cluster_ips,
-            external_ips: spec.external_ips,
-            ports: spec.ports.map(|ports| {
-                ports
-                    .into_iter()
-                    .map(|port| core::ServicePort {
-                        name: port.name,
-                        port: port.port,
-                        protocol: port.protocol,
-                        ..core::ServicePort::default()
-                    })
-                    .collect()
-            }),
-            session_affinity: spec.session_affinity,
-            session_affinity_config: spec.session_affinity_config,
-            internal_traffic_policy: spec.internal_traffic_policy,
-            ..core::ServiceSpec::default()
-        });
-        let ingress = self
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    /// As written (TCP when absent).
+    pub protocol: String,
+    pub port: Option<i32>,
+}
+
+/// An endpoint with an address, its conditions resolved as Kubernetes
+/// defines their absence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrimmedEndpoint {
+    /// The first of its addresses.
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+    pub zone_hints: Box<[String]>,
+    pub node_hints: Box<[String]>,
+}
+
+fn parsed(ips: impl IntoIterator<Item = String>) -> Box<[IpAddr]> {
+    ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+impl From<core::Service> for TrimmedService {
+    fn from(service: core::Service) -> TrimmedService {
+        let key = ObjectKey::of(&service.metadata);
+        let other_proxy = service
+            .metadata
+            .labels
+            .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL));
+        let Some(spec) = service.spec.filter(|_| !other_proxy) else {
+            return TrimmedService {
+                key,
+                ignored: true,
+                cluster_ips: Box::default(),
+                external_ips: Box::default(),
+                ingress_ips: Box::default(),
+                ports: Box::default(),
+                affinity_timeout_secs: None,
+                local_only: false,
+            };
+        };
+        let cluster_ips = match spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => parsed(ips),
+            _ => parsed(spec.cluster_ip),
+        };
+        let ingress_ips = service
             .status
             .and_then(|status| status.load_balancer)
             .and_then(|lb| lb.ingress)
-            .map(|ingress| {
-                ingress
-                    .into_iter()
-                    .filter(|i| i.ip.is_some())
-                    .map(|i| core::LoadBalancerIngress {
-                        ip: i.ip,
-                        ip_mode: i.ip_mode,
-                        ..core::LoadBalancerIngress::default()
-                    })
-                    .collect()
+            .into_iter()
+            .flatten()
+            .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ingress| ingress.ip?.parse().ok())
+            .collect();
+        let affinity_timeout_secs =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .and_then(|config| config.client_ip)
+                    .and_then(|client_ip| client_ip.timeout_seconds)
+                    .and_then(|secs| u32::try_from(secs).ok())
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
             });
-        core::Service {
-            metadata: meta(self.metadata, SERVICE_PROXY_NAME_LABEL),
-            spec,
-            status: ingress.map(|ingress| core::ServiceStatus {
-                load_balancer: Some(core::LoadBalancerStatus {
-                    ingress: Some(ingress),
-                }),
-                ..core::ServiceStatus::default()
-            }),
+        TrimmedService {
+            key,
+            ignored: spec.type_.as_deref() == Some("ExternalName"),
+            cluster_ips,
+            external_ips: parsed(spec.external_ips.into_iter().flatten()),
+            ingress_ips,
+            ports: spec
+                .ports
+                .into_iter()
+                .flatten()
+                .map(|port| ServicePort {
+                    name: port.name.unwrap_or_default(),
+                    port: port.port,
+                    protocol: port.protocol.unwrap_or_else(|| "TCP".into()),
+                })
+                .collect(),
+            affinity_timeout_secs,
+            local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
         }
     }
 }
 
-impl Trim for discovery::EndpointSlice {
-    fn trimmed(self) -> discovery::EndpointSlice {
-        discovery::EndpointSlice {
-            metadata: meta(self.metadata, SERVICE_NAME_LABEL),
-            address_type: self.address_type,
-            endpoints: self
-                .endpoints
+impl From<discovery::EndpointSlice> for TrimmedSlice {
+    fn from(slice: discovery::EndpointSlice) -> TrimmedSlice {
+        let key = ObjectKey::of(&slice.metadata);
+        let names = |hints: Option<Vec<String>>| hints.unwrap_or_default().into_boxed_slice();
+        TrimmedSlice {
+            key,
+            service: slice
+                .metadata
+                .labels
+                .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL)),
+            family: match slice.address_type.as_str() {
+                "IPv4" => Some(Family::V4),
+                "IPv6" => Some(Family::V6),
+                _ => None,
+            },
+            ports: slice
+                .ports
                 .into_iter()
-                .map(|endpoint| discovery::Endpoint {
-                    addresses: endpoint.addresses,
-                    conditions: endpoint.conditions,
-                    node_name: endpoint.node_name,
-                    hints: endpoint.hints,
-                    ..discovery::Endpoint::default()
+                .flatten()
+                .map(|port| SlicePort {
+                    name: port.name.unwrap_or_default(),
+                    protocol: port.protocol.unwrap_or_else(|| "TCP".into()),
+                    port: port.port,
                 })
                 .collect(),
-            ports: self.ports,
+            endpoints: slice
+                .endpoints
+                .into_iter()
+                .filter_map(|endpoint| {
+                    let address = endpoint.addresses.first()?.parse().ok()?;
+                    let conditions = endpoint.conditions.unwrap_or_default();
+                    // Kubernetes: a missing ready means ready, a missing
+                    // serving means the same as ready, a missing
+                    // terminating means not.
+                    let ready = conditions.ready.unwrap_or(true);
+                    let hints = endpoint.hints.unwrap_or_default();
+                    Some(TrimmedEndpoint {
+                        address,
+                        ready,
+                        serving: conditions.serving.unwrap_or(ready),
+                        terminating: conditions.terminating.unwrap_or(false),
+                        node: endpoint.node_name,
+                        zone_hints: names(
+                            hints
+                                .for_zones
+                                .map(|zones| zones.into_iter().map(|z| z.name).collect()),
+                        ),
+                        node_hints: names(
+                            hints
+                                .for_nodes
+                                .map(|nodes| nodes.into_iter().map(|n| n.name).collect()),
+                        ),
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -104,10 +217,8 @@ impl Trim for discovery::EndpointSlice {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use slog::Logger;
 
     use super::*;
-    use crate::sources::kubernetes::{Cluster, ObjectKey, Policy};
 
     /// A Service as a real API server returns it, with the kinds of fields
     /// translation never reads.
@@ -159,73 +270,88 @@ mod tests {
         .unwrap()
     }
 
-    fn table_of(service: core::Service, slice: discovery::EndpointSlice) -> Vec<String> {
-        let mut cluster = Cluster::default();
-        cluster.apply_service(service);
-        cluster.apply_slice(slice);
-        let policy = Policy {
-            node: Some("node-a".into()),
-            external_vips: true,
-            ..Policy::default()
-        };
-        let key = ObjectKey {
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
             namespace: "default".into(),
-            name: "web".into(),
-        };
-        let log = Logger::root(slog::Discard, slog::o!());
-        cluster
-            .translate(&key, &policy, &log)
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+            name: name.into(),
+        }
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
     }
 
     #[test]
-    fn trimmed_objects_translate_the_same() {
-        let (service, slice) = (full_service(), full_slice());
-        // Without the other proxy's label the service is ours.
-        let mut ours = service.clone();
+    fn a_service_keeps_what_translation_reads() {
+        let mut ours = full_service();
         ours.metadata.labels = None;
-        let full = table_of(ours.clone(), slice.clone());
-        assert!(!full.is_empty());
-        assert_eq!(table_of(ours.trimmed(), slice.clone().trimmed()), full);
-        // The label translation reads survives, so the service stays not ours.
-        assert!(table_of(service.trimmed(), slice.trimmed()).is_empty());
+        assert_eq!(
+            TrimmedService::from(ours),
+            TrimmedService {
+                key: key("web"),
+                ignored: false,
+                cluster_ips: [ip("10.96.0.20")].into(),
+                external_ips: [ip("192.0.2.9")].into(),
+                ingress_ips: [ip("198.51.100.7")].into(),
+                ports: [ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: "TCP".into(),
+                }]
+                .into(),
+                affinity_timeout_secs: Some(30),
+                local_only: false,
+            }
+        );
+        // The label translation reads survives as "not ours".
+        assert!(TrimmedService::from(full_service()).ignored);
     }
 
     #[test]
-    fn trimmed_objects_keep_only_what_translation_reads() {
-        let service = serde_json::to_value(full_service().trimmed()).unwrap();
-        assert_eq!(
-            service,
-            json!({
-                "apiVersion": "v1", "kind": "Service",
-                "metadata": {"namespace": "default", "name": "web",
-                             "labels": {SERVICE_PROXY_NAME_LABEL: "other"}},
-                "spec": {
-                    "type": "LoadBalancer", "clusterIP": "10.96.0.20",
-                    "clusterIPs": ["10.96.0.20"], "externalIPs": ["192.0.2.9"],
-                    "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
-                    "sessionAffinity": "ClientIP",
-                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}},
-                    "internalTrafficPolicy": "Cluster"
-                },
-                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7", "ipMode": "VIP"}]}}
-            })
+    fn a_slice_keeps_what_translation_reads_with_conditions_resolved() {
+        let mut slice = full_slice();
+        slice.endpoints.extend(
+            serde_json::from_value::<Vec<discovery::Endpoint>>(json!([
+                {"addresses": ["10.244.1.2"], "conditions": {"ready": false, "terminating": true}},
+                {"addresses": ["not an address"]},
+                {"addresses": []}
+            ]))
+            .unwrap(),
         );
-        let slice = serde_json::to_value(full_slice().trimmed()).unwrap();
         assert_eq!(
-            slice,
-            json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"namespace": "default", "name": "web-abc",
-                             "labels": {SERVICE_NAME_LABEL: "web"}},
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                "endpoints": [{"addresses": ["10.244.1.1"], "conditions": {"ready": true},
-                               "nodeName": "node-a",
-                               "hints": {"forZones": [{"name": "zone-a"}]}}]
-            })
+            TrimmedSlice::from(slice),
+            TrimmedSlice {
+                key: key("web-abc"),
+                service: Some("web".into()),
+                family: Some(Family::V4),
+                ports: [SlicePort {
+                    name: "http".into(),
+                    protocol: "TCP".into(),
+                    port: Some(8080),
+                }]
+                .into(),
+                endpoints: [
+                    TrimmedEndpoint {
+                        address: ip("10.244.1.1"),
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                        node: Some("node-a".into()),
+                        zone_hints: ["zone-a".to_string()].into(),
+                        node_hints: [].into(),
+                    },
+                    TrimmedEndpoint {
+                        address: ip("10.244.1.2"),
+                        ready: false,
+                        serving: false,
+                        terminating: true,
+                        node: None,
+                        zone_hints: [].into(),
+                        node_hints: [].into(),
+                    },
+                ]
+                .into(),
+            }
         );
     }
 }
