@@ -145,19 +145,6 @@ impl Rpc {
     }
 }
 
-/// Hands the heap a whole-table write freed back to the kernel. glibc keeps
-/// freed memory in each thread's arena, so without this the agent's RSS
-/// stays at the peak of its largest Sync (decoded request, staged table,
-/// read-back) for good; musl's allocator (the static guest build) returns
-/// it by itself.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn status(code: Code, message: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
 }

@@ -11,7 +11,7 @@ use socklb_protocols::{
     socklb::{self as api},
     socklb_ttrpc,
 };
-use socklb_table::{Service, ServiceKey, Table};
+use socklb_table::{Service, ServiceKey, Table, release_freed_memory};
 use ttrpc::{Code, r#async::TtrpcContext};
 
 use crate::opt_out::{self, OptOutError};

@@ -21,7 +21,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use slog::{Logger, info, warn};
-use socklb_table::{Service, ServiceKey, Table, fit_capacity};
+use socklb_table::{Service, ServiceKey, Table, fit_capacity, release_freed_memory};
 
 use crate::{
     client::AgentClient,
@@ -303,7 +303,12 @@ async fn full_sync(
     }
     sink.left_out(translation.left_out());
     match Table::new(services) {
-        Ok(table) => sink.replace(table, log).await,
+        Ok(table) => {
+            let taken = sink.replace(table, log).await;
+            // The lists' objects and the table's other forms are gone.
+            release_freed_memory();
+            taken
+        }
         Err(err) => {
             warn!(log, "the translated table is invalid"; "error" => err.to_string());
             false
