@@ -24,7 +24,7 @@ use crate::{
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Settings {
     /// Cgroup (v2) to attach the programs to [default: the first cgroup2
-    /// mount, else cgroup2 mounted at /sys/fs/cgroup]
+    /// mount, else cgroup2 mounted at /run/socklb/cgroup]
     #[arg(long, env = "SOCKLB_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// bpffs directory for socklb's pins [default: /sys/fs/bpf/socklb]

@@ -11,8 +11,12 @@ use nix::{
 };
 use slog::{Logger, info, warn};
 
-/// Where the guest mounts cgroup2 and bpffs when nothing is there yet.
-pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup";
+/// Where the agent mounts cgroup2 when the guest has none it can reach:
+/// a directory of its own, never /sys/fs/cgroup, which belongs to the
+/// guest's init (kata-agent mounts cgroup v1 there, a tmpfs and a hierarchy
+/// per controller, which a cgroup2 mount over it would hide).
+pub const DEFAULT_CGROUP: &str = "/run/socklb/cgroup";
+/// Where the agent mounts bpffs when nothing is there yet.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf";
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Present only in a kernel built with CONFIG_BPF_JIT.
@@ -96,7 +100,7 @@ impl Features {
 /// bpffs where they are missing (initramfs as PID 1, Kata's initrd). With
 /// no cgroup configured, the root of the first cgroup2 mount is used (a
 /// systemd guest in hybrid mode has it at /sys/fs/cgroup/unified), else
-/// cgroup2 is mounted at `/sys/fs/cgroup`. Every missing piece is
+/// cgroup2 is mounted at [`DEFAULT_CGROUP`]. Every missing piece is
 /// reported, not only the first. Returns the cgroup to attach to.
 pub fn prepare(cgroup: Option<&Path>, bpffs_dir: &Path, log: &Logger) -> Result<PathBuf> {
     let mut missing = Vec::new();
