@@ -17,6 +17,7 @@ use cpio::{NewcBuilder, write_cpio};
 const INIT: &str = include_str!("../init");
 const START_AGENT: &str = include_str!("../start-agent");
 const TEST_SERVICES: &str = include_str!("../test-services");
+const KATA_AGENT_STANDIN: &str = include_str!("../kata-agent-standin");
 
 /// The guest's resolver: the cluster DNS VIP.
 const RESOLV_CONF: &str = "nameserver 10.96.0.10\noptions timeout:2 attempts:2\n";
@@ -28,8 +29,9 @@ pub enum Boot {
     /// address given, then runs the test services.
     Test,
     /// As Kata's initrd boots: socklb's Kata init (`rootfs/kata/init`) as
-    /// /sbin/init starts the agent and execs /usr/bin/kata-agent, here the
-    /// test services standing in for it; the pod address comes later.
+    /// /sbin/init starts the agent and execs /usr/bin/kata-agent, here a
+    /// stand-in (`rootfs/kata-agent-standin`: kata-agent's mounts and port,
+    /// then the test services); the pod address comes later.
     KataInitrd,
 }
 
@@ -154,6 +156,11 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
             entries.push(file("usr/bin/socklb-agent", 0o755, agent));
             entries.push(file(
                 "usr/bin/kata-agent",
+                0o755,
+                KATA_AGENT_STANDIN.as_bytes().to_vec(),
+            ));
+            entries.push(file(
+                "bin/test-services",
                 0o755,
                 TEST_SERVICES.as_bytes().to_vec(),
             ));

@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
-use socklb_protocols::socklb::check_response::Status;
+use socklb_protocols::{KATA_GUEST_PORTS, socklb::check_response::Status};
 use socklb_shim::Options;
 use socklb_table::Table;
 use socklb_tests::{
@@ -35,8 +35,9 @@ struct Guest {
     /// SOCKLB_GUEST_<name>_{KERNEL,INITRD}.
     name: &'static str,
     /// Kata-style: socklb's Kata init starts the agent under its restart
-    /// loop, a stand-in execs as kata-agent, and the pod's address arrives
-    /// on an interface after the agent is up.
+    /// loop, a stand-in execs as kata-agent (its mounts and port, then a
+    /// restart of the agent), and the pod's address arrives on an interface
+    /// after the agent is up.
     kata: bool,
     /// Kernel features Health.Version must report.
     features: [&'static str; 2],
@@ -75,6 +76,33 @@ fn e2e(guest: Guest) {
     }
 
     if guest.kata {
+        // The stand-in kata-agent did its mounts (cgroup v1, Kata's default
+        // without agent.unified_cgroup_hierarchy), then restarted the agent:
+        // the agent started over them mounted nothing over kata-agent's
+        // cgroup hierarchies, and kata-agent's port answers beside socklb's.
+        assert!(
+            vm.console_text()
+                .contains("socklb-agent failed; restarting"),
+            "the stand-in did not restart the agent:\n{}",
+            vm.console_text()
+        );
+        let cgroups = vm.exec(&[
+            "sh",
+            "-c",
+            "awk '$2 == \"/sys/fs/cgroup\" { type = $3 } END { print type }' /proc/self/mounts; \
+             ls /sys/fs/cgroup",
+        ]);
+        let listed: Vec<&str> = cgroups["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .collect();
+        assert!(
+            listed.first() == Some(&"tmpfs") && listed.contains(&"devices"),
+            "/sys/fs/cgroup is not kata-agent's cgroup v1 tmpfs: {cgroups}"
+        );
+        let (kata_agent_port, _) = KATA_GUEST_PORTS[0];
+        assert!(vm.connect(kata_agent_port).is_ok(), "kata-agent's port");
         // Kata's own ports are refused, naming the Kata service there.
         let refused = vm.exec(&["socklb-agent", "--listen", "vsock://-1:1025"]);
         assert_eq!(refused["status"], 2, "{refused}");

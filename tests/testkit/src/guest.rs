@@ -51,6 +51,21 @@ pub(crate) fn guest_exec(args: &[String]) {
     }
 }
 
+/// Listens on vsock port `--port` and holds every connection open until
+/// its peer closes it, as a ttrpc server waiting for requests does (the
+/// Kata stand-in's kata-agent port).
+pub(crate) fn vsock_listen(args: &[String]) {
+    let port: u32 = value(args, "--port", 1024);
+    let listener =
+        vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port).expect("bind vsock");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        });
+    }
+}
+
 /// Connects to a vsock port and tells whether the listener closed the
 /// connection at once (a refused peer) or kept it open (a ttrpc server
 /// waiting for a request).

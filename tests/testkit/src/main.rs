@@ -17,7 +17,7 @@ use std::{
 use serde_json::{Value, json};
 
 use clients::{churn, load, resolve, stream, tcp, tcp_loop, udp, udp_hold, udp_multi};
-use guest::{drop_net_bind_service, guest_exec, vsock_probe};
+use guest::{drop_net_bind_service, guest_exec, vsock_listen, vsock_probe};
 use servers::{dns, serve};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,6 +40,7 @@ fn main() {
         "churn" => churn(rest),
         "udp-hold" => udp_hold(rest),
         "guest-exec" => guest_exec(rest),
+        "vsock-listen" => vsock_listen(rest),
         "vsock-probe" => vsock_probe(rest),
         "drop-net-bind-service" => drop_net_bind_service(rest),
         _ => usage(),
@@ -57,10 +58,11 @@ fn usage() -> ! {
        socklb-testkit resolve NAME
        socklb-testkit load ADDR[,ADDR...] [--threads N] [--ms DURATION]
        socklb-testkit stream ADDR [--ms DURATION]
-       socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR... [--tcp-connections N]
-                            [--udp-sockets N] [--check-ms MS]
+       socklb-testkit churn --tcp ADDR --udp ADDR --affinity ADDR... [--affinity-churn ADDR]...
+                            [--tcp-connections N] [--udp-sockets N] [--check-ms MS]
        socklb-testkit udp-hold ADDR [--sockets N] [--ms DURATION]
        socklb-testkit guest-exec --port VSOCK_PORT   (inside a test VM only)
+       socklb-testkit vsock-listen --port VSOCK_PORT (inside a test VM only)
        socklb-testkit vsock-probe CID PORT           (inside a test VM only)
        socklb-testkit drop-net-bind-service PROG [ARG]...   (root: PROG without the capability)"
     );
