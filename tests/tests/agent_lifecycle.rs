@@ -100,7 +100,7 @@ fn stats_does_not_hold_up_writes() {
             .block_on(client.upsert(vec![service.clone()]))
             .expect("upsert");
         writes.push((started, Instant::now()));
-        sleep(Duration::from_millis(5));
+        sleep(Duration::from_millis(1));
     }
     let stats = stats_thread.join().unwrap();
     let took = |(start, end): &Span| end.duration_since(*start);
