@@ -113,11 +113,13 @@ fn connected_udp(target: &str) -> [&str; 7] {
     ]
 }
 
-/// Only the sockets a removal concerns are closed. A socket connected
-/// through service A to b1 stays open while service B still has b1, and is
-/// closed once B loses b1 too (which shows the pass ran); meanwhile sockets
-/// to the live backend b2, sockets connected to b1 from another cgroup and
-/// from an opted-out cgroup stay open throughout.
+/// Only the sockets a removal concerns are closed. Services A and B share
+/// b1; A drops it first, B later. A socket connected through B stays open
+/// while B still has b1 and is closed once B drops it too (which shows the
+/// pass ran); one through A is closed by then (whether already when A
+/// dropped b1 is issue 19's, so not asked here). Sockets to the live
+/// backend b2, and sockets connected to b1 from another cgroup and from an
+/// opted-out cgroup, stay open throughout.
 #[test]
 fn sockets_a_removal_does_not_concern_stay_open() {
     socklb_tests::require_root!();
@@ -144,10 +146,12 @@ fn sockets_a_removal_does_not_concern_stay_open() {
 
     let b1 = format!("{}:5353", backend_ip(1));
     let through_a = sandbox.spawn_client(&connected_udp("10.96.0.10:53"));
+    let through_b = sandbox.spawn_client(&connected_udp("10.96.0.11:53"));
     let to_live = sandbox.spawn_client(&connected_udp("10.96.0.12:53"));
     let other_cgroup = sandbox.spawn_client_outside_cgroup(&connected_udp(&b1));
     let opted_out = sandbox.spawn_client_in_cgroup(&meshed, &connected_udp(&b1));
     sleep(Duration::from_millis(700));
+    let a_dropped_us = now_us();
     runtime
         .block_on(client.upsert(vec![dns("10.96.0.10", &[2])]))
         .expect("A loses b1");
@@ -158,16 +162,24 @@ fn sockets_a_removal_does_not_concern_stay_open() {
         .expect("B loses b1");
 
     let started = |r: &Value| r["start_us"].as_u64().unwrap();
-    let through_a = through_a.finish();
+    let through_b = through_b.finish();
     let (kept, closed): (Vec<&Value>, Vec<&Value>) =
-        through_a.iter().partition(|r| started(r) < b1_removed_us);
+        through_b.iter().partition(|r| started(r) < b1_removed_us);
+    // However late the client started, it sent while only A had lost b1.
+    let while_b_had_b1 = kept.iter().filter(|r| started(r) >= a_dropped_us).count();
     assert!(
-        kept.len() > 10 && kept.iter().all(|r| r["backend"] == "b1"),
-        "through A while B had b1: {kept:?}"
+        while_b_had_b1 >= 3 && kept.iter().all(|r| r["backend"] == "b1"),
+        "through B while B had b1: {kept:?}"
     );
+    let failed = |r: &&Value| r.get("error").is_some();
     assert!(
-        closed.iter().any(|r| r.get("error").is_some()),
-        "through A once b1 was in no service: {closed:?}"
+        closed.iter().any(failed),
+        "through B once b1 was in no service: {closed:?}"
+    );
+    let through_a = through_a.finish();
+    assert!(
+        through_a.iter().any(|r| failed(&r)),
+        "through A, b1 in no service at the end: {through_a:?}"
     );
     for (socket, results, backend) in [
         ("to the live backend", to_live.finish(), "b2"),
