@@ -208,10 +208,7 @@ impl Hub {
         {
             return (version, digest.clone());
         }
-        let table = Table {
-            services: state.services.values().cloned().collect(),
-        };
-        let digest = table.digest();
+        let digest = socklb_table::digest::digest(state.services.values());
         state.digest = Some((version, digest.clone()));
         (version, digest)
     }

@@ -1,33 +1,92 @@
 //! The digest both ends compare after a Sync.
 
-use std::net::SocketAddr;
+use std::{borrow::Cow, fmt::Write as _};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::Table;
+use crate::{Service, Table};
 
 impl Table {
     /// SHA-256 (hex) of what the datapath holds: every service's key,
     /// affinity and backend set, independent of order and names. Both ends
     /// compute it: the agent from the maps, the host from what it sent.
     pub fn digest(&self) -> String {
-        let mut lines: Vec<String> = self
-            .services
-            .iter()
-            .map(|service| {
-                let mut backends: Vec<SocketAddr> = service.backends.clone();
-                backends.sort();
-                let backends: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
-                format!(
-                    "{} {} {}\n",
-                    service.key,
-                    service.affinity_timeout_secs.unwrap_or(0),
-                    backends.join(",")
-                )
-            })
-            .collect();
-        lines.sort();
-        let hash = Sha256::digest(lines.concat().as_bytes());
-        hash.iter().map(|byte| format!("{byte:02x}")).collect()
+        digest(&self.services)
+    }
+}
+
+/// [`Table::digest`] of any services (a table's, without copying them).
+/// What is hashed: one line per service, `KEY AFFINITY BACKEND,BACKEND\n`
+/// with the backends sorted, the lines sorted; one `String` per line, as
+/// this runs over 10,000 services on every Sync at both ends.
+pub fn digest<'a>(services: impl IntoIterator<Item = &'a Service>) -> String {
+    let mut lines: Vec<String> = services.into_iter().map(line).collect();
+    lines.sort_unstable();
+    let mut hash = Sha256::new();
+    for line in &lines {
+        hash.update(line.as_bytes());
+    }
+    let mut hex = String::with_capacity(64);
+    for byte in hash.finalize() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+fn line(service: &Service) -> String {
+    let mut backends = Cow::Borrowed(service.backends.as_slice());
+    if !backends.is_sorted() {
+        backends.to_mut().sort_unstable();
+    }
+    let mut line = String::with_capacity(32 + 24 * backends.len());
+    let _ = write!(
+        line,
+        "{} {} ",
+        service.key,
+        service.affinity_timeout_secs.unwrap_or(0)
+    );
+    for (i, backend) in backends.iter().enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        let _ = write!(line, "{backend}");
+    }
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Protocol, Service, ServiceKey};
+
+    fn service(vip: &str, port: u16, affinity: Option<u32>, backends: &[&str]) -> Service {
+        Service {
+            name: Some(format!("default/{vip}")),
+            key: ServiceKey {
+                vip: vip.parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            affinity_timeout_secs: affinity,
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+        }
+    }
+
+    /// The digest is compared across versions (a node daemon and agents of
+    /// another release): its value for a known table never changes.
+    #[test]
+    fn a_known_table_keeps_its_digest() {
+        let table = Table::new(vec![
+            service("10.96.0.2", 53, None, &["10.244.0.9:53", "10.244.0.10:53"]),
+            service("10.96.0.1", 443, Some(30), &["192.0.2.1:6443"]),
+            service("fd00::1", 80, None, &["[fd00::20]:8080", "[fd00::3]:8080"]),
+            service("10.96.0.3", 80, None, &[]),
+        ])
+        .unwrap();
+        assert_eq!(
+            table.digest(),
+            "b1bbd06269bc33644df0254b879e0650bafab9fbee45edb8e44a72f2fbe087e3"
+        );
     }
 }
