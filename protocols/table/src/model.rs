@@ -96,13 +96,17 @@ pub struct Table {
 impl Table {
     /// Checks what spans services: unique keys and capacity.
     pub fn new(services: Vec<Service>) -> Result<Table, TableError> {
-        let mut seen: HashMap<ServiceKey, String> = HashMap::new();
+        let mut seen: HashMap<ServiceKey, &Service> = HashMap::with_capacity(services.len());
         for service in &services {
-            if let Some(first) = seen.insert(service.key, service.label()) {
+            if let Some(first) = seen.insert(service.key, service) {
                 return Err(TableError::Field {
                     service: service.label(),
                     field: "vip/port/protocol".into(),
-                    message: format!("{} is already used by service {first}", service.key),
+                    message: format!(
+                        "{} is already used by service {}",
+                        service.key,
+                        first.label()
+                    ),
                 });
             }
         }
@@ -276,12 +280,13 @@ pub(crate) struct Fields<'a> {
 
 impl Fields<'_> {
     pub(crate) fn validate(self) -> Result<Service, TableError> {
-        let label = match &self.name {
+        // Made only for an error: every Sync validates 10,000 services.
+        let label = || match &self.name {
             Some(name) => format!("{name:?} (services[{}])", self.index),
             None => format!("services[{}] ({}:{})", self.index, self.vip, self.port),
         };
         let field = |field: &str, message: String| TableError::Field {
-            service: label.clone(),
+            service: label(),
             field: field.into(),
             message,
         };
