@@ -9,7 +9,14 @@
 //!   from a version older than the compaction point gets 410 Expired, and an
 //!   open watch that lagged behind a compaction gets an ERROR event with
 //!   status 410 mid-stream (the client then lists again);
-//! - watches that ask for bookmarks get one every [`BOOKMARK_INTERVAL`];
+//! - watches that ask for bookmarks get one every [`BOOKMARK_INTERVAL`],
+//!   and only they get one;
+//! - field selectors on `metadata.name` and `metadata.namespace` (`=`,
+//!   `==`, `!=`, joined by commas) filter lists and watches; another field
+//!   is refused with 400, as kube-apiserver refuses a field it does not
+//!   index, and so is any label selector, which this stand-in does not
+//!   evaluate (a client relying on one fails here instead of being sent
+//!   everything);
 //! - 429 (with Retry-After), 5xx and 403 answers on demand;
 //! - objects come back as the API server stores them: Services with their
 //!   defaulted fields (`type`, `clusterIPs`, `ipFamilies`, `ipFamilyPolicy`,
@@ -39,8 +46,7 @@ pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Kind {
     Service,
     EndpointSlice,
-    /// Cluster-scoped: give it no namespace. Field selectors are ignored
-    /// (every Node is listed).
+    /// Cluster-scoped: give it no namespace.
     Node,
 }
 
@@ -98,6 +104,7 @@ struct State {
     lists: BTreeMap<Kind, usize>,
     list_pages: BTreeMap<Kind, usize>,
     watches: BTreeMap<Kind, usize>,
+    bookmarks_sent: BTreeMap<Kind, usize>,
     expired: usize,
 }
 
@@ -187,12 +194,12 @@ current-context: fake
         });
     }
 
-    /// A bookmark on every open Service and EndpointSlice watch now: the
+    /// A bookmark on every open watch that asked for bookmarks, now: the
     /// current resourceVersion, no change.
     pub fn bookmark(&self) {
         self.change(|state| {
             let rv = state.resource_version;
-            for kind in [Kind::Service, Kind::EndpointSlice] {
+            for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
                 state
                     .events
                     .push((rv, kind, "BOOKMARK", bookmark(kind, rv)));
@@ -254,6 +261,11 @@ current-context: fake
     /// How many watches of `kind` were opened.
     pub fn watches(&self, kind: Kind) -> usize {
         count(&self.state.0.lock().unwrap().watches, kind)
+    }
+
+    /// How many bookmarks watches of `kind` were sent.
+    pub fn bookmarks_sent(&self, kind: Kind) -> usize {
+        count(&self.state.0.lock().unwrap().bookmarks_sent, kind)
     }
 
     /// How many 410 Expired answers were sent (watch starts, mid-stream
@@ -451,6 +463,16 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
             let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
             continue;
         };
+        let selector = match FieldSelector::of(&params) {
+            Ok(selector) => selector,
+            Err(message) => {
+                let body = status(400, "BadRequest", &message).to_string();
+                if !respond(&mut stream, 400, "", &body) {
+                    return;
+                }
+                continue;
+            }
+        };
         if let Some(code) = take_failure(state) {
             let retry_after = if code == 429 {
                 "retry-after: 1\r\n"
@@ -479,6 +501,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
                 from,
                 timeout: Duration::from_secs(timeout),
                 bookmarks,
+                selector,
             };
             serve_watch(&mut stream, state, &watch);
             return;
@@ -487,7 +510,13 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
             .get("limit")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let (code, body) = list_page(state, kind, params.get("continue").copied(), limit);
+        let (code, body) = list_page(
+            state,
+            kind,
+            &selector,
+            params.get("continue").copied(),
+            limit,
+        );
         if !respond(&mut stream, code, "", &body.to_string()) {
             return;
         }
@@ -511,6 +540,7 @@ fn take_failure(state: &(Mutex<State>, Condvar)) -> Option<u16> {
 fn list_page(
     state: &(Mutex<State>, Condvar),
     kind: Kind,
+    selector: &FieldSelector,
     continue_token: Option<&str>,
     limit: usize,
 ) -> (u16, Value) {
@@ -521,7 +551,7 @@ fn list_page(
             let items: Vec<Value> = guard
                 .objects
                 .iter()
-                .filter(|((k, _, _), _)| *k == kind)
+                .filter(|((k, _, _), o)| *k == kind && selector.matches(o))
                 .map(|(_, o)| o.clone())
                 .collect();
             (guard.resource_version, items)
@@ -572,6 +602,82 @@ struct Watch {
     from: u64,
     timeout: Duration,
     bookmarks: bool,
+    selector: FieldSelector,
+}
+
+/// A `fieldSelector` on the fields every kind indexes: (field, equal,
+/// value) terms, all of which must hold.
+#[derive(Default)]
+struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    /// A request's field selector; a label selector is refused.
+    fn of(params: &BTreeMap<&str, &str>) -> Result<FieldSelector, String> {
+        if let Some(labels) = params.get("labelSelector").filter(|l| !l.is_empty()) {
+            return Err(format!(
+                "label selector {:?}: this stand-in does not evaluate label selectors",
+                percent_decoded(labels)
+            ));
+        }
+        let Some(text) = params
+            .get("fieldSelector")
+            .map(|text| percent_decoded(text))
+            .filter(|text| !text.is_empty())
+        else {
+            return Ok(FieldSelector::default());
+        };
+        let terms = text.split(',').map(|term| {
+            let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (f, true, v)
+            } else {
+                return Err(format!(
+                    "field selector term {term:?}: expected FIELD=VALUE"
+                ));
+            };
+            match field {
+                "metadata.name" | "metadata.namespace" => {
+                    Ok((field.to_string(), equal, value.to_string()))
+                }
+                _ => Err(format!(
+                    "field label not supported: {field} (field selector {text:?})"
+                )),
+            }
+        });
+        terms.collect::<Result<_, _>>().map(FieldSelector)
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(field, equal, value)| {
+            let field = field.strip_prefix("metadata.").unwrap_or(field);
+            (meta(object, field) == *value) == *equal
+        })
+    }
+}
+
+/// A query parameter's value with its %XX escapes decoded.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn serve_watch(stream: &mut TcpStream, state: &(Mutex<State>, Condvar), watch: &Watch) {
@@ -624,7 +730,14 @@ fn serve_watch(stream: &mut TcpStream, state: &(Mutex<State>, Condvar), watch: &
             }
             let mut pending: Vec<Value> = guard.events[sent..]
                 .iter()
-                .filter(|(_, k, ..)| *k == watch.kind)
+                .filter(|(_, k, event, object)| {
+                    *k == watch.kind
+                        && if *event == "BOOKMARK" {
+                            watch.bookmarks
+                        } else {
+                            watch.selector.matches(object)
+                        }
+                })
                 .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
                 .collect();
             sent = guard.events.len();
@@ -635,6 +748,8 @@ fn serve_watch(stream: &mut TcpStream, state: &(Mutex<State>, Condvar), watch: &
                 pending.push(json!({"type": "BOOKMARK", "object": bookmark(watch.kind, position)}));
             }
             if !pending.is_empty() {
+                let bookmarks = pending.iter().filter(|e| e["type"] == "BOOKMARK").count();
+                *guard.bookmarks_sent.entry(watch.kind).or_default() += bookmarks;
                 drop(guard);
                 for event in pending {
                     if chunk(stream, event).is_err() {

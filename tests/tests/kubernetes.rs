@@ -192,9 +192,24 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
         &[&web_terminating, &dns],
     );
 
-    // Bookmarks change nothing; a dropped watch resumes without a relist.
-    let lists = api.lists(Kind::EndpointSlice);
+    // Bookmarks change nothing but the version a watch resumes from: with
+    // one, a watch dropped after the history before it was compacted
+    // resumes without a relist. The shim's watches must ask for them.
+    let kinds = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    let lists = kinds.map(|kind| api.lists(kind));
+    let bookmarks = kinds.map(|kind| api.bookmarks_sent(kind));
     api.bookmark();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            kinds
+                .iter()
+                .zip(bookmarks)
+                .all(|(kind, before)| api.bookmarks_sent(*kind) > before)
+        }),
+        "no bookmark reached the Service, EndpointSlice and Node watches: do they ask for them?"
+    );
+    let (watches, expired) = (kinds.map(|kind| api.watches(kind)), api.expired());
+    api.compact();
     api.drop_watches();
     api.apply(
         Kind::EndpointSlice,
@@ -210,8 +225,24 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
         "change while the watch was dropped",
         &[&web_b_only, &dns],
     );
+    // Both watches opened again, each from its bookmark: no 410, no list.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            kinds
+                .iter()
+                .zip(watches)
+                .all(|(kind, before)| api.watches(*kind) > before)
+        }),
+        "the dropped watches were not opened again"
+    );
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        api.lists(Kind::EndpointSlice),
+        api.expired(),
+        expired,
+        "a watch resumed from before its bookmark"
+    );
+    assert_eq!(
+        kinds.map(|kind| api.lists(kind)),
         lists,
         "a dropped watch must not relist"
     );
@@ -219,7 +250,7 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
     // The watch lags while the cluster changes and that history is then
     // compacted: an ERROR 410 mid-stream, a relist, and the table converges
     // without lost or duplicated entries.
-    let expired = api.expired();
+    let (expired, slice_lists) = (api.expired(), api.lists(Kind::EndpointSlice));
     api.pause_watches();
     api.delete(Kind::Service, "default", "dns");
     api.apply(
@@ -251,7 +282,7 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
     );
     assert!(api.expired() > expired, "no 410 was sent");
     assert!(
-        api.lists(Kind::EndpointSlice) > lists,
+        api.lists(Kind::EndpointSlice) > slice_lists,
         "410 Gone must relist"
     );
     assert_eq!(
@@ -529,6 +560,12 @@ fn topology_hints_follow_the_zone_of_this_node_and_other_proxies_services_are_sk
     let api = FakeApiServer::start();
     let kubeconfig = api.kubeconfig(sandbox.workdir.path());
     api.apply(Kind::Node, this_node(Some("zone-a")));
+    // Another node, after this one: only a watch of this node's Node
+    // (a field selector on its name) leaves its zone out.
+    api.apply(
+        Kind::Node,
+        json!({"metadata": {"name": "node-b", "labels": {"topology.kubernetes.io/zone": "zone-c"}}}),
+    );
     api.apply(
         Kind::Service,
         service(
