@@ -25,7 +25,7 @@
 //!   managedFields.
 //!
 //! Tests change objects, send bookmarks, drop every open watch, make watches
-//! lag, and compact history.
+//! lag, compact history, and expire a list's continue token.
 
 use std::{
     collections::BTreeMap,
@@ -97,12 +97,17 @@ struct State {
     watches_paused: bool,
     /// Answers (status code, how many more) for the next requests.
     failing: Option<(u16, usize)>,
+    /// The next continue token is answered 410, as one whose list was
+    /// compacted away meanwhile.
+    expire_next_continue: bool,
     failures_served: usize,
     snapshots: BTreeMap<u64, Snapshot>,
     next_snapshot: u64,
     next_uid: u64,
     lists: BTreeMap<Kind, usize>,
     list_pages: BTreeMap<Kind, usize>,
+    /// Lists whose continue token got 410 Expired.
+    lists_cut_short: BTreeMap<Kind, usize>,
     watches: BTreeMap<Kind, usize>,
     bookmarks_sent: BTreeMap<Kind, usize>,
     expired: usize,
@@ -237,6 +242,12 @@ current-context: fake
         });
     }
 
+    /// The next page asked for with a continue token gets 410 Expired, as
+    /// when etcd compacts away the list's revision between two pages.
+    pub fn expire_next_continue(&self) {
+        self.change(|state| state.expire_next_continue = true);
+    }
+
     /// The next `count` requests (lists and watches, any kind) are answered
     /// with `code` (429 with Retry-After: 1, 5xx, 403 ...).
     pub fn fail_requests(&self, code: u16, count: usize) {
@@ -256,6 +267,11 @@ current-context: fake
     /// How many pages of lists of `kind` were served.
     pub fn list_pages(&self, kind: Kind) -> usize {
         count(&self.state.0.lock().unwrap().list_pages, kind)
+    }
+
+    /// How many lists of `kind` had a continue token refused 410 Expired.
+    pub fn lists_cut_short(&self, kind: Kind) -> usize {
+        count(&self.state.0.lock().unwrap().lists_cut_short, kind)
     }
 
     /// How many watches of `kind` were opened.
@@ -557,14 +573,17 @@ fn list_page(
             (guard.resource_version, items)
         }
         Some(token) => {
+            let expire = std::mem::take(&mut guard.expire_next_continue);
             let snapshot = token
                 .parse()
                 .ok()
-                .and_then(|id: u64| guard.snapshots.remove(&id));
+                .and_then(|id: u64| guard.snapshots.remove(&id))
+                .filter(|_| !expire);
             match snapshot {
                 Some(snapshot) => (snapshot.resource_version, snapshot.items),
                 None => {
                     guard.expired += 1;
+                    *guard.lists_cut_short.entry(kind).or_default() += 1;
                     let message = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.";
                     return (410, status(410, "Expired", message));
                 }

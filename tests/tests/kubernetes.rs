@@ -513,8 +513,11 @@ fn lists_in_pages_and_rides_out_throttling_server_errors_and_forbidden() {
         )
     };
 
-    // Throttled at the start: the first requests get 429 Too Many Requests.
+    // Throttled at the start: the first requests get 429 Too Many Requests;
+    // then a list's second page is refused 410 (its revision compacted
+    // away between pages), and that list starts over.
     api.fail_requests(429, 3);
+    api.expire_next_continue();
     let _shim = Shim(
         sandbox
             .shim_kube_command(&kubeconfig, &["--batch-ms", "50"])
@@ -522,14 +525,25 @@ fn lists_in_pages_and_rides_out_throttling_server_errors_and_forbidden() {
             .spawn()
             .expect("socklb-shim kube"),
     );
-    expect_lines("listed in pages after 429s", &lines);
+    expect_lines("listed in pages after 429s and a stale continue", &lines);
     assert_eq!(api.failures_served(), 3);
-    for kind in [Kind::Service, Kind::EndpointSlice] {
+    let kinds = [Kind::Service, Kind::EndpointSlice];
+    assert_eq!(
+        kinds
+            .map(|kind| api.lists_cut_short(kind))
+            .iter()
+            .sum::<usize>(),
+        1,
+        "no list was asked for a second page"
+    );
+    for kind in kinds {
+        // Every whole list took 3 pages, one cut short its first only; the
+        // list cut short started over.
+        let (lists, cut_short) = (api.lists(kind), api.lists_cut_short(kind));
         assert!(
-            api.list_pages(kind) >= 3 * api.lists(kind),
-            "{kind:?}: {} pages for {} lists",
+            api.list_pages(kind) >= 3 * (lists - cut_short) + cut_short && lists > cut_short,
+            "{kind:?}: {} pages for {lists} lists, {cut_short} cut short",
             api.list_pages(kind),
-            api.lists(kind)
         );
     }
 
