@@ -12,8 +12,9 @@ pub use protobuf;
 /// The API version a `VersionResponse` reports; clients refuse another major.
 /// 1.1 added the Sync in parts (SyncBegin/SyncPart/SyncCommit) and List pages;
 /// 1.2 the opt-out cgroups (SetOptOutCgroups, ListOptOutCgroups); 1.3
-/// Digest (the table's digest without the table).
-pub const API_VERSION: &str = "1.3";
+/// Digest (the table's digest without the table); 1.4 external VIPs
+/// (`Service.vip_kind`).
+pub const API_VERSION: &str = "1.4";
 
 /// The largest message ttrpc sends or accepts, either way.
 pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use socklb_protocols::{socklb as api, socklb_ttrpc};
 use socklb_shim::{ClientError, Options};
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 use ttrpc::r#async::{Server, TtrpcContext};
 
@@ -30,6 +30,7 @@ fn web(backend: u8) -> Table {
             port: 80,
             protocol: Protocol::Tcp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: vec![format!("{}:8080", backend_ip(backend)).parse().unwrap()],
     }])
@@ -276,6 +277,98 @@ fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
             (lists, digests),
             "API {api_version}: (Lists, Digests) asked"
         );
+        runtime.block_on(server.shutdown()).expect("stop the agent");
+    }
+}
+
+/// An agent of a given API version that takes every write as it is sent.
+#[derive(Clone)]
+struct WriteCountingAgent {
+    api_version: &'static str,
+    writes: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl socklb_ttrpc::Health for WriteCountingAgent {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::VersionRequest,
+    ) -> ttrpc::Result<api::VersionResponse> {
+        Ok(api::VersionResponse {
+            api_version: self.api_version.into(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl socklb_ttrpc::Services for WriteCountingAgent {
+    async fn sync(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::SyncRequest,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(api::WriteResponse {
+            generation: request.generation,
+            digest: Table::from_api(&request.services).unwrap().digest(),
+            ..Default::default()
+        })
+    }
+
+    async fn upsert(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::UpsertRequest,
+    ) -> ttrpc::Result<api::WriteResponse> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(api::WriteResponse::new())
+    }
+}
+
+#[test]
+fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime();
+    let _in_runtime = runtime.enter();
+    let mut node_address = web(1).services.remove(0);
+    node_address.name = Some("default/ssh-beside".into());
+    node_address.key.vip = "192.0.2.10".parse().unwrap();
+    node_address.vip_kind = VipKind::External;
+    let with_external = Table::new(vec![web(1).services.remove(0), node_address.clone()]).unwrap();
+    // API 1.3 ignores the kind: the client refuses, sending nothing; a
+    // table of cluster VIPs alone still goes. API 1.4 takes both.
+    for (api_version, refused) in [("1.3", true), ("1.4", false)] {
+        let agent = WriteCountingAgent {
+            api_version,
+            writes: Arc::default(),
+        };
+        let socket = dir.path().join(format!("agent-{api_version}.sock"));
+        let mut server = serve_agent(&socket, &agent);
+        runtime.block_on(server.start()).expect("start the agent");
+        let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
+
+        let synced = runtime.block_on(client.sync(with_external.clone()));
+        let upserted = runtime.block_on(client.upsert(vec![node_address.clone()]));
+        if refused {
+            for result in [synced.map(drop), upserted.map(drop)] {
+                let err = result.expect_err("refused by the client").to_string();
+                assert!(
+                    err.contains("API 1.3")
+                        && err.contains("default/ssh-beside")
+                        && err.contains("--external-vips"),
+                    "{err}"
+                );
+            }
+            assert_eq!(agent.writes.load(Ordering::Relaxed), 0, "nothing sent");
+            runtime
+                .block_on(client.sync(web(1)))
+                .expect("cluster VIPs alone");
+        } else {
+            synced.expect("sync");
+            upserted.expect("upsert");
+        }
         runtime.block_on(server.shutdown()).expect("stop the agent");
     }
 }

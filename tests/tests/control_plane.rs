@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use socklb_protocols::{protobuf, socklb as api, socklb_ttrpc::ServicesClient};
 use socklb_shim::{AgentAddr, AgentClient, ClientError, Options};
-use socklb_table::{Service, ServiceKey, Table};
+use socklb_table::{Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, backend_ip6, runtime, shim_bin};
 use ttrpc::Code;
 
@@ -149,6 +149,7 @@ fn incremental_updates() {
     let new_service = Service {
         name: Some("default/new".into()),
         key: key("10.96.0.40:8000/TCP"),
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: vec![format!("{}:8080", backend_ip(3)).parse().unwrap()],
     };
@@ -490,6 +491,7 @@ fn table_at_capacity() -> Table {
                 port: 80,
                 protocol: socklb_table::Protocol::Tcp,
             },
+            vip_kind: VipKind::Cluster,
             affinity_timeout_secs: None,
             backends: backends.clone(),
         })
@@ -634,6 +636,7 @@ fn a_table_at_capacity_syncs_in_parts_and_lists_in_pages() {
                 services: vec![Service {
                     name: None,
                     key: table.services[0].key,
+                    vip_kind: VipKind::Cluster,
                     affinity_timeout_secs: None,
                     backends: Vec::new(),
                 }

@@ -307,6 +307,53 @@ fn no_backends_refuses_at_once() {
     }
 }
 
+/// An externalIP that is also a host's own address (a node IP): socklb
+/// takes its service's port, and leaves every other port to the host
+/// (SSH, kubelet, NodePorts), as kube-proxy does; a cluster VIP's other
+/// ports are still refused.
+#[test]
+fn an_external_vip_leaves_its_other_ports_alone() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let node = backend_ip(2);
+    let (node_tcp, node_udp) = (format!("{node}:2222"), format!("{node}:2223"));
+    sandbox.backend("node", &[&node_tcp], &[&node_udp]);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: {node}, port: 80, vipKind: external, backends: [{backends}]}}
+  - {{vip: 10.96.0.20, port: 80, backends: [{backends}]}}",
+            backends = tcp_backends(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let r = one(sandbox.client(&["tcp", &node_tcp]));
+    assert_eq!(
+        (&r["backend"], &r["peer"]),
+        (&"node".into(), &node_tcp.clone().into()),
+        "{r}"
+    );
+    for connected in [&[][..], &["--connected"]] {
+        let args = [&["udp", &node_udp][..], connected].concat();
+        let r = one(sandbox.client(&args));
+        assert_eq!(
+            (&r["backend"], &r["source"]),
+            (&"node".into(), &node_udp.clone().into()),
+            "{args:?}: {r}"
+        );
+    }
+    let r = one(sandbox.client(&["tcp", &format!("{node}:80")]));
+    assert_eq!(
+        (&r["backend"], &r["peer"]),
+        (&"b1".into(), &format!("{node}:80").into()),
+        "translated: {r}"
+    );
+    let r = &sandbox.client(&["tcp", "10.96.0.20:2222"])[0];
+    assert_eq!(errno(r), ECONNREFUSED, "a cluster VIP's other port: {r}");
+}
+
 #[test]
 fn a_known_vip_on_an_unknown_port_is_refused_at_once() {
     socklb_tests::require_root!();

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, thread::sleep, time::Duration};
 
 use serde_json::Value;
 use socklb_shim::Options;
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime, workload::now_us};
 
 /// `vip:port`/`protocol` on the backends numbered in `set`, at `backend_port`.
@@ -20,6 +20,7 @@ fn service(vip: &str, protocol: Protocol, set: &[u8], backend_port: u16) -> Serv
             port: 53,
             protocol,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: set
             .iter()

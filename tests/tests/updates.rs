@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::Value;
 use socklb_shim::Options;
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 
 /// Backends b1..=b6, each on its own address.
@@ -38,6 +38,7 @@ fn web(set: &[u8]) -> Service {
             port: 80,
             protocol: Protocol::Tcp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: set
             .iter()
@@ -55,6 +56,7 @@ fn dns(set: &[u8]) -> Service {
             port: 53,
             protocol: Protocol::Udp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: set
             .iter()

@@ -96,8 +96,23 @@ pub struct ServiceEntry {
     pub backend_count: u32,
     /// ClientIP session affinity; 0 = none.
     pub affinity_timeout_secs: u32,
-    pub _pad: u32,
+    /// `SERVICE_EXTERNAL_VIP`, or 0 (as agents before API 1.4 wrote).
+    pub flags: u32,
 }
+
+/// In `ServiceEntry::flags`: the service's VIP is an externalIP or a
+/// LoadBalancer IP (see `VIP_EXTERNAL`); without it, a clusterIP.
+pub const SERVICE_EXTERNAL_VIP: u32 = 1;
+
+/// The value of `VIPS` for a cluster VIP: a port of it that no service has
+/// is refused with ECONNREFUSED (agents before API 1.4 wrote 1 for every
+/// VIP, which reads as this).
+pub const VIP_CLUSTER: u8 = 1;
+/// The value of `VIPS` for a VIP that is only an externalIP or a
+/// LoadBalancer IP (often a node's own address): a port of it that no
+/// service has passes untouched, as kube-proxy intercepts only the listed
+/// IP:port.
+pub const VIP_EXTERNAL: u8 = 2;
 
 /// Key of `BACKEND_SLOTS`.
 #[repr(C)]

@@ -15,8 +15,10 @@
 //! functions gave, instruction for instruction.
 //!
 //! A destination that is not a service VIP costs one hash lookup (`VIPS`,
-//! keyed by the address alone); a VIP on a port that is no service port is
-//! refused with ECONNREFUSED, as kube-proxy's nftables mode rejects it.
+//! keyed by the address alone); a cluster VIP on a port that is no service
+//! port is refused with ECONNREFUSED, as kube-proxy's nftables mode rejects
+//! it, while such a port of an external VIP (`VIP_EXTERNAL`: an
+//! externalIP or LoadBalancer IP) passes untouched.
 //!
 //! Raw access (context fields, map lookups, helpers) lives in `access`;
 //! the logic here is safe Rust.
@@ -39,7 +41,7 @@ use socklb_common::{
     AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
     GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
     MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, ServiceCounters, ServiceEntry, ServiceEntryKey,
-    Translation, is_loopback, is_v4_mapped,
+    Translation, VIP_EXTERNAL, is_loopback, is_v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -48,8 +50,9 @@ use socklb_common::{
 #[map]
 static SERVICES: HashMap<ServiceEntryKey, ServiceEntry> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
-/// Every VIP of `SERVICES` (the value is unused): the prefilter that lets
-/// a non-VIP destination pass after one lookup of a 16-byte key.
+/// Every VIP of `SERVICES`, with its kind (`VIP_CLUSTER`, `VIP_EXTERNAL`):
+/// the prefilter that lets a non-VIP destination pass after one lookup of
+/// a 16-byte key.
 #[map]
 static VIPS: HashMap<Addr, u8> = HashMap::pinned(MAX_VIPS, BPF_F_NO_PREALLOC);
 #[map]
@@ -196,30 +199,23 @@ fn refuse() -> i32 {
 
 #[inline(always)]
 fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
-    if hash_get(&VIPS, &dst.addr).is_none() || opted_out() {
-        if matches!(forward, Forward::Connect)
-            && sa.protocol() == PROTO_UDP
-            && sa
-                .storage(&CONNECTED_VIP, Storage::Existing)
-                .is_some_and(|translation| translation.backend != *dst)
-        {
-            // A UDP socket connected again, elsewhere: its earlier
-            // translation no longer describes its peer. A destination that
-            // is the socket's backend is the rewrite of an earlier program
-            // of this same datapath (during an in-place upgrade both
-            // agents' programs run for a moment), not a new peer.
-            sa.forget_storage(&CONNECTED_VIP);
-        }
-        return Verdict::Pass;
-    }
+    let vip_kind = match hash_get(&VIPS, &dst.addr) {
+        Some(kind) if !opted_out() => kind,
+        _ => return untranslated(sa, dst, forward),
+    };
     let key = ServiceEntryKey {
         vip: dst.addr,
         port: dst.port,
         proto: sa.protocol(),
         _pad: 0,
     };
-    // A known VIP on a port (or protocol) no service has.
+    // A known VIP on a port (or protocol) no service has: refused on a
+    // cluster VIP, left alone on an external one (a node's own address
+    // keeps its SSH, kubelet and NodePorts).
     let Some(service) = hash_get(&SERVICES, &key) else {
+        if vip_kind == VIP_EXTERNAL {
+            return untranslated(sa, dst, forward);
+        }
         return Verdict::Refuse;
     };
     let backend = match forward {
@@ -232,6 +228,24 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
     };
     count(service.id, |c| c.translations += 1);
     Verdict::Backend(backend)
+}
+
+/// A destination left as it is. A UDP socket connected again, elsewhere,
+/// drops its earlier translation, which no longer describes its peer.
+#[inline(always)]
+fn untranslated(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
+    if matches!(forward, Forward::Connect)
+        && sa.protocol() == PROTO_UDP
+        && sa
+            .storage(&CONNECTED_VIP, Storage::Existing)
+            .is_some_and(|translation| translation.backend != *dst)
+    {
+        // A destination that is the socket's backend is the rewrite of an
+        // earlier program of this same datapath (during an in-place
+        // upgrade both agents' programs run for a moment), not a new peer.
+        sa.forget_storage(&CONNECTED_VIP);
+    }
+    Verdict::Pass
 }
 
 /// The backend of a connect, remembered as the socket's one translation.

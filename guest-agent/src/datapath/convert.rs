@@ -7,8 +7,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use socklb_common::{Addr, Endpoint, ServiceEntryKey, is_v4_mapped, v4_mapped};
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_common::{
+    Addr, Endpoint, SERVICE_EXTERNAL_VIP, ServiceEntryKey, is_v4_mapped, v4_mapped,
+};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 
 use super::program::Programmed;
 
@@ -56,6 +58,7 @@ pub(super) fn table_of(programmed: BTreeMap<ServiceEntryKey, Programmed>) -> Tab
         .map(|(key, programmed)| Service {
             name: None,
             key: table_key(&key),
+            vip_kind: vip_kind_of(programmed.entry.flags),
             affinity_timeout_secs: match programmed.entry.affinity_timeout_secs {
                 0 => None,
                 secs => Some(secs),
@@ -64,6 +67,23 @@ pub(super) fn table_of(programmed: BTreeMap<ServiceEntryKey, Programmed>) -> Tab
         })
         .collect();
     Table { services }
+}
+
+/// `ServiceEntry::flags` of a service on a VIP of `kind`.
+pub(super) fn entry_flags(kind: VipKind) -> u32 {
+    match kind {
+        VipKind::Cluster => 0,
+        VipKind::External => SERVICE_EXTERNAL_VIP,
+    }
+}
+
+/// The kind of VIP `ServiceEntry::flags` say the service has.
+pub(super) fn vip_kind_of(flags: u32) -> VipKind {
+    if flags & SERVICE_EXTERNAL_VIP != 0 {
+        VipKind::External
+    } else {
+        VipKind::Cluster
+    }
 }
 
 pub(super) fn map_key(key: &ServiceKey) -> ServiceEntryKey {

@@ -9,9 +9,10 @@ use std::{
     hash::Hash,
 };
 
-use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceEntryKey};
+use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceEntryKey, VIP_CLUSTER, VIP_EXTERNAL};
+use socklb_table::VipKind;
 
-use super::program::Programmed;
+use super::{convert::vip_kind_of, program::Programmed};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Ledger {
@@ -23,6 +24,8 @@ pub(super) struct Ledger {
     slot_count: usize,
     /// Services per VIP: a VIP stays in `VIPS` while it has one.
     services_per_vip: HashMap<Addr, usize>,
+    /// Cluster services per VIP: a VIP with one is a cluster VIP.
+    cluster_services_per_vip: HashMap<Addr, usize>,
     /// Services per (protocol, backend): a backend is removed, and its
     /// sockets closed, once no service has it.
     backend_uses: HashMap<(u8, Endpoint), usize>,
@@ -54,6 +57,9 @@ impl Ledger {
             self.used_ids.remove(&old.entry.id);
             self.slot_count -= old.backends.len();
             decrement(&mut self.services_per_vip, key.vip);
+            if is_cluster(old) {
+                decrement(&mut self.cluster_services_per_vip, key.vip);
+            }
             for backend in &old.backends {
                 decrement(&mut self.backend_uses, (key.proto, *backend));
             }
@@ -62,6 +68,9 @@ impl Ledger {
             self.used_ids.insert(new.entry.id);
             self.slot_count += new.backends.len();
             *self.services_per_vip.entry(key.vip).or_default() += 1;
+            if is_cluster(new) {
+                *self.cluster_services_per_vip.entry(key.vip).or_default() += 1;
+            }
             for backend in &new.backends {
                 *self.backend_uses.entry((key.proto, *backend)).or_default() += 1;
             }
@@ -87,6 +96,33 @@ impl Ledger {
 
     pub(super) fn services_on(&self, vip: &Addr) -> usize {
         self.services_per_vip.get(vip).copied().unwrap_or(0)
+    }
+
+    /// What `VIPS` holds for `vip` (`VIP_CLUSTER`, `VIP_EXTERNAL`; None:
+    /// no service has it).
+    pub(super) fn vip_kind(&self, vip: &Addr) -> Option<u8> {
+        self.vip_kind_after(vip, None, None)
+    }
+
+    /// [`Ledger::vip_kind`] once the service on `vip` that is `old` (None:
+    /// absent) is `new`: a cluster VIP while any of its services is one.
+    pub(super) fn vip_kind_after(
+        &self,
+        vip: &Addr,
+        old: Option<&Programmed>,
+        new: Option<&Programmed>,
+    ) -> Option<u8> {
+        let count = |counts: &HashMap<Addr, usize>, counted: fn(&Programmed) -> bool| {
+            counts.get(vip).copied().unwrap_or(0) + usize::from(new.is_some_and(counted))
+                - usize::from(old.is_some_and(counted))
+        };
+        if count(&self.services_per_vip, |_| true) == 0 {
+            None
+        } else if count(&self.cluster_services_per_vip, is_cluster) > 0 {
+            Some(VIP_CLUSTER)
+        } else {
+            Some(VIP_EXTERNAL)
+        }
     }
 
     /// How many services have `backend` for `protocol`.
@@ -124,6 +160,10 @@ impl Ledger {
             ..self.clone()
         }
     }
+}
+
+fn is_cluster(service: &Programmed) -> bool {
+    vip_kind_of(service.entry.flags) == VipKind::Cluster
 }
 
 /// One count less for `key`; a count that reaches zero goes.

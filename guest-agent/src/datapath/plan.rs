@@ -11,7 +11,7 @@ use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, TableError};
 
 use super::{
-    convert::{endpoint, socket_addr},
+    convert::{endpoint, entry_flags, socket_addr},
     ledger::Ledger,
     program::Programmed,
 };
@@ -113,7 +113,7 @@ impl Plan {
                     id,
                     backend_count: backends.len() as u32,
                     affinity_timeout_secs: service.affinity_timeout_secs.unwrap_or(0),
-                    _pad: 0,
+                    flags: entry_flags(service.vip_kind),
                 },
                 backends,
             };
@@ -221,7 +221,7 @@ fn check_members_peak<'a>(
 mod tests {
     use std::net::SocketAddr;
 
-    use socklb_table::Protocol;
+    use socklb_table::{Protocol, VipKind};
 
     use super::*;
     use crate::datapath::convert::map_key;
@@ -235,6 +235,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
+            vip_kind: VipKind::Cluster,
             affinity_timeout_secs: None,
             backends: backends
                 .iter()

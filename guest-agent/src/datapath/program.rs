@@ -4,7 +4,7 @@
 //! new one; and the repair of what an agent killed half way through an
 //! update leaves.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context as _, Result};
 use slog::{Logger, info};
@@ -31,6 +31,10 @@ pub(super) struct Programmed {
 pub struct ProgrammedTable {
     pub(super) maps: TableMaps,
     pub(super) ledger: Ledger,
+    /// VIPs a failed step may have left in `VIPS` with another kind than
+    /// the ledger counts (or without a service): put right at once if the
+    /// kernel lets, else before the next write.
+    vips_to_repair: BTreeSet<Addr>,
     log: Logger,
 }
 
@@ -41,6 +45,7 @@ impl ProgrammedTable {
         let mut table = ProgrammedTable {
             maps,
             ledger: Ledger::default(),
+            vips_to_repair: BTreeSet::new(),
             log: log.new(slog::o!("component" => "table")),
         };
         let programmed = table.read_programmed()?;
@@ -133,6 +138,7 @@ impl ProgrammedTable {
         current: BTreeMap<ServiceEntryKey, Programmed>,
     ) -> Result<ApplySummary, WriteError> {
         let plan = Plan::new(&self.ledger, wanted, current)?;
+        self.repair_vips()?;
         if let Some(id) = plan.last_new_id {
             self.ledger.handed_out(id);
         }
@@ -164,6 +170,9 @@ impl ProgrammedTable {
                 if let Ok(now) = self.read_some(std::iter::once(key)) {
                     self.ledger.record(key, old, now.get(key));
                 }
+                self.vips_to_repair.insert(key.vip);
+                // Best effort: `write` tries again.
+                let _ = self.repair_vips();
                 return Err(err);
             }
         }
@@ -241,29 +250,46 @@ impl ProgrammedTable {
         Ok(())
     }
 
-    /// Makes `VIPS` hold exactly the VIPs of the programmed services: an
-    /// agent killed half way through an update, or one of a version before
-    /// `VIPS`, can leave it behind `SERVICES`.
+    /// Makes `VIPS` hold exactly the VIPs of the programmed services, each
+    /// with its kind: an agent killed half way through an update, or one of
+    /// a version before `VIPS` (or before external VIPs), can leave it
+    /// behind `SERVICES`.
     fn reconcile_vips(&mut self) -> Result<()> {
-        let pinned: Vec<Addr> = self
-            .maps
-            .vips
-            .entries()?
-            .into_iter()
-            .map(|(vip, _)| vip)
-            .collect();
+        let pinned: HashMap<Addr, u8> = self.maps.vips.entries()?.into_iter().collect();
         for vip in pinned
-            .iter()
+            .keys()
             .filter(|vip| self.ledger.services_on(vip) == 0)
         {
             self.maps.vips.remove(vip)?;
         }
         for vip in self.ledger.vips() {
-            if !pinned.contains(vip) {
-                self.maps.vips.insert(*vip, 1)?;
+            let kind = self.ledger.vip_kind(vip);
+            if let Some(kind) = kind
+                && pinned.get(vip) != Some(&kind)
+            {
+                self.maps.vips.insert(*vip, kind)?;
             }
         }
         Ok(())
+    }
+
+    /// Makes `VIPS` hold the kind the ledger counts for each VIP to repair.
+    fn repair_vips(&mut self) -> Result<()> {
+        while let Some(vip) = self.vips_to_repair.first().copied() {
+            let held = self.maps.vips.get(&vip)?;
+            self.change_vip_kind(&vip, held, self.ledger.vip_kind(&vip))?;
+            self.vips_to_repair.remove(&vip);
+        }
+        Ok(())
+    }
+
+    /// Changes `vip`'s kind in `VIPS` from `from` to `to` (None: absent).
+    fn change_vip_kind(&mut self, vip: &Addr, from: Option<u8>, to: Option<u8>) -> Result<()> {
+        match to {
+            _ if to == from => Ok(()),
+            Some(kind) => self.maps.vips.insert(*vip, kind),
+            None => self.maps.vips.remove(vip),
+        }
     }
 
     fn read_programmed(&self) -> Result<BTreeMap<ServiceEntryKey, Programmed>> {
@@ -294,10 +320,14 @@ impl ProgrammedTable {
         if old.is_none() {
             // A fresh id may have counted for a removed service.
             self.maps.counters.reset(entry.id)?;
-            // The VIP before the entry: a VIP missing from `VIPS` passes
-            // untranslated whatever `SERVICES` holds.
-            self.maps.vips.insert(key.vip, 1)?;
         }
+        // The VIP and its kind before the entry: a VIP missing from `VIPS`
+        // passes untranslated whatever `SERVICES` holds.
+        self.change_vip_kind(
+            &key.vip,
+            self.ledger.vip_kind(&key.vip),
+            self.ledger.vip_kind_after(&key.vip, old, Some(new)),
+        )?;
         let old_set: HashSet<Endpoint> = old_backends.iter().copied().collect();
         let new_set: HashSet<Endpoint> = backends.iter().copied().collect();
         let member = |backend: Endpoint| MemberKey {
@@ -316,15 +346,8 @@ impl ProgrammedTable {
                 self.maps.slots.insert(slot, *backend)?;
             }
         }
-        if old.map(|old| old.entry) != Some(entry)
-            && let Err(err) = self.maps.services.insert(*key, entry)
-        {
-            if old.is_none() && self.ledger.services_on(&key.vip) == 0 {
-                // Best effort: a VIP left in `VIPS` without a service
-                // would refuse its connects until the next agent start.
-                let _ = self.maps.vips.remove(&key.vip);
-            }
-            return Err(err);
+        if old.map(|old| old.entry) != Some(entry) {
+            self.maps.services.insert(*key, entry)?;
         }
         for slot in backends.len() + 1..=old_backends.len() {
             self.maps.slots.remove(&BackendSlotKey {
@@ -341,11 +364,13 @@ impl ProgrammedTable {
     fn remove(&mut self, key: &ServiceEntryKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
         self.maps.services.remove(key)?;
-        // The last service of its VIP (the ledger counts it until this
-        // step has run).
-        if self.ledger.services_on(&key.vip) == 1 {
-            self.maps.vips.remove(&key.vip)?;
-        }
+        // Gone with the last service of its VIP, external with its last
+        // cluster service (the ledger counts it until this step has run).
+        self.change_vip_kind(
+            &key.vip,
+            self.ledger.vip_kind(&key.vip),
+            self.ledger.vip_kind_after(&key.vip, Some(programmed), None),
+        )?;
         for slot in 1..=programmed.entry.backend_count {
             self.maps.slots.remove(&BackendSlotKey {
                 service_id: id,
@@ -400,11 +425,11 @@ impl ProgrammedTable {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use socklb_common::MAX_SERVICES;
-    use socklb_table::Protocol;
+    use socklb_common::{MAX_SERVICES, VIP_CLUSTER, VIP_EXTERNAL};
+    use socklb_table::{Protocol, VipKind};
 
     use super::*;
-    use crate::datapath::{TableMaps, WriteFaults};
+    use crate::datapath::{TableMaps, WriteFaults, convert};
 
     fn in_memory(faults: &WriteFaults) -> ProgrammedTable {
         let log = Logger::root(slog::Discard, slog::o!());
@@ -421,6 +446,7 @@ mod tests {
                     port: 80,
                     protocol: Protocol::Tcp,
                 },
+                vip_kind: VipKind::Cluster,
                 affinity_timeout_secs: None,
                 backends: vec![
                     format!("10.244.{}.{}:8080", (i >> 8) as u8, i as u8)
@@ -430,6 +456,36 @@ mod tests {
             })
             .collect();
         Table::new(services).unwrap()
+    }
+
+    #[test]
+    fn vips_holds_each_vips_kind_a_cluster_service_making_it_cluster() {
+        let faults = WriteFaults::default();
+        let mut programmed = in_memory(&faults);
+        let service = |port: u16, kind: &str| {
+            Table::parse(&format!(
+                "services: [{{vip: 192.0.2.1, port: {port}, vipKind: {kind}}}]"
+            ))
+            .unwrap()
+            .services
+            .remove(0)
+        };
+        let vip = convert::addr_words("192.0.2.1".parse().unwrap());
+        let kind_held = |programmed: &ProgrammedTable| programmed.maps.vips.get(&vip).unwrap();
+        programmed.upsert(&[service(80, "external")]).unwrap();
+        assert_eq!(kind_held(&programmed), Some(VIP_EXTERNAL));
+        programmed.upsert(&[service(81, "cluster")]).unwrap();
+        assert_eq!(kind_held(&programmed), Some(VIP_CLUSTER));
+        programmed.delete(&[service(81, "cluster").key]).unwrap();
+        assert_eq!(kind_held(&programmed), Some(VIP_EXTERNAL));
+        programmed.upsert(&[service(80, "cluster")]).unwrap();
+        assert_eq!(kind_held(&programmed), Some(VIP_CLUSTER));
+        let external = Table::new(vec![service(80, "external"), service(81, "external")]).unwrap();
+        programmed.apply(&external).unwrap();
+        assert_eq!(kind_held(&programmed), Some(VIP_EXTERNAL));
+        assert_eq!(programmed.read_table().unwrap(), external, "read back");
+        programmed.apply(&Table::default()).unwrap();
+        assert_eq!(kind_held(&programmed), None);
     }
 
     #[test]
@@ -508,6 +564,7 @@ mod tests {
             {"vip": "10.96.0.1", "port": 80, "backends": backends(&["10.244.0.1", "10.244.0.2"])},
             {"vip": "10.96.0.1", "port": 81, "backends": backends(&["10.244.0.2"])},
             {"vip": "10.96.0.2", "port": 80, "backends": backends(&["10.244.0.3"])},
+            {"vip": "10.96.0.2", "port": 81, "vipKind": "external", "backends": []},
         ]));
         // Grows and changes the first, empties the second, adds a fourth
         // on a backend of the first.
@@ -516,6 +573,7 @@ mod tests {
              "backends": backends(&["10.244.0.4", "10.244.0.5", "10.244.0.6"])},
             {"vip": "10.96.0.1", "port": 81, "backends": []},
             {"vip": "10.96.0.3", "port": 80, "backends": backends(&["10.244.0.1"])},
+            {"vip": "10.96.0.2", "port": 80, "vipKind": "external", "backends": []},
         ]));
         let replaced = table(serde_json::json!([
             {"vip": "10.96.0.4", "port": 80, "backends": backends(&["10.244.0.2", "10.244.0.7"])},
@@ -536,12 +594,26 @@ mod tests {
                 };
                 failed += usize::from(result.is_err());
                 faults.heal();
+                // The next write (here of nothing) puts `VIPS` right.
+                programmed.upsert(&[]).unwrap();
                 let held = Ledger::of(&programmed.read_programmed().unwrap());
                 assert_eq!(
                     programmed.ledger.without_id_search(),
                     held.without_id_search(),
                     "{write} failing after {writes} writes"
                 );
+                let vips: HashMap<Addr, u8> = programmed
+                    .maps
+                    .vips
+                    .entries()
+                    .unwrap()
+                    .into_iter()
+                    .collect();
+                let counted: HashMap<Addr, u8> = held
+                    .vips()
+                    .map(|vip| (*vip, held.vip_kind(vip).unwrap()))
+                    .collect();
+                assert_eq!(vips, counted, "VIPS, {write} failing after {writes} writes");
             }
         }
         assert!(failed > 20, "the writes failed half way {failed} times");

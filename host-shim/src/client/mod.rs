@@ -64,6 +64,11 @@ pub enum ClientError {
     DigestMismatch { got: String, expected: String },
     #[error("agent speaks API {got}, this client {API_VERSION}")]
     Incompatible { got: String },
+    #[error(
+        "agent speaks API {got}, before external VIPs (1.4): it would refuse every other port \
+         of {service}'s VIP; upgrade the agent, or leave externalIPs out (no --external-vips)"
+    )]
+    NoExternalVips { got: String, service: String },
     #[error("{what} is {bytes} bytes, over the {limit}-byte limit of one ttrpc message{hint}")]
     TooLarge {
         what: String,
@@ -90,8 +95,30 @@ struct Connection {
     health: HealthClient,
     services: ServicesClient,
     /// The agent's API minor version: 1 and above take a Sync in parts and
-    /// serve List in pages, 3 and above answer Digest.
+    /// serve List in pages, 3 and above answer Digest, 4 and above know
+    /// external VIPs.
     api_minor: u32,
+}
+
+impl Connection {
+    /// Refuses to send a service on an external VIP to an agent before API
+    /// 1.4: it ignores `vip_kind`, so it would refuse the VIP's other ports
+    /// (a node's SSH or kubelet when the VIP is a node address), and the
+    /// table it read back would never match the one sent.
+    fn check_vip_kinds(&self, services: &[api::Service]) -> Result<(), ClientError> {
+        let external =
+            |service: &&api::Service| service.vip_kind.enum_value() == Ok(api::VipKind::EXTERNAL);
+        match services.iter().find(external) {
+            Some(service) if self.api_minor < 4 => Err(ClientError::NoExternalVips {
+                got: format!("1.{}", self.api_minor),
+                service: match Service::from_api(0, service) {
+                    Ok(service) => service.label(),
+                    Err(_) => service.name.clone(),
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What the host wants the agent to hold.
@@ -190,6 +217,7 @@ impl AgentClient {
             &format!("an Upsert of {} services", services.len()),
             " (send fewer services per Upsert, or a Sync)",
         )?;
+        self.connected().await?.check_vip_kinds(&request.services)?;
         let response = self
             .call(move |c, ctx| {
                 let request = request.clone();

@@ -109,6 +109,7 @@ impl AgentClient {
         payload: &SyncPayload,
     ) -> Result<WriteResult, ClientError> {
         let (request, expected) = (&payload.request, &payload.digest);
+        connection.check_vip_kinds(&request.services)?;
         // In one message when it fits (as any agent takes it), else in parts.
         let bytes = request.compute_size() as usize;
         let outcome = if bytes <= ONE_MESSAGE_BYTES {

@@ -530,7 +530,7 @@ async fn verify_digest(
 mod tests {
     use std::net::SocketAddr;
 
-    use socklb_table::Protocol;
+    use socklb_table::{Protocol, VipKind};
 
     use super::*;
 
@@ -542,6 +542,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
+            vip_kind: VipKind::Cluster,
             affinity_timeout_secs: None,
             backends: vec![backend.parse::<SocketAddr>().unwrap()],
         }

@@ -3,7 +3,7 @@
 use socklb_protocols::socklb as api;
 
 use crate::{
-    Protocol, Service, ServiceKey, Table, TableError,
+    Protocol, Service, ServiceKey, Table, TableError, VipKind,
     model::{Fields, parse_ip, parse_port},
 };
 
@@ -35,6 +35,11 @@ impl Service {
             vip: &key.vip,
             port: key.port.into(),
             protocol: protocol_name(key.protocol),
+            vip_kind: match service.vip_kind.enum_value() {
+                Ok(api::VipKind::EXTERNAL) => VipKind::External,
+                // A kind this agent does not know refuses like a cluster VIP.
+                Ok(api::VipKind::CLUSTER) | Err(_) => VipKind::Cluster,
+            },
             affinity_timeout_secs: (service.affinity_timeout_seconds != 0)
                 .then_some(Some(service.affinity_timeout_seconds.into())),
             backends: service
@@ -51,6 +56,10 @@ impl Service {
             name: self.name.clone().unwrap_or_default(),
             key: protobuf::MessageField::some(self.key.to_api()),
             affinity_timeout_seconds: self.affinity_timeout_secs.unwrap_or(0),
+            vip_kind: protobuf::EnumOrUnknown::new(match self.vip_kind {
+                VipKind::Cluster => api::VipKind::CLUSTER,
+                VipKind::External => api::VipKind::EXTERNAL,
+            }),
             backends: self
                 .backends
                 .iter()
@@ -113,13 +122,24 @@ mod tests {
     const TABLE: &str = "services:
   - {name: default/web, vip: 10.96.0.20, port: 80, affinity: {clientIP: {timeoutSeconds: 30}},
      backends: [{ip: 10.244.1.2, port: 8080}, {ip: 10.244.1.3, port: 8080}]}
-  - {vip: 'fd00::10', port: 53, protocol: UDP, backends: [{ip: 'fd00::2', port: 5353}]}";
+  - {vip: 'fd00::10', port: 53, protocol: UDP, backends: [{ip: 'fd00::2', port: 5353}]}
+  - {vip: 192.0.2.10, port: 80, vipKind: external}";
 
     #[test]
     fn the_api_form_round_trips_and_validates_like_the_file() {
         let table = Table::parse(TABLE).unwrap();
         let api = table.to_api();
         assert_eq!(Table::from_api(&api).unwrap(), table);
+        assert_eq!(
+            api.iter()
+                .map(|s| s.vip_kind.enum_value())
+                .collect::<Vec<_>>(),
+            [
+                Ok(api::VipKind::CLUSTER),
+                Ok(api::VipKind::CLUSTER),
+                Ok(api::VipKind::EXTERNAL)
+            ]
+        );
 
         let mut bad = api.clone();
         bad[1].backends[0].ip = "fd00::x".into();

@@ -4,7 +4,7 @@ use std::{borrow::Cow, fmt::Write as _};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::{Service, Table};
+use crate::{Service, Table, VipKind};
 
 impl Table {
     /// SHA-256 (hex) of what the datapath holds: every service's key,
@@ -17,8 +17,10 @@ impl Table {
 
 /// [`Table::digest`] of any services (a table's, without copying them).
 /// What is hashed: one line per service, `KEY AFFINITY BACKEND,BACKEND\n`
-/// with the backends sorted, the lines sorted; one `String` per line, as
-/// this runs over 10,000 services on every Sync at both ends.
+/// with the backends sorted (`KEY AFFINITY external BACKEND,...` on an
+/// external VIP, so a table without one keeps the digest it had before
+/// API 1.4), the lines sorted; one `String` per line, as this runs over
+/// 10,000 services on every Sync at both ends.
 pub fn digest<'a>(services: impl IntoIterator<Item = &'a Service>) -> String {
     let mut lines: Vec<String> = services.into_iter().map(line).collect();
     lines.sort_unstable();
@@ -45,6 +47,9 @@ fn line(service: &Service) -> String {
         service.key,
         service.affinity_timeout_secs.unwrap_or(0)
     );
+    if service.vip_kind == VipKind::External {
+        line.push_str("external ");
+    }
     for (i, backend) in backends.iter().enumerate() {
         if i > 0 {
             line.push(',');
@@ -68,6 +73,7 @@ mod tests {
                 port,
                 protocol: Protocol::Tcp,
             },
+            vip_kind: VipKind::Cluster,
             affinity_timeout_secs: affinity,
             backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
         }
@@ -88,5 +94,15 @@ mod tests {
             table.digest(),
             "b1bbd06269bc33644df0254b879e0650bafab9fbee45edb8e44a72f2fbe087e3"
         );
+    }
+
+    #[test]
+    fn the_vip_kind_is_part_of_the_digest() {
+        let cluster = service("192.0.2.10", 80, None, &["10.244.0.9:80"]);
+        let external = Service {
+            vip_kind: VipKind::External,
+            ..cluster.clone()
+        };
+        assert_ne!(digest([&cluster]), digest([&external]));
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Service, Table, TableError, model::Fields};
+use crate::{Service, Table, TableError, VipKind, model::Fields};
 
 /// The file format, as people write it (and as `list -o json` prints it).
 #[derive(Debug, Deserialize, Serialize)]
@@ -24,6 +24,9 @@ struct ServiceEntry {
     port: i64,
     #[serde(default = "default_protocol")]
     protocol: String,
+    /// `cluster` (the default) or `external`.
+    #[serde(rename = "vipKind", default, skip_serializing_if = "is_cluster")]
+    vip_kind: VipKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     affinity: Option<AffinityEntry>,
     #[serde(default)]
@@ -32,6 +35,10 @@ struct ServiceEntry {
 
 fn default_protocol() -> String {
     "TCP".into()
+}
+
+fn is_cluster(kind: &VipKind) -> bool {
+    *kind == VipKind::Cluster
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -101,6 +108,7 @@ impl Service {
             vip: self.key.vip.to_string(),
             port: self.key.port.into(),
             protocol: self.key.protocol.to_string(),
+            vip_kind: self.vip_kind,
             affinity: self.affinity_timeout_secs.map(|secs| AffinityEntry {
                 client_ip: ClientIpEntry {
                     timeout_seconds: Some(secs.into()),
@@ -126,6 +134,7 @@ impl ServiceEntry {
             vip: &self.vip,
             port: self.port,
             protocol: self.protocol,
+            vip_kind: self.vip_kind,
             affinity_timeout_secs: self.affinity.map(|a| a.client_ip.timeout_seconds),
             backends: self
                 .backends
@@ -160,8 +169,9 @@ services:
     port: 53
     protocol: UDP
     backends: [{ip: "fd00:244::2", port: 5353}]
-  - vip: 10.96.0.30
+  - vip: 192.0.2.30
     port: 443
+    vipKind: external
 "#;
 
     fn error(text: &str) -> String {
@@ -179,6 +189,13 @@ services:
         assert_eq!(table.services[1].key.protocol, Protocol::Udp);
         assert_eq!(table.services[2].key.protocol, Protocol::Tcp);
         assert!(table.services[2].backends.is_empty());
+        assert_eq!(web.vip_kind, VipKind::Cluster, "cluster unless said");
+        assert_eq!(table.services[2].vip_kind, VipKind::External);
+        // Written back, only the external one names its kind.
+        let written = serde_yaml::to_string(&table.to_file()).unwrap();
+        assert_eq!(written.matches("vipKind: external").count(), 1, "{written}");
+        assert!(!written.contains("cluster"), "{written}");
+        assert_eq!(Table::parse(&written).unwrap(), table);
     }
 
     #[test]
@@ -251,6 +268,10 @@ services:
                 "services: [{name: a, vip: 10.96.0.1, port: 80, weight: 3}]",
                 "unknown field `weight`",
             ),
+            (
+                "services: [{name: a, vip: 10.96.0.1, port: 80, vipKind: nodePort}]",
+                "unknown variant `nodePort`, expected `cluster` or `external`",
+            ),
         ];
         for (text, expected) in cases {
             let message = error(text);
@@ -276,6 +297,7 @@ services:
                     port: 1 + (i >> 16) as u16,
                     protocol: Protocol::Tcp,
                 },
+                vip_kind: VipKind::Cluster,
                 affinity_timeout_secs: None,
                 backends: vec![],
             })

@@ -21,7 +21,7 @@ pub use file::TableFile;
 pub use memory::release_freed_memory;
 pub use model::{
     DEFAULT_AFFINITY_TIMEOUT_SECS, MAX_AFFINITY_TIMEOUT_SECS, MAX_BACKENDS_PER_SERVICE, Protocol,
-    Service, ServiceKey, Table, check_capacity, fit_capacity,
+    Service, ServiceKey, Table, VipKind, check_capacity, fit_capacity,
 };
 /// The datapath's capacity, which every table is checked against.
 pub use socklb_common::{MAX_BACKEND_SLOTS, MAX_SERVICES};

@@ -64,24 +64,44 @@ impl fmt::Display for ServiceKey {
     }
 }
 
+/// What a service's VIP is, which decides what its other ports get.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VipKind {
+    /// A clusterIP: a port of it that no service has is refused
+    /// (ECONNREFUSED), as kube-proxy rejects it.
+    #[default]
+    #[serde(rename = "cluster")]
+    Cluster,
+    /// An externalIP or a LoadBalancer ingress IP, often an address that
+    /// serves other things too (a node's SSH, kubelet, NodePorts): a port
+    /// of it that no service has passes untouched. A VIP that is a
+    /// clusterIP of any service stays a cluster VIP.
+    #[serde(rename = "external")]
+    External,
+}
+
 /// A validated service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: Option<String>,
     pub key: ServiceKey,
+    pub vip_kind: VipKind,
     /// ClientIP session affinity timeout; `None` = no affinity.
     pub affinity_timeout_secs: Option<u32>,
     pub backends: Vec<SocketAddr>,
 }
 
-/// One line: `VIP:port/proto -> [backend ...]`, and ` affinity N` with
-/// ClientIP affinity.
+/// One line: `VIP:port/proto -> [backend ...]`, ` affinity N` with
+/// ClientIP affinity and ` external` on an external VIP.
 impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
         write!(f, "{} -> [{}]", self.key, backends.join(" "))?;
         if let Some(timeout) = self.affinity_timeout_secs {
             write!(f, " affinity {timeout}")?;
+        }
+        if self.vip_kind == VipKind::External {
+            f.write_str(" external")?;
         }
         Ok(())
     }
@@ -273,6 +293,7 @@ pub(crate) struct Fields<'a> {
     pub(crate) port: i64,
     /// The protocol's name, or a description of what was given instead.
     pub(crate) protocol: String,
+    pub(crate) vip_kind: VipKind,
     /// `None`: no affinity; `Some(None)`: affinity, default timeout.
     pub(crate) affinity_timeout_secs: Option<Option<i64>>,
     pub(crate) backends: Vec<(&'a str, i64)>,
@@ -332,6 +353,7 @@ impl Fields<'_> {
                 port,
                 protocol,
             },
+            vip_kind: self.vip_kind,
             affinity_timeout_secs,
             backends,
         }
@@ -368,6 +390,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
+            vip_kind: VipKind::Cluster,
             affinity_timeout_secs: None,
             backends: (0..backends)
                 .map(|i| SocketAddr::from(([10, 244, (i / 250) as u8, (i % 250) as u8], 8080)))

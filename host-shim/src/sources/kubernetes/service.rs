@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use slog::{Logger, warn};
-use socklb_table::{Protocol, Service, ServiceKey};
+use socklb_table::{Protocol, Service, ServiceKey, VipKind};
 
 use super::{
     Cluster, ObjectKey, Policy,
@@ -72,6 +72,8 @@ impl Cluster {
                         port: service_port,
                         protocol,
                     },
+                    // Other ports of an externalIP or LoadBalancer IP pass.
+                    vip_kind: *kind,
                     affinity_timeout_secs: affinity,
                     backends,
                 };
@@ -84,12 +86,4 @@ impl Cluster {
         }
         translated
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum VipKind {
-    /// A clusterIP.
-    Cluster,
-    /// An externalIP or a LoadBalancer ingress IP.
-    External,
 }

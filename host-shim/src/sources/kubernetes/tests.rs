@@ -221,8 +221,8 @@ fn skipped_kinds_affinity_local_policy_and_external_vips() {
         translate(&cluster, "lb", &external),
         [
             "10.96.0.50:443/TCP -> []",
-            "192.0.2.10:443/TCP -> []",
-            "198.51.100.7:443/TCP -> []",
+            "192.0.2.10:443/TCP -> [] external",
+            "198.51.100.7:443/TCP -> [] external",
         ]
     );
 }
@@ -356,7 +356,7 @@ fn a_vip_claimed_twice_stays_with_its_first_owner() {
     let dirty = cluster.delete_service(&service("a", json!({})));
     assert_eq!(dirty, [key("a")]);
     let plan = translation.plan(&cluster, dirty, &policy, &log);
-    assert_eq!(lines(&plan.upserts), ["10.96.0.20:80/TCP -> []"]);
+    assert_eq!(lines(&plan.upserts), ["10.96.0.20:80/TCP -> [] external"]);
     assert!(
         plan.deletes.is_empty(),
         "the VIP moves, it is not removed: {plan:?}"
@@ -428,8 +428,8 @@ fn services_of_another_proxy_and_proxied_load_balancers_are_not_ours() {
         translate(&cluster, "lb", &policy),
         [
             "10.96.0.50:443/TCP -> []",
-            "198.51.100.7:443/TCP -> []",
-            "198.51.100.9:443/TCP -> []",
+            "198.51.100.7:443/TCP -> [] external",
+            "198.51.100.9:443/TCP -> [] external",
         ]
     );
 }
@@ -610,7 +610,7 @@ fn serving_terminating_fallback_and_local_policy_ignore_hints() {
         translate(&cluster, "local", &policy),
         [
             "10.96.0.40:80/TCP -> [10.244.1.1:8080]",
-            "192.0.2.40:80/TCP -> [10.244.1.2:8080]",
+            "192.0.2.40:80/TCP -> [10.244.1.2:8080] external",
         ]
     );
     cluster.apply_slice(slice(
@@ -641,6 +641,9 @@ fn an_external_ip_of_the_guests_own_kind_is_skipped_not_the_service() {
     };
     assert_eq!(
         translate(&cluster, "node-local", &policy),
-        ["10.96.0.60:80/TCP -> []", "192.0.2.60:80/TCP -> []"]
+        [
+            "10.96.0.60:80/TCP -> []",
+            "192.0.2.60:80/TCP -> [] external"
+        ]
     );
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use socklb_shim::Options;
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, runtime};
 
 use crate::*;
@@ -41,6 +41,7 @@ pub(crate) fn bench_service(i: u32, round: u32) -> Service {
             port: 80,
             protocol: Protocol::Tcp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends,
     }

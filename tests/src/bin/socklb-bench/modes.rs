@@ -15,7 +15,7 @@ use std::{
 };
 
 use socklb_shim::Options;
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 
 pub(crate) const SCALES: [u32; 3] = [1, 1_000, 10_000];
@@ -268,6 +268,7 @@ fn socklb_service(i: u32, backends: &[String]) -> Service {
             port: 80,
             protocol: Protocol::Tcp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
     }
@@ -282,6 +283,7 @@ fn socklb_table(scale: u32) -> Table {
             port: 80,
             protocol: Protocol::Tcp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: vec![format!("{}:{BULK_PORT}", backend_ip(1)).parse().unwrap()],
     });

@@ -8,7 +8,7 @@
 use std::{fmt::Write as _, net::SocketAddr, thread::sleep, time::Duration, time::Instant};
 
 use socklb_shim::Options;
-use socklb_table::{Protocol, Service, ServiceKey, Table};
+use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{RunningClient, Sandbox, agent_client, backend_ip, runtime};
 
 use crate::*;
@@ -32,6 +32,7 @@ fn dns(backend: u8) -> Service {
             port: 53,
             protocol: Protocol::Udp,
         },
+        vip_kind: VipKind::Cluster,
         affinity_timeout_secs: None,
         backends: vec![SocketAddr::new(backend_ip(backend).parse().unwrap(), 5353)],
     }
