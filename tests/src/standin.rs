@@ -196,6 +196,16 @@ impl StandInAgent {
             .expect("empty the table in memory");
     }
 
+    /// Writes its own table again behind the host's back: the same table
+    /// at a new generation, as a foreign or late write leaves it.
+    pub fn rewrite(&self) {
+        let mut table = self.table.lock().unwrap();
+        let (generation, same) = (table.generation(), table.list().expect("list in memory").1);
+        table
+            .sync(&same, generation + 1)
+            .expect("write the same table in memory");
+    }
+
     /// Makes each map write (a service's entry, slot or member) take
     /// `delay` from now on: a slow sandbox.
     pub fn slow_down(&self, delay: Duration) {

@@ -813,6 +813,17 @@ fn discovery_follows_sandboxes_as_kata_names_them() {
         "{}",
         node.log()
     );
+    // One rewritten with the same table (its generation moved, not its
+    // digest) gets a whole Sync too: the node's next write would expect the
+    // generation it acknowledged, and a late write looks the same.
+    let syncs = agent_b.syncs();
+    agent_b.rewrite();
+    converge(
+        &node,
+        "rewritten sandbox b resynced",
+        Duration::from_secs(20),
+        || agent_b.syncs() > syncs,
+    );
 
     // A sandbox directory removed is forgotten.
     drop(shim_b);

@@ -315,8 +315,9 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Bounds how many whole tables are being sent at once (each is
-    /// encoded in memory while it is sent).
+    /// Bounds how many whole tables are being sent, or digests checked,
+    /// at once (a Sync is encoded in memory while it is sent; an older
+    /// agent's digest is its whole table).
     pub whole_syncs: Arc<Semaphore>,
     /// The longest one whole table's send may hold a permit.
     pub permit_hold: Duration,
@@ -359,7 +360,7 @@ pub async fn serve_sandbox(
                             .is_some_and(|every| last_verified.elapsed() >= every);
                         let alive = if verify {
                             last_verified = Instant::now();
-                            verify_digest(client, &shared.hub, acked.map(|a| a.version), log).await
+                            verify_digest(client, shared, acked, log).await
                         } else {
                             client.check().await.map(|_| true)
                         };
@@ -506,23 +507,42 @@ async fn sync_whole(
 }
 
 /// Asks the digest of the table the agent's maps hold (not the table: a
-/// few bytes, see `AgentClient::digest`) and compares it with the node's
-/// table at `acked`: false when they differ (someone else wrote to the
-/// agent). A node table that moved on meanwhile is not compared: the
-/// changes are on their way.
+/// few bytes, see `AgentClient::digest`) and its generation, and compares
+/// them with the node's table at `acked` and the generation the agent
+/// acknowledged: false when either differs (someone else wrote to the
+/// agent, or a write landed late). A node table that moved on meanwhile is
+/// not compared: the changes are on their way. The check holds a permit,
+/// for `permit_hold` at most, like a whole Sync: an agent older than API
+/// 1.3 answers with its whole table (a List), which costs as much.
 async fn verify_digest(
     client: &mut AgentClient,
-    hub: &Hub,
-    acked: Option<u64>,
+    shared: &Shared,
+    acked: Option<Acked>,
     log: &Logger,
 ) -> Result<bool, ClientError> {
-    let (_, agent_digest) = client.digest().await?;
-    let (version, node_digest) = hub.digest();
-    if Some(version) != acked || agent_digest == node_digest {
+    let _permit = shared
+        .whole_syncs
+        .acquire()
+        .await
+        .expect("the permits are never closed");
+    let (generation, agent_digest) = tokio::time::timeout(shared.permit_hold, client.digest())
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unreachable {
+                addr: client.addr().to_string(),
+                reason: format!("no digest within {:?}", shared.permit_hold),
+            })
+        })?;
+    let (version, node_digest) = shared.hub.digest();
+    let Some(acked) = acked.filter(|acked| acked.version == version) else {
+        return Ok(true);
+    };
+    if generation == acked.generation && agent_digest == node_digest {
         return Ok(true);
     }
     warn!(log, "the agent holds another table than it acknowledged; syncing the whole table";
-          "version" => version, "agent_digest" => agent_digest, "node_digest" => node_digest);
+          "version" => version, "generation" => generation, "acknowledged_generation" => acked.generation,
+          "agent_digest" => agent_digest, "node_digest" => node_digest);
     Ok(false)
 }
 
