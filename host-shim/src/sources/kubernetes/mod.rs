@@ -125,7 +125,12 @@ impl Cluster {
             name: service.clone(),
         };
         self.slice_owner.insert(slice.key.clone(), owner.clone());
-        self.slices.entry(owner.clone()).or_default().push(slice);
+        // Most services have one slice: a Vec's first push would make room
+        // for four.
+        self.slices
+            .entry(owner.clone())
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(slice);
         dirty.push(owner);
         dirty
     }
