@@ -139,6 +139,27 @@ mod tests {
         assert_eq!(mode & 0o777, 0o755);
     }
 
+    /// Kata's runtime gives up on a sandbox whose kata-agent has not
+    /// answered within its dial timeout (45 s in Kata's QEMU
+    /// configuration); kata-agent starts after this unit.
+    #[test]
+    fn the_unit_gives_up_well_before_katas_dial_timeout() {
+        const KATA_DIAL_TIMEOUT_SECS: u64 = 45;
+        let timeout = UNIT
+            .lines()
+            .find_map(|line| line.strip_prefix("TimeoutStartSec="))
+            .expect("the unit sets TimeoutStartSec (systemd's default is 90 s)");
+        let secs: u64 = timeout
+            .strip_suffix('s')
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or_else(|| panic!("TimeoutStartSec={timeout}: write it as N s"));
+        assert!(
+            secs * 2 <= KATA_DIAL_TIMEOUT_SECS,
+            "TimeoutStartSec={timeout} leaves kata-agent too little of Kata's \
+             {KATA_DIAL_TIMEOUT_SECS} s"
+        );
+    }
+
     #[test]
     fn systemd_accepts_the_unit_as_installed() {
         let dir = tempfile::tempdir().unwrap();

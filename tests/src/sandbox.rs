@@ -191,7 +191,20 @@ impl Sandbox {
 
     /// socklb-agent on this sandbox's cgroup, bpffs and API socket.
     pub fn agent_command(&self) -> Command {
-        let mut command = Command::new(agent_bin());
+        self.agent_command_via(&[])
+    }
+
+    /// [`Sandbox::agent_command`] started by `launcher` (a program and its
+    /// arguments, e.g. setpriv with a unit's limits; the agent comes last).
+    pub fn agent_command_via(&self, launcher: &[String]) -> Command {
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(agent_bin());
+                command
+            }
+            None => Command::new(agent_bin()),
+        };
         command
             .arg("--cgroup")
             .arg(&self.cgroup)
@@ -220,7 +233,18 @@ impl Sandbox {
     }
 
     pub fn start_agent_with(&self, table: Option<&Path>, extra: &[&str]) -> Agent {
-        let mut command = self.agent_command();
+        self.start_agent_via(&[], table, extra)
+    }
+
+    /// [`Sandbox::start_agent_with`] started by `launcher` (see
+    /// [`Sandbox::agent_command_via`]).
+    pub fn start_agent_via(
+        &self,
+        launcher: &[String],
+        table: Option<&Path>,
+        extra: &[&str],
+    ) -> Agent {
+        let mut command = self.agent_command_via(launcher);
         command
             .args([
                 "--pod-ip",

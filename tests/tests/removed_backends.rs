@@ -195,11 +195,11 @@ fn sockets_a_removal_does_not_concern_stay_open() {
 }
 
 /// A TCP stream from a bulk backend whose service loses it 0.7 s in: how
-/// the stream ended.
-fn tcp_stream_across_removal(agent_args: &[&str]) -> Value {
+/// the stream ended. The agent is started by `launcher` (none: directly).
+fn tcp_stream_across_removal(launcher: &[String], agent_args: &[&str]) -> Value {
     let sandbox = Sandbox::create();
     sandbox.backend_bulk(&format!("{}:9000", backend_ip(1)));
-    let _agent = sandbox.start_agent_with(None, agent_args);
+    let _agent = sandbox.start_agent_via(launcher, None, agent_args);
     let runtime = runtime();
     let mut client = agent_client(&sandbox.api_addr(), Options::default());
     let bulk = |set: &[u8]| service("10.96.0.30", Protocol::Tcp, set, 9000);
@@ -219,14 +219,47 @@ fn tcp_stream_across_removal(agent_args: &[&str]) -> Value {
 #[test]
 fn tcp_to_a_removed_backend_is_left_alone_by_default() {
     socklb_tests::require_root!();
-    let result = tcp_stream_across_removal(&[]);
+    let result = tcp_stream_across_removal(&[], &[]);
     assert_eq!(result["end"], "time", "{result}");
 }
 
 #[test]
 fn tcp_to_a_removed_backend_is_closed_when_asked() {
     socklb_tests::require_root!();
-    let result = tcp_stream_across_removal(&["--close-tcp-of-removed-backends"]);
+    let result = tcp_stream_across_removal(&[], &["--close-tcp-of-removed-backends"]);
+    let end = result["end"].as_str().unwrap();
+    assert!(
+        end.starts_with("error"),
+        "the stream was not closed: {result}"
+    );
+}
+
+/// The Kata image's unit bounds the agent's capabilities and sets
+/// NoNewPrivileges: under exactly those the agent still attaches,
+/// translates, takes writes and closes sockets in a pod's namespace.
+#[test]
+fn the_units_capabilities_are_all_the_agent_needs() {
+    socklb_tests::require_root!();
+    let unit = include_str!("../../rootfs/kata/socklb-agent.service");
+    let setting = |name: &str| {
+        unit.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("the unit sets {name}"))
+    };
+    let bounding_set: String = setting("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|cap| {
+            let cap = cap.strip_prefix("CAP_").expect("a capability name");
+            format!(",+{}", cap.to_lowercase())
+        })
+        .collect();
+    let mut launcher: Vec<String> = ["setpriv", "--inh-caps", "-all", "--bounding-set"]
+        .map(String::from)
+        .into();
+    launcher.push(format!("-all{bounding_set}"));
+    assert_eq!(setting("NoNewPrivileges"), "yes");
+    launcher.push("--no-new-privs".into());
+    let result = tcp_stream_across_removal(&launcher, &["--close-tcp-of-removed-backends"]);
     let end = result["end"].as_str().unwrap();
     assert!(
         end.starts_with("error"),
