@@ -20,7 +20,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
@@ -105,14 +105,21 @@ fn hybrid_accepts(listener: UnixListener, port: u32) -> BoxStream<'static, UnixS
 }
 
 /// Counts the agent's "table written" log records by request kind: how
-/// many Syncs and Upserts a sandbox received, as its log tells an operator.
+/// many Syncs and Upserts a sandbox received, as its log tells an operator;
+/// and when the last one was written.
 #[derive(Clone, Default)]
-struct WritesLogged(Arc<Mutex<BTreeMap<String, u64>>>);
+struct WritesLogged(Arc<Mutex<Writes>>);
+
+#[derive(Default)]
+struct Writes {
+    counts: BTreeMap<String, u64>,
+    last: Option<Instant>,
+}
 
 impl WritesLogged {
     fn count(&self, requests: &[&str]) -> u64 {
-        let counts = self.0.lock().unwrap();
-        requests.iter().filter_map(|r| counts.get(*r)).sum()
+        let writes = self.0.lock().unwrap();
+        requests.iter().filter_map(|r| writes.counts.get(*r)).sum()
     }
 }
 
@@ -121,11 +128,13 @@ impl Drain for WritesLogged {
     type Err = slog::Never;
 
     fn log(&self, record: &Record, _: &OwnedKVList) -> Result<(), slog::Never> {
-        if record.msg().to_string() == "table written" {
+        if record.msg().as_str() == Some("table written") {
             let mut request = RequestKey(None);
             let _ = record.kv().serialize(record, &mut request);
             if let Some(request) = request.0 {
-                *self.0.lock().unwrap().entry(request).or_default() += 1;
+                let mut writes = self.0.lock().unwrap();
+                *writes.counts.entry(request).or_default() += 1;
+                writes.last = Some(Instant::now());
             }
         }
         Ok(())
@@ -220,6 +229,12 @@ impl StandInAgent {
     /// Whole-table Syncs it applied (in one message or in parts).
     pub fn syncs(&self) -> u64 {
         self.writes.count(&["sync", "sync in parts"])
+    }
+
+    /// Writes of any kind it applied, and when it applied the last one.
+    pub fn writes(&self) -> (u64, Option<Instant>) {
+        let writes = self.writes.0.lock().unwrap();
+        (writes.counts.values().sum(), writes.last)
     }
 
     /// Stops listening and drops every connection, as a sandbox that dies;
