@@ -52,9 +52,17 @@ pub struct Settings {
     #[arg(long, env = "SOCKLB_ALLOW_KATA_PORT", value_name = "on|off", num_args = 0..=1,
           require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
     pub allow_kata_port: Option<bool>,
-    /// A vsock peer CID allowed to call the API besides the host (2)
+    /// A vsock peer CID allowed to call the API besides the host (2): 3
+    /// and up (another VM); 0, 1, 2 and the any-CID value are refused
     #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
     pub allowed_cids: Vec<u32>,
+    /// Admit API callers in this guest itself, over vsock loopback (CID
+    /// 1): for tests that run socklb-shim inside the guest. Any process
+    /// of the guest, a container's too, could then program the agent
+    #[arg(long, env = "SOCKLB_ALLOW_LOOPBACK_CALLERS", value_name = "on|off",
+          num_args = 0..=1, require_equals = true, default_missing_value = "on",
+          value_parser = parse_switch)]
+    pub allow_loopback_callers: Option<bool>,
     /// Admit vsock peers from source ports 1024 and above. By default only
     /// a privileged host process (a port below 1024, which only
     /// CAP_NET_BIND_SERVICE may bind on the host) may call over vhost-vsock;
@@ -173,6 +181,7 @@ impl Settings {
             listen: self.listen.or(lower.listen),
             allow_kata_port: self.allow_kata_port.or(lower.allow_kata_port),
             allowed_cids: list(self.allowed_cids, lower.allowed_cids),
+            allow_loopback_callers: self.allow_loopback_callers.or(lower.allow_loopback_callers),
             allow_unprivileged_port: self
                 .allow_unprivileged_port
                 .or(lower.allow_unprivileged_port),
@@ -199,7 +208,8 @@ pub struct Config {
     pub pod_ips: Vec<IpAddr>,
     pub listen: ListenAddr,
     pub allow_kata_port: bool,
-    /// The host's CID first, then those given.
+    /// The host's CID first, then those given, then vsock loopback's
+    /// with `--allow-loopback-callers`.
     pub allowed_cids: Vec<u32>,
     pub allow_unprivileged_port: bool,
     pub close_tcp_of_removed_backends: bool,
@@ -229,6 +239,13 @@ impl Config {
                  Kata, pass --allow-kata-port"
             );
         }
+        for cid in &settings.allowed_cids {
+            check_allowed_cid(*cid)?;
+        }
+        let loopback_cid = settings
+            .allow_loopback_callers
+            .unwrap_or(false)
+            .then_some(LOOPBACK_CID);
         Ok(Config {
             cgroup: settings.cgroup,
             bpffs: settings
@@ -243,13 +260,40 @@ impl Config {
             listen,
             allow_kata_port,
             // The host may always call; more peers only when configured.
-            allowed_cids: [vec![HOST_CID], settings.allowed_cids].concat(),
+            allowed_cids: [vec![HOST_CID], settings.allowed_cids]
+                .concat()
+                .into_iter()
+                .chain(loopback_cid)
+                .collect(),
             allow_unprivileged_port: settings.allow_unprivileged_port.unwrap_or(false),
             close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
             allow_loopback_backends: settings.allow_loopback_backends.unwrap_or(false),
             bpf_stats: settings.bpf_stats.unwrap_or(false),
         })
     }
+}
+
+/// vsock loopback (`VMADDR_CID_LOCAL`): a caller in this guest itself.
+const LOOPBACK_CID: u32 = 1;
+
+/// Refuses an `--allow-cid` that is no other VM: such a value either
+/// admits no one or admits more than was meant.
+fn check_allowed_cid(cid: u32) -> Result<()> {
+    let why = match cid {
+        0 => "is the hypervisor's, which never calls the agent",
+        LOOPBACK_CID => {
+            "is vsock loopback: any process in this guest, a container's too, could program \
+             the agent (a test that runs socklb-shim in the guest passes \
+             --allow-loopback-callers)"
+        }
+        HOST_CID => "is the host's, always allowed",
+        u32::MAX => "is the any-CID value (VMADDR_CID_ANY), no caller's",
+        _ => return Ok(()),
+    };
+    bail!(
+        "--allow-cid {cid}: CID {cid} {why}; name other VMs' CIDs (3 and up, not this \
+         guest's own)"
+    )
 }
 
 const SWITCH_VALUES: &str = "1, true, on, yes, 0, false, off or no";
@@ -324,6 +368,36 @@ mod tests {
                 "fd00::5".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn allowed_cids_are_other_vms_and_loopback_only_when_asked() {
+        for (cid, named) in [
+            ("0", "hypervisor"),
+            ("1", "--allow-loopback-callers"),
+            ("2", "host's, always allowed"),
+            ("4294967295", "VMADDR_CID_ANY"),
+        ] {
+            let given = Settings {
+                allowed_cids: vec![3, cid.parse().unwrap()],
+                ..Settings::default()
+            };
+            let err = Config::resolve(given, "").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("--allow-cid {cid}: CID {cid}")) && err.contains(named),
+                "{err}"
+            );
+            let err = Config::resolve(Settings::default(), &format!("socklb.allow_cid={cid}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "kernel command line: {err}");
+        }
+        let config = Config::resolve(
+            Settings::default(),
+            "socklb.allow_cid=3 socklb.allow_loopback_callers=1",
+        )
+        .unwrap();
+        assert_eq!(config.allowed_cids, [2, 3, 1]);
     }
 
     #[test]

@@ -341,7 +341,7 @@ fn shim_over_loopback_vsock_needs_cap_net_bind_service() {
     // hybrid vsock, whose VMM picks the source port.
     let vm = Vm::boot(
         &GuestImage::from_env("DEBIAN"),
-        "socklb.allow_cid=1 socklb.allow_unprivileged_port=0",
+        "socklb.allow_loopback_callers=1 socklb.allow_unprivileged_port=0",
     );
     let agent = format!("vsock://1:{AGENT_PORT}");
     let shim = |wrapper: &[&str], args: &[&str]| {
