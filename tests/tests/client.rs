@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use socklb_protocols::{socklb as api, socklb_ttrpc};
-use socklb_shim::{ClientError, Options};
+use socklb_shim::{AgentClient, ClientError, Options};
 use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
 use ttrpc::r#async::{Server, TtrpcContext};
@@ -197,16 +197,40 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
     assert_eq!(lines(&table), lines(&web_and_api(3)));
 }
 
-/// An agent of a given API version that counts how its table was read.
+/// An agent of a given API version that counts how its table was read
+/// and the writes it took (each as it was sent).
 #[derive(Clone)]
-struct ReadCountingAgent {
+struct CountingAgent {
     api_version: &'static str,
     lists: Arc<AtomicU64>,
     digests: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+}
+
+impl CountingAgent {
+    /// An agent of `api_version` serving on a socket in `dir`, and a
+    /// client of it.
+    fn start(
+        api_version: &'static str,
+        dir: &tempfile::TempDir,
+        runtime: &tokio::runtime::Runtime,
+    ) -> (CountingAgent, Server, AgentClient) {
+        let agent = CountingAgent {
+            api_version,
+            lists: Arc::default(),
+            digests: Arc::default(),
+            writes: Arc::default(),
+        };
+        let socket = dir.path().join(format!("agent-{api_version}.sock"));
+        let mut server = serve_agent(&socket, &agent);
+        runtime.block_on(server.start()).expect("start the agent");
+        let client = agent_client(&format!("unix://{}", socket.display()), Options::default());
+        (agent, server, client)
+    }
 }
 
 #[async_trait]
-impl socklb_ttrpc::Health for ReadCountingAgent {
+impl socklb_ttrpc::Health for CountingAgent {
     async fn version(
         &self,
         _ctx: &TtrpcContext,
@@ -220,7 +244,7 @@ impl socklb_ttrpc::Health for ReadCountingAgent {
 }
 
 #[async_trait]
-impl socklb_ttrpc::Services for ReadCountingAgent {
+impl socklb_ttrpc::Services for CountingAgent {
     async fn list(
         &self,
         _ctx: &TtrpcContext,
@@ -248,62 +272,7 @@ impl socklb_ttrpc::Services for ReadCountingAgent {
             ..Default::default()
         })
     }
-}
 
-#[test]
-fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let runtime = runtime();
-    let _in_runtime = runtime.enter();
-    // API 1.3 answers Digest; 1.2 has none, so the client lists the table.
-    for (api_version, lists, digests) in [("1.3", 0, 1), ("1.2", 1, 0)] {
-        let agent = ReadCountingAgent {
-            api_version,
-            lists: Arc::default(),
-            digests: Arc::default(),
-        };
-        let socket = dir.path().join(format!("agent-{api_version}.sock"));
-        let mut server = serve_agent(&socket, &agent);
-        runtime.block_on(server.start()).expect("start the agent");
-        let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
-
-        let digest = runtime.block_on(client.digest()).expect("digest");
-        assert_eq!(digest, (7, web(1).digest()), "API {api_version}");
-        assert_eq!(
-            (
-                agent.lists.load(Ordering::Relaxed),
-                agent.digests.load(Ordering::Relaxed)
-            ),
-            (lists, digests),
-            "API {api_version}: (Lists, Digests) asked"
-        );
-        runtime.block_on(server.shutdown()).expect("stop the agent");
-    }
-}
-
-/// An agent of a given API version that takes every write as it is sent.
-#[derive(Clone)]
-struct WriteCountingAgent {
-    api_version: &'static str,
-    writes: Arc<AtomicU64>,
-}
-
-#[async_trait]
-impl socklb_ttrpc::Health for WriteCountingAgent {
-    async fn version(
-        &self,
-        _ctx: &TtrpcContext,
-        _: api::VersionRequest,
-    ) -> ttrpc::Result<api::VersionResponse> {
-        Ok(api::VersionResponse {
-            api_version: self.api_version.into(),
-            ..Default::default()
-        })
-    }
-}
-
-#[async_trait]
-impl socklb_ttrpc::Services for WriteCountingAgent {
     async fn sync(
         &self,
         _ctx: &TtrpcContext,
@@ -328,6 +297,29 @@ impl socklb_ttrpc::Services for WriteCountingAgent {
 }
 
 #[test]
+fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime();
+    let _in_runtime = runtime.enter();
+    // API 1.3 answers Digest; 1.2 has none, so the client lists the table.
+    for (api_version, lists, digests) in [("1.3", 0, 1), ("1.2", 1, 0)] {
+        let (agent, mut server, mut client) = CountingAgent::start(api_version, &dir, &runtime);
+
+        let digest = runtime.block_on(client.digest()).expect("digest");
+        assert_eq!(digest, (7, web(1).digest()), "API {api_version}");
+        assert_eq!(
+            (
+                agent.lists.load(Ordering::Relaxed),
+                agent.digests.load(Ordering::Relaxed)
+            ),
+            (lists, digests),
+            "API {api_version}: (Lists, Digests) asked"
+        );
+        runtime.block_on(server.shutdown()).expect("stop the agent");
+    }
+}
+
+#[test]
 fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let runtime = runtime();
@@ -340,14 +332,7 @@ fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
     // API 1.3 ignores the kind: the client refuses, sending nothing; a
     // table of cluster VIPs alone still goes. API 1.4 takes both.
     for (api_version, refused) in [("1.3", true), ("1.4", false)] {
-        let agent = WriteCountingAgent {
-            api_version,
-            writes: Arc::default(),
-        };
-        let socket = dir.path().join(format!("agent-{api_version}.sock"));
-        let mut server = serve_agent(&socket, &agent);
-        runtime.block_on(server.start()).expect("start the agent");
-        let mut client = agent_client(&format!("unix://{}", socket.display()), Options::default());
+        let (agent, mut server, mut client) = CountingAgent::start(api_version, &dir, &runtime);
 
         let synced = runtime.block_on(client.sync(with_external.clone()));
         let upserted = runtime.block_on(client.upsert(vec![node_address.clone()]));
