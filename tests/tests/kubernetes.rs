@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use nix::sys::signal::Signal;
+use nix::{errno::Errno, sys::signal::Signal};
 use serde_json::{Value, json};
 use socklb_shim::Options;
 use socklb_tests::{
@@ -19,6 +19,7 @@ use socklb_tests::{
     apiserver::{FakeApiServer, Kind},
     backend_ip, runtime,
     vm::eventually,
+    workload::errno,
 };
 
 fn service(name: &str, spec: Value) -> Value {
@@ -278,7 +279,11 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
     expect(
         &sandbox,
         "after 410 and relist",
-        &[&web_b_only, &lb("10.96.0.30"), &lb("10.96.1.30")],
+        &[
+            &web_b_only,
+            &lb("10.96.0.30"),
+            &format!("{} external", lb("10.96.1.30")),
+        ],
     );
     assert!(api.expired() > expired, "no 410 was sent");
     assert!(
@@ -290,6 +295,15 @@ fn follows_services_and_endpointslices_like_kube_proxy() {
         "b3",
         "an externalIP is a VIP"
     );
+    // Another port: a clusterIP's is refused, an externalIP's passes
+    // untouched (the client namespace has no route there).
+    for (target, expected) in [
+        ("10.96.0.30:81", Errno::ECONNREFUSED),
+        ("10.96.1.30:81", Errno::ENETUNREACH),
+    ] {
+        let r = &sandbox.client(&["tcp", target])[0];
+        assert_eq!(errno(r), expected as i64, "{target}: {r}");
+    }
 }
 
 #[test]
