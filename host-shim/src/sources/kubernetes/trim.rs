@@ -9,7 +9,7 @@
 //! as translation would skip them. Lists are boxed slices: collected in
 //! place from the API's `Vec`s, a `Vec` would keep their allocation.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
 use socklb_table::DEFAULT_AFFINITY_TIMEOUT_SECS;
@@ -48,7 +48,7 @@ pub struct ServicePort {
 pub struct TrimmedSlice {
     pub key: ObjectKey,
     /// The Service it belongs to (`kubernetes.io/service-name`).
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// addressType: IPv4, IPv6 (FQDN slices have no family).
     pub family: Option<Family>,
     pub ports: Box<[SlicePort]>,
@@ -164,7 +164,8 @@ impl From<discovery::EndpointSlice> for TrimmedSlice {
             service: slice
                 .metadata
                 .labels
-                .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL)),
+                .and_then(|mut labels| labels.remove(SERVICE_NAME_LABEL))
+                .map(Arc::from),
             family: match slice.address_type.as_str() {
                 "IPv4" => Some(Family::V4),
                 "IPv6" => Some(Family::V6),
