@@ -307,6 +307,10 @@ impl TableSink for HubSink {
     fn left_out(&mut self, keys: &BTreeSet<ServiceKey>) {
         self.metrics.set_left_out(keys);
     }
+
+    fn refused(&mut self, services: usize) {
+        self.metrics.set_refused(services);
+    }
 }
 
 /// What one sandbox's task shares with the others.

@@ -46,6 +46,8 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     /// Services the table leaves out: past the datapath's capacity.
     left_out: Mutex<Vec<ServiceKey>>,
+    /// Services of the cluster no table may hold (see `set_refused`).
+    refused: AtomicU64,
 }
 
 /// What the metrics describe that lives elsewhere.
@@ -70,6 +72,13 @@ impl Metrics {
 
     pub fn set_left_out(&self, keys: &BTreeSet<ServiceKey>) {
         *self.left_out.lock().unwrap() = keys.iter().copied().collect();
+    }
+
+    /// How many of the cluster's services (VIP, port, protocol) the
+    /// Kubernetes source refuses: a VIP of the guest's own address
+    /// classes, a backend that is its own VIP:port.
+    pub fn set_refused(&self, services: usize) {
+        self.refused.store(services as u64, Relaxed);
     }
 
     /// Services the table leaves out, in key order.
@@ -196,6 +205,13 @@ impl Metrics {
                 self.left_out.lock().unwrap().len().to_string(),
             )],
         );
+        family(
+            "socklb_node_services_refused",
+            "gauge",
+            "Services of the cluster no table may hold (a VIP of the guest's own address \
+             classes, a backend that is its own VIP:port), skipped and logged by name.",
+            vec![(String::new(), self.refused.load(Relaxed).to_string())],
+        );
         out
     }
 }
@@ -214,6 +230,7 @@ mod tests {
         metrics.watch_event();
         metrics.acknowledged(Duration::from_millis(3));
         metrics.acknowledged(Duration::from_millis(30));
+        metrics.set_refused(3);
         let sandboxes = BTreeMap::from([(State::InSync, 2), (State::Failing, 1)]);
         let text = metrics.render(&Snapshot {
             sandboxes: &sandboxes,
@@ -232,6 +249,7 @@ mod tests {
             "socklb_node_change_to_ack_seconds_bucket{le=\"+Inf\"} 2",
             "socklb_node_change_to_ack_seconds_count 2",
             "socklb_node_table_version 7",
+            "socklb_node_services_refused 3",
             "# TYPE socklb_node_change_to_ack_seconds histogram",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");

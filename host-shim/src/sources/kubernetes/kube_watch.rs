@@ -61,6 +61,9 @@ pub trait TableSink {
     /// The services the last whole table left out because the datapath
     /// cannot hold them (none once the cluster fits again).
     fn left_out(&mut self, _keys: &BTreeSet<ServiceKey>) {}
+    /// How many of the cluster's services no table may hold (each logged
+    /// when translated), after every table or batch taken.
+    fn refused(&mut self, _services: usize) {}
     /// Called every [`AGENT_CHECK_INTERVAL`] while the cluster is quiet,
     /// so an agent that restarted empty is noticed without a change;
     /// false asks for the whole table. A sink that checks its agents by
@@ -302,6 +305,7 @@ async fn full_sync(
               "first_left_out" => first.join(","));
     }
     sink.left_out(translation.left_out());
+    sink.refused(translation.refused());
     match Table::new(services) {
         Ok(table) => {
             let taken = sink.replace(table, log).await;
@@ -326,6 +330,8 @@ async fn send_changes(
     log: &Logger,
 ) -> bool {
     let plan = translation.plan(cluster, changed.iter().cloned(), policy, log);
+    translation.count_refused(&plan);
+    sink.refused(translation.refused());
     if plan.is_empty() {
         return true;
     }
@@ -358,6 +364,7 @@ mod tests {
         table: Vec<Service>,
         replaces: usize,
         left_out: BTreeSet<ServiceKey>,
+        refused: usize,
     }
 
     impl TableSink for Recorded {
@@ -382,6 +389,10 @@ mod tests {
 
         fn left_out(&mut self, keys: &BTreeSet<ServiceKey>) {
             self.left_out = keys.clone();
+        }
+
+        fn refused(&mut self, services: usize) {
+            self.refused = services;
         }
     }
 
@@ -415,6 +426,36 @@ mod tests {
             &Policy::default(),
             &log,
         ))
+    }
+
+    /// Services no table may hold are skipped, not the table, and the
+    /// sink hears how many after a whole table and after each batch.
+    #[test]
+    fn refused_services_are_counted_for_the_sink_until_they_go() {
+        let log = Logger::root(slog::Discard, slog::o!());
+        let mut cluster = Cluster::default();
+        // A link-local clusterIP would take over the guest's own traffic.
+        let link_local: core::Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": "metadata"},
+            "spec": {"clusterIP": "169.254.169.254", "ports": [{"port": 80}, {"port": 443}]},
+        }))
+        .unwrap();
+        cluster.apply_service(link_local.clone());
+        cluster.apply_service(service(1, 1));
+        let mut sink = Recorded::default();
+        let mut translation = Translation::default();
+        let policy = Policy::default();
+        assert!(block_on(full_sync(
+            &mut sink,
+            &cluster,
+            &mut translation,
+            &policy,
+            &log
+        )));
+        assert_eq!((sink.table.len(), sink.refused), (1, 2));
+        let gone = cluster.delete_service(&link_local).into_iter().collect();
+        assert!(send(&mut sink, &cluster, &mut translation, gone));
+        assert_eq!((sink.table.len(), sink.refused), (1, 0));
     }
 
     #[test]

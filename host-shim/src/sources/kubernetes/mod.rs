@@ -33,6 +33,7 @@ mod service;
 mod translation;
 mod trim;
 
+pub use service::Translated;
 pub use translation::{Plan, Translation};
 pub use trim::{TrimmedService, TrimmedSlice};
 

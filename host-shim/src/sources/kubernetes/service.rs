@@ -12,12 +12,23 @@ use super::{
     endpoints::{categorize, endpoints},
 };
 
+/// What one Kubernetes Service translates to.
+#[derive(Debug, Default)]
+pub struct Translated {
+    pub services: Vec<Service>,
+    /// Its socklb services that no table may hold (a VIP of the guest's
+    /// own address classes, a backend that is its own VIP:port): left out
+    /// and logged, so the rest of the cluster is still programmed.
+    pub refused: usize,
+}
+
 impl Cluster {
     /// The socklb services one Kubernetes Service stands for (none when it
     /// is absent, headless, ExternalName or another proxy's).
-    pub fn translate(&self, key: &ObjectKey, policy: &Policy, log: &Logger) -> Vec<Service> {
+    pub fn translate(&self, key: &ObjectKey, policy: &Policy, log: &Logger) -> Translated {
+        let mut translated = Translated::default();
         let Some(service) = self.services.get(key).filter(|s| !s.ignored) else {
-            return Vec::new();
+            return translated;
         };
         let mut vips: Vec<(IpAddr, VipKind)> = service
             .cluster_ips
@@ -40,7 +51,6 @@ impl Cluster {
                   "service" => key.to_string());
         }
         let slices = self.slices.get(key);
-        let mut translated = Vec::new();
         for port in &service.ports {
             let protocol = match port.protocol.as_str() {
                 "TCP" => Protocol::Tcp,
@@ -78,9 +88,12 @@ impl Cluster {
                     backends,
                 };
                 match candidate.validate() {
-                    Ok(service) => translated.push(service),
-                    Err(err) => warn!(log, "skipping a service socklb cannot program";
-                                      "service" => key.to_string(), "error" => err.to_string()),
+                    Ok(service) => translated.services.push(service),
+                    Err(err) => {
+                        translated.refused += 1;
+                        warn!(log, "skipping a service socklb cannot program";
+                              "service" => key.to_string(), "error" => err.to_string());
+                    }
                 }
             }
         }

@@ -49,7 +49,7 @@ fn lines(services: &[Service]) -> Vec<String> {
 }
 
 fn translate(cluster: &Cluster, name: &str, policy: &Policy) -> Vec<String> {
-    lines(&cluster.translate(&key(name), policy, &log()))
+    lines(&cluster.translate(&key(name), policy, &log()).services)
 }
 
 #[test]

@@ -23,6 +23,9 @@ pub struct Translation {
     /// Translated services the agent was not given: past the datapath's
     /// capacity (see `leave_out`).
     left_out: BTreeSet<ServiceKey>,
+    /// Per Kubernetes Service, how many of its socklb services no table
+    /// may hold (see `Translated::refused`); none listed when none.
+    refused: BTreeMap<ObjectKey, usize>,
 }
 
 /// Changes to send, and the state to keep once the agent has them.
@@ -32,6 +35,8 @@ pub struct Plan {
     pub deletes: Vec<ServiceKey>,
     owners: BTreeMap<ObjectKey, BTreeSet<ServiceKey>>,
     waiting: BTreeMap<ServiceKey, BTreeSet<ObjectKey>>,
+    /// `Translated::refused` of each Kubernetes Service planned.
+    refused: BTreeMap<ObjectKey, usize>,
 }
 
 impl Plan {
@@ -47,6 +52,7 @@ impl Translation {
         let keys: Vec<ObjectKey> = cluster.service_keys().cloned().collect();
         let plan = self.plan(cluster, keys, policy, log);
         let services = plan.upserts.clone();
+        self.count_refused(&plan);
         self.commit(plan);
         services
     }
@@ -72,7 +78,11 @@ impl Translation {
         dirty.extend(waiting);
         let translated: Vec<(&ObjectKey, Vec<Service>)> = dirty
             .iter()
-            .map(|key| (key, cluster.translate(key, policy, log)))
+            .map(|key| {
+                let translated = cluster.translate(key, policy, log);
+                plan.refused.insert(key.clone(), translated.refused);
+                (key, translated.services)
+            })
             .collect();
         // An owner keeps what it still claims; others queue behind it.
         let mut claimed: BTreeMap<ServiceKey, &ObjectKey> = BTreeMap::new();
@@ -132,6 +142,11 @@ impl Translation {
         &self.left_out
     }
 
+    /// Socklb services of the cluster no table may hold, as last counted.
+    pub fn refused(&self) -> usize {
+        self.refused.values().sum()
+    }
+
     /// Whether the agent's table stays within the datapath's capacity
     /// once `plan` is applied.
     pub fn fits(&self, plan: &Plan) -> bool {
@@ -151,6 +166,19 @@ impl Translation {
             backends += service.backends.len();
         }
         check_capacity(services, backends).is_ok()
+    }
+
+    /// Counts what `plan`'s Kubernetes Services translate to that no
+    /// table may hold: a count of the cluster, whether or not the agent
+    /// takes the plan (a plan with nothing to send included).
+    pub fn count_refused(&mut self, plan: &Plan) {
+        for (key, refused) in &plan.refused {
+            if *refused == 0 {
+                self.refused.remove(key);
+            } else {
+                self.refused.insert(key.clone(), *refused);
+            }
+        }
     }
 
     /// Records a plan the agent acknowledged.
