@@ -19,9 +19,13 @@ pub const API_VERSION: &str = "1.4";
 /// The largest message ttrpc sends or accepts, either way.
 pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
 
-/// The most bytes of services one Sync part or one List page carries: half
-/// of [`TTRPC_MESSAGE_LIMIT`], leaving ample room for the envelope.
-pub const PART_BYTES: usize = TTRPC_MESSAGE_LIMIT / 2;
+/// The most bytes of services one Sync part or one List page carries, and
+/// the largest whole Sync sent in one message to an agent that takes parts.
+/// A sender holds what is in flight encoded (ttrpc copies it once more), so
+/// this, not the table's size, bounds a node daemon's memory per sandbox it
+/// is syncing. Far below [`TTRPC_MESSAGE_LIMIT`], so the envelope always
+/// fits.
+pub const PART_BYTES: usize = 256 * 1024;
 
 /// The guest vsock port socklb-agent serves on unless told otherwise. Kata's
 /// guest services take 1024–1027 ([`KATA_GUEST_PORTS`]) and Kata has added

@@ -231,6 +231,11 @@ impl StandInAgent {
         self.writes.count(&["sync", "sync in parts"])
     }
 
+    /// Whole-table Syncs it applied that arrived in parts.
+    pub fn syncs_in_parts(&self) -> u64 {
+        self.writes.count(&["sync in parts"])
+    }
+
     /// Writes of any kind it applied, and when it applied the last one.
     pub fn writes(&self) -> (u64, Option<Instant>) {
         let writes = self.writes.0.lock().unwrap();

@@ -16,10 +16,12 @@ use std::{
 
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
-use socklb_protocols::{socklb as api, socklb_ttrpc};
+use socklb_protocols::{
+    DEFAULT_AGENT_PORT, PART_BYTES, TTRPC_MESSAGE_LIMIT, protobuf, socklb as api, socklb_ttrpc,
+};
 use socklb_shim::{AgentClient, ClientError, Options};
 use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
-use socklb_tests::{Sandbox, agent_client, backend_ip, runtime};
+use socklb_tests::{Sandbox, agent_client, backend_ip, runtime, standin::StandInAgent};
 use ttrpc::r#async::{Server, TtrpcContext};
 
 fn web(backend: u8) -> Table {
@@ -356,4 +358,52 @@ fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
         }
         runtime.block_on(server.shutdown()).expect("stop the agent");
     }
+}
+
+/// A table beyond one part goes in parts although it would fit one ttrpc
+/// message: the part size, not the table's, bounds what a sender (the node
+/// daemon, for each sandbox it syncs) holds in flight.
+#[test]
+fn a_table_beyond_one_part_is_synced_in_parts() {
+    let runtime = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("agent.vsock");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let services = (0..2_000u32)
+        .map(|i| Service {
+            name: Some(format!("bench/svc-{i}")),
+            key: ServiceKey {
+                vip: std::net::Ipv4Addr::from(0x0a60_0000 + i).into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            vip_kind: VipKind::Cluster,
+            affinity_timeout_secs: None,
+            backends: (0..8u32)
+                .map(|b| {
+                    std::net::SocketAddr::from((
+                        std::net::Ipv4Addr::from(0x0af4_0000 + i * 8 + b),
+                        8080,
+                    ))
+                })
+                .collect(),
+        })
+        .collect();
+    let table = Table::new(services).unwrap();
+    let bytes = protobuf::Message::compute_size(&api::SyncRequest {
+        services: table.to_api(),
+        ..Default::default()
+    }) as usize;
+    assert!(
+        (PART_BYTES..TTRPC_MESSAGE_LIMIT).contains(&bytes),
+        "the table is beyond one part and within one message: {bytes} bytes"
+    );
+    let mut client = agent_client(
+        &format!("hvsock://{}:{DEFAULT_AGENT_PORT}", uds.display()),
+        Options::default(),
+    );
+    let written = runtime.block_on(client.sync(table.clone())).unwrap();
+    assert_eq!(written.digest, Some(table.digest()));
+    assert_eq!(agent.syncs_in_parts(), 1, "one Sync, in parts");
+    assert_eq!(agent.table().digest(), table.digest());
 }

@@ -110,9 +110,12 @@ impl AgentClient {
     ) -> Result<WriteResult, ClientError> {
         let (request, expected) = (&payload.request, &payload.digest);
         connection.check_vip_kinds(&request.services)?;
-        // In one message when it fits (as any agent takes it), else in parts.
+        // In parts beyond one part's size, where the agent takes parts
+        // (API 1.1); else in one message when it fits.
         let bytes = request.compute_size() as usize;
-        let outcome = if bytes <= ONE_MESSAGE_BYTES {
+        let in_one =
+            bytes <= PART_BYTES || (connection.api_minor == 0 && bytes <= ONE_MESSAGE_BYTES);
+        let outcome = if in_one {
             let context = ttrpc::context::with_duration(self.options.call_timeout);
             connection.services.sync(context, request).await
         } else if connection.api_minor >= 1 {
