@@ -319,9 +319,9 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Bounds how many whole tables are being sent, or digests checked,
-    /// at once (a Sync is encoded in memory while it is sent; an older
-    /// agent's digest is its whole table).
+    /// Bounds how many whole tables are being sent, or read back for an
+    /// older agent's digest, at once (a Sync is encoded in memory while it
+    /// is sent).
     pub whole_syncs: Arc<Semaphore>,
     /// The longest one whole table's send may hold a permit.
     pub permit_hold: Duration,
@@ -514,21 +514,32 @@ async fn sync_whole(
 /// few bytes, see `AgentClient::digest`) and its generation, and compares
 /// them with the node's table at `acked` and the generation the agent
 /// acknowledged: false when either differs (someone else wrote to the
-/// agent, or a write landed late). A node table that moved on meanwhile is
-/// not compared: the changes are on their way. The check holds a permit,
-/// for `permit_hold` at most, like a whole Sync: an agent older than API
-/// 1.3 answers with its whole table (a List), which costs as much.
+/// agent, or a write landed late). A node table that moved on is not
+/// compared: the changes are on their way. An agent older than API 1.3
+/// answers with its whole table (a List), which costs as much as a Sync:
+/// that check is asked Health first and then holds a permit, for
+/// `permit_hold` at most, as a whole Sync does.
 async fn verify_digest(
     client: &mut AgentClient,
     shared: &Shared,
     acked: Option<Acked>,
     log: &Logger,
 ) -> Result<bool, ClientError> {
-    let _permit = shared
-        .whole_syncs
-        .acquire()
-        .await
-        .expect("the permits are never closed");
+    let Some(acked) = acked.filter(|acked| acked.version == shared.hub.version()) else {
+        return Ok(true);
+    };
+    let _permit = if client.digest_reads_the_table().await? {
+        client.check().await?;
+        Some(
+            shared
+                .whole_syncs
+                .acquire()
+                .await
+                .expect("the permits are never closed"),
+        )
+    } else {
+        None
+    };
     let (generation, agent_digest) = tokio::time::timeout(shared.permit_hold, client.digest())
         .await
         .unwrap_or_else(|_| {
@@ -538,10 +549,7 @@ async fn verify_digest(
             })
         })?;
     let (version, node_digest) = shared.hub.digest();
-    let Some(acked) = acked.filter(|acked| acked.version == version) else {
-        return Ok(true);
-    };
-    if generation == acked.generation && agent_digest == node_digest {
+    if version != acked.version || generation == acked.generation && agent_digest == node_digest {
         return Ok(true);
     }
     warn!(log, "the agent holds another table than it acknowledged; syncing the whole table";
