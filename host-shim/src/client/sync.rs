@@ -85,7 +85,8 @@ impl AgentClient {
             result,
             Err(ClientError::Refused { .. }
                 | ClientError::DigestMismatch { .. }
-                | ClientError::TooLarge { .. })
+                | ClientError::TooLarge { .. }
+                | ClientError::NoExternalVips { .. })
         ) {
             self.desired = previous;
         }
@@ -211,6 +212,12 @@ impl AgentClient {
             }
         }
         result
+    }
+
+    /// Whether [`AgentClient::digest`] costs the agent's whole table (a
+    /// List, from an agent older than API 1.3) rather than a few bytes.
+    pub async fn digest_reads_the_table(&mut self) -> Result<bool, ClientError> {
+        Ok(self.connected().await?.api_minor < 3)
     }
 
     /// The generation and digest of the table the agent's maps hold: by
