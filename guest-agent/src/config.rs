@@ -245,7 +245,7 @@ impl Config {
         let loopback_cid = settings
             .allow_loopback_callers
             .unwrap_or(false)
-            .then_some(LOOPBACK_CID);
+            .then_some(libc::VMADDR_CID_LOCAL);
         Ok(Config {
             cgroup: settings.cgroup,
             bpffs: settings
@@ -273,21 +273,18 @@ impl Config {
     }
 }
 
-/// vsock loopback (`VMADDR_CID_LOCAL`): a caller in this guest itself.
-const LOOPBACK_CID: u32 = 1;
-
 /// Refuses an `--allow-cid` that is no other VM: such a value either
 /// admits no one or admits more than was meant.
 fn check_allowed_cid(cid: u32) -> Result<()> {
     let why = match cid {
-        0 => "is the hypervisor's, which never calls the agent",
-        LOOPBACK_CID => {
+        libc::VMADDR_CID_HYPERVISOR => "is the hypervisor's, which never calls the agent",
+        libc::VMADDR_CID_LOCAL => {
             "is vsock loopback: any process in this guest, a container's too, could program \
              the agent (a test that runs socklb-shim in the guest passes \
              --allow-loopback-callers)"
         }
         HOST_CID => "is the host's, always allowed",
-        u32::MAX => "is the any-CID value (VMADDR_CID_ANY), no caller's",
+        libc::VMADDR_CID_ANY => "is the any-CID value (VMADDR_CID_ANY), no caller's",
         _ => return Ok(()),
     };
     bail!(

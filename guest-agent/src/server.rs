@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// The host's CID, the only vsock peer allowed by default.
-pub const HOST_CID: u32 = 2;
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
