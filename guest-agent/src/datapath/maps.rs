@@ -173,7 +173,7 @@ impl WriteFaults {
         let counted = self
             .0
             .writes_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+            .try_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
                 ALL_WRITES | 0 => None,
                 left => Some(left - 1),
             });
