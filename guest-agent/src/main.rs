@@ -118,6 +118,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let features = kernel::Features::detect();
     features.report(log);
     let (datapath, programmed) = Datapath::load(&config.bpffs, log)?;
+    let connected_vip = datapath.connected_vip_map()?;
     let mut service_table = ServiceTable::new(programmed)
         .with_datapath(datapath)
         .allowing_loopback_backends(config.allow_loopback_backends);
@@ -143,6 +144,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     service_table.set_socket_closer(Arc::new(SocketCloser::new(
         cgroup.clone(),
         config.close_tcp_of_removed_backends,
+        connected_vip,
         log,
     )));
     // Held open for as long as the agent runs.

@@ -4,10 +4,7 @@
 //! datapath beside them when there is one; and the staging of a Sync that
 //! arrives in parts.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use socklb_protocols::socklb as api;
@@ -16,7 +13,7 @@ use socklb_table::{Service, ServiceKey, Table, TableError};
 use crate::{
     datapath::{Datapath, ProgrammedTable},
     opt_out::OptOutError,
-    sockets::{RemovedBackend, SocketCloser},
+    sockets::{Removals, SocketCloser},
 };
 
 pub struct ServiceTable {
@@ -129,19 +126,19 @@ impl ServiceTable {
         self.socket_closer = Some(closer);
     }
 
-    /// Closes the sockets of `removed` before the write is acknowledged, and
+    /// Closes the sockets of `removals` before the write is acknowledged, and
     /// with the table held, so a later write cannot add a backend back in
     /// between and lose its fresh sockets.
-    fn close_sockets_of(&self, removed: BTreeSet<RemovedBackend>) {
+    fn close_sockets_of(&self, removals: Removals) {
         if let Some(closer) = &self.socket_closer
-            && !removed.is_empty()
+            && !removals.dropped.is_empty()
         {
             let opted_out = self
                 .datapath
                 .as_ref()
                 .and_then(|d| d.opt_out_cgroups().ok())
                 .unwrap_or_default();
-            closer.close(removed, &opted_out);
+            closer.close(removals, &opted_out);
         }
     }
 
@@ -150,7 +147,7 @@ impl ServiceTable {
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written, WriteError> {
         self.check_backends(&table.services)?;
         let summary = self.programmed.apply(table)?;
-        self.close_sockets_of(summary.removed_backends);
+        self.close_sockets_of(summary.removals);
         self.names = table
             .services
             .iter()
@@ -179,7 +176,7 @@ impl ServiceTable {
     pub fn upsert(&mut self, services: &[Service]) -> Result<Written, WriteError> {
         self.check_backends(services)?;
         let summary = self.programmed.upsert(services)?;
-        self.close_sockets_of(summary.removed_backends);
+        self.close_sockets_of(summary.removals);
         for service in services {
             match &service.name {
                 Some(name) => self.names.insert(service.key, name.clone()),
@@ -191,7 +188,7 @@ impl ServiceTable {
 
     pub fn delete(&mut self, keys: &[ServiceKey]) -> Result<Written, WriteError> {
         let summary = self.programmed.delete(keys)?;
-        self.close_sockets_of(summary.removed_backends);
+        self.close_sockets_of(summary.removals);
         for key in keys {
             self.names.remove(key);
         }

@@ -117,10 +117,12 @@ fn connected_udp(target: &str) -> [&str; 7] {
 /// Only the sockets a removal concerns are closed. Services A and B share
 /// b1; A drops it first, B later. A socket connected through B stays open
 /// while B still has b1 and is closed once B drops it too (which shows the
-/// pass ran); one through A is closed by then (whether already when A
-/// dropped b1 is issue 19's, so not asked here). Sockets to the live
-/// backend b2, and sockets connected to b1 from another cgroup and from an
-/// opted-out cgroup, stay open throughout.
+/// pass ran); one through A is closed by then (not already when A dropped
+/// b1: the kernel's dump shows no UDP socket's translation, so UDP is
+/// matched by the peer, closed once no service has it; TCP is matched by
+/// its translation: `tcp_is_closed_by_its_own_translation`). Sockets to
+/// the live backend b2, and sockets connected to b1 from another cgroup
+/// and from an opted-out cgroup, stay open throughout.
 #[test]
 fn sockets_a_removal_does_not_concern_stay_open() {
     socklb_tests::require_root!();
@@ -192,6 +194,60 @@ fn sockets_a_removal_does_not_concern_stay_open() {
             "a socket {socket} was closed: {results:?}"
         );
     }
+}
+
+/// With TCP closing asked for, a connection is closed by its own
+/// translation. Services A and B share b1, C has b3; one write takes b1
+/// from A (B keeps it) and b3 from C (no service has it then). The streams
+/// through A and through C are closed; one through B, and one connected to
+/// b3 directly (as a headless Service's client talks to a pod), stay.
+#[test]
+fn tcp_is_closed_by_its_own_translation() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    for n in 1..=3 {
+        sandbox.backend_bulk(&format!("{}:9000", backend_ip(n)));
+    }
+    let _agent = sandbox.start_agent_with(None, &["--close-tcp-of-removed-backends"]);
+    let runtime = runtime();
+    let mut client = agent_client(&sandbox.api_addr(), Options::default());
+    let bulk = |vip: &str, set: &[u8]| service(vip, Protocol::Tcp, set, 9000);
+    let (a, b, c) = ("10.96.0.30", "10.96.0.31", "10.96.0.32");
+    runtime
+        .block_on(
+            client.sync(Table::new(vec![bulk(a, &[1]), bulk(b, &[1]), bulk(c, &[3])]).unwrap()),
+        )
+        .expect("first sync");
+    let stream = |target: &str| sandbox.spawn_client(&["stream", target, "--ms", "2000"]);
+    let b3 = format!("{}:9000", backend_ip(3));
+    let streams = [
+        ("through A", stream(&format!("{a}:53"))),
+        ("through B", stream(&format!("{b}:53"))),
+        ("through C", stream(&format!("{c}:53"))),
+        ("to b3 directly", stream(&b3)),
+    ];
+    sleep(Duration::from_millis(700));
+    runtime
+        .block_on(client.upsert(vec![bulk(a, &[2]), bulk(c, &[2])]))
+        .expect("A loses b1, C loses b3");
+    let results: Vec<(&str, Value)> = streams
+        .into_iter()
+        .map(|(socket, running)| (socket, running.finish().remove(0)))
+        .collect();
+    let closed: Vec<(&str, bool)> = results
+        .iter()
+        .map(|(socket, result)| (*socket, result["end"] != "time"))
+        .collect();
+    assert_eq!(
+        closed,
+        [
+            ("through A", true),
+            ("through B", false),
+            ("through C", true),
+            ("to b3 directly", false)
+        ],
+        "{results:?}"
+    );
 }
 
 /// A TCP stream from a bulk backend whose service loses it 0.7 s in: how

@@ -4,11 +4,12 @@
 
 use std::{
     collections::BTreeMap,
+    mem::{offset_of, size_of},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use socklb_common::{
-    Addr, Endpoint, SERVICE_EXTERNAL_VIP, ServiceEntryKey, is_v4_mapped, v4_mapped,
+    Addr, Endpoint, SERVICE_EXTERNAL_VIP, ServiceEntryKey, Translation, is_v4_mapped, v4_mapped,
 };
 use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
 
@@ -49,6 +50,48 @@ pub(super) fn endpoint(addr: &SocketAddr) -> Endpoint {
 
 pub(super) fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
     SocketAddr::new(ip_of(&endpoint.addr), u16::from_be(endpoint.port))
+}
+
+/// A socket's `CONNECTED_VIP` value as the kernel hands it out (sock_diag):
+/// the VIP endpoint the socket asked for and the backend it was sent to.
+/// None if the value is not a `Translation`.
+pub fn translation_from_bytes(value: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    if value.len() != size_of::<Translation>() {
+        return None;
+    }
+    let endpoint_at = |offset: usize| {
+        let bytes = &value[offset..offset + size_of::<Endpoint>()];
+        let word = |at: usize| u32::from_ne_bytes(std::array::from_fn(|i| bytes[at + i]));
+        let port = offset_of!(Endpoint, port);
+        socket_addr(&Endpoint {
+            addr: std::array::from_fn(|i| word(4 * i)),
+            port: u16::from_ne_bytes([bytes[port], bytes[port + 1]]),
+            _pad: 0,
+        })
+    };
+    Some((
+        endpoint_at(offset_of!(Translation, vip)),
+        endpoint_at(offset_of!(Translation, backend)),
+    ))
+}
+
+/// The bytes of the `CONNECTED_VIP` value of a socket translated from
+/// `vip` to `backend`, as the kernel hands them out.
+#[cfg(test)]
+pub(crate) fn translation_bytes(vip: &SocketAddr, backend: &SocketAddr) -> Vec<u8> {
+    let translation = Translation {
+        vip: endpoint(vip),
+        backend: endpoint(backend),
+    };
+    // SAFETY: `Translation` is `#[repr(C)]` integers without padding
+    // (socklb_common's layout tests), so all its bytes are initialized.
+    unsafe {
+        std::slice::from_raw_parts(
+            std::ptr::from_ref(&translation).cast::<u8>(),
+            size_of::<Translation>(),
+        )
+    }
+    .to_vec()
 }
 
 /// Programmed services as a table (without names: the maps keep none).
@@ -127,6 +170,21 @@ mod tests {
                 protocol: Protocol::Udp,
             };
             assert_eq!(table_key(&map_key(&key)), key);
+        }
+    }
+
+    #[test]
+    fn a_translation_reads_back_from_the_kernels_bytes() {
+        for (vip, backend) in [
+            ("10.96.0.10:53", "10.244.1.1:5353"),
+            ("[fd00::a]:80", "[fd00:244::1]:8080"),
+        ] {
+            let (vip, backend): (SocketAddr, SocketAddr) =
+                (vip.parse().unwrap(), backend.parse().unwrap());
+            let bytes = translation_bytes(&vip, &backend);
+            assert_eq!(translation_from_bytes(&bytes), Some((vip, backend)));
+            // Another map's value, of another size, is no translation.
+            assert_eq!(translation_from_bytes(&bytes[..20]), None);
         }
     }
 

@@ -23,13 +23,14 @@ use std::{
     collections::BTreeSet,
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
@@ -38,7 +39,9 @@ use aya::{
 use slog::{Logger, info};
 use socklb_common::{Addr, GUEST_ADDR_V4, GUEST_ADDR_V6, MAP_LAYOUTS, MapLayout, map_names};
 
-pub use convert::addr_words;
+#[cfg(test)]
+pub(crate) use convert::translation_bytes;
+pub use convert::{addr_words, translation_from_bytes};
 pub use maps::{TableMaps, WriteFaults};
 pub use plan::ApplySummary;
 pub use program::ProgrammedTable;
@@ -211,6 +214,17 @@ impl Datapath {
     /// The cgroup the hooks are attached to (opt-out paths are below it).
     pub fn attached_cgroup(&self) -> Option<&Path> {
         self.cgroup.as_deref()
+    }
+
+    /// A descriptor of `CONNECTED_VIP`, whose value for each socket a
+    /// sock_diag dump carries when asked with it (see `sockets`).
+    pub fn connected_vip_map(&self) -> Result<OwnedFd> {
+        let name = map_names::CONNECTED_VIP;
+        match self.ebpf.map(name) {
+            Some(Map::SkStorage(map)) => Ok(map.fd().as_fd().try_clone_to_owned()?),
+            Some(_) => bail!("the eBPF object's {name} is no socket storage map"),
+            None => bail!("the eBPF object has no map {name}"),
+        }
     }
 
     /// Ids of the cgroups whose sockets are left untranslated.

@@ -4,18 +4,24 @@
 //! (at the end and on the way) and what it will change. `program` executes
 //! a plan against the maps.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+};
 
 use anyhow::anyhow;
 use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, TableError};
 
 use super::{
-    convert::{endpoint, entry_flags, socket_addr},
+    convert::{endpoint, entry_flags, socket_addr, table_key},
     ledger::Ledger,
     program::Programmed,
 };
-use crate::{service_table::WriteError, sockets::RemovedBackend};
+use crate::{
+    service_table::WriteError,
+    sockets::{DroppedBackend, Removals, RemovedBackend},
+};
 
 /// What a write changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -24,8 +30,8 @@ pub struct ApplySummary {
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
-    /// Backends that some service had before the write and none has after.
-    pub removed_backends: BTreeSet<RemovedBackend>,
+    /// The backends each service lost, and those no service has after.
+    pub removals: Removals,
 }
 
 /// The steps of a write, in the order they are to run: removals first,
@@ -146,13 +152,14 @@ impl Plan {
                 .map(|change| (change.new.backends.as_slice(), change.old.as_ref())),
         )?;
         plan.summary.removed = plan.removals.len();
-        plan.summary.removed_backends = plan.removed_backends(ledger);
+        plan.summary.removals = plan.removals(ledger);
         Ok(plan)
     }
 
-    /// The backends a removal or change drops that no service has once the
-    /// plan has run; a backend moved from one service to another stays.
-    fn removed_backends(&self, ledger: &Ledger) -> BTreeSet<RemovedBackend> {
+    /// The backends each removal or change drops from its service, and
+    /// those of them that no service has once the plan has run (a backend
+    /// moved from one service to another is dropped, not unused).
+    fn removals(&self, ledger: &Ledger) -> Removals {
         let mut change_of_uses: HashMap<(u8, Endpoint), isize> = HashMap::new();
         let mut dropped = Vec::new();
         let steps = self
@@ -170,24 +177,36 @@ impl Plan {
             for backend in old {
                 *change_of_uses.entry((key.proto, *backend)).or_default() -= 1;
                 if !new.contains(backend) {
-                    dropped.push((key.proto, *backend));
+                    dropped.push((key, *backend));
                 }
             }
             for backend in new {
                 *change_of_uses.entry((key.proto, *backend)).or_default() += 1;
             }
         }
-        dropped
-            .into_iter()
-            .filter(|(protocol, backend)| {
-                ledger.uses(*protocol, backend) as isize + change_of_uses[&(*protocol, *backend)]
+        let unused = dropped
+            .iter()
+            .filter(|(key, backend)| {
+                ledger.uses(key.proto, backend) as isize + change_of_uses[&(key.proto, *backend)]
                     == 0
             })
-            .map(|(protocol, backend)| RemovedBackend {
-                protocol,
-                addr: socket_addr(&backend),
+            .map(|(key, backend)| RemovedBackend {
+                protocol: key.proto,
+                addr: socket_addr(backend),
             })
-            .collect()
+            .collect();
+        let dropped = dropped
+            .iter()
+            .map(|(key, backend)| {
+                let service = table_key(key);
+                DroppedBackend {
+                    protocol: key.proto,
+                    vip: SocketAddr::new(service.vip, service.port),
+                    backend: socket_addr(backend),
+                }
+            })
+            .collect();
+        Removals { dropped, unused }
     }
 }
 
@@ -303,9 +322,25 @@ mod tests {
             ),
             (1, 2, 1, 1)
         );
-        // Of the backends dropped (1 by the removal, 1 and 2 by the
-        // shrink), 1 and 2 are kept by other services: none goes.
-        assert!(plan.summary.removed_backends.is_empty());
+        // Each service's loss is told (1 by the removal, 1 and 2 by the
+        // shrink), but 1 and 2 are kept by other services: none is unused.
+        let lost: Vec<(SocketAddr, SocketAddr)> = plan
+            .summary
+            .removals
+            .dropped
+            .iter()
+            .map(|dropped| (dropped.vip, dropped.backend))
+            .collect();
+        let vip = |service: &Service| SocketAddr::new(service.key.vip, service.key.port);
+        assert_eq!(
+            lost,
+            [
+                (vip(&gone), gone.backends[0]),
+                (vip(&shrinks), shrinks.backends[0]),
+                (vip(&shrinks), shrinks.backends[1]),
+            ]
+        );
+        assert!(plan.summary.removals.unused.is_empty());
     }
 
     #[test]
@@ -320,13 +355,15 @@ mod tests {
             (map_key(&c.key), Some(&c)),
         ]);
         let plan = Plan::new(&ledger, moved, current.clone()).unwrap();
-        assert!(plan.summary.removed_backends.is_empty());
+        assert_eq!(plan.summary.removals.dropped.len(), 2);
+        assert!(plan.summary.removals.unused.is_empty());
         // Without c, 1 goes; with b removed too, 2 as well.
         let dropped = BTreeMap::from([(map_key(&a.key), Some(&a_after)), (map_key(&b.key), None)]);
         let plan = Plan::new(&ledger, dropped, current).unwrap();
         let gone: Vec<SocketAddr> = plan
             .summary
-            .removed_backends
+            .removals
+            .unused
             .iter()
             .map(|removed| removed.addr)
             .collect();
