@@ -53,7 +53,8 @@ pub struct Settings {
           require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
     pub allow_kata_port: Option<bool>,
     /// A vsock peer CID allowed to call the API besides the host (2): 3
-    /// and up (another VM); 0, 1, 2 and the any-CID value are refused
+    /// and up (another VM); 0, 1, 2, the any-CID value and this guest's
+    /// own CID are refused
     #[arg(long = "allow-cid", env = "SOCKLB_ALLOW_CID", value_delimiter = ',')]
     pub allowed_cids: Vec<u32>,
     /// Admit API callers in this guest itself, over vsock loopback (CID
@@ -273,6 +274,31 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Refuses an `--allow-cid` that is this guest's own CID, which
+    /// `local_cid` reads (`local_vsock_cid` in a guest): asked only when
+    /// the agent listens on vsock and other VMs' CIDs are allowed.
+    pub fn refuse_own_cid(self, local_cid: impl FnOnce() -> Result<u32>) -> Result<Config> {
+        let ListenAddr::Vsock { .. } = self.listen else {
+            return Ok(self);
+        };
+        // Given CIDs are 3 and up; the host's and loopback's are below.
+        if self.allowed_cids.iter().all(|cid| *cid <= HOST_CID) {
+            return Ok(self);
+        }
+        let own = local_cid()?;
+        // A guest without a guest-to-host transport reads no CID of its own.
+        if own > HOST_CID && own != libc::VMADDR_CID_ANY && self.allowed_cids.contains(&own) {
+            return Err(refused_cid(
+                own,
+                "is this guest's own: any process in this guest, a container's too, could \
+                 program the agent",
+            ));
+        }
+        Ok(self)
+    }
+}
+
 /// Refuses an `--allow-cid` that is no other VM: such a value either
 /// admits no one or admits more than was meant.
 fn check_allowed_cid(cid: u32) -> Result<()> {
@@ -287,7 +313,11 @@ fn check_allowed_cid(cid: u32) -> Result<()> {
         libc::VMADDR_CID_ANY => "is the any-CID value (VMADDR_CID_ANY), no caller's",
         _ => return Ok(()),
     };
-    bail!(
+    Err(refused_cid(cid, why))
+}
+
+fn refused_cid(cid: u32, why: &str) -> anyhow::Error {
+    anyhow::anyhow!(
         "--allow-cid {cid}: CID {cid} {why}; name other VMs' CIDs (3 and up, not this \
          guest's own)"
     )
@@ -395,6 +425,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.allowed_cids, [2, 3, 1]);
+    }
+
+    #[test]
+    fn the_guests_own_cid_is_refused_by_name() {
+        let own = 7;
+        let in_guest = |cids: Vec<u32>, listen: &str| {
+            let given = Settings {
+                allowed_cids: cids,
+                listen: Some(listen.into()),
+                ..Settings::default()
+            };
+            Config::resolve(given, "")
+                .unwrap()
+                .refuse_own_cid(|| Ok(own))
+        };
+        let err = in_guest(vec![3, own], "vsock://-1:1100").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--allow-cid 7: CID 7 is this guest's own"),
+            "{err}"
+        );
+        assert!(in_guest(vec![3, 8], "vsock://-1:1100").is_ok());
+        // No vsock listener, or no other VM allowed: the CID is not read.
+        let unread = |cids: Vec<u32>, listen: &str| {
+            let given = Settings {
+                allowed_cids: cids,
+                listen: Some(listen.into()),
+                ..Settings::default()
+            };
+            Config::resolve(given, "socklb.allow_loopback_callers=1")
+                .unwrap()
+                .refuse_own_cid(|| panic!("the CID was read"))
+        };
+        assert!(unread(vec![own], "unix:///run/a.sock").is_ok());
+        assert!(unread(vec![], "vsock://-1:1100").is_ok());
+        // A guest whose transport gives it no CID of its own refuses none.
+        let given = Settings {
+            allowed_cids: vec![3],
+            ..Settings::default()
+        };
+        let config = Config::resolve(given, "").unwrap();
+        assert!(config.refuse_own_cid(|| Ok(libc::VMADDR_CID_ANY)).is_ok());
     }
 
     #[test]

@@ -53,7 +53,9 @@ fn main() -> ExitCode {
         detach,
     } = Args::from_arg_matches(&args).unwrap_or_else(|err| err.exit());
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let config = match Config::resolve(given, &cmdline) {
+    let config = match Config::resolve(given, &cmdline)
+        .and_then(|config| config.refuse_own_cid(server::local_vsock_cid))
+    {
         Ok(config) => config,
         Err(err) => {
             eprintln!("socklb-agent: {err:#}");

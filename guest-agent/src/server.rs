@@ -2,7 +2,7 @@
 //! peers `peers::PeerRule` admits) or `unix:///path` for tests and local
 //! use, read by the one grammar of [`socklb_protocols::address`].
 
-use std::{path::PathBuf, sync::Arc};
+use std::{os::fd::AsRawFd as _, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use slog::Logger;
@@ -61,6 +61,32 @@ impl std::fmt::Display for ListenAddr {
         written.fmt(f)
     }
 }
+
+/// This guest's own vsock CID, as the kernel tells it on /dev/vsock (no
+/// socket is opened); VMADDR_CID_ANY when no guest-to-host transport is
+/// loaded.
+pub fn local_vsock_cid() -> Result<u32> {
+    let device = std::fs::File::open("/dev/vsock")
+        .context("cannot open /dev/vsock to read this guest's own CID")?;
+    let mut cid: u32 = libc::VMADDR_CID_ANY;
+    // SAFETY: this ioctl writes one u32 through the pointer, to `cid`,
+    // which outlives the call; the descriptor is open.
+    let result = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            IOCTL_VM_SOCKETS_GET_LOCAL_CID,
+            &raw mut cid,
+        )
+    };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading this guest's own CID from /dev/vsock");
+    }
+    Ok(cid)
+}
+
+/// linux/vm_sockets.h: `_IO(7, 0xb9)`.
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::Ioctl = 0x7b9;
 
 /// Starts serving `rpc` on `addr`.
 pub async fn start(
