@@ -4,13 +4,17 @@
 //! where a listener takes any, Kata always names a port (the node daemon
 //! puts socklb's in its place), the agent serves no hybrid vsock.
 //!
-//! - `vsock://CID[:PORT]`, CID `-1` or nothing for any CID;
+//! - `vsock://CID[:PORT]`, CID `-1`, `4294967295` (VMADDR_CID_ANY, the
+//!   same value unsigned) or nothing for any CID;
 //! - `hvsock:///path/to/uds[:PORT]` (hybrid vsock, as Firecracker, Cloud
 //!   Hypervisor and vhost-device-vsock offer it); a socket path may hold
 //!   ':' itself, so only digits after the last one make a port;
 //! - `unix:///path`.
 
 use std::{fmt, path::PathBuf, str::FromStr};
+
+/// The any-CID value (linux/vm_sockets.h), `-1` as a signed number.
+const VMADDR_CID_ANY: u32 = u32::MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
@@ -39,7 +43,7 @@ pub enum Fault {
     RelativePath,
     #[error("no port")]
     NoPort,
-    #[error("a connection needs the peer's CID, not any (-1)")]
+    #[error("a connection needs the peer's CID, not any (-1, 4294967295)")]
     AnyCid,
     #[error("the agent listens on any CID: vsock://-1:PORT")]
     NotAnyCid,
@@ -80,7 +84,10 @@ impl FromStr for Address {
             };
             let cid = match cid {
                 "-1" | "" => None,
-                cid => Some(cid.parse().map_err(|_| error(Fault::BadCid))?),
+                cid => match cid.parse().map_err(|_| error(Fault::BadCid))? {
+                    VMADDR_CID_ANY => None,
+                    cid => Some(cid),
+                },
             };
             return Ok(Address::Vsock {
                 cid,
@@ -208,6 +215,14 @@ mod tests {
                 Address::Vsock {
                     cid: None,
                     port: None,
+                },
+            ),
+            // VMADDR_CID_ANY unsigned is any CID, never a peer's.
+            (
+                "vsock://4294967295:7",
+                Address::Vsock {
+                    cid: None,
+                    port: Some(7),
                 },
             ),
             (

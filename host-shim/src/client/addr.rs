@@ -114,7 +114,12 @@ mod tests {
 
     #[test]
     fn a_client_needs_the_agents_cid() {
-        for any in ["vsock://-1:1100", "vsock://:1100", "vsock://"] {
+        for any in [
+            "vsock://-1:1100",
+            "vsock://:1100",
+            "vsock://",
+            "vsock://4294967295:1100",
+        ] {
             let AddrError(err) = any.parse::<AgentAddr>().unwrap_err();
             assert_eq!(err.fault, Fault::AnyCid, "{any}");
         }
