@@ -216,14 +216,24 @@ pub struct Config {
     pub close_tcp_of_removed_backends: bool,
     pub allow_loopback_backends: bool,
     pub bpf_stats: bool,
+    /// Kernel command line values left out, each with why: logged as
+    /// warnings once the logger exists.
+    pub ignored: Vec<String>,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 impl Config {
     /// `given` (flags and environment) over the `socklb.*` keys of
-    /// `kernel_cmdline` over the defaults.
-    pub fn resolve(given: Settings, kernel_cmdline: &str) -> Result<Config> {
+    /// `kernel_cmdline` over the defaults. `local_cid` reads this guest's
+    /// own vsock CID (`server::local_vsock_cid`), asked only when the agent
+    /// listens on vsock and other VMs' CIDs are allowed.
+    pub fn resolve(
+        given: Settings,
+        kernel_cmdline: &str,
+        local_cid: impl FnOnce() -> Result<u32>,
+    ) -> Result<Config> {
+        let cids_from_cmdline = given.allowed_cids.is_empty();
         let settings = given.over(Settings::from_kernel_cmdline(kernel_cmdline)?);
         let allow_kata_port = settings.allow_kata_port.unwrap_or(false);
         let listen: ListenAddr = settings
@@ -240,8 +250,27 @@ impl Config {
                  Kata, pass --allow-kata-port"
             );
         }
-        for cid in &settings.allowed_cids {
-            check_allowed_cid(*cid)?;
+        let own_cid = match listen {
+            ListenAddr::Vsock { .. } if !settings.allowed_cids.is_empty() => Some(local_cid()?),
+            _ => None,
+        };
+        // A value refused here was taken before this check existed: on a
+        // kernel command line set for every sandbox it is left out with a
+        // warning, so an upgrade does not stop every agent (leaving it out
+        // admits fewer callers, never more); a flag is refused.
+        let mut allowed_cids = Vec::new();
+        let mut ignored = Vec::new();
+        for cid in settings.allowed_cids {
+            match refusal(cid, own_cid) {
+                None => allowed_cids.push(cid),
+                Some(why) if cids_from_cmdline => ignored.push(format!(
+                    "kernel command line socklb.allow_cid={cid} left out: CID {cid} {why}"
+                )),
+                Some(why) => bail!(
+                    "--allow-cid {cid}: CID {cid} {why}; name other VMs' CIDs (3 and up, not \
+                     this guest's own)"
+                ),
+            }
         }
         let loopback_cid = settings
             .allow_loopback_callers
@@ -261,7 +290,7 @@ impl Config {
             listen,
             allow_kata_port,
             // The host may always call; more peers only when configured.
-            allowed_cids: [vec![HOST_CID], settings.allowed_cids]
+            allowed_cids: [vec![HOST_CID], allowed_cids]
                 .concat()
                 .into_iter()
                 .chain(loopback_cid)
@@ -270,39 +299,16 @@ impl Config {
             close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
             allow_loopback_backends: settings.allow_loopback_backends.unwrap_or(false),
             bpf_stats: settings.bpf_stats.unwrap_or(false),
+            ignored,
         })
     }
 }
 
-impl Config {
-    /// Refuses an `--allow-cid` that is this guest's own CID, which
-    /// `local_cid` reads (`local_vsock_cid` in a guest): asked only when
-    /// the agent listens on vsock and other VMs' CIDs are allowed.
-    pub fn refuse_own_cid(self, local_cid: impl FnOnce() -> Result<u32>) -> Result<Config> {
-        let ListenAddr::Vsock { .. } = self.listen else {
-            return Ok(self);
-        };
-        // Given CIDs are 3 and up; the host's and loopback's are below.
-        if self.allowed_cids.iter().all(|cid| *cid <= HOST_CID) {
-            return Ok(self);
-        }
-        let own = local_cid()?;
-        // A guest without a guest-to-host transport reads no CID of its own.
-        if own > HOST_CID && own != libc::VMADDR_CID_ANY && self.allowed_cids.contains(&own) {
-            return Err(refused_cid(
-                own,
-                "is this guest's own: any process in this guest, a container's too, could \
-                 program the agent",
-            ));
-        }
-        Ok(self)
-    }
-}
-
-/// Refuses an `--allow-cid` that is no other VM: such a value either
-/// admits no one or admits more than was meant.
-fn check_allowed_cid(cid: u32) -> Result<()> {
-    let why = match cid {
+/// Why an `--allow-cid` that is no other VM is refused (such a value
+/// either admits no one or admits more than was meant); `own` is this
+/// guest's CID when known.
+fn refusal(cid: u32, own: Option<u32>) -> Option<&'static str> {
+    Some(match cid {
         libc::VMADDR_CID_HYPERVISOR => "is the hypervisor's, which never calls the agent",
         libc::VMADDR_CID_LOCAL => {
             "is vsock loopback: any process in this guest, a container's too, could program \
@@ -311,16 +317,14 @@ fn check_allowed_cid(cid: u32) -> Result<()> {
         }
         HOST_CID => "is the host's, always allowed",
         libc::VMADDR_CID_ANY => "is the any-CID value (VMADDR_CID_ANY), no caller's",
-        _ => return Ok(()),
-    };
-    Err(refused_cid(cid, why))
-}
-
-fn refused_cid(cid: u32, why: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "--allow-cid {cid}: CID {cid} {why}; name other VMs' CIDs (3 and up, not this \
-         guest's own)"
-    )
+        // A guest without a guest-to-host transport reads no CID of its
+        // own (VMADDR_CID_ANY, refused above).
+        cid if Some(cid) == own => {
+            "is this guest's own: any process in this guest, a container's too, could \
+             program the agent"
+        }
+        _ => return None,
+    })
 }
 
 const SWITCH_VALUES: &str = "1, true, on, yes, 0, false, off or no";
@@ -338,9 +342,16 @@ fn parse_switch(value: &str) -> Result<bool, String> {
 mod tests {
     use super::*;
 
+    /// The CID the guest in these tests has.
+    const OWN_CID: u32 = 7;
+
+    fn resolve(given: Settings, kernel_cmdline: &str) -> Result<Config> {
+        Config::resolve(given, kernel_cmdline, || Ok(OWN_CID))
+    }
+
     #[test]
     fn defaults() {
-        let config = Config::resolve(Settings::default(), "quiet console=ttyS0").unwrap();
+        let config = resolve(Settings::default(), "quiet console=ttyS0").unwrap();
         assert_eq!(config.cgroup, None);
         assert_eq!(config.bpffs, PathBuf::from("/sys/fs/bpf/socklb"));
         assert_eq!(config.table, None);
@@ -360,9 +371,7 @@ mod tests {
                 allow_unprivileged_port: flag,
                 ..Settings::default()
             };
-            Config::resolve(given, cmdline)
-                .unwrap()
-                .allow_unprivileged_port
+            resolve(given, cmdline).unwrap().allow_unprivileged_port
         };
         let on = "socklb.allow_unprivileged_port=1";
         assert!(allowed(None, on));
@@ -376,7 +385,7 @@ mod tests {
             log_level: Some("debug".into()),
             ..Settings::default()
         };
-        let config = Config::resolve(
+        let config = resolve(
             given,
             "console=ttyS0 socklb.log_level=error socklb.table=/etc/t.yaml \
              socklb.pod_ip=10.244.0.5,fd00::5 socklb.future_key=1 \
@@ -404,81 +413,86 @@ mod tests {
             ("1", "--allow-loopback-callers"),
             ("2", "host's, always allowed"),
             ("4294967295", "VMADDR_CID_ANY"),
+            ("7", "this guest's own"),
         ] {
             let given = Settings {
                 allowed_cids: vec![3, cid.parse().unwrap()],
                 ..Settings::default()
             };
-            let err = Config::resolve(given, "").unwrap_err().to_string();
+            let err = resolve(given, "").unwrap_err().to_string();
             assert!(
                 err.contains(&format!("--allow-cid {cid}: CID {cid}")) && err.contains(named),
                 "{err}"
             );
-            let err = Config::resolve(Settings::default(), &format!("socklb.allow_cid={cid}"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(named), "kernel command line: {err}");
         }
-        let config = Config::resolve(
+        let config = resolve(
             Settings::default(),
             "socklb.allow_cid=3 socklb.allow_loopback_callers=1",
         )
         .unwrap();
         assert_eq!(config.allowed_cids, [2, 3, 1]);
+        assert!(config.ignored.is_empty());
+    }
+
+    /// Kernel command lines written before these CIDs were refused still
+    /// start the agent: the value is left out, and said.
+    #[test]
+    fn a_refused_cid_on_the_kernel_command_line_is_left_out_and_said() {
+        let config = resolve(
+            Settings::default(),
+            "socklb.allow_cid=3,1 socklb.allow_cid=7",
+        )
+        .unwrap();
+        assert_eq!(config.allowed_cids, [2, 3]);
+        assert_eq!(config.ignored.len(), 2, "{:?}", config.ignored);
+        assert!(
+            config.ignored[0].contains("socklb.allow_cid=1 left out: CID 1 is vsock loopback"),
+            "{:?}",
+            config.ignored
+        );
+        assert!(config.ignored[1].contains("CID 7 is this guest's own"));
+        // Flags given override the command line's list, and are refused.
+        let given = Settings {
+            allowed_cids: vec![1],
+            ..Settings::default()
+        };
+        assert!(resolve(given, "socklb.allow_cid=3").is_err());
     }
 
     #[test]
-    fn the_guests_own_cid_is_refused_by_name() {
-        let own = 7;
-        let in_guest = |cids: Vec<u32>, listen: &str| {
+    fn the_guests_cid_is_read_only_for_a_vsock_listener_with_other_vms() {
+        let resolve_unread = |cids: Vec<u32>, listen: &str| {
             let given = Settings {
                 allowed_cids: cids,
                 listen: Some(listen.into()),
                 ..Settings::default()
             };
-            Config::resolve(given, "")
-                .unwrap()
-                .refuse_own_cid(|| Ok(own))
+            Config::resolve(given, "socklb.allow_loopback_callers=1", || {
+                panic!("the CID was read")
+            })
         };
-        let err = in_guest(vec![3, own], "vsock://-1:1100").unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("--allow-cid 7: CID 7 is this guest's own"),
-            "{err}"
-        );
-        assert!(in_guest(vec![3, 8], "vsock://-1:1100").is_ok());
-        // No vsock listener, or no other VM allowed: the CID is not read.
-        let unread = |cids: Vec<u32>, listen: &str| {
-            let given = Settings {
-                allowed_cids: cids,
-                listen: Some(listen.into()),
-                ..Settings::default()
-            };
-            Config::resolve(given, "socklb.allow_loopback_callers=1")
-                .unwrap()
-                .refuse_own_cid(|| panic!("the CID was read"))
-        };
-        assert!(unread(vec![own], "unix:///run/a.sock").is_ok());
-        assert!(unread(vec![], "vsock://-1:1100").is_ok());
-        // A guest whose transport gives it no CID of its own refuses none.
+        assert!(resolve_unread(vec![OWN_CID], "unix:///run/a.sock").is_ok());
+        assert!(resolve_unread(vec![], "vsock://-1:1100").is_ok());
+        // A guest whose transport gives it no CID of its own refuses none
+        // but the fixed ones.
         let given = Settings {
-            allowed_cids: vec![3],
+            allowed_cids: vec![3, OWN_CID],
             ..Settings::default()
         };
-        let config = Config::resolve(given, "").unwrap();
-        assert!(config.refuse_own_cid(|| Ok(libc::VMADDR_CID_ANY)).is_ok());
+        let config = Config::resolve(given, "", || Ok(libc::VMADDR_CID_ANY)).unwrap();
+        assert_eq!(config.allowed_cids, [2, 3, OWN_CID]);
     }
 
     #[test]
     fn kata_ports_are_refused_unless_allowed() {
         for (port, service) in [(1024, "kata-agent API"), (1025, "log forwarding")] {
             let cmdline = format!("socklb.listen=vsock://-1:{port}");
-            let err = Config::resolve(Settings::default(), &cmdline).unwrap_err();
+            let err = resolve(Settings::default(), &cmdline).unwrap_err();
             let text = format!("{err:#}");
             assert!(text.contains(&format!("vsock port {port}")), "{text}");
             assert!(text.contains(service), "{text}");
         }
-        let allowed = Config::resolve(
+        let allowed = resolve(
             Settings::default(),
             "socklb.listen=vsock://-1:1026 socklb.allow_kata_port=yes",
         )
@@ -489,9 +503,9 @@ mod tests {
             allow_kata_port: Some(true),
             ..Settings::default()
         };
-        assert!(Config::resolve(by_flag, "").is_ok());
+        assert!(resolve(by_flag, "").is_ok());
         // Unix sockets have no vsock port to clash with.
-        let unix = Config::resolve(Settings::default(), "socklb.listen=unix:///run/1025.sock");
+        let unix = resolve(Settings::default(), "socklb.listen=unix:///run/1025.sock");
         assert!(unix.is_ok());
     }
 
@@ -541,16 +555,16 @@ mod tests {
     #[test]
     fn switches_are_on_off_or_an_error() {
         assert!(
-            Config::resolve(Settings::default(), "socklb.bpf_stats=yes")
+            resolve(Settings::default(), "socklb.bpf_stats=yes")
                 .unwrap()
                 .bpf_stats
         );
         assert!(
-            !Config::resolve(Settings::default(), "socklb.bpf_stats=off")
+            !resolve(Settings::default(), "socklb.bpf_stats=off")
                 .unwrap()
                 .bpf_stats
         );
-        let err = Config::resolve(Settings::default(), "socklb.bpf_stats=maybe").unwrap_err();
+        let err = resolve(Settings::default(), "socklb.bpf_stats=maybe").unwrap_err();
         assert!(
             err.to_string().contains("socklb.bpf_stats: \"maybe\""),
             "{err}"
@@ -559,14 +573,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let err = Config::resolve(Settings::default(), "socklb.pod_ip=10.0.0.x").unwrap_err();
+        let err = resolve(Settings::default(), "socklb.pod_ip=10.0.0.x").unwrap_err();
         assert!(format!("{err:#}").contains("socklb.pod_ip: \"10.0.0.x\""));
         let given = Settings {
             log_level: Some("loud".into()),
             ..Settings::default()
         };
         assert!(
-            Config::resolve(given, "")
+            resolve(given, "")
                 .unwrap_err()
                 .to_string()
                 .contains("\"loud\"")

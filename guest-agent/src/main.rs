@@ -53,9 +53,7 @@ fn main() -> ExitCode {
         detach,
     } = Args::from_arg_matches(&args).unwrap_or_else(|err| err.exit());
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let config = match Config::resolve(given, &cmdline)
-        .and_then(|config| config.refuse_own_cid(server::local_vsock_cid))
-    {
+    let config = match Config::resolve(given, &cmdline, server::local_vsock_cid) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("socklb-agent: {err:#}");
@@ -81,6 +79,9 @@ fn main() -> ExitCode {
     }
     // Held to the end of main: dropping it flushes the last lines.
     let (log, _flush) = socklb_logging::json("socklb-agent", config.log_level);
+    for ignored in &config.ignored {
+        warn!(log, "{ignored}");
+    }
     let result = if detach {
         datapath::detach(&config.bpffs, &log)
     } else {
