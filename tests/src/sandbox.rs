@@ -289,6 +289,39 @@ impl Sandbox {
         self.spawn_ready(self.in_netns(&self.backend_ns, &testkit_bin(), &args));
     }
 
+    /// Starts a server that is not the test kit's (e.g. nginx) in the
+    /// backends namespace; it is killed when the sandbox drops. The caller
+    /// waits for it to listen. Returns its pid.
+    pub fn spawn_backend_program(&self, program: &Path, args: &[&str]) -> u32 {
+        let child = self
+            .in_netns(&self.backend_ns, program, args)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let pid = child.id();
+        self.processes.lock().unwrap().push(child);
+        pid
+    }
+
+    /// Runs a client program that is not the test kit's (e.g. wrk) to its
+    /// end in the pod: client namespace and test cgroup.
+    pub fn pod_program(&self, program: &Path, args: &[&str]) -> std::process::Output {
+        self.pod_command(program, args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+    }
+
+    /// [`Sandbox::pod_program`] in the client namespace but outside the
+    /// cgroup, where no socklb program runs.
+    pub fn pod_program_outside_cgroup(
+        &self,
+        program: &Path,
+        args: &[&str],
+    ) -> std::process::Output {
+        self.in_netns(&self.client_ns, program, args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
+    }
+
     /// Adds an address to the client namespace's loopback device.
     pub fn add_client_address(&self, cidr: &str) {
         run(

@@ -33,6 +33,7 @@ pub(crate) fn bench() -> Result<()> {
         "kube",
         "node",
         "datapath",
+        "real-client",
     ] {
         run(&mut socklb_bench(name))?;
     }

@@ -70,13 +70,14 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup(Need::ALL),
         Task::Build => setup(&[Need::Ebpf]).and_then(|()| binaries::build()),
-        Task::Test => setup(Need::ALL).and_then(|()| test::test()),
+        Task::Test => setup(Need::TESTS).and_then(|()| test::test()),
         Task::Bench => setup(&[
             Need::Ebpf,
             Need::GuestImage,
             Need::KernelBuild,
             Need::Vm,
             Need::HostTests,
+            Need::RealClient,
         ])
         .and_then(|()| bench::bench()),
         Task::Demo { kernel } => {

@@ -37,10 +37,24 @@ pub(crate) enum Need {
     HostTests,
     /// The fuzz run: cargo-fuzz.
     Fuzz,
+    /// The real-client benchmark: wrk and nginx.
+    RealClient,
 }
 
 impl Need {
     pub(crate) const ALL: &[Need] = &[
+        Need::Ebpf,
+        Need::GuestImage,
+        Need::KernelBuild,
+        Need::Vm,
+        Need::HostTests,
+        Need::Fuzz,
+        Need::RealClient,
+    ];
+
+    /// What `cargo xtask test` needs: all but the benchmarks' client and
+    /// server.
+    pub(crate) const TESTS: &[Need] = &[
         Need::Ebpf,
         Need::GuestImage,
         Need::KernelBuild,
@@ -74,6 +88,9 @@ impl Need {
                 "libc-bin", // getent: a real glibc resolver in the DNS test
                 "systemd",  // systemd-analyze verify: the Kata image's unit
             ],
+            // The benchmark starts its own nginx, with its own configuration,
+            // in a network namespace; it never uses the package's service.
+            Need::RealClient => &["wrk", "nginx"],
         }
     }
 }

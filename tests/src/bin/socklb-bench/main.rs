@@ -28,6 +28,9 @@
 //!
 //! `sockets`: kernel memory per translated socket and the cost of closing
 //! the sockets of a removed backend (see `sockets`).
+//!
+//! `real-client`: wrk against nginx (Debian's), direct against through a
+//! VIP, beside the project's own client (see `real_client`).
 
 mod control_plane;
 mod guest_hooks;
@@ -35,6 +38,7 @@ mod hooks;
 mod kube;
 mod modes;
 mod node;
+mod real_client;
 mod report;
 mod sockets;
 
@@ -55,9 +59,10 @@ fn main() {
         Some("guest-hooks") => guest_hooks(),
         Some("node") => node::node(),
         Some("sockets") => sockets::sockets(),
+        Some("real-client") => real_client::real_client(),
         _ => {
             eprintln!(
-                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node|sockets"
+                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node|sockets|real-client"
             );
             std::process::exit(2);
         }
