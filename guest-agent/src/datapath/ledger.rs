@@ -5,10 +5,11 @@
 //! written or removed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeMap, BTreeSet, hash_map::Entry},
     hash::Hash,
 };
 
+use foldhash::HashMap;
 use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceEntryKey, VIP_CLUSTER, VIP_EXTERNAL};
 use socklb_table::VipKind;
 

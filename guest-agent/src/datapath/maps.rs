@@ -8,7 +8,6 @@
 //! this file is the same code in both.
 
 use std::{
-    collections::HashMap,
     hash::Hash,
     sync::{
         Arc,
@@ -22,6 +21,7 @@ use aya::{
     Pod,
     maps::{MapData, MapError, PerCpuArray, PerCpuValues},
 };
+use foldhash::HashMap;
 use socklb_common::{
     Addr, BackendSlotKey, Endpoint, MAX_BACKEND_SLOTS, MAX_SERVICES, MAX_VIPS, MemberKey,
     ServiceCounters, ServiceEntry, ServiceEntryKey,
@@ -199,7 +199,7 @@ struct MemoryMap<K, V> {
 impl<K, V> MemoryMap<K, V> {
     fn new(capacity: u32, write_faults: WriteFaults) -> MemoryMap<K, V> {
         MemoryMap {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             capacity: capacity as usize,
             write_faults,
         }

@@ -4,12 +4,10 @@
 //! (at the end and on the way) and what it will change. `program` executes
 //! a plan against the maps.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::anyhow;
+use foldhash::HashMap;
 use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, TableError};
 
@@ -160,7 +158,7 @@ impl Plan {
     /// those of them that no service has once the plan has run (a backend
     /// moved from one service to another is dropped, not unused).
     fn removals(&self, ledger: &Ledger) -> Removals {
-        let mut change_of_uses: HashMap<(u8, Endpoint), isize> = HashMap::new();
+        let mut change_of_uses: HashMap<(u8, Endpoint), isize> = HashMap::default();
         let mut dropped = Vec::new();
         let steps = self
             .removals

@@ -4,9 +4,10 @@
 //! new one; and the repair of what an agent killed half way through an
 //! update leaves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
+use foldhash::{HashMap, HashSet};
 use slog::{Logger, info};
 use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, ServiceKey, Table, TableError};
@@ -196,7 +197,7 @@ impl ProgrammedTable {
     /// keep its sticky clients for good), and a later service given the
     /// same id must not inherit it.
     fn sweep_orphans(&mut self, programmed: &BTreeMap<ServiceEntryKey, Programmed>) -> Result<()> {
-        let live: std::collections::HashMap<u32, &Programmed> =
+        let live: HashMap<u32, &Programmed> =
             programmed.values().map(|p| (p.entry.id, p)).collect();
         let orphan_slots: Vec<BackendSlotKey> = self
             .maps

@@ -2,11 +2,11 @@
 //! whichever form it arrives in.
 
 use std::{
-    collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
 };
 
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use serde::{Deserialize, Serialize};
 use socklb_common::{MAX_BACKEND_SLOTS, MAX_SERVICES};
 
@@ -222,7 +222,7 @@ impl Service {
                 ),
             ));
         }
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::with_capacity(self.backends.len());
         for (index, backend) in self.backends.iter().enumerate() {
             let name = format!("backends[{index}]");
             if backend.is_ipv4() != self.key.vip.is_ipv4() {
