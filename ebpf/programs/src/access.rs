@@ -6,56 +6,16 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type},
     bindings::{bpf_sock, bpf_sock_addr},
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_delete, bpf_sk_storage_get,
+        bpf_ktime_get_ns, bpf_set_retval,
     },
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use socklb_common::{Addr, Endpoint, v4_mapped};
-
-/// A socket-local storage map (`BPF_MAP_TYPE_SK_STORAGE`): one `T` per
-/// socket, freed by the kernel with the socket.
-///
-/// aya-ebpf 0.2 has no such map, and the kernel creates one only with BTF
-/// for its key and value, which a legacy `maps` definition cannot carry.
-/// This is the BTF-defined form libbpf reads (and aya-obj parses): a
-/// struct in `.maps` whose fields encode the map's attributes as pointer
-/// types, the integers as array lengths. aya-ebpf 0.3 has the same map, but
-/// its build needs a newer rustc than the host toolchain here.
-#[repr(C)]
-pub(crate) struct SocketStorage<T> {
-    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
-    key: *const i32,
-    value: *const T,
-    /// LIBBPF_PIN_BY_NAME: a later agent adopts the map, and with it the
-    /// translations of sockets opened before it started.
-    pinning: *const [i32; 1],
-}
-
-// SAFETY: the fields are never dereferenced; they exist for their BTF
-// types. The loader replaces the static's address with the map's.
-unsafe impl<T> Sync for SocketStorage<T> {}
-
-impl<T> SocketStorage<T> {
-    pub(crate) const fn new() -> Self {
-        SocketStorage {
-            r#type: core::ptr::null(),
-            map_flags: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            pinning: core::ptr::null(),
-        }
-    }
-
-    fn as_ptr(&self) -> *mut core::ffi::c_void {
-        core::ptr::from_ref(self).cast_mut().cast()
-    }
-}
 
 /// Whether `SockAddr::storage` makes a value for a socket that has none.
 /// Every caller names a constant, so after inlining no branch is left.
@@ -201,33 +161,27 @@ impl<'a> SockAddr<'a> {
     #[inline(always)]
     pub(crate) fn storage<T>(
         &self,
-        map: &SocketStorage<T>,
+        map: &SkStorage<T>,
         storage: Storage,
     ) -> Option<&'static mut T> {
-        let sk = self.sock()?;
-        let flags = match storage {
-            Storage::Create => u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-            Storage::Existing => 0,
+        // Without an initial value the kernel zeroes a created element.
+        let value = match storage {
+            Storage::Create => map.get_or_insert_ptr_mut(self.ctx, None),
+            Storage::Existing => map.get_ptr_mut(self.ctx),
         };
-        // SAFETY: `map` is a socket storage map (the loader relocates its
-        // address) and `sk` the context's non-null socket; a null initial
-        // value asks the kernel to zero a created element.
-        let value =
-            unsafe { bpf_sk_storage_get(map.as_ptr(), sk.cast(), core::ptr::null_mut(), flags) };
         // SAFETY: a non-null result is the socket's element of type `T`,
         // valid while the program runs (the syscall holds the socket).
         // Another thread using the same socket at the same moment may race
         // on it, which at worst leaves the other's translation.
-        unsafe { value.cast::<T>().as_mut() }
+        unsafe { value.as_mut() }
     }
 
     /// Drops the socket's value in `map`, if it has one.
     #[inline(always)]
-    pub(crate) fn forget_storage<T>(&self, map: &SocketStorage<T>) {
+    pub(crate) fn forget_storage<T>(&self, map: &SkStorage<T>) {
         if let Some(sk) = self.sock() {
-            // SAFETY: as in `storage`. ENOENT (nothing remembered) is the
-            // common case and harmless.
-            let _ = unsafe { bpf_sk_storage_delete(map.as_ptr(), sk.cast()) };
+            // ENOENT (nothing remembered) is the common case and harmless.
+            let _ = map.delete(sk);
         }
     }
 

@@ -28,12 +28,13 @@
 mod access;
 
 use access::{
-    Family, SockAddr, SocketStorage, Storage, current_ancestor_cgroup_id, hash_get, lru_get_mut,
-    monotonic_ns, per_cpu_mut, random_u32, set_syscall_error,
+    Family, SockAddr, Storage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns,
+    per_cpu_mut, random_u32, set_syscall_error,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::{cgroup_sock_addr, map},
+    btf_maps::SkStorage,
+    macros::{btf_map, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
@@ -63,17 +64,14 @@ static MEMBERS: HashMap<MemberKey, u8> = HashMap::pinned(MAX_BACKEND_SLOTS, BPF_
 /// ClientIP affinity: the backend a client namespace last used per service.
 #[map]
 static AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::pinned(AFFINITY_ENTRIES, 0);
-/// The translation of a connected socket (TCP, connected UDP).
-// SAFETY: the loader reads BTF-defined maps from `.maps` by symbol; no
-// other symbol has this name.
-#[unsafe(link_section = ".maps")]
-#[unsafe(no_mangle)]
-static CONNECTED_VIP: SocketStorage<Translation> = SocketStorage::new();
+/// The translation of a connected socket (TCP, connected UDP). Pinned by
+/// name: a later agent adopts the map, and with it the translations of
+/// sockets opened before it started.
+#[btf_map(pin_by_name)]
+static CONNECTED_VIP: SkStorage<Translation> = SkStorage::new();
 /// The translations of an unconnected UDP socket, one per VIP.
-// SAFETY: as for `CONNECTED_VIP`.
-#[unsafe(link_section = ".maps")]
-#[unsafe(no_mangle)]
-static DATAGRAM_VIPS: SocketStorage<DatagramVips> = SocketStorage::new();
+#[btf_map(pin_by_name)]
+static DATAGRAM_VIPS: SkStorage<DatagramVips> = SkStorage::new();
 #[map]
 static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::pinned(MAX_SERVICES, 0);
 /// Cgroup ids (the value is unused) whose processes' sockets, and those of
@@ -370,7 +368,7 @@ fn choose_backend(
         _pad: 0,
         last_used_ns: now,
     };
-    if AFFINITY.insert(affinity_key, affinity, 0).is_err() {
+    if AFFINITY.insert(&affinity_key, &affinity, 0).is_err() {
         // The next connect or datagram chooses afresh.
         count(service.id, |c| c.insert_failures += 1);
     }
