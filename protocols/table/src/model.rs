@@ -224,10 +224,12 @@ impl Service {
         }
         let mut seen = HashSet::with_capacity(self.backends.len());
         for (index, backend) in self.backends.iter().enumerate() {
-            let name = format!("backends[{index}]");
+            // Named only when refused: this runs for every backend of every
+            // Sync.
+            let name = || format!("backends[{index}]");
             if backend.is_ipv4() != self.key.vip.is_ipv4() {
                 return Err(field(
-                    &format!("{name}.ip"),
+                    &format!("{}.ip", name()),
                     format!(
                         "{} is not of the VIP's family ({})",
                         backend.ip(),
@@ -237,22 +239,22 @@ impl Service {
             }
             if backend.ip().is_unspecified() {
                 return Err(field(
-                    &format!("{name}.ip"),
+                    &format!("{}.ip", name()),
                     format!("{} is unspecified", backend.ip()),
                 ));
             }
             if backend.port() == 0 {
                 return Err(field(
-                    &format!("{name}.port"),
+                    &format!("{}.port", name()),
                     "0 is not a port (1..65535)".into(),
                 ));
             }
             if !seen.insert(*backend) {
-                return Err(field(&name, format!("{backend} is listed twice")));
+                return Err(field(&name(), format!("{backend} is listed twice")));
             }
             if backend.ip().to_canonical() == self.key.vip && backend.port() == self.key.port {
                 return Err(field(
-                    &name,
+                    &name(),
                     format!(
                         "{backend} is the service's own VIP:port: a connect would come back to it"
                     ),
