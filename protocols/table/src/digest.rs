@@ -1,6 +1,6 @@
 //! The digest both ends compare after a Sync.
 
-use std::{borrow::Cow, fmt::Write as _};
+use std::{borrow::Cow, fmt::Write as _, net::SocketAddr};
 
 use sha2::{Digest as _, Sha256};
 
@@ -41,10 +41,11 @@ fn line(service: &Service) -> String {
         backends.to_mut().sort_unstable();
     }
     let mut line = String::with_capacity(32 + 24 * backends.len());
+    push_socket_addr(&mut line, &SocketAddr::new(service.key.vip, service.key.port));
     let _ = write!(
         line,
-        "{} {} ",
-        service.key,
+        "/{} {} ",
+        service.key.protocol,
         service.affinity_timeout_secs.unwrap_or(0)
     );
     if service.vip_kind == VipKind::External {
@@ -54,10 +55,45 @@ fn line(service: &Service) -> String {
         if i > 0 {
             line.push(',');
         }
-        let _ = write!(line, "{backend}");
+        push_socket_addr(&mut line, backend);
     }
     line.push('\n');
     line
+}
+
+/// Appends `addr` as `Display` writes it. IPv4 by hand: through the
+/// formatting machinery the 80,000 addresses of a 10,000-service table
+/// were most of the digest's time.
+fn push_socket_addr(line: &mut String, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    line.push('.');
+                }
+                push_decimal(line, octet.into());
+            }
+            line.push(':');
+            push_decimal(line, v4.port());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(line, "{addr}");
+        }
+    }
+}
+
+fn push_decimal(line: &mut String, mut value: u16) {
+    let mut digits = [0u8; 5];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    line.extend(digits[start..].iter().map(|&digit| char::from(digit)));
 }
 
 #[cfg(test)]
@@ -94,6 +130,23 @@ mod tests {
             table.digest(),
             "b1bbd06269bc33644df0254b879e0650bafab9fbee45edb8e44a72f2fbe087e3"
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for addr in [
+            "0.0.0.0:1",
+            "10.244.0.9:53",
+            "192.0.2.100:8080",
+            "255.255.255.255:65535",
+            "[fd00::3]:80",
+            "[::ffff:10.0.0.1]:443",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut line = String::new();
+            push_socket_addr(&mut line, &addr);
+            assert_eq!(line, addr.to_string());
+        }
     }
 
     #[test]
