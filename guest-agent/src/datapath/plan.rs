@@ -158,28 +158,46 @@ impl Plan {
     /// those of them that no service has once the plan has run (a backend
     /// moved from one service to another is dropped, not unused).
     fn removals(&self, ledger: &Ledger) -> Removals {
-        let mut change_of_uses: HashMap<(u8, Endpoint), isize> = HashMap::default();
+        let steps = || {
+            self.removals
+                .iter()
+                .map(|(key, old)| (key, Some(old), None))
+                .chain(
+                    self.changes
+                        .iter()
+                        .map(|change| (&change.key, change.old.as_ref(), Some(&change.new))),
+                )
+                .map(|(key, old, new)| {
+                    let old: &[Endpoint] = old.map_or(&[], |old| &old.backends);
+                    let new: &[Endpoint] = new.map_or(&[], |new| &new.backends);
+                    (key, old, new)
+                })
+        };
         let mut dropped = Vec::new();
-        let steps = self
-            .removals
-            .iter()
-            .map(|(key, old)| (key, Some(old), None))
-            .chain(
-                self.changes
-                    .iter()
-                    .map(|change| (&change.key, change.old.as_ref(), Some(&change.new))),
+        for (key, old, new) in steps() {
+            dropped.extend(
+                old.iter()
+                    .filter(|backend| !new.contains(backend))
+                    .map(|backend| (key, *backend)),
             );
-        for (key, old, new) in steps {
-            let old: &[Endpoint] = old.map_or(&[], |old| &old.backends);
-            let new: &[Endpoint] = new.map_or(&[], |new| &new.backends);
-            for backend in old {
-                *change_of_uses.entry((key.proto, *backend)).or_default() -= 1;
-                if !new.contains(backend) {
-                    dropped.push((key, *backend));
+        }
+        // Uses are counted for the dropped backends alone: a whole Sync
+        // adds tens of thousands of backends and usually drops none.
+        let mut change_of_uses: HashMap<(u8, Endpoint), isize> = dropped
+            .iter()
+            .map(|(key, backend)| ((key.proto, *backend), 0))
+            .collect();
+        if !change_of_uses.is_empty() {
+            for (key, old, new) in steps() {
+                let changes = old
+                    .iter()
+                    .map(|b| (b, -1))
+                    .chain(new.iter().map(|b| (b, 1)));
+                for (backend, change) in changes {
+                    if let Some(uses) = change_of_uses.get_mut(&(key.proto, *backend)) {
+                        *uses += change;
+                    }
                 }
-            }
-            for backend in new {
-                *change_of_uses.entry((key.proto, *backend)).or_default() += 1;
             }
         }
         let unused = dropped
