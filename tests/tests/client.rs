@@ -200,13 +200,15 @@ fn a_stopped_agent_times_out_and_gets_the_table_back_once_it_runs() {
 }
 
 /// An agent of a given API version that counts how its table was read
-/// and the writes it took (each as it was sent).
+/// and the writes it took (each as it was sent), and the services on an
+/// external VIP among them.
 #[derive(Clone)]
 struct CountingAgent {
     api_version: &'static str,
     lists: Arc<AtomicU64>,
     digests: Arc<AtomicU64>,
     writes: Arc<AtomicU64>,
+    external_services: Arc<AtomicU64>,
 }
 
 impl CountingAgent {
@@ -222,6 +224,7 @@ impl CountingAgent {
             lists: Arc::default(),
             digests: Arc::default(),
             writes: Arc::default(),
+            external_services: Arc::default(),
         };
         let socket = dir.path().join(format!("agent-{api_version}.sock"));
         let mut server = serve_agent(&socket, &agent);
@@ -280,10 +283,10 @@ impl socklb_ttrpc::Services for CountingAgent {
         _ctx: &TtrpcContext,
         request: api::SyncRequest,
     ) -> ttrpc::Result<api::WriteResponse> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.took(&request.services);
         Ok(api::WriteResponse {
             generation: request.generation,
-            digest: Table::from_api(&request.services).unwrap().digest(),
+            digest: self.holds(&request.services).digest(),
             ..Default::default()
         })
     }
@@ -291,10 +294,34 @@ impl socklb_ttrpc::Services for CountingAgent {
     async fn upsert(
         &self,
         _ctx: &TtrpcContext,
-        _: api::UpsertRequest,
+        request: api::UpsertRequest,
     ) -> ttrpc::Result<api::WriteResponse> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.took(&request.services);
         Ok(api::WriteResponse::new())
+    }
+}
+
+impl CountingAgent {
+    fn took(&self, services: &[api::Service]) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let external = services
+            .iter()
+            .filter(|s| s.vip_kind.enum_value() == Ok(api::VipKind::EXTERNAL))
+            .count();
+        self.external_services
+            .fetch_add(external as u64, Ordering::Relaxed);
+    }
+
+    /// The table an agent of this version holds of `services`: one before
+    /// API 1.4 ignores `vip_kind`, reading every VIP as a cluster VIP.
+    fn holds(&self, services: &[api::Service]) -> Table {
+        let mut table = Table::from_api(services).unwrap();
+        if self.api_version < "1.4" {
+            for service in &mut table.services {
+                service.vip_kind = VipKind::Cluster;
+            }
+        }
+        table
     }
 }
 
@@ -321,8 +348,12 @@ fn the_digest_is_asked_alone_where_the_agent_can_answer_it() {
     }
 }
 
+/// During a rolling upgrade each agent gets what it can hold: one before
+/// API 1.4 gets external VIPs as the cluster VIPs it takes them for, and
+/// its digest of that table is the one expected; one of 1.4 gets them as
+/// they are.
 #[test]
-fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
+fn an_agent_before_external_vips_gets_them_as_cluster_vips() {
     let dir = tempfile::tempdir().expect("tempdir");
     let runtime = runtime();
     let _in_runtime = runtime.enter();
@@ -331,31 +362,20 @@ fn external_vips_are_not_sent_to_an_agent_that_would_ignore_their_kind() {
     node_address.key.vip = "192.0.2.10".parse().unwrap();
     node_address.vip_kind = VipKind::External;
     let with_external = Table::new(vec![web(1).services.remove(0), node_address.clone()]).unwrap();
-    // API 1.3 ignores the kind: the client refuses, sending nothing; a
-    // table of cluster VIPs alone still goes. API 1.4 takes both.
-    for (api_version, refused) in [("1.3", true), ("1.4", false)] {
+    for (api_version, external_sent) in [("1.3", 0), ("1.4", 2)] {
         let (agent, mut server, mut client) = CountingAgent::start(api_version, &dir, &runtime);
 
         let synced = runtime.block_on(client.sync(with_external.clone()));
-        let upserted = runtime.block_on(client.upsert(vec![node_address.clone()]));
-        if refused {
-            for result in [synced.map(drop), upserted.map(drop)] {
-                let err = result.expect_err("refused by the client").to_string();
-                assert!(
-                    err.contains("API 1.3")
-                        && err.contains("default/ssh-beside")
-                        && err.contains("--external-vips"),
-                    "{err}"
-                );
-            }
-            assert_eq!(agent.writes.load(Ordering::Relaxed), 0, "nothing sent");
-            runtime
-                .block_on(client.sync(web(1)))
-                .expect("cluster VIPs alone");
-        } else {
-            synced.expect("sync");
-            upserted.expect("upsert");
-        }
+        synced.unwrap_or_else(|err| panic!("API {api_version}: {err}"));
+        runtime
+            .block_on(client.upsert(vec![node_address.clone()]))
+            .unwrap_or_else(|err| panic!("API {api_version}: {err}"));
+        assert_eq!(agent.writes.load(Ordering::Relaxed), 2, "API {api_version}");
+        assert_eq!(
+            agent.external_services.load(Ordering::Relaxed),
+            external_sent,
+            "API {api_version}: external services sent"
+        );
         runtime.block_on(server.shutdown()).expect("stop the agent");
     }
 }

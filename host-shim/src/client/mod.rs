@@ -13,7 +13,7 @@ use socklb_protocols::{
     socklb::{self as api, check_response::Status},
     socklb_ttrpc::{HealthClient, ServicesClient},
 };
-use socklb_table::{Service, ServiceKey, Table, TableError};
+use socklb_table::{Service, ServiceKey, Table, TableError, VipKind};
 use ttrpc::Code;
 
 pub mod addr;
@@ -64,11 +64,6 @@ pub enum ClientError {
     DigestMismatch { got: String, expected: String },
     #[error("agent speaks API {got}, this client {API_VERSION}")]
     Incompatible { got: String },
-    #[error(
-        "agent speaks API {got}, before external VIPs (1.4): it would refuse every other port \
-         of {service}'s VIP; upgrade the agent, or leave externalIPs out (no --external-vips)"
-    )]
-    NoExternalVips { got: String, service: String },
     #[error("{what} is {bytes} bytes, over the {limit}-byte limit of one ttrpc message{hint}")]
     TooLarge {
         what: String,
@@ -101,23 +96,21 @@ struct Connection {
 }
 
 impl Connection {
-    /// Refuses to send a service on an external VIP to an agent before API
-    /// 1.4: it ignores `vip_kind`, so it would refuse the VIP's other ports
-    /// (a node's SSH or kubelet when the VIP is a node address), and the
-    /// table it read back would never match the one sent.
-    fn check_vip_kinds(&self, services: &[api::Service]) -> Result<(), ClientError> {
-        let external =
-            |service: &&api::Service| service.vip_kind.enum_value() == Ok(api::VipKind::EXTERNAL);
-        match services.iter().find(external) {
-            Some(service) if self.api_minor < 4 => Err(ClientError::NoExternalVips {
-                got: format!("1.{}", self.api_minor),
-                service: match Service::from_api(0, service) {
-                    Ok(service) => service.label(),
-                    Err(_) => service.name.clone(),
-                },
-            }),
-            _ => Ok(()),
-        }
+    /// Whether the agent knows external VIPs (API 1.4).
+    fn knows_external_vips(&self) -> bool {
+        self.api_minor >= 4
+    }
+}
+
+/// `service` as an agent before API 1.4 holds it: such an agent ignores
+/// `vip_kind`, so it is sent every VIP as the cluster VIP it would take it
+/// for (a port of it that no service has is refused there, as it was
+/// before 1.4), and what it reads back, and its digest, match what was
+/// sent. During a rolling upgrade each agent gets what it can hold.
+pub fn before_external_vips(service: &Service) -> Service {
+    Service {
+        vip_kind: VipKind::Cluster,
+        ..service.clone()
     }
 }
 
@@ -207,8 +200,15 @@ impl AgentClient {
         expected: u64,
         services: Vec<Service>,
     ) -> Result<WriteResult, ClientError> {
+        let knows_external_vips = self.connected().await?.knows_external_vips();
         let request = api::UpsertRequest {
-            services: services.iter().map(Service::to_api).collect(),
+            services: services
+                .iter()
+                .map(|service| match knows_external_vips {
+                    true => service.to_api(),
+                    false => before_external_vips(service).to_api(),
+                })
+                .collect(),
             expected_generation: expected,
             ..Default::default()
         };
@@ -217,7 +217,6 @@ impl AgentClient {
             &format!("an Upsert of {} services", services.len()),
             " (send fewer services per Upsert, or a Sync)",
         )?;
-        self.connected().await?.check_vip_kinds(&request.services)?;
         let response = self
             .call(move |c, ctx| {
                 let request = request.clone();

@@ -7,7 +7,7 @@ use socklb_protocols::{
     PART_BYTES, TTRPC_MESSAGE_LIMIT,
     socklb::{self as api},
 };
-use socklb_table::Table;
+use socklb_table::{Table, VipKind};
 use ttrpc::Code;
 
 use super::{
@@ -21,10 +21,21 @@ use super::{
 pub struct SyncPayload {
     request: api::SyncRequest,
     digest: String,
+    /// The table as agents before API 1.4 hold it (`before_external_vips`),
+    /// when that differs: what they are sent instead.
+    before_external_vips: Option<Box<SyncPayload>>,
 }
 
 impl SyncPayload {
     pub fn new(table: &Table, generation: u64) -> SyncPayload {
+        let has_external_vips = table
+            .services
+            .iter()
+            .any(|service| service.vip_kind == VipKind::External);
+        let for_older_agents = has_external_vips.then(|| {
+            let services = table.services.iter().map(before_external_vips).collect();
+            Box::new(SyncPayload::new(&Table { services }, generation))
+        });
         SyncPayload {
             request: api::SyncRequest {
                 generation,
@@ -32,6 +43,15 @@ impl SyncPayload {
                 ..Default::default()
             },
             digest: table.digest(),
+            before_external_vips: for_older_agents,
+        }
+    }
+
+    /// The form an agent knowing external VIPs or not is sent.
+    fn for_agent(&self, knows_external_vips: bool) -> &SyncPayload {
+        match (&self.before_external_vips, knows_external_vips) {
+            (Some(before), false) => before,
+            _ => self,
         }
     }
 
@@ -85,8 +105,7 @@ impl AgentClient {
             result,
             Err(ClientError::Refused { .. }
                 | ClientError::DigestMismatch { .. }
-                | ClientError::TooLarge { .. }
-                | ClientError::NoExternalVips { .. })
+                | ClientError::TooLarge { .. })
         ) {
             self.desired = previous;
         }
@@ -109,8 +128,8 @@ impl AgentClient {
         connection: Connection,
         payload: &SyncPayload,
     ) -> Result<WriteResult, ClientError> {
+        let payload = payload.for_agent(connection.knows_external_vips());
         let (request, expected) = (&payload.request, &payload.digest);
-        connection.check_vip_kinds(&request.services)?;
         // In parts beyond one part's size, where the agent takes parts
         // (API 1.1); else in one message when it fits.
         let bytes = request.compute_size() as usize;
@@ -218,6 +237,13 @@ impl AgentClient {
     /// List, from an agent older than API 1.3) rather than a few bytes.
     pub async fn digest_reads_the_table(&mut self) -> Result<bool, ClientError> {
         Ok(self.connected().await?.api_minor < 3)
+    }
+
+    /// Whether the agent knows external VIPs (API 1.4); an older one is
+    /// sent them as cluster VIPs and holds the digest of that table
+    /// (`before_external_vips`).
+    pub async fn knows_external_vips(&mut self) -> Result<bool, ClientError> {
+        Ok(self.connected().await?.knows_external_vips())
     }
 
     /// The generation and digest of the table the agent's maps hold: by

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     backoff::Backoff,
-    client::{AgentClient, ClientError, SyncPayload},
+    client::{AgentClient, ClientError, SyncPayload, before_external_vips},
     node::{
         health::WatchHealth,
         metrics::Metrics,
@@ -61,8 +61,10 @@ struct HubState {
     version: u64,
     services: BTreeMap<ServiceKey, Service>,
     batches: VecDeque<Arc<Batch>>,
-    /// The digest of the table at a version, computed when first asked.
+    /// The digest of the table at a version, computed when first asked;
+    /// and of the table as agents before API 1.4 hold it.
     digest: Option<(u64, String)>,
+    digest_before_external_vips: Option<(u64, String)>,
 }
 
 /// The node's table, shared by every sandbox's task.
@@ -198,18 +200,32 @@ impl Hub {
         made
     }
 
-    /// The newest version and the digest of its table (cached per version:
-    /// every sandbox's verification compares against the same one).
-    pub fn digest(&self) -> (u64, String) {
-        let mut state = self.state.lock().unwrap();
+    /// The newest version and the digest of its table as an agent that
+    /// knows external VIPs, or one before API 1.4, holds it (see
+    /// `before_external_vips`); cached per version: every sandbox's
+    /// verification compares against the same one.
+    pub fn digest(&self, knows_external_vips: bool) -> (u64, String) {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
         let version = state.version;
-        if let Some((cached, digest)) = &state.digest
+        let cache = match knows_external_vips {
+            true => &mut state.digest,
+            false => &mut state.digest_before_external_vips,
+        };
+        if let Some((cached, digest)) = cache
             && *cached == version
         {
             return (version, digest.clone());
         }
-        let digest = socklb_table::digest::digest(state.services.values());
-        state.digest = Some((version, digest.clone()));
+        let digest = match knows_external_vips {
+            true => socklb_table::digest::digest(state.services.values()),
+            false => {
+                let held: Vec<Service> =
+                    state.services.values().map(before_external_vips).collect();
+                socklb_table::digest::digest(&held)
+            }
+        };
+        *cache = Some((version, digest.clone()));
         (version, digest)
     }
 
@@ -548,7 +564,8 @@ async fn verify_digest(
                 reason: format!("no digest within {:?}", shared.permit_hold),
             })
         })?;
-    let (version, node_digest) = shared.hub.digest();
+    let knows_external_vips = client.knows_external_vips().await?;
+    let (version, node_digest) = shared.hub.digest(knows_external_vips);
     if version != acked.version || generation == acked.generation && agent_digest == node_digest {
         return Ok(true);
     }
@@ -635,11 +652,29 @@ mod tests {
         let (version, table) = hub.whole();
         assert_eq!(version, 5);
         assert_eq!(table.digest(), Table::new(vec![a2, b]).unwrap().digest());
-        assert_eq!(hub.digest(), (5, table.digest()));
+        assert_eq!(hub.digest(true), (5, table.digest()));
         hub.publish_changes(&[], &[table.services[0].key]);
-        let (version, digest) = hub.digest();
+        let (version, digest) = hub.digest(true);
         assert_eq!(version, 6);
         assert_ne!(digest, table.digest(), "a new version, a new digest");
+    }
+
+    #[test]
+    fn an_agent_before_external_vips_is_compared_with_the_table_it_can_hold() {
+        let hub = Hub::new();
+        let cluster = service("10.96.0.1", "10.244.0.1:8080");
+        let mut external = service("192.0.2.10", "10.244.0.2:8080");
+        external.vip_kind = VipKind::External;
+        hub.publish_whole(Table::new(vec![cluster.clone(), external.clone()]).unwrap());
+        let (_, knowing) = hub.digest(true);
+        let (_, before) = hub.digest(false);
+        assert_ne!(knowing, before);
+        external.vip_kind = VipKind::Cluster;
+        let held = Table::new(vec![cluster, external]).unwrap();
+        assert_eq!(before, held.digest());
+        // Cached per version, each kind apart.
+        assert_eq!(hub.digest(true).1, knowing);
+        assert_eq!(hub.digest(false).1, before);
     }
 
     #[test]
