@@ -5,9 +5,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    thread::JoinHandle,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 
 use crate::process::{cargo, output, run, step, target_dir};
 
@@ -91,30 +92,37 @@ pub(crate) fn static_binaries() -> Result<PathBuf> {
     )
 }
 
+/// A guest kernel and the modules its initramfs loads.
+struct KernelImage {
+    image: PathBuf,
+    modules: Vec<PathBuf>,
+}
+
+/// Builds `kernel` or finds it in the cache.
+fn kernel_image(kernel: Kernel) -> Result<KernelImage> {
+    step(&format!("guest kernel ({})", kernel.name()), || {
+        let flavour = match kernel {
+            Kernel::Own => socklb_kernel::Flavour::Own,
+            Kernel::Kata => socklb_kernel::Flavour::Kata,
+            Kernel::Debian => return debian_kernel(),
+        };
+        let image = socklb_kernel::build(flavour, &cache_dir()?, 2, &mut |line| progress(line))?;
+        Ok(KernelImage {
+            image,
+            modules: Vec::new(),
+        })
+    })
+}
+
 /// Builds what is missing of the guest image for `kernel`, with the
 /// static binaries in `binaries`.
 pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
-    let (kernel_image, modules) = step(
-        &format!("guest kernel ({})", kernel.name()),
-        || match kernel {
-            Kernel::Own => Ok((
-                socklb_kernel::build(socklb_kernel::Flavour::Own, &cache_dir()?, 2, &mut |line| {
-                    progress(line)
-                })?,
-                Vec::new(),
-            )),
-            Kernel::Kata => Ok((
-                socklb_kernel::build(
-                    socklb_kernel::Flavour::Kata,
-                    &cache_dir()?,
-                    2,
-                    &mut |line| progress(line),
-                )?,
-                Vec::new(),
-            )),
-            Kernel::Debian => debian_kernel(),
-        },
-    )?;
+    initramfs(kernel, kernel_image(kernel)?, binaries)
+}
+
+/// The initramfs of `kernel` (built as `image`) with the static binaries
+/// in `binaries`.
+fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Guest> {
     let agent = binaries.join("socklb-agent");
     let out = target_dir().join("socklb");
     std::fs::create_dir_all(&out)?;
@@ -127,7 +135,7 @@ pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
         agent: agent.clone(),
         binaries: GUEST_TOOLS.iter().map(|name| binaries.join(name)).collect(),
         busybox: BUSYBOX.into(),
-        modules,
+        modules: image.modules,
     };
     step("guest initramfs", || {
         let size = socklb_rootfs::build(&spec, &initrd)?;
@@ -140,7 +148,7 @@ pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
         Ok(())
     })?;
     Ok(Guest {
-        kernel: kernel_image,
+        kernel: image.image,
         initrd,
         agent,
     })
@@ -148,7 +156,7 @@ pub(crate) fn image(kernel: Kernel, binaries: &Path) -> Result<Guest> {
 
 /// Debian's cloud kernel, downloaded and unpacked into the cache (never
 /// installed on this machine): the vmlinuz and the vsock modules.
-fn debian_kernel() -> Result<(PathBuf, Vec<PathBuf>)> {
+fn debian_kernel() -> Result<KernelImage> {
     let depends = || output(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
     // A machine that never ran apt-get update knows no packages yet.
     let depends = match depends() {
@@ -193,7 +201,10 @@ fn debian_kernel() -> Result<(PathBuf, Vec<PathBuf>)> {
         &root.join("lib/modules").join(release),
         &socklb_rootfs::VSOCK_MODULES,
     )?;
-    Ok((vmlinuz, modules))
+    Ok(KernelImage {
+        image: vmlinuz,
+        modules,
+    })
 }
 
 fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
@@ -210,12 +221,67 @@ fn only_entry(dir: &Path, prefix: &str) -> Result<PathBuf> {
 /// Builds the guest images of `kernels` and tells `command` where they are
 /// (SOCKLB_GUEST_<KERNEL>_KERNEL and _INITRD, read by tests::vm).
 pub(crate) fn with_images(command: &mut Command, kernels: &[Kernel]) -> Result<()> {
+    let builds = KernelBuilds::start(kernels);
     let binaries = static_binaries()?;
-    for kernel in kernels {
-        let image = image(*kernel, &binaries)?;
-        let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
-        command.env(format!("{prefix}_KERNEL"), image.kernel);
-        command.env(format!("{prefix}_INITRD"), image.initrd);
+    builds.finish(command, &binaries)
+}
+
+/// Guest kernels building on a thread of their own, one after the other
+/// (they share the unpacked source), beside the cargo builds of the same
+/// command: a cargo build leaves a core idle in its serial crates and
+/// links, and a kernel build (`make` runs nice'd) takes it.
+pub(crate) struct KernelBuilds {
+    kernels: Vec<Kernel>,
+    thread: Option<JoinHandle<Result<Vec<KernelImage>>>>,
+}
+
+impl KernelBuilds {
+    pub(crate) fn start(kernels: &[Kernel]) -> KernelBuilds {
+        let kernels = kernels.to_vec();
+        let building = kernels.clone();
+        KernelBuilds {
+            kernels,
+            thread: Some(std::thread::spawn(move || {
+                building.into_iter().map(kernel_image).collect()
+            })),
+        }
     }
-    Ok(())
+
+    /// Waits for the kernels, builds each one's initramfs with the static
+    /// binaries in `binaries`, and tells `command` where they are, as
+    /// `with_images`.
+    pub(crate) fn finish(mut self, command: &mut Command, binaries: &Path) -> Result<()> {
+        let images = self.wait()?;
+        for (kernel, image) in self.kernels.iter().zip(images) {
+            let guest = initramfs(*kernel, image, binaries)?;
+            let prefix = format!("SOCKLB_GUEST_{}", kernel.name().to_uppercase());
+            command.env(format!("{prefix}_KERNEL"), guest.kernel);
+            command.env(format!("{prefix}_INITRD"), guest.initrd);
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<Vec<KernelImage>> {
+        let thread = self
+            .thread
+            .take()
+            .context("the kernel builds were waited for")?;
+        thread
+            .join()
+            .map_err(|_| anyhow!("the guest kernel builds' thread panicked"))?
+    }
+}
+
+/// A command that fails before it needs the kernels still lets their
+/// builds finish (and be cached for the next run) rather than leave `make`
+/// running after it exits; Ctrl-C stops both.
+impl Drop for KernelBuilds {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            progress("waiting for the guest kernel builds to finish (they stay cached)");
+            if let Err(err) = self.wait() {
+                progress(&format!("guest kernel build: {err:#}"));
+            }
+        }
+    }
 }

@@ -16,6 +16,13 @@ pub(crate) fn test() -> Result<()> {
     if !is_root() {
         bail!("the integration tests create cgroups, namespaces and bpffs mounts: run as root");
     }
+    // The VM tests boot all three guest kernels: the two built from source
+    // take minutes, so they build from the start, beside the cargo builds.
+    let kernels = guest::KernelBuilds::start(&[
+        guest::Kernel::Own,
+        guest::Kernel::Debian,
+        guest::Kernel::Kata,
+    ]);
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -46,24 +53,18 @@ pub(crate) fn test() -> Result<()> {
     ]))?;
     binaries::build()?;
     remove_leftovers()?;
-    // The VM tests boot both guest kernels; they are the ignored tests.
-    let mut test = cargo();
-    test.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "socklb-ebpf",
-        "--",
-        "--include-ignored",
-    ]);
-    guest::with_images(
-        &mut test,
-        &[
-            guest::Kernel::Own,
-            guest::Kernel::Debian,
-            guest::Kernel::Kata,
-        ],
-    )?;
+    let binaries = guest::static_binaries()?;
+    let test = || {
+        let mut test = cargo();
+        test.args(["test", "--workspace", "--exclude", "socklb-ebpf"]);
+        test
+    };
+    // Compiled while the kernels may still build; they are needed to run.
+    run(test().arg("--no-run"))?;
+    // The VM tests are the ignored tests.
+    let mut test = test();
+    test.args(["--", "--include-ignored"]);
+    kernels.finish(&mut test, &binaries)?;
     run(&mut test)?;
     // A short run of the API decode + validation fuzzer, starting from the
     // minimised corpus kept in the repository, so it re-checks what earlier
