@@ -44,9 +44,15 @@ pub(crate) struct Guest {
     pub agent: PathBuf,
 }
 
+/// `$XDG_CACHE_HOME/socklb`, `~/.cache/socklb` without it (XDG's rule: a
+/// relative XDG_CACHE_HOME is ignored): the guest kernels, each by the
+/// hash of its inputs.
 pub(crate) fn cache_dir() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let dir = PathBuf::from(home).join(".cache/socklb");
+    let base = match std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    let dir = base.join("socklb");
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
