@@ -10,7 +10,7 @@ use socklb_protocols::{
     socklb::{self as api},
     socklb_ttrpc::{HealthClient, ServicesClient},
 };
-use ttrpc::context::Context;
+use ttrpc::{context::Context, proto::RequestInit as _};
 
 use crate::{
     backoff::Backoff,
@@ -141,7 +141,8 @@ impl AgentClient {
         }
         Ok(Connection {
             health,
-            services: ServicesClient::new(client),
+            services: ServicesClient::new(client.clone()),
+            raw: client,
             api_minor: got_minor.parse().map_err(|_| incompatible())?,
         })
     }
@@ -214,3 +215,28 @@ pub(super) fn too_large_from(message: String) -> ClientError {
 pub(super) fn major(version: &str) -> &str {
     version.split('.').next().unwrap_or_default()
 }
+
+impl Connection {
+    /// A `socklb.v1.Services` call whose request is encoded already, as
+    /// the generated client would send it.
+    pub(super) async fn call_encoded<R: protobuf::Message>(
+        &self,
+        method: &str,
+        request: Vec<u8>,
+        context: Context,
+    ) -> ttrpc::Result<R> {
+        let mut envelope = ttrpc::Request::init_request(
+            SERVICES.into(),
+            method.into(),
+            context.timeout_nano,
+            ttrpc::context::to_pb(context.metadata),
+        );
+        envelope.set_payload(request);
+        let response = self.raw.request(envelope).await?;
+        R::parse_from_bytes(&response.payload)
+            .map_err(|err| ttrpc::Error::Others(format!("decoding the {method} response: {err}")))
+    }
+}
+
+/// The agent's table service, as ttrpc names it.
+const SERVICES: &str = "socklb.v1.Services";

@@ -89,6 +89,8 @@ impl ClientError {
 struct Connection {
     health: HealthClient,
     services: ServicesClient,
+    /// The same connection, for requests encoded beforehand (a Sync's).
+    raw: ttrpc::r#async::Client,
     /// The agent's API minor version: 1 and above take a Sync in parts and
     /// serve List in pages, 3 and above answer Digest, 4 and above know
     /// external VIPs.

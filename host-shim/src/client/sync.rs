@@ -15,11 +15,17 @@ use super::{
     *,
 };
 
-/// A whole table as a Sync carries it (the API form at a generation) and
-/// its digest: made once and sent to any number of agents, as the node
-/// daemon does for every sandbox at one table version.
+/// A whole table as a Sync carries it, encoded once, and its digest:
+/// made once per table version and sent to any number of agents (the node
+/// daemon's fan-out). Each request is put together from the services'
+/// encoded messages, not encoded again per agent.
 pub struct SyncPayload {
-    request: api::SyncRequest,
+    generation: u64,
+    /// The services' protobuf messages back to back: service `i` ends at
+    /// `ends[i]` and starts where service `i - 1` ends.
+    encoded: Vec<u8>,
+    ends: Vec<usize>,
+    backends: u64,
     digest: String,
     /// The table as agents before API 1.4 hold it (`before_external_vips`),
     /// when that differs: what they are sent instead.
@@ -36,12 +42,20 @@ impl SyncPayload {
             let services = table.services.iter().map(before_external_vips).collect();
             Box::new(SyncPayload::new(&Table { services }, generation))
         });
+        let mut encoded = Vec::new();
+        let mut ends = Vec::with_capacity(table.services.len());
+        for service in &table.services {
+            service
+                .to_api()
+                .write_to_vec(&mut encoded)
+                .expect("encoding into memory");
+            ends.push(encoded.len());
+        }
         SyncPayload {
-            request: api::SyncRequest {
-                generation,
-                services: table.to_api(),
-                ..Default::default()
-            },
+            generation,
+            encoded,
+            ends,
+            backends: table.services.iter().map(|s| s.backends.len() as u64).sum(),
             digest: table.digest(),
             before_external_vips: for_older_agents,
         }
@@ -56,12 +70,83 @@ impl SyncPayload {
     }
 
     pub fn generation(&self) -> u64 {
-        self.request.generation
+        self.generation
     }
 
     pub fn services(&self) -> usize {
-        self.request.services.len()
+        self.ends.len()
     }
+
+    /// Each service's encoded message.
+    fn service_messages(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.encoded[start..end])
+    }
+
+    /// The bytes of the whole table as one SyncRequest.
+    fn one_message_bytes(&self) -> usize {
+        field_bytes(self.generation) + self.service_messages().map(embedded_bytes).sum::<usize>()
+    }
+
+    /// The whole table as one SyncRequest.
+    fn one_message(&self) -> Vec<u8> {
+        encode(&[(1, self.generation)], 2, self.service_messages())
+    }
+
+    /// The services of each part: at most `PART_BYTES` of them (or one
+    /// service, should one alone be larger).
+    fn parts(&self) -> Vec<Vec<&[u8]>> {
+        let mut parts: Vec<Vec<&[u8]>> = Vec::new();
+        let mut bytes = 0;
+        for service in self.service_messages() {
+            let size = embedded_bytes(service);
+            match parts.last_mut() {
+                Some(part) if bytes + size <= PART_BYTES => part.push(service),
+                _ => {
+                    parts.push(vec![service]);
+                    bytes = 0;
+                }
+            }
+            bytes += size;
+        }
+        parts
+    }
+}
+
+/// `fields` (varints, all below field 16) and then `services` as the
+/// repeated message field `services_field`: protobuf's encoding of the
+/// request, whatever the order the fields are written in.
+fn encode<'a>(
+    fields: &[(u32, u64)],
+    services_field: u32,
+    services: impl Iterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut out = protobuf::CodedOutputStream::vec(&mut bytes);
+    let written: protobuf::Result<()> = (|| {
+        for &(field, value) in fields {
+            out.write_uint64(field, value)?;
+        }
+        for service in services {
+            out.write_bytes(services_field, service)?;
+        }
+        out.flush()
+    })();
+    written.expect("encoding into memory");
+    drop(out);
+    bytes
+}
+
+/// A varint field's bytes (tag, value), for a field below 16.
+fn field_bytes(value: u64) -> usize {
+    1 + protobuf::rt::compute_raw_varint64_size(value) as usize
+}
+
+/// An embedded message's bytes in a field below 16 (tag, length, message).
+fn embedded_bytes(message: &[u8]) -> usize {
+    field_bytes(message.len() as u64) + message.len()
 }
 
 impl AgentClient {
@@ -129,33 +214,33 @@ impl AgentClient {
         payload: &SyncPayload,
     ) -> Result<WriteResult, ClientError> {
         let payload = payload.for_agent(connection.knows_external_vips());
-        let (request, expected) = (&payload.request, &payload.digest);
         // In parts beyond one part's size, where the agent takes parts
         // (API 1.1); else in one message when it fits.
-        let bytes = request.compute_size() as usize;
+        let bytes = payload.one_message_bytes();
         let in_one =
             bytes <= PART_BYTES || (connection.api_minor == 0 && bytes <= ONE_MESSAGE_BYTES);
         let outcome = if in_one {
             let context = ttrpc::context::with_duration(self.options.call_timeout);
-            connection.services.sync(context, request).await
+            let request = payload.one_message();
+            connection.call_encoded("Sync", request, context).await
         } else if connection.api_minor >= 1 {
-            self.sync_in_parts(&connection, request, expected).await
+            self.sync_in_parts(&connection, payload).await
         } else {
             return Err(ClientError::TooLarge {
-                what: format!("a Sync of {} services", request.services.len()),
+                what: format!("a Sync of {} services", payload.services()),
                 bytes,
                 limit: TTRPC_MESSAGE_LIMIT,
                 hint: ", and the agent's API 1.0 has no Sync in parts (upgrade the agent)".into(),
             });
         };
-        let response = outcome.map_err(|err| match failure(err) {
+        let response: api::WriteResponse = outcome.map_err(|err| match failure(err) {
             Failure::Final(err) => err,
             Failure::Connection(reason) => self.unreachable(reason),
         })?;
-        if response.digest != *expected {
+        if response.digest != payload.digest {
             return Err(ClientError::DigestMismatch {
                 got: response.digest,
-                expected: expected.clone(),
+                expected: payload.digest.clone(),
             });
         }
         Ok(write_result(response))
@@ -166,18 +251,13 @@ impl AgentClient {
     pub(super) async fn sync_in_parts(
         &self,
         connection: &Connection,
-        request: &api::SyncRequest,
-        digest: &str,
+        payload: &SyncPayload,
     ) -> ttrpc::Result<api::WriteResponse> {
         let context = || ttrpc::context::with_duration(self.options.call_timeout);
         let begin = api::SyncBeginRequest {
-            generation: request.generation,
-            services: request.services.len() as u32,
-            backends: request
-                .services
-                .iter()
-                .map(|s| s.backends.len() as u64)
-                .sum(),
+            generation: payload.generation,
+            services: payload.services() as u32,
+            backends: payload.backends,
             ..Default::default()
         };
         let sync_id = connection
@@ -185,34 +265,22 @@ impl AgentClient {
             .sync_begin(context(), &begin)
             .await?
             .sync_id;
-        let mut parts = 0;
-        let mut part = api::SyncPartRequest {
-            sync_id,
-            ..Default::default()
-        };
-        let mut bytes = 0;
-        for service in &request.services {
-            // The field's tag and length prefix: at most 6 bytes.
-            let size = service.compute_size() as usize + 6;
-            if !part.services.is_empty() && bytes + size > PART_BYTES {
-                connection.services.sync_part(context(), &part).await?;
-                part.index += 1;
-                part.services.clear();
-                bytes = 0;
-                parts += 1;
-            }
-            bytes += size;
-            part.services.push(service.clone());
+        let parts = payload.parts();
+        for (index, services) in parts.iter().enumerate() {
+            let request = encode(
+                &[(1, sync_id), (2, index as u64)],
+                3,
+                services.iter().copied(),
+            );
+            let _: api::SyncPartResponse = connection
+                .call_encoded("SyncPart", request, context())
+                .await?;
         }
-        if !part.services.is_empty() {
-            connection.services.sync_part(context(), &part).await?;
-            parts += 1;
-        }
-        info!(self.log, "table sent in parts"; "sync" => sync_id, "parts" => parts,
+        info!(self.log, "table sent in parts"; "sync" => sync_id, "parts" => parts.len(),
               "services" => begin.services);
         let commit = api::SyncCommitRequest {
             sync_id,
-            digest: digest.into(),
+            digest: payload.digest.clone(),
             ..Default::default()
         };
         connection.services.sync_commit(context(), &commit).await
@@ -310,4 +378,68 @@ pub(super) fn fits_one_message(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use socklb_table::{Protocol, Service, ServiceKey};
+
+    use super::*;
+
+    /// `services` services of 8 backends each.
+    fn table(services: u32) -> Table {
+        let services = (0..services)
+            .map(|i| Service {
+                name: Some(format!("default/svc-{i}")),
+                key: ServiceKey {
+                    vip: IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i)),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                vip_kind: VipKind::Cluster,
+                affinity_timeout_secs: (i % 2 == 0).then_some(30),
+                backends: (0..8)
+                    .map(|b| SocketAddr::new(Ipv4Addr::from(0x0af4_0000 + i * 8 + b).into(), 8080))
+                    .collect(),
+            })
+            .collect();
+        Table::new(services).unwrap()
+    }
+
+    #[test]
+    fn requests_put_together_decode_as_the_generated_types_encode_them() {
+        let table = table(5_000);
+        let payload = SyncPayload::new(&table, 7);
+        let whole = payload.one_message();
+        assert_eq!(payload.one_message_bytes(), whole.len());
+        let expected = api::SyncRequest {
+            generation: 7,
+            services: table.to_api(),
+            ..Default::default()
+        };
+        assert_eq!(
+            api::SyncRequest::parse_from_bytes(&whole).unwrap(),
+            expected
+        );
+        assert_eq!(expected.compute_size() as usize, whole.len());
+
+        let parts = payload.parts();
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        let mut rejoined = Vec::new();
+        for (index, services) in parts.iter().enumerate() {
+            let bytes = encode(&[(1, 42), (2, index as u64)], 3, services.iter().copied());
+            // The part's services, and the two small fields beside them.
+            assert!(
+                bytes.len() <= PART_BYTES + 16,
+                "part {index}: {} bytes",
+                bytes.len()
+            );
+            let part = api::SyncPartRequest::parse_from_bytes(&bytes).unwrap();
+            assert_eq!((part.sync_id, part.index), (42, index as u32));
+            rejoined.extend(part.services);
+        }
+        assert_eq!(rejoined, expected.services);
+    }
 }
