@@ -37,7 +37,7 @@ pub(crate) enum Need {
     HostTests,
     /// The fuzz run: cargo-fuzz.
     Fuzz,
-    /// The real-client benchmark: wrk and nginx.
+    /// The real-client benchmark: wrk and nginx, and perf for its profile.
     RealClient,
 }
 
@@ -90,7 +90,7 @@ impl Need {
             ],
             // The benchmark starts its own nginx, with its own configuration,
             // in a network namespace; it never uses the package's service.
-            Need::RealClient => &["wrk", "nginx"],
+            Need::RealClient => &["wrk", "nginx", "linux-perf"],
         }
     }
 }

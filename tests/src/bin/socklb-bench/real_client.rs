@@ -27,6 +27,8 @@ use crate::{hooks::ns_per_call, *};
 const ROUNDS: usize = 9;
 const STATS_ROUNDS: usize = 3;
 const RUN_SECS: u64 = 1;
+/// Runs of a mode under `perf record`.
+const PROFILE_RUNS: usize = 3;
 const BACKENDS: u8 = 8;
 /// nginx's port on every backend address.
 const HTTP_PORT: u16 = 8080;
@@ -294,6 +296,117 @@ fn load_average() -> f64 {
         .expect("/proc/loadavg")
 }
 
+/// Kernel functions whose time the profile gives per connection, with
+/// what they call: substrings of the symbols in a sample's call chain.
+const PROFILED: [(&str, &str); 9] = [
+    ("__sys_connect", "connect(2)"),
+    (
+        "__cgroup_bpf_run_filter_sock_addr",
+        "the cgroup's connect programs, run from connect(2)",
+    ),
+    (
+        "lb_connect4",
+        "the connect4 program (`bpf_prog_*_lb_connect4`)",
+    ),
+    ("bpf_sk_storage_get", "its socket storage get, creating"),
+    (
+        "bpf_local_storage_alloc",
+        "the socket's storage, made with its first value",
+    ),
+    ("bpf_selem_alloc", "the value (`CONNECTED_VIP`)"),
+    ("inet_release", "close(2) of the socket"),
+    ("__sk_destruct", "freeing the socket"),
+    ("bpf_sk_storage_free", "freeing its socket storage"),
+];
+
+/// The processes of the profile: the client and the server.
+const PROFILED_COMMS: [&str; 2] = ["wrk", "nginx"];
+
+/// What `perf record -a -g` saw of wrk and nginx over runs of one mode.
+#[derive(Default)]
+struct Profile {
+    connections: u64,
+    /// ns of samples of wrk and nginx.
+    total_ns: f64,
+    /// ns of those samples with each `PROFILED` function in their chain.
+    in_function_ns: BTreeMap<&'static str, f64>,
+}
+
+impl Profile {
+    /// Profiles `PROFILE_RUNS` runs of `mode` (a wrk mode).
+    fn record(bench: &Bench, mode: Mode) -> Profile {
+        let data = bench.sandbox.workdir.path().join("perf.data");
+        let mut perf = std::process::Command::new("perf");
+        perf.args([
+            "record",
+            "--all-cpus",
+            "--call-graph",
+            "fp",
+            "--freq",
+            "4000",
+        ])
+        .arg("--output")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        socklb_tests::die_with_parent(&mut perf);
+        let mut perf = perf.spawn().expect("perf record (linux-perf)");
+        std::thread::sleep(Duration::from_millis(500));
+        let mut profile = Profile::default();
+        for _ in 0..PROFILE_RUNS {
+            profile.connections += mode.run(bench).connections;
+        }
+        let pid = nix::unistd::Pid::from_raw(perf.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("stop perf");
+        // perf exits 130 after SIGINT; whether it wrote its data, perf
+        // script tells.
+        perf.wait().expect("perf record");
+        let script = std::process::Command::new("perf")
+            .args(["script", "--fields", "comm,period,ip,sym", "--input"])
+            .arg(&data)
+            .output()
+            .expect("perf script");
+        assert!(
+            script.status.success(),
+            "perf script failed: {}",
+            String::from_utf8_lossy(&script.stderr)
+        );
+        profile.add_samples(&String::from_utf8_lossy(&script.stdout));
+        assert!(profile.total_ns > 0.0, "perf saw no sample of wrk or nginx");
+        profile
+    }
+
+    /// Adds `perf script` output: per sample a line `COMM PERIOD`, then
+    /// one line per frame, `\tADDRESS SYMBOL`, then a blank line.
+    fn add_samples(&mut self, script: &str) {
+        for sample in script.split("\n\n") {
+            let mut lines = sample.lines().filter(|l| !l.is_empty());
+            let Some(header) = lines.next() else { continue };
+            let Some((comm, period)) = header.trim().rsplit_once(char::is_whitespace) else {
+                continue;
+            };
+            if !PROFILED_COMMS.contains(&comm.trim()) {
+                continue;
+            }
+            let ns: f64 = period.parse().unwrap_or(0.0);
+            self.total_ns += ns;
+            let chain: Vec<&str> = lines.collect();
+            for (function, _) in PROFILED {
+                if chain.iter().any(|frame| frame.contains(function)) {
+                    *self.in_function_ns.entry(function).or_default() += ns;
+                }
+            }
+        }
+    }
+
+    fn per_connection(&self, function: Option<&str>) -> f64 {
+        let ns = function.map_or(self.total_ns, |f| {
+            self.in_function_ns.get(f).copied().unwrap_or(0.0)
+        });
+        ns / self.connections as f64
+    }
+}
+
 /// What the rounds gave: every run of each mode, and per socklb mode the
 /// rounds' ratios to direct (connections per second, CPU per connection).
 #[derive(Default)]
@@ -303,6 +416,8 @@ struct Results {
     cpu_ratios: BTreeMap<Mode, Vec<f64>>,
     loads: Vec<f64>,
     hooks: BTreeMap<(Mode, &'static str), HookCosts>,
+    /// wrk direct and through a VIP of 1 backend under `perf record`.
+    profiles: [Profile; 2],
 }
 
 /// A hook's calls per connection and ns per call, one of each per run.
@@ -361,6 +476,7 @@ impl Results {
         }
     }
 
+    /// The comparison's table.
     fn markdown(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
@@ -408,11 +524,22 @@ impl Results {
         let (load_min, _, load_max) = summary(&self.loads);
         let _ = writeln!(
             out,
-            "\nLoad average (1 min) at the rounds' starts: {load_min:.2} - {load_max:.2}.\n"
+            "\nLoad average (1 min) at the rounds' starts: {load_min:.2} - {load_max:.2}."
+        );
+        out
+    }
+
+    /// Where the time goes: each hook's stats, and the profile.
+    fn profile_markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "## Where a short connection's time goes: wrk against nginx, direct and through a VIP\n\n\
+             The setup of [real-client.md](real-client.md), in the same run.\n"
         );
         let _ = writeln!(
             out,
-            "### Each hook under that load (BPF run-time stats, {STATS_ROUNDS} more runs per mode)\n"
+            "### Each hook (BPF run-time stats, {STATS_ROUNDS} runs per mode)\n"
         );
         let _ = writeln!(
             out,
@@ -428,9 +555,38 @@ impl Results {
                 summary(&costs.calls).1
             );
         }
+        let _ = writeln!(
+            out,
+            "\n### Where a connection's time goes (`perf record --all-cpus`, {PROFILE_RUNS} runs per mode)\n\n\
+             CPU time of wrk and nginx per connection in samples whose call chain holds the \
+             function, so with what it calls; the other processes on the machine are left out.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| kernel function | what it is | {}, ns per connection | {}, ns per connection | difference |",
+            PROFILED_MODES[0].describe(),
+            PROFILED_MODES[1].describe()
+        );
+        let _ = writeln!(out, "|---|---|---:|---:|---:|");
+        let [direct, vip] = &self.profiles;
+        let rows = PROFILED
+            .iter()
+            .map(|(function, what)| (format!("`{function}`"), *what, Some(*function)))
+            .chain([("all".to_string(), "wrk and nginx", None)]);
+        for (function, what, symbol) in rows {
+            let (a, b) = (direct.per_connection(symbol), vip.per_connection(symbol));
+            let _ = writeln!(
+                out,
+                "| {function} | {what} | {a:.0} | {b:.0} | {:+.0} |",
+                b - a
+            );
+        }
         out
     }
 }
+
+/// The modes profiled, the baseline first.
+const PROFILED_MODES: [Mode; 2] = [Mode::WrkDirect, Mode::WrkVip1];
 
 pub(crate) fn real_client() {
     let sandbox = Sandbox::with_backend_hosts(BACKENDS);
@@ -477,6 +633,7 @@ pub(crate) fn real_client() {
     }
     results.loads.push(load_average());
 
+    results.profiles = PROFILED_MODES.map(|mode| Profile::record(&bench, mode));
     let _stats = enable_run_time_stats().expect("BPF run-time stats");
     for _ in 0..STATS_ROUNDS {
         for (_, socklb) in PAIRS {
@@ -484,4 +641,5 @@ pub(crate) fn real_client() {
         }
     }
     report::write("real-client", &results.markdown());
+    report::write("real-client-profile", &results.profile_markdown());
 }
