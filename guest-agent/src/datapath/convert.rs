@@ -1,6 +1,7 @@
 //! Conversions between the table's types (`socklb_table`) and the maps'
 //! (`socklb_common`): addresses as four network-order words, v4 stored
-//! v4-mapped; ports in network byte order.
+//! v4-mapped; ports in network byte order. And a service as the maps hold
+//! it (`Programmed`), what table programming reads and writes.
 
 use std::{
     collections::BTreeMap,
@@ -9,11 +10,10 @@ use std::{
 };
 
 use socklb_common::{
-    Addr, Endpoint, SERVICE_EXTERNAL_VIP, ServiceEntryKey, Translation, is_v4_mapped, v4_mapped,
+    Addr, Endpoint, SERVICE_EXTERNAL_VIP, ServiceEntry, ServiceEntryKey, Translation, is_v4_mapped,
+    v4_mapped,
 };
 use socklb_table::{Protocol, Service, ServiceKey, Table, VipKind};
-
-use super::program::Programmed;
 
 /// An address as the programs see it (v4 as v4-mapped).
 pub fn addr_words(ip: IpAddr) -> Addr {
@@ -92,6 +92,13 @@ pub(crate) fn translation_bytes(vip: &SocketAddr, backend: &SocketAddr) -> Vec<u
         )
     }
     .to_vec()
+}
+
+/// A service as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Programmed {
+    pub(super) entry: ServiceEntry,
+    pub(super) backends: Vec<Endpoint>,
 }
 
 /// Programmed services as a table (without names: the maps keep none).

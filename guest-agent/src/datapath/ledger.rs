@@ -13,7 +13,7 @@ use foldhash::HashMap;
 use socklb_common::{Addr, Endpoint, MAX_SERVICES, ServiceEntryKey, VIP_CLUSTER, VIP_EXTERNAL};
 use socklb_table::VipKind;
 
-use super::{convert::vip_kind_of, program::Programmed};
+use super::convert::{Programmed, vip_kind_of};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Ledger {

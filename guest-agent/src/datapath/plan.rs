@@ -12,9 +12,8 @@ use socklb_common::{Endpoint, MAX_BACKEND_SLOTS, ServiceEntry, ServiceEntryKey};
 use socklb_table::{Service, TableError};
 
 use super::{
-    convert::{endpoint, entry_flags, socket_addr, table_key},
+    convert::{Programmed, endpoint, entry_flags, socket_addr, table_key},
     ledger::Ledger,
-    program::Programmed,
 };
 use crate::{
     service_table::WriteError,

@@ -13,19 +13,12 @@ use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey, ServiceEntry, Ser
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
-    convert::{map_key, table_key, table_of},
+    convert::{Programmed, map_key, table_key, table_of},
     ledger::Ledger,
     maps::TableMaps,
     plan::{ApplySummary, Plan},
 };
 use crate::service_table::WriteError;
-
-/// A service as the maps hold it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Programmed {
-    pub(super) entry: ServiceEntry,
-    pub(super) backends: Vec<Endpoint>,
-}
 
 /// The service table as the maps hold it, and the ledger kept beside them
 /// so a write checks capacity and counts without reading every map.
