@@ -32,7 +32,7 @@ impl socklb_ttrpc::Services for Rpc {
         let written = self
             .write_table(move |t| t.sync(&table, generation))
             .await?;
-        release_freed_memory();
+        trim_heap().await;
         Ok(self.written("sync", sent, written))
     }
 
@@ -108,7 +108,7 @@ impl socklb_ttrpc::Services for Rpc {
         let written = self
             .write_table(move |t| t.sync(&table, generation))
             .await?;
-        release_freed_memory();
+        trim_heap().await;
         Ok(self.written("sync in parts", sent, written))
     }
 
@@ -301,6 +301,12 @@ impl socklb_ttrpc::Services for Rpc {
             (id, paths.get(&id).cloned().unwrap_or_default())
         })))
     }
+}
+
+/// Hands back what a whole table freed, on a blocking thread: trimming
+/// walks the heap, which is no work for an async one.
+async fn trim_heap() {
+    let _ = tokio::task::spawn_blocking(release_freed_memory).await;
 }
 
 /// The services of `listing` from `offset` that fit one page, and the
