@@ -58,7 +58,11 @@ pub fn check(config: &str, modules_allowed: bool) -> Vec<Missing> {
     missing(config, requirements(), modules_allowed)
 }
 
-fn missing(config: &str, wanted: Vec<Requirement>, modules_allowed: bool) -> Vec<Missing> {
+pub(crate) fn missing(
+    config: &str,
+    wanted: Vec<Requirement>,
+    modules_allowed: bool,
+) -> Vec<Missing> {
     let values: std::collections::HashMap<&str, &str> = config
         .lines()
         .filter_map(|line| line.split_once('='))

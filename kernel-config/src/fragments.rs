@@ -37,6 +37,14 @@ pub const FRAGMENTS: [Fragment; 6] = [
     },
 ];
 
+/// Bench-only, on top of the own kernel's fragments: what the
+/// guest-datapath benchmark's kube-proxy baselines (IPVS, iptables,
+/// nftables) need in the guest. Neither the agent nor Kata's image needs it.
+pub const BENCH_DATAPATH: Fragment = Fragment {
+    name: "bench-datapath",
+    text: include_str!("../bench/datapath-baselines.config"),
+};
+
 /// What the agent cannot run without, on any kernel.
 pub const AGENT_REQUIRED: Fragment = Fragment {
     name: "agent-required",

@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    check::{check, judge},
-    fragments::{FRAGMENTS, KATA_GUEST_CONFIG},
+    check::{check, judge, missing},
+    fragments::{BENCH_DATAPATH, FRAGMENTS, KATA_GUEST_CONFIG, options_of},
 };
 
 /// Which guest kernel to build.
@@ -19,6 +19,9 @@ use crate::{
 pub enum Flavour {
     /// tinyconfig + the project's fragments.
     Own,
+    /// The own kernel and the bench-only fragment (IPVS, netfilter NAT,
+    /// network namespaces): the guest-datapath benchmark's.
+    Bench,
     /// allnoconfig + Kata's default option list, as Kata merges it.
     Kata,
 }
@@ -27,6 +30,7 @@ impl Flavour {
     pub fn name(self) -> &'static str {
         match self {
             Flavour::Own => "own",
+            Flavour::Bench => "bench",
             Flavour::Kata => "kata",
         }
     }
@@ -37,6 +41,14 @@ impl Flavour {
             Flavour::Own => (
                 "tinyconfig",
                 FRAGMENTS.iter().map(|f| (f.name, f.text)).collect(),
+            ),
+            Flavour::Bench => (
+                "tinyconfig",
+                FRAGMENTS
+                    .iter()
+                    .chain([&BENCH_DATAPATH])
+                    .map(|f| (f.name, f.text))
+                    .collect(),
             ),
             Flavour::Kata => ("allnoconfig", vec![("kata", KATA_GUEST_CONFIG)]),
         }
@@ -124,7 +136,7 @@ pub fn build(
     };
     progress(&format!("{what}: {base} + fragments"));
     match flavour {
-        Flavour::Own => {
+        Flavour::Own | Flavour::Bench => {
             run(&mut make(&[base]))?;
             run(Command::new(source.join("scripts/kconfig/merge_config.sh"))
                 .current_dir(&build_dir)
@@ -147,6 +159,11 @@ pub fn build(
     let config = std::fs::read_to_string(build_dir.join(".config"))?;
     let missing = match flavour {
         Flavour::Own => check(&config, false),
+        Flavour::Bench => {
+            let mut own = check(&config, false);
+            own.extend(missing(&config, options_of(&BENCH_DATAPATH), false));
+            own
+        }
         Flavour::Kata => judge(&config, false).required,
     };
     if !missing.is_empty() {

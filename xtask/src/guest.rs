@@ -19,6 +19,9 @@ const BUSYBOX: &str = "/bin/busybox";
 pub(crate) enum Kernel {
     /// tinyconfig + kernel-config/fragments, everything built in.
     Own,
+    /// The own kernel and kernel-config/bench's fragment (IPVS, netfilter
+    /// NAT, network namespaces), for the guest-datapath benchmark only.
+    Bench,
     /// Debian's linux-image-cloud-amd64: vsock and virtio as modules.
     Debian,
     /// Kata's default guest kernel options (no BTF, JIT or modules); the
@@ -31,6 +34,7 @@ impl Kernel {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kernel::Own => "own",
+            Kernel::Bench => "bench",
             Kernel::Debian => "debian",
             Kernel::Kata => "kata",
         }
@@ -109,6 +113,7 @@ fn kernel_image(kernel: Kernel) -> Result<KernelImage> {
     step(&format!("guest kernel ({})", kernel.name()), || {
         let flavour = match kernel {
             Kernel::Own => socklb_kernel::Flavour::Own,
+            Kernel::Bench => socklb_kernel::Flavour::Bench,
             Kernel::Kata => socklb_kernel::Flavour::Kata,
             Kernel::Debian => return debian_kernel(),
         };
@@ -135,7 +140,7 @@ fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Gues
     let initrd = out.join(format!("initramfs-{}.cpio.gz", kernel.name()));
     let spec = socklb_rootfs::Spec {
         boot: match kernel {
-            Kernel::Own | Kernel::Debian => socklb_rootfs::Boot::Test,
+            Kernel::Own | Kernel::Bench | Kernel::Debian => socklb_rootfs::Boot::Test,
             Kernel::Kata => socklb_rootfs::Boot::KataInitrd,
         },
         agent: agent.clone(),
