@@ -19,6 +19,23 @@ const START_AGENT: &str = include_str!("../start-agent");
 const TEST_SERVICES: &str = include_str!("../test-services");
 const KATA_AGENT_STANDIN: &str = include_str!("../kata-agent-standin");
 
+/// The image's directories.
+const DIRS: [&str; 13] = [
+    "bin",
+    "dev",
+    "etc",
+    "etc/socklb",
+    "lib",
+    "lib/modules",
+    "proc",
+    "sys",
+    "tmp",
+    "run",
+    "sbin",
+    "usr",
+    "usr/bin",
+];
+
 /// The guest's resolver: the cluster DNS VIP.
 const RESOLV_CONF: &str = "nameserver 10.96.0.10\noptions timeout:2 attempts:2\n";
 
@@ -47,6 +64,10 @@ pub struct Spec {
     /// Kernel modules to load at boot, in order (empty for a kernel with
     /// everything built in).
     pub modules: Vec<PathBuf>,
+    /// Dynamically linked programs and plugins of this machine (absolute
+    /// paths), each copied to its own path with the shared libraries and
+    /// loader `ldd` names for it: the benchmark image's Debian tools.
+    pub host_files: Vec<PathBuf>,
 }
 
 /// Kernel modules a Debian kernel needs for virtio-pci and vsock, in load
@@ -115,21 +136,7 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
             Cursor::new(target.as_bytes().to_vec()),
         )
     };
-    for name in [
-        "bin",
-        "dev",
-        "etc",
-        "etc/socklb",
-        "lib",
-        "lib/modules",
-        "proc",
-        "sys",
-        "tmp",
-        "run",
-        "sbin",
-        "usr",
-        "usr/bin",
-    ] {
+    for name in DIRS {
         entries.push(dir(name));
     }
     let agent = read(&spec.agent)?;
@@ -183,6 +190,25 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
             read(binary)?,
         ));
     }
+    // Directories before the files in them, as the kernel unpacks in order.
+    let host_files = host_files_with_libraries(&spec.host_files)?;
+    let mut host_dirs = std::collections::BTreeSet::new();
+    for path in &host_files {
+        let name = path
+            .strip_prefix("/")
+            .with_context(|| format!("{} is not an absolute path", path.display()))?;
+        host_dirs.extend(name.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for dir_name in host_dirs {
+        let dir_name = dir_name.to_string_lossy();
+        if !dir_name.is_empty() && !DIRS.contains(&dir_name.as_ref()) {
+            entries.push(dir(&dir_name));
+        }
+    }
+    for path in &host_files {
+        let name = path.strip_prefix("/")?.to_string_lossy();
+        entries.push(file(&name, 0o755, read(path)?));
+    }
     let mut load_order = String::new();
     for module in &spec.modules {
         let name = file_name(module)?;
@@ -207,6 +233,39 @@ pub fn build(spec: &Spec, output: &Path) -> Result<u64> {
     gzip.flush()?;
     gzip.finish()?;
     Ok(fs::metadata(output)?.len())
+}
+
+/// `files` and every shared library (and the loader) `ldd` names for them,
+/// each once.
+fn host_files_with_libraries(files: &[PathBuf]) -> Result<std::collections::BTreeSet<PathBuf>> {
+    let mut all = std::collections::BTreeSet::new();
+    for path in files {
+        let output = std::process::Command::new("ldd")
+            .arg(path)
+            .output()
+            .with_context(|| format!("cannot run ldd {}", path.display()))?;
+        if !output.status.success() {
+            bail!(
+                "ldd {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no file.
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let target = line.split_once("=>").map_or(line, |(_, t)| t);
+            if let Some(library) = target
+                .split_whitespace()
+                .next()
+                .filter(|t| t.starts_with('/'))
+            {
+                all.insert(PathBuf::from(library));
+            }
+        }
+        all.insert(path.clone());
+    }
+    Ok(all)
 }
 
 /// The applets `busybox` offers (`busybox --list`); busybox itself is
@@ -262,6 +321,7 @@ mod tests {
             binaries: vec![write("socklb-testkit", b"testkit")],
             busybox,
             modules: vec![write("virtio.ko", b"m1"), write("vsock.ko", b"m2")],
+            host_files: vec!["/usr/bin/env".into()],
         };
         let image = dir.join("initramfs.cpio.gz");
         assert!(build(&spec, &image).unwrap() > 0);
@@ -290,6 +350,14 @@ mod tests {
         assert_eq!(files["lib/modules/vsock.ko"].1, b"m2");
         assert_eq!(files["proc"].0, 0o040_755);
         assert_eq!(files["bin/sh"], (0o120_777, b"busybox".to_vec()));
+        // A host program comes with its libraries, at their own paths.
+        assert_eq!(files["usr/bin/env"].1, fs::read("/usr/bin/env").unwrap());
+        assert!(
+            files.keys().any(|f| f.contains("libc.so")),
+            "{:?}",
+            files.keys()
+        );
+        assert!(files.contains_key("lib64"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

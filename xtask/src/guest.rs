@@ -147,6 +147,10 @@ fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Gues
         binaries: GUEST_TOOLS.iter().map(|name| binaries.join(name)).collect(),
         busybox: BUSYBOX.into(),
         modules: image.modules,
+        host_files: match kernel {
+            Kernel::Bench => bench_tools()?,
+            Kernel::Own | Kernel::Debian | Kernel::Kata => Vec::new(),
+        },
     };
     step("guest initramfs", || {
         let size = socklb_rootfs::build(&spec, &initrd)?;
@@ -163,6 +167,25 @@ fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Gues
         initrd,
         agent,
     })
+}
+
+/// The bench image's kube-proxy baselines, Debian's tools (setup installs
+/// them): ipvsadm, nft, and iptables (Debian's iptables-nft, as
+/// `xtables-nft-multi iptables-restore`) with the extensions it loads.
+fn bench_tools() -> Result<Vec<PathBuf>> {
+    const XTABLES: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+    let mut tools: Vec<PathBuf> = [
+        "/usr/sbin/ipvsadm",
+        "/usr/sbin/nft",
+        "/usr/sbin/xtables-nft-multi",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect();
+    for extension in std::fs::read_dir(XTABLES).with_context(|| format!("cannot list {XTABLES}"))? {
+        tools.push(extension?.path());
+    }
+    Ok(tools)
 }
 
 /// Debian's cloud kernel, downloaded and unpacked into the cache (never

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
             Need::Vm,
             Need::HostTests,
             Need::RealClient,
+            Need::BenchGuest,
         ])
         .and_then(|()| bench::bench()),
         Task::Demo { kernel } => {
@@ -104,6 +105,9 @@ fn guest_needs(kernel: guest::Kernel, more: &[Need]) -> Vec<Need> {
     let mut needs = vec![Need::Ebpf, Need::GuestImage];
     if kernel != guest::Kernel::Debian {
         needs.push(Need::KernelBuild);
+    }
+    if kernel == guest::Kernel::Bench {
+        needs.push(Need::BenchGuest);
     }
     needs.extend_from_slice(more);
     needs

@@ -39,6 +39,9 @@ pub(crate) enum Need {
     Fuzz,
     /// The real-client benchmark: wrk and nginx, and perf for its profile.
     RealClient,
+    /// The guest-datapath benchmark's image: the kube-proxy baselines'
+    /// Debian tools, copied into that image only.
+    BenchGuest,
 }
 
 impl Need {
@@ -50,6 +53,7 @@ impl Need {
         Need::HostTests,
         Need::Fuzz,
         Need::RealClient,
+        Need::BenchGuest,
     ];
 
     /// What `cargo xtask test` needs: all but the benchmarks' client and
@@ -91,6 +95,7 @@ impl Need {
             // The benchmark starts its own nginx, with its own configuration,
             // in a network namespace; it never uses the package's service.
             Need::RealClient => &["wrk", "nginx", "linux-perf"],
+            Need::BenchGuest => &["ipvsadm", "iptables", "nftables"],
         }
     }
 }
