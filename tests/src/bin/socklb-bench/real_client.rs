@@ -298,7 +298,7 @@ fn load_average() -> f64 {
 
 /// Kernel functions whose time the profile gives per connection, with
 /// what they call: substrings of the symbols in a sample's call chain.
-const PROFILED: [(&str, &str); 9] = [
+const FUNCTIONS: [(&str, &str); 9] = [
     ("__sys_connect", "connect(2)"),
     (
         "__cgroup_bpf_run_filter_sock_addr",
@@ -319,22 +319,28 @@ const PROFILED: [(&str, &str); 9] = [
     ("bpf_sk_storage_free", "freeing its socket storage"),
 ];
 
-/// The processes of the profile: the client and the server.
-const PROFILED_COMMS: [&str; 2] = ["wrk", "nginx"];
+/// The comparisons profiled, direct first, each with the names of its
+/// client's and server's processes (the test kit is both of its own).
+const PROFILED: [(Mode, Mode, &[&str]); 2] = [
+    (Mode::WrkDirect, Mode::WrkVip1, &["wrk", "nginx"]),
+    (Mode::OwnDirect8, Mode::OwnVip8, &["socklb-testkit"]),
+];
 
-/// What `perf record -a -g` saw of wrk and nginx over runs of one mode.
+/// What `perf record -a -g` saw of a mode's client and server over its
+/// runs.
 #[derive(Default)]
 struct Profile {
     connections: u64,
-    /// ns of samples of wrk and nginx.
+    /// ns of samples of the client and the server.
     total_ns: f64,
-    /// ns of those samples with each `PROFILED` function in their chain.
+    /// ns of those samples with each of `FUNCTIONS` in their chain.
     in_function_ns: BTreeMap<&'static str, f64>,
 }
 
 impl Profile {
-    /// Profiles `PROFILE_RUNS` runs of `mode` (a wrk mode).
-    fn record(bench: &Bench, mode: Mode) -> Profile {
+    /// Profiles `PROFILE_RUNS` runs of `mode`, whose client and server
+    /// run as `comms`.
+    fn record(bench: &Bench, mode: Mode, comms: &[&str]) -> Profile {
         let data = bench.sandbox.workdir.path().join("perf.data");
         let mut perf = std::process::Command::new("perf");
         perf.args([
@@ -371,27 +377,27 @@ impl Profile {
             "perf script failed: {}",
             String::from_utf8_lossy(&script.stderr)
         );
-        profile.add_samples(&String::from_utf8_lossy(&script.stdout));
-        assert!(profile.total_ns > 0.0, "perf saw no sample of wrk or nginx");
+        profile.add_samples(&String::from_utf8_lossy(&script.stdout), comms);
+        assert!(profile.total_ns > 0.0, "perf saw no sample of {comms:?}");
         profile
     }
 
     /// Adds `perf script` output: per sample a line `COMM PERIOD`, then
     /// one line per frame, `\tADDRESS SYMBOL`, then a blank line.
-    fn add_samples(&mut self, script: &str) {
+    fn add_samples(&mut self, script: &str, comms: &[&str]) {
         for sample in script.split("\n\n") {
             let mut lines = sample.lines().filter(|l| !l.is_empty());
             let Some(header) = lines.next() else { continue };
             let Some((comm, period)) = header.trim().rsplit_once(char::is_whitespace) else {
                 continue;
             };
-            if !PROFILED_COMMS.contains(&comm.trim()) {
+            if !comms.contains(&comm.trim()) {
                 continue;
             }
             let ns: f64 = period.parse().unwrap_or(0.0);
             self.total_ns += ns;
             let chain: Vec<&str> = lines.collect();
-            for (function, _) in PROFILED {
+            for (function, _) in FUNCTIONS {
                 if chain.iter().any(|frame| frame.contains(function)) {
                     *self.in_function_ns.entry(function).or_default() += ns;
                 }
@@ -416,8 +422,8 @@ struct Results {
     cpu_ratios: BTreeMap<Mode, Vec<f64>>,
     loads: Vec<f64>,
     hooks: BTreeMap<(Mode, &'static str), HookCosts>,
-    /// wrk direct and through a VIP of 1 backend under `perf record`.
-    profiles: [Profile; 2],
+    /// `PROFILED`'s modes under `perf record`: direct, through the VIP.
+    profiles: Vec<(Profile, Profile)>,
 }
 
 /// A hook's calls per connection and ns per call, one of each per run.
@@ -534,7 +540,7 @@ impl Results {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "## Where a short connection's time goes: wrk against nginx, direct and through a VIP\n\n\
+            "## Where a short connection's time goes, direct and through a VIP\n\n\
              The setup of [real-client.md](real-client.md), in the same run.\n"
         );
         let _ = writeln!(
@@ -558,35 +564,37 @@ impl Results {
         let _ = writeln!(
             out,
             "\n### Where a connection's time goes (`perf record --all-cpus`, {PROFILE_RUNS} runs per mode)\n\n\
-             CPU time of wrk and nginx per connection in samples whose call chain holds the \
-             function, so with what it calls; the other processes on the machine are left out.\n"
+             CPU time of the client and the server per connection (wrk and nginx; the test \
+             kit's client and server), in ns, in samples whose call chain holds the function, so \
+             with what it calls; the other processes on the machine are left out.\n"
         );
-        let _ = writeln!(
-            out,
-            "| kernel function | what it is | {}, ns per connection | {}, ns per connection | difference |",
-            PROFILED_MODES[0].describe(),
-            PROFILED_MODES[1].describe()
-        );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|");
-        let [direct, vip] = &self.profiles;
-        let rows = PROFILED
+        let mut header = "| kernel function | what it is |".to_string();
+        let mut align = "|---|---|".to_string();
+        for (direct, vip, _) in PROFILED {
+            let _ = write!(
+                header,
+                " {} | {} | difference |",
+                direct.describe(),
+                vip.describe()
+            );
+            align.push_str("---:|---:|---:|");
+        }
+        let _ = writeln!(out, "{header}\n{align}");
+        let rows = FUNCTIONS
             .iter()
             .map(|(function, what)| (format!("`{function}`"), *what, Some(*function)))
-            .chain([("all".to_string(), "wrk and nginx", None)]);
+            .chain([("all".to_string(), "the client and the server", None)]);
         for (function, what, symbol) in rows {
-            let (a, b) = (direct.per_connection(symbol), vip.per_connection(symbol));
-            let _ = writeln!(
-                out,
-                "| {function} | {what} | {a:.0} | {b:.0} | {:+.0} |",
-                b - a
-            );
+            let _ = write!(out, "| {function} | {what} |");
+            for (direct, vip) in &self.profiles {
+                let (a, b) = (direct.per_connection(symbol), vip.per_connection(symbol));
+                let _ = write!(out, " {a:.0} | {b:.0} | {:+.0} |", b - a);
+            }
+            out.push('\n');
         }
         out
     }
 }
-
-/// The modes profiled, the baseline first.
-const PROFILED_MODES: [Mode; 2] = [Mode::WrkDirect, Mode::WrkVip1];
 
 pub(crate) fn real_client() {
     let sandbox = Sandbox::with_backend_hosts(BACKENDS);
@@ -633,7 +641,15 @@ pub(crate) fn real_client() {
     }
     results.loads.push(load_average());
 
-    results.profiles = PROFILED_MODES.map(|mode| Profile::record(&bench, mode));
+    results.profiles = PROFILED
+        .iter()
+        .map(|(direct, vip, comms)| {
+            (
+                Profile::record(&bench, *direct, comms),
+                Profile::record(&bench, *vip, comms),
+            )
+        })
+        .collect();
     let _stats = enable_run_time_stats().expect("BPF run-time stats");
     for _ in 0..STATS_ROUNDS {
         for (_, socklb) in PAIRS {
