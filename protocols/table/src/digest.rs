@@ -41,7 +41,10 @@ fn line(service: &Service) -> String {
         backends.to_mut().sort_unstable();
     }
     let mut line = String::with_capacity(32 + 24 * backends.len());
-    push_socket_addr(&mut line, &SocketAddr::new(service.key.vip, service.key.port));
+    push_socket_addr(
+        &mut line,
+        &SocketAddr::new(service.key.vip, service.key.port),
+    );
     let _ = write!(
         line,
         "/{} {} ",
