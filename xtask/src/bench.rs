@@ -40,5 +40,9 @@ pub(crate) fn bench() -> Result<()> {
     let mut guest_hooks = Command::new(&bench);
     guest_hooks.arg("guest-hooks");
     guest::with_images(&mut guest_hooks, &[guest::Kernel::Own, guest::Kernel::Kata])?;
-    run(&mut guest_hooks)
+    run(&mut guest_hooks)?;
+    let mut guest_datapath = Command::new(&bench);
+    guest_datapath.arg("guest-datapath");
+    guest::with_images(&mut guest_datapath, &[guest::Kernel::Bench])?;
+    run(&mut guest_datapath)
 }

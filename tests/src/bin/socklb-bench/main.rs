@@ -18,6 +18,11 @@
 //! Kata's default kernel options (no JIT at all). Needs the guest images
 //! (`cargo xtask bench` builds them).
 //!
+//! `guest-datapath`: socklb against kube-proxy's IPVS, iptables and
+//! nftables and direct, inside the test VM on the bench kernel (see
+//! `guest_datapath`). Needs the bench guest image (`cargo xtask bench`
+//! builds it).
+//!
 //! `kube`: the Kubernetes translation at 10,000 services (events per second
 //! of incremental translation, against a full recompute), and the time from
 //! an EndpointSlice change at a (fake) API server to the agent's
@@ -33,6 +38,7 @@
 //! VIP, beside the project's own client (see `real_client`).
 
 mod control_plane;
+mod guest_datapath;
 mod guest_hooks;
 mod hooks;
 mod kube;
@@ -57,12 +63,13 @@ fn main() {
         Some("kube") => kube(),
         Some("datapath") => datapath(),
         Some("guest-hooks") => guest_hooks(),
+        Some("guest-datapath") => guest_datapath::guest_datapath(),
         Some("node") => node::node(),
         Some("sockets") => sockets::sockets(),
         Some("real-client") => real_client::real_client(),
         _ => {
             eprintln!(
-                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|node|sockets|real-client"
+                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|guest-datapath|node|sockets|real-client"
             );
             std::process::exit(2);
         }

@@ -72,7 +72,7 @@ pub(crate) struct Results {
 }
 
 /// Service `i`'s VIP: 10.96.0.1 onwards.
-fn vip(i: u32) -> Ipv4Addr {
+pub(crate) fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i)
 }
 
@@ -260,7 +260,7 @@ fn in_client_ns(sandbox: &Sandbox, command: &[&str]) {
     );
 }
 
-fn socklb_service(i: u32, backends: &[String]) -> Service {
+pub(crate) fn socklb_service(i: u32, backends: &[String]) -> Service {
     Service {
         name: Some(format!("bench/svc-{i}")),
         key: ServiceKey {
@@ -319,9 +319,41 @@ fn svc_rules(i: u32, backends: &[String]) -> String {
     rules
 }
 
-/// The kube-proxy iptables layout for `scale` services x 8 endpoints, plus
-/// the bulk service.
+/// A service of a kube-proxy rule layout: its number (which names its
+/// chains), VIP (port 80, TCP) and backends.
+pub(crate) struct KubeService {
+    pub number: u32,
+    pub vip: Ipv4Addr,
+    pub backends: Vec<String>,
+}
+
+/// `scale` services x 8 endpoints, plus the bulk service.
+fn host_services(scale: u32) -> Vec<KubeService> {
+    let mut services: Vec<KubeService> = (0..scale)
+        .map(|i| KubeService {
+            number: i,
+            vip: vip(i),
+            backends: backends(),
+        })
+        .collect();
+    services.push(KubeService {
+        number: scale,
+        vip: BULK_VIP,
+        backends: vec![format!("{}:{BULK_PORT}", backend_ip(1))],
+    });
+    services
+}
+
 fn iptables_rules(scale: u32) -> String {
+    iptables_layout(&host_services(scale))
+}
+
+fn nft_rules(scale: u32) -> String {
+    nft_layout(&host_services(scale))
+}
+
+/// The kube-proxy iptables layout of `services`, an iptables-restore input.
+pub(crate) fn iptables_layout(services: &[KubeService]) -> String {
     let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
     let mut rules = String::from(
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
@@ -343,10 +375,13 @@ fn iptables_rules(scale: u32) -> String {
             );
         }
     };
-    for i in 0..scale {
-        service(i, vip(i), &backends());
+    for service_spec in services {
+        service(
+            service_spec.number,
+            service_spec.vip,
+            &service_spec.backends,
+        );
     }
-    service(scale, BULK_VIP, &[format!("{}:{BULK_PORT}", backend_ip(1))]);
     format!("{chains}{rules}COMMIT\n")
 }
 
@@ -381,9 +416,10 @@ fn endpoint_index_or(backend: &str, fallback: usize) -> usize {
         .unwrap_or(fallback)
 }
 
-/// The kube-proxy nftables layout: a verdict map from (VIP, protocol, port)
-/// to a service chain, numgen random over endpoint chains that DNAT.
-fn nft_rules(scale: u32) -> String {
+/// The kube-proxy nftables layout of `services`: a verdict map from (VIP,
+/// protocol, port) to a service chain, numgen random over endpoint chains
+/// that DNAT; an `nft -f` input.
+pub(crate) fn nft_layout(services: &[KubeService]) -> String {
     let mut out = String::from(
         "add table ip kube-proxy\n\
          add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
@@ -413,10 +449,13 @@ fn nft_rules(scale: u32) -> String {
             "add element ip kube-proxy service-ips {{ {vip} . tcp . 80 : goto {chain} }}"
         );
     };
-    for i in 0..scale {
-        service(i, vip(i), &backends());
+    for service_spec in services {
+        service(
+            service_spec.number,
+            service_spec.vip,
+            &service_spec.backends,
+        );
     }
-    service(scale, BULK_VIP, &[format!("{}:{BULK_PORT}", backend_ip(1))]);
     out
 }
 
