@@ -16,12 +16,15 @@ pub(crate) fn test() -> Result<()> {
     if !is_root() {
         bail!("the integration tests create cgroups, namespaces and bpffs mounts: run as root");
     }
-    // The VM tests boot all three guest kernels: the two built from source
-    // take minutes, so they build from the start, beside the cargo builds.
+    // The VM tests boot all three guest kernels, and the bench kernel for
+    // the check that the guest benchmark's baselines translate: those
+    // built from source take minutes, so they build from the start,
+    // beside the cargo builds.
     let kernels = guest::KernelBuilds::start(&[
         guest::Kernel::Own,
         guest::Kernel::Debian,
         guest::Kernel::Kata,
+        guest::Kernel::Bench,
     ]);
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([

@@ -409,3 +409,39 @@ impl Results {
 /// Reads one figure of a sample.
 type Metric = fn(&Sample) -> f64;
 
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// No row is measured against a broken baseline: through each
+    /// kube-proxy mode's rules, connects to the ClusterIP reach the
+    /// backends, and more than one of them.
+    #[test]
+    #[ignore = "needs the bench guest image: cargo xtask test builds it and runs this"]
+    fn each_baseline_translates_the_cluster_ip_to_the_backends() {
+        socklb_tests::require_root!();
+        let (vm, mut agent) = boot();
+        let services = services(1);
+        write_rules(&vm, &services);
+        for mode in [Mode::Ipvs, Mode::Iptables, Mode::Nftables] {
+            apply_rules(&vm, &mut agent, mode, &services);
+            let results = vm.testkit(&["tcp", &cluster_ip(1), "--count", "8"]);
+            clear_rules(&vm, &mut agent, mode);
+            let reached: BTreeSet<&str> = results
+                .iter()
+                .map(|r| {
+                    assert!(r.get("error").is_none(), "{}: {r}", mode.name());
+                    r["backend"].as_str().unwrap()
+                })
+                .collect();
+            let all: Vec<String> = (1..=BACKENDS).map(|n| format!("b{n}")).collect();
+            assert!(
+                reached.len() > 1 && reached.iter().all(|b| all.iter().any(|a| a == b)),
+                "{}: 8 connects reached {reached:?}",
+                mode.name()
+            );
+        }
+    }
+}
