@@ -250,17 +250,30 @@ impl Config {
                  Kata, pass --allow-kata-port"
             );
         }
-        let own_cid = match listen {
-            ListenAddr::Vsock { .. } if !settings.allowed_cids.is_empty() => Some(local_cid()?),
-            _ => None,
-        };
         // A value refused here was taken before this check existed: on a
         // kernel command line set for every sandbox it is left out with a
         // warning, so an upgrade does not stop every agent (leaving it out
         // admits fewer callers, never more); a flag is refused.
         let mut allowed_cids = Vec::new();
         let mut ignored = Vec::new();
-        for cid in settings.allowed_cids {
+        let mut requested = settings.allowed_cids;
+        let own_cid = match listen {
+            ListenAddr::Vsock { .. } if !requested.is_empty() => match local_cid() {
+                Ok(cid) => Some(cid),
+                // Unchecked CIDs could include this guest's own: none.
+                Err(err) if cids_from_cmdline => {
+                    ignored.push(format!(
+                        "kernel command line socklb.allow_cid left out: this guest's own CID \
+                         is unknown, so the CIDs cannot be checked against it ({err:#})"
+                    ));
+                    requested.clear();
+                    None
+                }
+                Err(err) => return Err(err),
+            },
+            _ => None,
+        };
+        for cid in requested {
             match refusal(cid, own_cid) {
                 None => allowed_cids.push(cid),
                 Some(why) if cids_from_cmdline => ignored.push(format!(
@@ -481,6 +494,28 @@ mod tests {
         };
         let config = Config::resolve(given, "", || Ok(libc::VMADDR_CID_ANY)).unwrap();
         assert_eq!(config.allowed_cids, [2, 3, OWN_CID]);
+    }
+
+    /// A guest whose own CID cannot be read still starts from its kernel
+    /// command line, admitting the host alone; a flag is refused.
+    #[test]
+    fn an_unreadable_own_cid_leaves_the_command_lines_cids_out() {
+        let unreadable = || Err(anyhow::anyhow!("cannot open /dev/vsock"));
+        let config =
+            Config::resolve(Settings::default(), "socklb.allow_cid=3", unreadable).unwrap();
+        assert_eq!(config.allowed_cids, [2]);
+        assert_eq!(config.ignored.len(), 1, "{:?}", config.ignored);
+        assert!(
+            config.ignored[0].contains("own CID is unknown")
+                && config.ignored[0].contains("cannot open /dev/vsock"),
+            "{:?}",
+            config.ignored
+        );
+        let given = Settings {
+            allowed_cids: vec![3],
+            ..Settings::default()
+        };
+        assert!(Config::resolve(given, "", unreadable).is_err());
     }
 
     #[test]
