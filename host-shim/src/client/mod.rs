@@ -202,8 +202,7 @@ impl AgentClient {
         expected: u64,
         services: Vec<Service>,
     ) -> Result<WriteResult, ClientError> {
-        let knows_external_vips = self.connected().await?.knows_external_vips();
-        let request = api::UpsertRequest {
+        let request = |knows_external_vips: bool| api::UpsertRequest {
             services: services
                 .iter()
                 .map(|service| match knows_external_vips {
@@ -214,14 +213,24 @@ impl AgentClient {
             expected_generation: expected,
             ..Default::default()
         };
+        let current = request(true);
         fits_one_message(
-            &request,
+            &current,
             &format!("an Upsert of {} services", services.len()),
             " (send fewer services per Upsert, or a Sync)",
         )?;
+        let for_older_agents = services
+            .iter()
+            .any(|service| service.vip_kind == VipKind::External)
+            .then(|| request(false));
+        // The form is chosen by the connection that carries the call: a
+        // reconnect may reach an agent of another version.
         let response = self
             .call(move |c, ctx| {
-                let request = request.clone();
+                let request = match (&for_older_agents, c.knows_external_vips()) {
+                    (Some(older), false) => older.clone(),
+                    _ => current.clone(),
+                };
                 async move { c.services.upsert(ctx, &request).await }
             })
             .await?;
