@@ -4,7 +4,12 @@
 //! left alone unless the agent runs with --close-tcp-of-removed-backends.
 //! Sockets the removal does not concern stay open. Needs root.
 
-use std::{net::SocketAddr, thread::sleep, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::Command,
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 use socklb_shim::Options;
@@ -218,7 +223,7 @@ fn tcp_is_closed_by_its_own_translation() {
             client.sync(Table::new(vec![bulk(a, &[1]), bulk(b, &[1]), bulk(c, &[3])]).unwrap()),
         )
         .expect("first sync");
-    let stream = |target: &str| sandbox.spawn_client(&["stream", target, "--ms", "2000"]);
+    let stream = |target: &str| sandbox.spawn_client(&["stream", target, "--ms", STREAM_MS]);
     let b3 = format!("{}:9000", backend_ip(3));
     let streams = [
         ("through A", stream(&format!("{a}:53"))),
@@ -226,7 +231,7 @@ fn tcp_is_closed_by_its_own_translation() {
         ("through C", stream(&format!("{c}:53"))),
         ("to b3 directly", stream(&b3)),
     ];
-    sleep(Duration::from_millis(700));
+    wait_connected(&sandbox, streams.len());
     runtime
         .block_on(client.upsert(vec![bulk(a, &[2]), bulk(c, &[2])]))
         .expect("A loses b1, C loses b3");
@@ -250,8 +255,34 @@ fn tcp_is_closed_by_its_own_translation() {
     );
 }
 
-/// A TCP stream from a bulk backend whose service loses it 0.7 s in: how
-/// the stream ended. The agent is started by `launcher` (none: directly).
+/// How long a stream runs: the write and the closing pass that follow its
+/// connect fit well inside it on a loaded machine.
+const STREAM_MS: &str = "5000";
+
+/// Waits until the pod has `streams` TCP connections established: each
+/// stream is connected (and translated) before the write that drops its
+/// backend, whatever the machine's load.
+fn wait_connected(sandbox: &Sandbox, streams: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = Command::new("ip")
+            .args(["netns", "exec", &sandbox.client_ns])
+            .args(["ss", "-Htn", "state", "established"])
+            .output()
+            .expect("ss in the pod's namespace");
+        if String::from_utf8_lossy(&listed.stdout).lines().count() >= streams {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{streams} streams did not connect"
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP stream from a bulk backend whose service loses it once the stream
+/// is connected: how the stream ended. The agent is started by `launcher` (none: directly).
 fn tcp_stream_across_removal(launcher: &[String], agent_args: &[&str]) -> Value {
     let sandbox = Sandbox::create();
     sandbox.backend_bulk(&format!("{}:9000", backend_ip(1)));
@@ -262,8 +293,8 @@ fn tcp_stream_across_removal(launcher: &[String], agent_args: &[&str]) -> Value 
     runtime
         .block_on(client.sync(Table::new(vec![bulk(&[1])]).unwrap()))
         .expect("first sync");
-    let streaming = sandbox.spawn_client(&["stream", "10.96.0.30:53", "--ms", "2000"]);
-    sleep(Duration::from_millis(700));
+    let streaming = sandbox.spawn_client(&["stream", "10.96.0.30:53", "--ms", STREAM_MS]);
+    wait_connected(&sandbox, 1);
     runtime
         .block_on(client.upsert(vec![bulk(&[2])]))
         .expect("upsert");
