@@ -4,6 +4,7 @@
 
 use std::{
     env,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -95,7 +96,8 @@ impl Need {
                 "systemd",  // systemd-analyze verify: the Kata image's unit
             ],
             // The benchmark starts its own nginx, with its own configuration,
-            // in a network namespace; it never uses the package's service.
+            // in a network namespace; the package's service is not started
+            // (see `ServiceStartsDenied`).
             Need::RealClient => &["wrk", "nginx", "linux-perf"],
             Need::BenchGuest => &["ipvsadm", "iptables", "nftables"],
         }
@@ -176,11 +178,44 @@ fn apt_packages(packages: &[&str]) -> Result<()> {
     }
     step(&format!("setup: installing {}", missing.join(" ")), || {
         run(Command::new("apt-get").arg("update").arg("-q"))?;
+        let _no_starts = ServiceStartsDenied::install()?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     })
+}
+
+/// Debian's policy-rc.d answering 101 ("action forbidden") while setup
+/// installs packages: their services (nginx's on port 80) are not started
+/// on this machine, as the tools are only run by the tests and benchmarks
+/// themselves. A policy already in place is left as it is.
+struct ServiceStartsDenied(Option<&'static Path>);
+
+impl ServiceStartsDenied {
+    const POLICY: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> Result<ServiceStartsDenied> {
+        let policy = Path::new(Self::POLICY);
+        if policy.exists() {
+            return Ok(ServiceStartsDenied(None));
+        }
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts\nexit 101\n",
+        )
+        .with_context(|| format!("cannot write {}", policy.display()))?;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+        Ok(ServiceStartsDenied(Some(policy)))
+    }
+}
+
+impl Drop for ServiceStartsDenied {
+    fn drop(&mut self) {
+        if let Some(policy) = self.0 {
+            let _ = std::fs::remove_file(policy);
+        }
+    }
 }
 
 /// The eBPF programs' toolchain, the dated nightly that
