@@ -68,7 +68,7 @@ fn main() -> ExitCode {
     process::start_clock();
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup(Need::ALL),
+        Task::Setup => setup(&Need::all()),
         Task::Build => setup(&[Need::Ebpf]).and_then(|()| binaries::build()),
         Task::Test => setup(Need::TESTS).and_then(|()| test::test()),
         Task::Bench => setup(&[

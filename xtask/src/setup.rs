@@ -46,17 +46,6 @@ pub(crate) enum Need {
 }
 
 impl Need {
-    pub(crate) const ALL: &[Need] = &[
-        Need::Ebpf,
-        Need::GuestImage,
-        Need::KernelBuild,
-        Need::Vm,
-        Need::HostTests,
-        Need::Fuzz,
-        Need::RealClient,
-        Need::BenchGuest,
-    ];
-
     /// What `cargo xtask test` needs: all but the real-client benchmark's
     /// client and server (the bench image's tools: a VM test checks its
     /// baselines).
@@ -69,6 +58,14 @@ impl Need {
         Need::Fuzz,
         Need::BenchGuest,
     ];
+
+    /// Everything: what the tests need and the real-client benchmark's
+    /// client and server.
+    pub(crate) fn all() -> Vec<Need> {
+        let mut all = Need::TESTS.to_vec();
+        all.push(Need::RealClient);
+        all
+    }
 
     /// The Debian packages this need installs.
     fn apt_packages(self) -> &'static [&'static str] {
