@@ -171,7 +171,7 @@ impl SocketCloser {
         };
         match close_sockets(&matching, &Scope::of(&self.cgroup, opted_out)) {
             Ok(closed) => info!(self.log, "closed sockets of removed backends";
-                "backends" => removals.dropped.len(), "sockets" => closed.sockets,
+                "dropped" => removals.dropped.len(), "sockets" => closed.sockets,
                 "namespaces" => closed.namespaces,
                 "elapsed_us" => started.elapsed().as_micros() as u64),
             Err(err @ CloseError::Unsupported(_)) => {
