@@ -309,9 +309,8 @@ async fn full_sync(
     match Table::new(services) {
         Ok(table) => {
             let taken = sink.replace(table, log).await;
-            // The lists' objects and the table's other forms are gone. The
-            // trim walks the heap: a blocking thread's work.
-            let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+            // The lists' objects and the table's other forms are gone.
+            release_freed_memory();
             taken
         }
         Err(err) => {
