@@ -16,17 +16,18 @@ pub(crate) fn test() -> Result<()> {
     if !is_root() {
         bail!("the integration tests create cgroups, namespaces and bpffs mounts: run as root");
     }
+    // First what fails in seconds: a later failure waits for the kernels.
+    run(cargo().args(["fmt", "--all", "--check"]))?;
     // The VM tests boot all three guest kernels, and the bench kernel for
     // the check that the guest benchmark's baselines translate: those
-    // built from source take minutes, so they build from the start,
-    // beside the cargo builds.
+    // built from source take minutes, so they build from here on, beside
+    // the cargo builds.
     let kernels = guest::KernelBuilds::start(&[
         guest::Kernel::Own,
         guest::Kernel::Debian,
         guest::Kernel::Kata,
         guest::Kernel::Bench,
     ]);
-    run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
         "--workspace",
