@@ -35,7 +35,7 @@ const NODE_ADDR: &str = "10.245.0.1";
 const BACKENDS_NS_ADDR: &str = "10.245.0.2";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Mode {
+enum Mode {
     Direct,
     Socklb,
     Ipvs,
@@ -43,7 +43,7 @@ pub(crate) enum Mode {
     Nftables,
 }
 
-pub(crate) const MODES: [Mode; 5] = [
+const MODES: [Mode; 5] = [
     Mode::Direct,
     Mode::Socklb,
     Mode::Ipvs,
@@ -52,7 +52,7 @@ pub(crate) const MODES: [Mode; 5] = [
 ];
 
 impl Mode {
-    pub(crate) fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
             Mode::Socklb => "socklb",
@@ -63,16 +63,16 @@ impl Mode {
     }
 }
 
-pub(crate) fn backend(n: u8) -> String {
+fn backend(n: u8) -> String {
     format!("10.245.1.{n}:{BACKEND_PORT}")
 }
 
-pub(crate) fn backends() -> Vec<String> {
+fn backends() -> Vec<String> {
     (1..=BACKENDS).map(backend).collect()
 }
 
 /// `scale` ClusterIP services of the 12 backends.
-pub(crate) fn services(scale: u32) -> Vec<KubeService> {
+fn services(scale: u32) -> Vec<KubeService> {
     (0..scale)
         .map(|i| KubeService {
             number: i,
@@ -83,13 +83,13 @@ pub(crate) fn services(scale: u32) -> Vec<KubeService> {
 }
 
 /// The ClusterIP:port under test in a table of `scale` services.
-pub(crate) fn cluster_ip(scale: u32) -> String {
+fn cluster_ip(scale: u32) -> String {
     format!("{}:80", vip(scale / 2))
 }
 
 /// Runs `script` with the guest's sh; fails with its output unless it
 /// succeeds.
-pub(crate) fn guest_sh(vm: &Vm, script: &str) -> Value {
+fn guest_sh(vm: &Vm, script: &str) -> Value {
     let answer = vm.exec(&["sh", "-ec", script]);
     assert_eq!(answer["status"], 0, "in the guest: {script}\n{answer}");
     answer
@@ -98,7 +98,7 @@ pub(crate) fn guest_sh(vm: &Vm, script: &str) -> Value {
 /// The backends' namespace (a process holds it), a veth pair to it, the
 /// 12 backends, the service range routed there as a pod's default route
 /// would, and room for the conntrack entries of every round.
-pub(crate) fn start_backends(vm: &Vm) {
+fn start_backends(vm: &Vm) {
     let mut serve = String::new();
     for n in 1..=BACKENDS {
         let _ = write!(
@@ -113,7 +113,10 @@ pub(crate) fn start_backends(vm: &Vm) {
         &format!(
             "setsid unshare -n sleep 2147483647 </dev/null >/dev/null 2>&1 &
              holder=$!
-             sleep 0.5
+             while [ \"$(readlink /proc/$holder/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ]; do
+               sleep 0.1
+             done
+             # busybox's ip names the peer veth0.
              ip link add vb0 type veth
              ip link set veth0 netns $holder
              ip addr add {NODE_ADDR}/24 dev vb0
@@ -163,7 +166,7 @@ fn ipvs_rules(services: &[KubeService]) -> (String, String) {
 
 /// Writes every baseline's rules for `services` to guest files, for
 /// `apply_rules` to load in each round.
-pub(crate) fn write_rules(vm: &Vm, services: &[KubeService]) {
+fn write_rules(vm: &Vm, services: &[KubeService]) {
     let (addresses, ipvs) = ipvs_rules(services);
     write_guest_file(vm, "/tmp/ipvs-addresses", &addresses);
     write_guest_file(vm, "/tmp/rules.ipvs", &ipvs);
@@ -173,7 +176,7 @@ pub(crate) fn write_rules(vm: &Vm, services: &[KubeService]) {
 
 /// Loads `mode`'s rules for `services` in the guest (`write_rules` wrote
 /// them) or, socklb, syncs its table; `clear_rules` undoes it.
-pub(crate) fn apply_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode, services: &[KubeService]) {
+fn apply_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode, services: &[KubeService]) {
     match mode {
         Mode::Direct => {}
         Mode::Socklb => {
@@ -210,7 +213,7 @@ pub(crate) fn apply_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode, services
 
 /// Undoes `apply_rules`: no mode's rules are left for the next round.
 /// (iptables-nft's tables are nftables tables: one flush clears both.)
-pub(crate) fn clear_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode) {
+fn clear_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode) {
     match mode {
         Mode::Direct => {}
         Mode::Socklb => {
@@ -228,7 +231,7 @@ pub(crate) fn clear_rules(vm: &Vm, agent: &mut AgentClient, mode: Mode) {
 }
 
 /// The booted bench guest and an agent client with an empty table.
-pub(crate) fn boot() -> (Vm, AgentClient) {
+fn boot() -> (Vm, AgentClient) {
     let vm = Vm::boot(&GuestImage::from_env("BENCH"), "socklb.bpf_stats=1");
     let options = Options {
         connect_timeout: Duration::from_secs(60),
