@@ -3,6 +3,7 @@
 //! demo on Debian's kernel builds no kernel and no fuzzer.
 
 use std::{
+    collections::BTreeSet,
     env,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -104,7 +105,8 @@ impl Need {
 /// Installs what `needs` lists and is missing; each install says how long
 /// it took.
 pub(crate) fn setup(needs: &[Need]) -> Result<()> {
-    let packages: Vec<&str> = needs
+    // A package two needs share is named once.
+    let packages: BTreeSet<&str> = needs
         .iter()
         .flat_map(|n| n.apt_packages())
         .copied()
@@ -159,7 +161,7 @@ fn cargo_install(name: &str, version: &str) -> Command {
     command
 }
 
-fn apt_packages(packages: &[&str]) -> Result<()> {
+fn apt_packages(packages: &BTreeSet<&str>) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
