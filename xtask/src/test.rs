@@ -63,13 +63,14 @@ pub(crate) fn test() -> Result<()> {
         test.args(["test", "--workspace", "--exclude", "socklb-ebpf"]);
         test
     };
-    // Compiled while the kernels may still build; they are needed to run.
-    run(test().arg("--no-run"))?;
-    // The VM tests are the ignored tests.
-    let mut test = test();
-    test.args(["--", "--include-ignored"]);
-    kernels.finish(&mut test, &binaries)?;
-    run(&mut test)?;
+    // Unit and host integration tests need no kernel: they run while the
+    // kernels may still build (their make is niced, the tests are not).
+    run(&mut test())?;
+    // The VM tests are the ignored tests, all in test targets.
+    let mut vm_tests = test();
+    vm_tests.args(["--tests", "--", "--ignored"]);
+    kernels.finish(&mut vm_tests, &binaries)?;
+    run(&mut vm_tests)?;
     // A short run of the API decode + validation fuzzer, starting from the
     // minimised corpus kept in the repository, so it re-checks what earlier
     // runs covered before it looks further. New inputs go to a scratch
