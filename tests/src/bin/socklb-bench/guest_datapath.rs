@@ -3,8 +3,8 @@
 //! many concurrent short connections to one ClusterIP of 12 backends, the
 //! backends in a network namespace of their own behind a veth pair; modes:
 //! direct to the backends, socklb, and kube-proxy's IPVS, iptables and
-//! nftables, written with Debian's own tools in the guest. Rounds
-//! alternate the modes in one boot.
+//! nftables, written with Debian's own tools in the guest. Every round
+//! runs every mode, in an order rotated each round, in one boot.
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
@@ -274,7 +274,9 @@ fn measure(vm: &Vm, agent: &mut AgentClient, scale: u32, results: &mut Results) 
     let services = services(scale);
     write_rules(vm, &services);
     for round in 0..=ROUNDS {
-        for mode in MODES {
+        // Each round starts one mode later, so no mode always runs right
+        // after the same other one.
+        for &mode in MODES.iter().cycle().skip(round).take(MODES.len()) {
             apply_rules(vm, agent, mode, &services);
             let target = match mode {
                 Mode::Direct => backends().join(","),
@@ -354,8 +356,9 @@ impl Results {
              host datapath benchmark's kube-proxy layouts; all loaded with Debian's \
              `ipvsadm -R`, `iptables-restore` and `nft -f` in the guest. The agent stays \
              attached in every mode; its table holds the services in socklb's rounds only. \
-             {ROUNDS} rounds of {LOAD_MS} ms, the modes alternated in each, after a warm-up \
-             round. Emulated: absolute figures are slow, the ratios are the result.\n\n\
+             {ROUNDS} rounds of {LOAD_MS} ms, all modes in each, each round starting \
+             with the next mode, after a warm-up round. Emulated: absolute figures are \
+             slow, the ratios are the result.\n\n\
              | services | mode | conn/s median | min - max | vs IPVS | vs direct | \
              p50 µs median | min - max | vs IPVS | p99 µs median | vs IPVS |\n\
              |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
