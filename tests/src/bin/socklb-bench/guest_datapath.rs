@@ -252,12 +252,48 @@ struct Sample {
     p99_us: f64,
 }
 
+/// The guest's CPU time per connection in one round, from /proc/stat:
+/// with the one vCPU saturated, this is what a connection costs, by where
+/// the kernel accounted it.
+#[derive(Clone, Copy)]
+struct CpuPerConnection {
+    user_us: f64,
+    system_us: f64,
+    softirq_us: f64,
+}
+
+impl CpuPerConnection {
+    /// From the `cpu` lines of /proc/stat before and after `connections`.
+    fn between(before: &str, after: &str, connections: f64) -> Self {
+        let fields = |line: &str| -> Vec<f64> {
+            line.split_whitespace()
+                .skip(1)
+                .map(|f| f.parse().unwrap_or_else(|e| panic!("{line}: {e}")))
+                .collect()
+        };
+        let (b, a) = (fields(before), fields(after));
+        // USER_HZ ticks (10 ms) of: user, nice, system, idle, iowait, irq,
+        // softirq.
+        let us = |i: usize| (a[i] - b[i]) * 10_000.0 / connections;
+        CpuPerConnection {
+            user_us: us(0) + us(1),
+            system_us: us(2) + us(5),
+            softirq_us: us(6),
+        }
+    }
+
+    fn total_us(&self) -> f64 {
+        self.user_us + self.system_us + self.softirq_us
+    }
+}
+
 /// Connections per second and latencies, (services, mode) -> one sample
-/// per round; socklb's hooks: (services, hook) -> (ns per call, calls per
-/// connection), one per round.
+/// per round, with the CPU it took; socklb's hooks: (services, hook) ->
+/// (ns per call, calls per connection), one per round.
 #[derive(Default)]
 struct Results {
     samples: BTreeMap<(u32, Mode), Vec<Sample>>,
+    cpu: BTreeMap<(u32, Mode), Vec<CpuPerConnection>>,
     hooks: BTreeMap<(u32, String), Vec<(f64, f64)>>,
 }
 
@@ -286,7 +322,9 @@ fn measure(vm: &Vm, agent: &mut AgentClient, scale: u32, results: &mut Results) 
             let answer = guest_sh(
                 vm,
                 &format!(
-                    "socklb-testkit load {target} --threads {THREADS} --ms {}",
+                    "head -n1 /proc/stat >&2
+                     socklb-testkit load {target} --threads {THREADS} --ms {}
+                     head -n1 /proc/stat >&2",
                     // Round 0 warms every mode up and is not counted.
                     if round == 0 { "500" } else { LOAD_MS }
                 ),
@@ -317,8 +355,19 @@ fn measure(vm: &Vm, agent: &mut AgentClient, scale: u32, results: &mut Results) 
                     p50_us: load["p50_us"].as_f64().unwrap(),
                     p99_us: load["p99_us"].as_f64().unwrap(),
                 });
+            let connections = load["connections"].as_f64().unwrap();
+            let stat: Vec<&str> = answer["stderr"]
+                .as_str()
+                .unwrap_or_default()
+                .lines()
+                .collect();
+            assert_eq!(stat.len(), 2, "/proc/stat around the load: {answer}");
+            results
+                .cpu
+                .entry((scale, mode))
+                .or_default()
+                .push(CpuPerConnection::between(stat[0], stat[1], connections));
             if mode == Mode::Socklb {
-                let connections = load["connections"].as_f64().unwrap();
                 for (b, a) in before.iter().zip(&after) {
                     let calls = (a.run_count - b.run_count) as f64;
                     if calls > 0.0 {
@@ -391,6 +440,33 @@ impl Results {
                 ratio(p50, Mode::Ipvs),
                 self.median(scale, mode, p99),
                 ratio(p99, Mode::Ipvs),
+            );
+        }
+        out.push_str(
+            "\n### Where a connection's time goes\n\nThe guest's CPU time per connection \
+             (`/proc/stat` around each round; the one vCPU is saturated, so this is the \
+             connection's cost), µs, medians over the rounds; system includes hard \
+             interrupts. The difference from direct is what each mode adds.\n\n\
+             | services | mode | user | system | softirq | total | vs direct |\n\
+             |---:|---|---:|---:|---:|---:|---:|\n",
+        );
+        for (&(scale, mode), values) in &self.cpu {
+            let median = |figure: fn(&CpuPerConnection) -> f64| {
+                summary(&values.iter().map(figure).collect::<Vec<_>>()).1
+            };
+            let direct: Vec<f64> = self.cpu[&(scale, Mode::Direct)]
+                .iter()
+                .map(CpuPerConnection::total_us)
+                .collect();
+            let total = median(CpuPerConnection::total_us);
+            let _ = writeln!(
+                out,
+                "| {scale} | {} | {:.0} | {:.0} | {:.0} | {total:.0} | {:+.0} |",
+                mode.name(),
+                median(|c| c.user_us),
+                median(|c| c.system_us),
+                median(|c| c.softirq_us),
+                total - summary(&direct).1,
             );
         }
         out.push_str(
