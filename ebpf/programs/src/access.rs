@@ -188,8 +188,10 @@ impl<'a> SockAddr<'a> {
     /// The socket the syscall works on.
     #[inline(always)]
     fn sock(&self) -> Option<*mut bpf_sock> {
-        // SAFETY: as in `user_ip4`; the verifier types this field
-        // PTR_TO_SOCKET_OR_NULL, hence the check.
+        // SAFETY: as in `user_ip4`. The verifier types this field
+        // PTR_TO_SOCKET (`sock_addr_is_valid_access`), so it is never null
+        // in a sock_addr program; the check keeps the accessor safe to call
+        // on any context and costs one compare.
         let sk: *mut bpf_sock = unsafe { (*self.sa).__bindgen_anon_1.sk };
         (!sk.is_null()).then_some(sk)
     }
