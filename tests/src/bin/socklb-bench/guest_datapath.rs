@@ -445,8 +445,10 @@ impl Results {
         out.push_str(
             "\n### Where a connection's time goes\n\nThe guest's CPU time per connection \
              (`/proc/stat` around each round; the one vCPU is saturated, so this is the \
-             connection's cost), µs, medians over the rounds; system includes hard \
-             interrupts. The difference from direct is what each mode adds.\n\n\
+             connection's cost), µs, medians over the rounds, each column and the total \
+             its own (so the columns need not add up); system includes hard interrupts. \
+             Sampled at the guest's 250 Hz tick: one round's figure is good to about \
+             ±15 µs. The difference from direct is what each mode adds.\n\n\
              | services | mode | user | system | softirq | total | vs direct |\n\
              |---:|---|---:|---:|---:|---:|---:|\n",
         );
