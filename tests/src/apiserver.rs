@@ -22,13 +22,23 @@
 //!   defaulted fields (`type`, `clusterIPs`, `ipFamilies`, `ipFamilyPolicy`,
 //!   `sessionAffinity`, `internalTrafficPolicy`, port protocols and target
 //!   ports, node ports), metadata with uid, creationTimestamp and
-//!   managedFields.
+//!   managedFields;
+//! - only TLS, with a server certificate for IP 127.0.0.1 signed by a CA
+//!   made at each start (no key material is kept anywhere), and every
+//!   request authenticated as a service account's is: without
+//!   `Authorization: Bearer` and this server's token it is answered 401
+//!   with the Status kube-apiserver sends, whatever it asked, and counted
+//!   ([`FakeApiServer::unauthorized`]). [`FakeApiServer::kubeconfig`]
+//!   names the CA and the token; a test of the in-cluster path puts
+//!   [`FakeApiServer::ca_pem`] and [`FakeApiServer::token`] where a pod
+//!   has them.
 //!
 //! Tests change objects, send bookmarks, drop every open watch, make watches
 //! lag, compact history, and expire a list's continue token.
 
 use std::{
     collections::BTreeMap,
+    hash::{BuildHasher as _, RandomState},
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -36,6 +46,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
+use rustls::{
+    ServerConfig, ServerConnection, StreamOwned,
+    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+};
 use serde_json::{Value, json};
 
 /// How often an open watch that asked for bookmarks gets one (a real API
@@ -111,12 +126,20 @@ struct State {
     watches: BTreeMap<Kind, usize>,
     bookmarks_sent: BTreeMap<Kind, usize>,
     expired: usize,
+    /// Requests answered 401: no token, or another one.
+    unauthorized: usize,
 }
 
 pub struct FakeApiServer {
     addr: SocketAddr,
     state: Arc<(Mutex<State>, Condvar)>,
+    /// The PEM of the CA that signed the server's certificate.
+    ca_pem: String,
+    token: String,
 }
+
+/// A client's connection: TLS over the accepted socket.
+type Stream = StreamOwned<ServerConnection, TcpStream>;
 
 impl FakeApiServer {
     /// Listens on a loopback port of this machine (the client is the host
@@ -124,29 +147,57 @@ impl FakeApiServer {
     pub fn start() -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the fake API server");
         let addr = listener.local_addr().expect("address");
+        let (ca_pem, tls) = certificates();
+        // 128 random bits, as a service account's token is unguessable.
+        let random = RandomState::new();
+        let token = format!("{:016x}{:016x}", random.hash_one(1), random.hash_one(2));
         let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
         let shared = state.clone();
+        let expected = token.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let state = shared.clone();
-                std::thread::spawn(move || serve_connection(stream, &state));
+                let (state, tls, token) = (shared.clone(), tls.clone(), expected.clone());
+                std::thread::spawn(move || serve_tls(stream, tls, &token, &state));
             }
         });
-        FakeApiServer { addr, state }
+        FakeApiServer {
+            addr,
+            state,
+            ca_pem,
+            token,
+        }
     }
 
-    /// Writes a kubeconfig for this server into `dir`.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA a client verifies this server's certificate against (PEM), as
+    /// a pod's `ca.crt`.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The bearer token this server accepts, as a pod's service account
+    /// token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Writes a kubeconfig for this server into `dir`: its https address,
+    /// its CA and its token.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
         let path = dir.join("kubeconfig");
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let text = format!(
             "apiVersion: v1
 kind: Config
-clusters: [{{name: fake, cluster: {{server: 'http://{}'}}}}]
-users: [{{name: fake, user: {{}}}}]
+clusters: [{{name: fake, cluster: {{server: 'https://{}', certificate-authority-data: '{ca}'}}}}]
+users: [{{name: fake, user: {{token: '{}'}}}}]
 contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]
 current-context: fake
 ",
-            self.addr
+            self.addr, self.token
         );
         std::fs::write(&path, text).expect("write kubeconfig");
         path
@@ -290,11 +341,55 @@ current-context: fake
         self.state.0.lock().unwrap().expired
     }
 
+    /// How many requests were answered 401 Unauthorized: without a bearer
+    /// token, or with another than [`FakeApiServer::token`].
+    pub fn unauthorized(&self) -> usize {
+        self.state.0.lock().unwrap().unauthorized
+    }
+
     fn change(&self, change: impl FnOnce(&mut State)) {
         let (lock, wake) = &*self.state;
         change(&mut lock.lock().unwrap());
         wake.notify_all();
     }
+}
+
+/// A test CA, made now, and the server's TLS configuration: a certificate
+/// for IP 127.0.0.1 that CA signed. Returns the CA's PEM.
+fn certificates() -> (String, Arc<ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "socklb test CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key).expect("the CA certificate").pem();
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+
+    let server_key = rcgen::KeyPair::generate().expect("a server key");
+    let mut server =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("an IP SAN");
+    server
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-apiserver");
+    server.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let certificate = server
+        .signed_by(&server_key, &issuer)
+        .expect("the server certificate");
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.der().clone()], key)
+        .expect("the server's TLS configuration");
+    (ca_pem, Arc::new(config))
 }
 
 fn count(counts: &BTreeMap<Kind, usize>, kind: Kind) -> usize {
@@ -427,6 +522,7 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 
 fn reason_of(code: u16) -> &'static str {
     match code {
+        401 => "Unauthorized",
         403 => "Forbidden",
         410 => "Expired",
         429 => "TooManyRequests",
@@ -437,7 +533,7 @@ fn reason_of(code: u16) -> &'static str {
     }
 }
 
-fn respond(stream: &mut TcpStream, code: u16, extra_headers: &str, body: &str) -> bool {
+fn respond(stream: &mut Stream, code: u16, extra_headers: &str, body: &str) -> bool {
     let head = format!(
         "HTTP/1.1 {code} {}\r\ncontent-type: application/json\r\n{extra_headers}content-length: {}\r\n\r\n",
         reason_of(code),
@@ -449,20 +545,53 @@ fn respond(stream: &mut TcpStream, code: u16, extra_headers: &str, body: &str) -
         .is_ok()
 }
 
-fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
-    let mut stream = stream;
+/// Serves one client over TLS (the handshake happens on the first read),
+/// and closes as a TLS server does, with close_notify.
+fn serve_tls(
+    socket: TcpStream,
+    tls: Arc<ServerConfig>,
+    token: &str,
+    state: &(Mutex<State>, Condvar),
+) {
+    let Ok(connection) = ServerConnection::new(tls) else {
+        return;
+    };
+    let mut reader = BufReader::new(StreamOwned::new(connection, socket));
+    serve_connection(&mut reader, token, state);
+    let stream = reader.get_mut();
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
+}
+
+fn serve_connection(reader: &mut BufReader<Stream>, token: &str, state: &(Mutex<State>, Condvar)) {
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
-        // Headers (the fake needs none of them).
+        // Of the headers, the fake reads only the credentials.
+        let mut authorized = false;
         loop {
             let mut header = String::new();
             if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
                 break;
             }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("authorization")
+            {
+                authorized = value.trim().strip_prefix("Bearer ") == Some(token);
+            }
+        }
+        // Reads are done with: the rest of this request only writes.
+        let stream = reader.get_mut();
+        // As kube-apiserver, authentication first, whatever the path.
+        if !authorized {
+            state.0.lock().unwrap().unauthorized += 1;
+            let body = status(401, "Unauthorized", "Unauthorized").to_string();
+            if !respond(stream, 401, "", &body) {
+                return;
+            }
+            continue;
         }
         let target = request_line
             .split_whitespace()
@@ -483,7 +612,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
             Ok(selector) => selector,
             Err(message) => {
                 let body = status(400, "BadRequest", &message).to_string();
-                if !respond(&mut stream, 400, "", &body) {
+                if !respond(stream, 400, "", &body) {
                     return;
                 }
                 continue;
@@ -496,7 +625,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
                 ""
             };
             let body = status(code, reason_of(code), "failing on demand").to_string();
-            if !respond(&mut stream, code, retry_after, &body) {
+            if !respond(stream, code, retry_after, &body) {
                 return;
             }
             continue;
@@ -519,7 +648,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
                 bookmarks,
                 selector,
             };
-            serve_watch(&mut stream, state, &watch);
+            serve_watch(stream, state, &watch);
             return;
         }
         let limit: usize = params
@@ -533,7 +662,7 @@ fn serve_connection(stream: TcpStream, state: &(Mutex<State>, Condvar)) {
             params.get("continue").copied(),
             limit,
         );
-        if !respond(&mut stream, code, "", &body.to_string()) {
+        if !respond(stream, code, "", &body.to_string()) {
             return;
         }
     }
@@ -699,16 +828,16 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn serve_watch(stream: &mut TcpStream, state: &(Mutex<State>, Condvar), watch: &Watch) {
+fn serve_watch(stream: &mut Stream, state: &(Mutex<State>, Condvar), watch: &Watch) {
     let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
     if stream.write_all(head.as_bytes()).is_err() {
         return;
     }
-    let chunk = |stream: &mut TcpStream, event: Value| {
+    let chunk = |stream: &mut Stream, event: Value| {
         let line = format!("{event}\n");
         stream.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
     };
-    let gone = |stream: &mut TcpStream, rv: u64| {
+    let gone = |stream: &mut Stream, rv: u64| {
         let message = format!("too old resource version: {rv}");
         let error = json!({"type": "ERROR", "object": status(410, "Expired", &message)});
         let _ = chunk(stream, error).and_then(|()| stream.write_all(b"0\r\n\r\n"));

@@ -4,6 +4,7 @@
 //! the binaries under test and drive the shim library.
 
 pub mod agent;
+#[cfg(feature = "kubernetes")]
 pub mod apiserver;
 pub mod binaries;
 pub mod process;

@@ -2,7 +2,8 @@
 //! `socklb_tests::standin`): sandbox directories in a temporary directory
 //! (never /run/vc or /run/kata), Kata's management socket in each, an
 //! in-memory socklb agent behind hybrid vsock for each, and the fake API
-//! server. No root, no VM, no AF_VSOCK.
+//! server. No VM, no AF_VSOCK, and no root but for the in-cluster test (a
+//! mount namespace).
 
 use std::{
     collections::BTreeSet,
@@ -120,8 +121,57 @@ impl Node {
     }
 
     fn start_with(&mut self, kubeconfig: &Path, timeout_secs: u64) {
-        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
         let mut command = Command::new(shim_bin());
+        self.daemon_args(&mut command, timeout_secs)
+            .arg("--kubeconfig")
+            .arg(kubeconfig);
+        self.spawn(command);
+    }
+
+    /// Starts the daemon as a DaemonSet's pod runs it: no kubeconfig (none
+    /// in $HOME either), the API server at `KUBERNETES_SERVICE_HOST` and
+    /// `_PORT`, and the service account's `token` (this one), `ca.crt`
+    /// (`api`'s CA) and `namespace` where kube-rs reads them in a pod,
+    /// /var/run/secrets/kubernetes.io/serviceaccount. They are there only
+    /// in a mount namespace of the daemon's own, on a tmpfs over
+    /// /var/run/secrets, or over /var/run where this machine has no
+    /// /var/run/secrets (the daemon reads nothing there: its sockets and
+    /// sandbox roots are in this node's directory); all of it goes with the
+    /// daemon.
+    fn start_in_cluster(&mut self, api: &FakeApiServer, token: &str, timeout_secs: u64) {
+        let account = self.path("serviceaccount");
+        let home = self.path("home");
+        for dir in [&account, &home] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(account.join("token"), token).unwrap();
+        std::fs::write(account.join("ca.crt"), api.ca_pem()).unwrap();
+        std::fs::write(account.join("namespace"), "kube-system").unwrap();
+        const IN_A_POD: &str = r#"set -e
+account=$1
+shift
+secrets=/var/run/secrets
+if [ -d $secrets ]; then top=$secrets; else top=/var/run; fi
+mount -t tmpfs -o size=1m,mode=0755 socklb-test "$top"
+mkdir -p $secrets/kubernetes.io/serviceaccount
+cp "$account/token" "$account/ca.crt" "$account/namespace" $secrets/kubernetes.io/serviceaccount/
+exec "$@""#;
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "sh", "-c", IN_A_POD])
+            .arg("sh")
+            .arg(&account)
+            .arg(shim_bin());
+        self.daemon_args(&mut command, timeout_secs)
+            .env_remove("KUBECONFIG")
+            .env("HOME", &home)
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string());
+        self.spawn(command);
+    }
+
+    /// Adds the daemon's command line but for its kubeconfig.
+    fn daemon_args<'a>(&self, command: &'a mut Command, timeout_secs: u64) -> &'a mut Command {
         command
             .args([
                 "--timeout",
@@ -131,8 +181,6 @@ impl Node {
                 "node-a",
             ])
             .args(["--agent-port", &AGENT_PORT.to_string()])
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
             .arg("--sandbox-root")
             .arg(self.path("vc-sbs"))
             .arg("--sandbox-root")
@@ -151,8 +199,11 @@ impl Node {
                 "1",
             ])
             .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log);
+    }
+
+    fn spawn(&mut self, mut command: Command) {
+        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
+        command.stdout(Stdio::null()).stderr(log);
         die_with_parent(&mut command);
         self.daemon = Some(command.spawn().expect("start socklb-shim node"));
     }
@@ -876,15 +927,8 @@ impl ApiLink {
     /// A link to `api` and a kubeconfig in `node`'s directory that uses it.
     fn to(api: &FakeApiServer, node: &Node) -> (ApiLink, PathBuf) {
         let original = api.kubeconfig(node.dir.path());
-        let upstream: SocketAddr = std::fs::read_to_string(&original)
-            .unwrap()
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split('\'').next())
-            .and_then(|addr| addr.parse().ok())
-            .expect("the fake API server's address in its kubeconfig");
-        let link = ApiLink::start(upstream);
-        let kubeconfig = link.kubeconfig(&original, upstream);
+        let link = ApiLink::start(api.addr());
+        let kubeconfig = link.kubeconfig(&original, api.addr());
         (link, kubeconfig)
     }
 
@@ -1012,6 +1056,68 @@ fn healthz_fails_without_a_table_and_while_the_watch_stays_broken() {
         || healthz("503", "the Kubernetes watch has been failing for"),
     );
     assert!(live(), "{}", node.http("/livez"));
+}
+
+/// The daemon as a DaemonSet runs it (see `Node::start_in_cluster`):
+/// kube-rs's in-cluster configuration, TLS verified against the service
+/// account's CA, its token on every request. With another token the API
+/// server answers 401 and the sandbox gets no table; with the service
+/// account's, the sandbox gets it and nothing is refused.
+#[test]
+fn in_cluster_the_service_accounts_ca_and_token_reach_the_api_server() {
+    socklb_tests::require_root!();
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    let secrets = Path::new("/var/run/secrets/kubernetes.io");
+    let there_before = secrets.exists();
+    {
+        let mut node = Node::new();
+        let (uds, url) = node.vsock("a");
+        let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+        let _shim = node.sandbox("kata", "a", &url);
+        node.start_in_cluster(&api, "not-the-service-accounts-token", 3);
+        converge(
+            &node,
+            "another token refused 401",
+            Duration::from_secs(20),
+            || api.unauthorized() > 0,
+        );
+        // Retries refused as well, and still no table.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            (agent.syncs(), lines(&agent)),
+            (0, BTreeSet::new()),
+            "a table without the token; daemon log:\n{}",
+            node.log()
+        );
+    }
+    // What the stopped daemon had sent is answered by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let refused = api.unauthorized();
+
+    let mut node = Node::new();
+    let (uds, url) = node.vsock("a");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let _shim = node.sandbox("kata", "a", &url);
+    node.start_in_cluster(&api, api.token(), 3);
+    let expected = set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]);
+    converge(
+        &node,
+        "the table through the in-cluster configuration",
+        Duration::from_secs(20),
+        || lines(&agent) == expected,
+    );
+    assert_eq!(
+        api.unauthorized(),
+        refused,
+        "requests refused with the service account's token"
+    );
+    assert_eq!(
+        secrets.exists(),
+        there_before,
+        "the service account's files left the daemon's mount namespace"
+    );
 }
 
 /// Where a sandbox's hybrid vsock socket is for Kata: a link to the socket
