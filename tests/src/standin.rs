@@ -9,14 +9,15 @@
 //!   in memory (the only layer faked, as aya fakes only its syscalls),
 //!   behind the hybrid vsock handshake (`CONNECT <port>\n` -> `OK <n>\n`)
 //!   on a unix socket, as vhost-device-vsock, Firecracker and Cloud
-//!   Hypervisor offer a guest port;
+//!   Hypervisor offer a guest port; it counts the requests of each method
+//!   as its ttrpc server hands them to the agent's handlers;
 //! - [`SilentAgent`]: a hybrid vsock socket that accepts and never answers;
 //! - [`HybridFront`]: hybrid vsock in front of a real agent's unix socket.
 //!
 //! All run on the caller's tokio runtime.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -37,7 +38,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     task::JoinHandle,
 };
-use ttrpc::r#async::{Server, transport::Listener};
+use ttrpc::r#async::{MethodHandler, Server, Service, TtrpcContext, transport::Listener};
 
 /// Kata's shim management socket for one sandbox.
 pub struct KataShim {
@@ -153,6 +154,65 @@ impl Serializer for RequestKey {
     }
 }
 
+/// The requests of each method (`Digest`, `List`, `Sync`, ...) a server
+/// was handed, and when the first one came.
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<BTreeMap<String, (u64, Instant)>>>);
+
+impl Calls {
+    /// `services` with each method's handler behind one that counts its
+    /// requests: what the agent answers is its own handlers' answer.
+    fn count(&self, services: HashMap<String, Service>) -> HashMap<String, Service> {
+        services
+            .into_iter()
+            .map(|(name, service)| {
+                let methods = service
+                    .methods
+                    .into_iter()
+                    .map(|(method, handler)| {
+                        let counted = Counted {
+                            method: method.clone(),
+                            calls: self.clone(),
+                            inner: handler,
+                        };
+                        let counted: Box<dyn MethodHandler + Send + Sync> = Box::new(counted);
+                        (method, counted)
+                    })
+                    .collect();
+                let streams = service.streams;
+                (name, Service { methods, streams })
+            })
+            .collect()
+    }
+
+    fn called(&self, method: &str) {
+        let mut calls = self.0.lock().unwrap();
+        calls
+            .entry(method.to_string())
+            .or_insert_with(|| (0, Instant::now()))
+            .0 += 1;
+    }
+}
+
+/// One method's handler, counted.
+struct Counted {
+    method: String,
+    calls: Calls,
+    inner: Box<dyn MethodHandler + Send + Sync>,
+}
+
+#[async_trait::async_trait]
+impl MethodHandler for Counted {
+    async fn handler(
+        &self,
+        ctx: TtrpcContext,
+        request: ttrpc::Request,
+    ) -> ttrpc::Result<ttrpc::Response> {
+        self.calls.called(&self.method);
+        self.inner.handler(ctx, request).await
+    }
+}
+
 /// The real agent API (`socklb_agent::rpc::Rpc` over its `ServiceTable`)
 /// with the table kept in memory instead of eBPF maps, behind hybrid vsock
 /// on a unix socket.
@@ -161,6 +221,7 @@ pub struct StandInAgent {
     table: Arc<Mutex<ServiceTable>>,
     write_faults: WriteFaults,
     writes: WritesLogged,
+    calls: Calls,
     server: Server,
 }
 
@@ -178,15 +239,17 @@ impl StandInAgent {
             .expect("empty maps in memory");
         let table = Arc::new(Mutex::new(ServiceTable::new(programmed)));
         let rpc = Arc::new(Rpc::new(table.clone(), false, &log));
+        let calls = Calls::default();
         let mut server = Server::new()
             .add_listener(Listener::new(accepts))
-            .register_service(rpc.services());
+            .register_service(calls.count(rpc.services()));
         server.start().await.expect("start the stand-in agent");
         StandInAgent {
             uds: uds.into(),
             table,
             write_faults,
             writes,
+            calls,
             server,
         }
     }
@@ -234,6 +297,18 @@ impl StandInAgent {
     /// Whole-table Syncs it applied that arrived in parts.
     pub fn syncs_in_parts(&self) -> u64 {
         self.writes.count(&["sync in parts"])
+    }
+
+    /// Requests for `method` (as the API names it: `Digest`, `List`,
+    /// `Sync`, `SyncBegin`, `Upsert`, `Check`, ...) it was handed, answered
+    /// or refused.
+    pub fn calls(&self, method: &str) -> u64 {
+        self.calls.0.lock().unwrap().get(method).map_or(0, |c| c.0)
+    }
+
+    /// When it was handed its first request for `method`.
+    pub fn first_call(&self, method: &str) -> Option<Instant> {
+        self.calls.0.lock().unwrap().get(method).map(|c| c.1)
     }
 
     /// Writes of any kind it applied, and when it applied the last one.

@@ -64,6 +64,8 @@ struct Node {
     dir: tempfile::TempDir,
     daemon: Option<Child>,
     metrics: SocketAddr,
+    /// `--verify-secs`: 1 unless a test says otherwise.
+    verify_secs: u64,
     /// More arguments for `socklb-shim node`.
     args: Vec<String>,
 }
@@ -81,6 +83,7 @@ impl Node {
             dir,
             daemon: None,
             metrics,
+            verify_secs: 1,
             args: Vec::new(),
         }
     }
@@ -190,14 +193,8 @@ exec "$@""#;
             .arg("--status-socket")
             .arg(self.path("node.sock"))
             .args(["--metrics-addr", &self.metrics.to_string()])
-            .args([
-                "--batch-ms",
-                "10",
-                "--rescan-ms",
-                "500",
-                "--verify-secs",
-                "1",
-            ])
+            .args(["--batch-ms", "10", "--rescan-ms", "500"])
+            .args(["--verify-secs", &self.verify_secs.to_string()])
             .args(&self.args)
     }
 
@@ -504,6 +501,70 @@ fn a_resent_write_is_refused_by_generation() {
             && line.contains("the write expects the table at generation")
     });
     assert!(refused, "the resend was not refused by generation:\n{log}");
+}
+
+/// A verification round asks each agent (API 1.3 and later) for the
+/// digest of its table only: never the table itself (List), and no whole
+/// Sync while nothing changed. Sandboxes found together start their checks
+/// at random points of the interval, not at one moment. An idle agent is
+/// looked at on its 5 s health tick and its digest asked on the first tick
+/// past the interval, so an interval of three ticks shows the spread (one
+/// of 1 s would ask on every tick, every sandbox's on the same one).
+#[test]
+fn a_verification_round_asks_only_digests_spread_over_its_interval() {
+    const CHECKED: usize = 12;
+    const EVERY: Duration = Duration::from_secs(15);
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    let mut node = Node::new();
+    let mut agents = Vec::new();
+    let mut shims = Vec::new();
+    for i in 0..CHECKED {
+        let id = format!("sb-{i:02}");
+        let (uds, url) = node.vsock(&id);
+        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
+        shims.push(node.sandbox("kata", &id, &url));
+    }
+    node.verify_secs = EVERY.as_secs();
+    let started = Instant::now();
+    node.start(&api, 10);
+    converge(&node, "every agent synced", Duration::from_secs(20), || {
+        agents.iter().all(|a| a.syncs() == 1)
+    });
+    converge(
+        &node,
+        "every agent's table verified",
+        EVERY + Duration::from_secs(10),
+        || {
+            agents
+                .iter()
+                .all(|a| a.calls("Digest") + a.calls("List") > 0)
+        },
+    );
+    for (i, agent) in agents.iter().enumerate() {
+        let whole = agent.calls("Sync") + agent.calls("SyncBegin");
+        let changes = agent.calls("Upsert") + agent.calls("Delete");
+        assert_eq!(
+            (agent.calls("List"), whole, changes),
+            (0, 1, 0),
+            "sandbox sb-{i:02}: (Lists, whole Syncs, Upserts and Deletes) besides its digests"
+        );
+    }
+    let firsts: Vec<Instant> = agents
+        .iter()
+        .map(|a| a.first_call("Digest").expect("a digest asked"))
+        .collect();
+    let spread = *firsts.iter().max().unwrap() - *firsts.iter().min().unwrap();
+    let after: Vec<String> = firsts
+        .iter()
+        .map(|first| format!("{:.1?}", *first - started))
+        .collect();
+    assert!(
+        spread >= Duration::from_secs(4),
+        "the first digests were asked {after:?} after the daemon started: \
+         at one moment, not spread over {EVERY:?}"
+    );
 }
 
 /// An API server holding Service web (10.96.0.20:80) on one endpoint,
