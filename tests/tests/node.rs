@@ -567,6 +567,146 @@ fn a_verification_round_asks_only_digests_spread_over_its_interval() {
     );
 }
 
+/// A Service named `name` on `vip` with ports 1..=`ports` (TCP) and no
+/// endpoints.
+fn service_with_ports(name: &str, vip: &str, ports: u16) -> Value {
+    let ports: Vec<Value> = (1..=ports)
+        .map(|port| json!({"name": format!("p{port}"), "port": port, "targetPort": port}))
+        .collect();
+    json!({"metadata": {"namespace": "default", "name": name},
+           "spec": {"clusterIP": vip, "ports": ports}})
+}
+
+/// `socklb_node_services_left_out` on the daemon's `/metrics`.
+fn left_out_metric(node: &Node) -> u64 {
+    let metrics = node.metrics();
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("socklb_node_services_left_out ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no socklb_node_services_left_out in\n{metrics}"))
+}
+
+/// The datapath holds 65,536 services (VIP, port, protocol): the size of
+/// the agent's maps, a constant, so this cluster is that big. Web
+/// (10.96.0.20:80) and 256 Services of 256 ports each on 10.97.N.1, after
+/// it in key order, pass it by one. Past it the node programs what fits, in
+/// key order, and says what does not (log, `node status`, metric); a change
+/// that takes the cluster past it re-fits the table, so the sandbox keeps
+/// what fits and gets each later change of it: never stale backends.
+#[test]
+fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
+    const FILL: u16 = 256;
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    for n in 0..FILL {
+        let fill = service_with_ports(&format!("fill-{n}"), &format!("10.97.{n}.1"), 256);
+        api.apply(Kind::Service, fill);
+    }
+    let last_port_of = |n: u16| format!("10.97.{n}.1:256/TCP");
+    let mut node = Node::new();
+    let (uds, url) = node.vsock("cap");
+    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+    let _shim = node.sandbox("kata", "cap", &url);
+    // A whole table at capacity in a debug build: generous.
+    node.start(&api, 60);
+    // The status once a table newer than `after` is the sandbox's.
+    let caught_up = |what: &str, after: u64, timeout: Duration| {
+        let mut status = Value::Null;
+        converge(&node, what, timeout, || {
+            status = node.status();
+            let row = status["sandboxes"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|row| row["id"] == "cap"))
+                .cloned()
+                .unwrap_or_default();
+            status["version"].as_u64().unwrap_or(0) > after
+                && row["state"] == "in_sync"
+                && row["lag"] == 0
+        });
+        status
+    };
+
+    // Over capacity from the start: all but the last in key order.
+    converge(&node, "the first table", Duration::from_secs(120), || {
+        agent.syncs() == 1
+    });
+    let status = caught_up("the first table acknowledged", 0, Duration::from_secs(10));
+    assert_eq!(
+        (&status["services"], &status["services_left_out"]),
+        (&json!(65_536), &json!([last_port_of(255)])),
+        "(services, left out)"
+    );
+    let held = lines(&agent);
+    assert_eq!(held.len(), 65_536);
+    assert!(held.contains("10.96.0.20:80/TCP -> [10.244.1.1:8080]"));
+    assert!(!held.contains(&format!("{} -> []", last_port_of(255))));
+    assert_eq!(left_out_metric(&node), 1);
+    let text = succeeds(
+        Command::new(shim_bin())
+            .args(["node", "status", "--status-socket"])
+            .arg(node.path("node.sock"))
+            .output()
+            .expect("run socklb-shim node status"),
+    );
+    let said = format!(
+        "1 services do not fit the datapath and are not programmed (first: {})",
+        last_port_of(255)
+    );
+    assert!(text.contains(&said), "{text}");
+    assert!(
+        node.log()
+            .contains("the cluster's services do not fit the datapath: programming what fits")
+    );
+
+    // Back within it: nothing is left out.
+    let version = status["version"].as_u64().unwrap();
+    api.delete(Kind::Service, "default", "fill-255");
+    let status = caught_up("fill-255 gone", version, Duration::from_secs(30));
+    assert_eq!(status["services_left_out"], json!([]));
+    assert_eq!(lines(&agent).len(), 65_536 - 255);
+    assert_eq!(left_out_metric(&node), 0);
+
+    // A change past it: big comes before the fill in key order, so the
+    // re-fit programs all of big and leaves fill-254's last port out.
+    let version = status["version"].as_u64().unwrap();
+    api.apply(Kind::Service, service_with_ports("big", "10.96.0.30", 256));
+    let status = caught_up(
+        "big past capacity, the table re-fitted",
+        version,
+        Duration::from_secs(30),
+    );
+    assert_eq!(status["services_left_out"], json!([last_port_of(254)]));
+    let held = lines(&agent);
+    assert_eq!(held.len(), 65_536);
+    assert!((1..=256).all(|port| held.contains(&format!("10.96.0.30:{port}/TCP -> []"))));
+    assert!(!held.contains(&format!("{} -> []", last_port_of(254))));
+    assert_eq!(left_out_metric(&node), 1);
+
+    // Still past it, web's endpoints change: the sandbox gets the new one.
+    let version = status["version"].as_u64().unwrap();
+    let syncs = agent.syncs();
+    api.apply(Kind::EndpointSlice, slice("web", &["10.244.1.2"]));
+    let status = caught_up("web's new endpoint", version, Duration::from_secs(30));
+    assert_eq!(status["services_left_out"], json!([last_port_of(254)]));
+    let held = lines(&agent);
+    assert_eq!(held.len(), 65_536);
+    assert!(held.contains("10.96.0.20:80/TCP -> [10.244.1.2:8080]"));
+    assert!(
+        !held.iter().any(|line| line.contains("10.244.1.1:")),
+        "a stale backend"
+    );
+    assert_eq!(
+        agent.syncs(),
+        syncs,
+        "a change of what fits went out as the whole table"
+    );
+}
+
 /// An API server holding Service web (10.96.0.20:80) on one endpoint,
 /// 10.244.1.1: what most of these tests start from.
 fn web_api() -> FakeApiServer {
