@@ -8,7 +8,10 @@
 //! - watches stream chunked JSON events after a resourceVersion; a watch
 //!   from a version older than the compaction point gets 410 Expired, and an
 //!   open watch that lagged behind a compaction gets an ERROR event with
-//!   status 410 mid-stream (the client then lists again);
+//!   status 410 mid-stream (the client then lists again); a watch without a
+//!   resourceVersion, or from "0", first gets a synthetic ADDED event for
+//!   every object there is, as kube-apiserver sends the state it starts
+//!   from;
 //! - watches that ask for bookmarks get one every [`BOOKMARK_INTERVAL`],
 //!   and only they get one;
 //! - field selectors on `metadata.name` and `metadata.namespace` (`=`,
@@ -631,10 +634,10 @@ fn serve_connection(reader: &mut BufReader<Stream>, token: &str, state: &(Mutex<
             continue;
         }
         if matches!(params.get("watch"), Some(&"true" | &"1")) {
-            let from: u64 = params
+            let from: Option<u64> = params
                 .get("resourceVersion")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+                .filter(|rv| *rv != 0);
             let timeout = params
                 .get("timeoutSeconds")
                 .and_then(|v| v.parse().ok())
@@ -746,8 +749,9 @@ fn list_page(
 
 struct Watch {
     kind: Kind,
-    /// Events after this resourceVersion (0: from now).
-    from: u64,
+    /// Events after this resourceVersion; `None` (none given, or "0"):
+    /// every object as ADDED, then events from now.
+    from: Option<u64>,
     timeout: Duration,
     bookmarks: bool,
     selector: FieldSelector,
@@ -844,10 +848,19 @@ fn serve_watch(stream: &mut Stream, state: &(Mutex<State>, Condvar), watch: &Wat
     };
     let (lock, wake) = state;
     let mut guard = lock.lock().unwrap();
-    let from = if watch.from == 0 {
-        guard.resource_version
-    } else {
-        watch.from
+    let (from, initial) = match watch.from {
+        Some(from) => (from, vec![]),
+        None => {
+            let objects = guard
+                .objects
+                .iter()
+                .filter(|((kind, ..), object)| {
+                    *kind == watch.kind && watch.selector.matches(object)
+                })
+                .map(|(_, object)| json!({"type": "ADDED", "object": object}))
+                .collect();
+            (guard.resource_version, objects)
+        }
     };
     if from < guard.compacted_below {
         guard.expired += 1;
@@ -862,6 +875,15 @@ fn serve_watch(stream: &mut Stream, state: &(Mutex<State>, Condvar), watch: &Wat
     let mut sent = guard.events.partition_point(|(rv, ..)| *rv <= from);
     let mut position = from;
     let mut last_bookmark = Instant::now();
+    if !initial.is_empty() {
+        drop(guard);
+        for event in initial {
+            if chunk(stream, event).is_err() {
+                return;
+            }
+        }
+        guard = lock.lock().unwrap();
+    }
     loop {
         // A dropped watch sends nothing more, not even what is pending.
         if guard.watch_epoch != epoch {
@@ -917,5 +939,89 @@ fn serve_watch(stream: &mut Stream, state: &(Mutex<State>, Condvar), watch: &Wat
             .wait_timeout(guard, Duration::from_millis(200))
             .unwrap()
             .0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::{
+        ClientConfig, ClientConnection, RootCertStore,
+        pki_types::{CertificateDer, ServerName, pem::PemObject as _},
+    };
+
+    use super::*;
+
+    /// The first `count` events of a Node watch with `query`, read as a
+    /// client that trusts this server's CA and sends its token.
+    fn node_watch_events(server: &FakeApiServer, query: &str, count: usize) -> Vec<Value> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(server.ca_pem().as_bytes()).unwrap())
+            .unwrap();
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tcp = TcpStream::connect(server.addr()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream =
+            StreamOwned::new(ClientConnection::new(Arc::new(config), name).unwrap(), tcp);
+        write!(
+            stream,
+            "GET {}?watch=true{query} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {}\r\n\r\n",
+            Kind::Node.path(),
+            server.token()
+        )
+        .unwrap();
+        let mut lines = BufReader::new(stream).lines().map(|line| line.unwrap());
+        // The head, then one event per chunk: its size, the event, its end.
+        assert!(lines.next().unwrap().contains(" 200 "));
+        lines
+            .by_ref()
+            .take_while(|line| !line.is_empty())
+            .for_each(drop);
+        (0..count)
+            .map(|_| {
+                let _size = lines.next().unwrap();
+                let event = serde_json::from_str(&lines.next().unwrap()).unwrap();
+                let _end = lines.next().unwrap();
+                event
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_watch_from_no_version_or_0_starts_with_every_object_added() {
+        let names = |events: Vec<Value>| -> Vec<String> {
+            events
+                .iter()
+                .map(|e| format!("{} {}", e["type"], e["object"]["metadata"]["name"]))
+                .collect()
+        };
+        for query in ["", "&resourceVersion=0", "&resourceVersion=2"] {
+            let server = FakeApiServer::start();
+            for name in ["node-a", "node-b"] {
+                server.apply(Kind::Node, json!({"metadata": {"name": name}}));
+            }
+            let expected = match query {
+                "&resourceVersion=2" => vec![r#""ADDED" "node-c""#],
+                _ => vec![
+                    r#""ADDED" "node-a""#,
+                    r#""ADDED" "node-b""#,
+                    r#""ADDED" "node-c""#,
+                ],
+            };
+            let events = std::thread::scope(|scope| {
+                let watch = scope.spawn(|| node_watch_events(&server, query, expected.len()));
+                // What happens after the watch started comes after.
+                std::thread::sleep(Duration::from_millis(300));
+                server.apply(Kind::Node, json!({"metadata": {"name": "node-c"}}));
+                watch.join().unwrap()
+            });
+            assert_eq!(names(events), expected, "a watch with {query:?}");
+        }
     }
 }
