@@ -111,6 +111,19 @@ impl Node {
         std::fs::write(dir.join("config.json"), annotations.to_string()).unwrap();
     }
 
+    /// Sandbox `id` under `root` with a stand-in agent behind its hybrid
+    /// vsock socket. Called inside `runtime`.
+    fn stand_in_sandbox(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        root: &str,
+        id: &str,
+    ) -> (StandInAgent, KataShim) {
+        let (uds, url) = self.vsock(id);
+        let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
+        (agent, self.sandbox(root, id, &url))
+    }
+
     /// The hybrid vsock socket of sandbox `id` and the URL Kata gives it.
     fn vsock(&self, id: &str) -> (PathBuf, String) {
         let uds = self.path("vsock").join(format!("{id}.sock"));
@@ -287,15 +300,12 @@ fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
     let _entered = runtime.enter();
     let api = web_api();
     let mut node = Node::new();
-    let mut agents = Vec::new();
-    let mut shims = Vec::new();
-    for i in 0..SANDBOXES {
-        let id = format!("sb-{i:03}");
-        let (uds, url) = node.vsock(&id);
-        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
-        let root = if i % 2 == 0 { "vc-sbs" } else { "kata" };
-        shims.push(node.sandbox(root, &id, &url));
-    }
+    let (agents, mut shims): (Vec<_>, Vec<_>) = (0..SANDBOXES)
+        .map(|i| {
+            let root = if i % 2 == 0 { "vc-sbs" } else { "kata" };
+            node.stand_in_sandbox(&runtime, root, &format!("sb-{i:03}"))
+        })
+        .unzip();
     let (hung_uds, hung_url) = node.vsock("hung");
     let _hung = SilentAgent::start(&hung_uds);
     shims.push(node.sandbox("kata", "hung", &hung_url));
@@ -467,9 +477,7 @@ fn a_resent_write_is_refused_by_generation() {
     let _entered = runtime.enter();
     let api = web_api();
     let mut node = Node::new();
-    let (uds, url) = node.vsock("late");
-    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
-    let _shim = node.sandbox("kata", "late", &url);
+    let (agent, _shim) = node.stand_in_sandbox(&runtime, "kata", "late");
     // Each call times out after 2 s.
     node.start(&api, 2);
     converge(&node, "the first table", Duration::from_secs(20), || {
@@ -518,14 +526,9 @@ fn a_verification_round_asks_only_digests_spread_over_its_interval() {
     let _entered = runtime.enter();
     let api = web_api();
     let mut node = Node::new();
-    let mut agents = Vec::new();
-    let mut shims = Vec::new();
-    for i in 0..CHECKED {
-        let id = format!("sb-{i:02}");
-        let (uds, url) = node.vsock(&id);
-        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
-        shims.push(node.sandbox("kata", &id, &url));
-    }
+    let (agents, _shims): (Vec<_>, Vec<_>) = (0..CHECKED)
+        .map(|i| node.stand_in_sandbox(&runtime, "kata", &format!("sb-{i:02}")))
+        .unzip();
     node.verify_secs = EVERY.as_secs();
     let started = Instant::now();
     node.start(&api, 10);
@@ -609,9 +612,7 @@ fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
     }
     let last_port_of = |n: u16| format!("10.97.{n}.1:256/TCP");
     let mut node = Node::new();
-    let (uds, url) = node.vsock("cap");
-    let agent = runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT));
-    let _shim = node.sandbox("kata", "cap", &url);
+    let (agent, _shim) = node.stand_in_sandbox(&runtime, "kata", "cap");
     // A whole table at capacity in a debug build: generous.
     node.start(&api, 60);
     // The status once a table newer than `after` is the sandbox's.
@@ -724,13 +725,10 @@ fn fast_and_slow(
 ) -> (FakeApiServer, Node, Vec<StandInAgent>, Vec<KataShim>) {
     let api = web_api();
     let mut node = Node::new();
-    let mut agents = Vec::new();
-    let mut shims = Vec::new();
-    for id in ["fast", "slow"] {
-        let (uds, url) = node.vsock(id);
-        agents.push(runtime.block_on(StandInAgent::start(&uds, DEFAULT_AGENT_PORT)));
-        shims.push(node.sandbox("kata", id, &url));
-    }
+    let (agents, shims): (Vec<_>, Vec<_>) = ["fast", "slow"]
+        .iter()
+        .map(|id| node.stand_in_sandbox(runtime, "kata", id))
+        .unzip();
     node.start(&api, 10);
     converge(&node, "both synced", Duration::from_secs(20), || {
         agents.iter().all(|a| a.syncs() == 1)
