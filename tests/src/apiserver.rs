@@ -576,7 +576,11 @@ fn serve_connection(reader: &mut BufReader<Stream>, token: &str, state: &(Mutex<
         let mut authorized = false;
         loop {
             let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            // A request cut off in its head is no request: nothing to count.
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
                 break;
             }
             if let Some((name, value)) = header.split_once(':')
