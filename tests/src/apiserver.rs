@@ -955,9 +955,9 @@ mod tests {
 
     use super::*;
 
-    /// The first `count` events of a Node watch with `query`, read as a
+    /// The events of a Node watch with `query`, as they come, read as a
     /// client that trusts this server's CA and sends its token.
-    fn node_watch_events(server: &FakeApiServer, query: &str, count: usize) -> Vec<Value> {
+    fn node_watch(server: &FakeApiServer, query: &str) -> impl Iterator<Item = String> {
         let mut roots = RootCertStore::empty();
         roots
             .add(CertificateDer::from_pem_slice(server.ca_pem().as_bytes()).unwrap())
@@ -987,45 +987,42 @@ mod tests {
             .by_ref()
             .take_while(|line| !line.is_empty())
             .for_each(drop);
-        (0..count)
-            .map(|_| {
-                let _size = lines.next().unwrap();
-                let event = serde_json::from_str(&lines.next().unwrap()).unwrap();
-                let _end = lines.next().unwrap();
-                event
-            })
-            .collect()
+        std::iter::from_fn(move || {
+            let _size = lines.next()?;
+            let event: Value = serde_json::from_str(&lines.next()?).unwrap();
+            let _end = lines.next()?;
+            Some(format!(
+                "{} {}",
+                event["type"], event["object"]["metadata"]["name"]
+            ))
+        })
     }
 
     #[test]
     fn a_watch_from_no_version_or_0_starts_with_every_object_added() {
-        let names = |events: Vec<Value>| -> Vec<String> {
-            events
-                .iter()
-                .map(|e| format!("{} {}", e["type"], e["object"]["metadata"]["name"]))
-                .collect()
-        };
+        let added = |name: &str| format!(r#""ADDED" "{name}""#);
         for query in ["", "&resourceVersion=0", "&resourceVersion=2"] {
             let server = FakeApiServer::start();
             for name in ["node-a", "node-b"] {
                 server.apply(Kind::Node, json!({"metadata": {"name": name}}));
             }
-            let expected = match query {
-                "&resourceVersion=2" => vec![r#""ADDED" "node-c""#],
-                _ => vec![
-                    r#""ADDED" "node-a""#,
-                    r#""ADDED" "node-b""#,
-                    r#""ADDED" "node-c""#,
-                ],
+            let mut events = node_watch(&server, query);
+            // The state the watch starts from, read before anything changes.
+            let initial: Vec<String> = match query {
+                "&resourceVersion=2" => vec![],
+                _ => events.by_ref().take(2).collect(),
             };
-            let events = std::thread::scope(|scope| {
-                let watch = scope.spawn(|| node_watch_events(&server, query, expected.len()));
-                // What happens after the watch started comes after.
-                std::thread::sleep(Duration::from_millis(300));
-                server.apply(Kind::Node, json!({"metadata": {"name": "node-c"}}));
-                watch.join().unwrap()
-            });
-            assert_eq!(names(events), expected, "a watch with {query:?}");
+            server.apply(Kind::Node, json!({"metadata": {"name": "node-c"}}));
+            let initial_expected = match query {
+                "&resourceVersion=2" => vec![],
+                _ => vec![added("node-a"), added("node-b")],
+            };
+            assert_eq!(initial, initial_expected, "a watch with {query:?}");
+            assert_eq!(
+                events.next(),
+                Some(added("node-c")),
+                "a watch with {query:?}, after it began"
+            );
         }
     }
 }
