@@ -659,9 +659,14 @@ fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
         last_port_of(255)
     );
     assert!(text.contains(&said), "{text}");
-    assert!(
-        node.log()
-            .contains("the cluster's services do not fit the datapath: programming what fits")
+    converge(
+        &node,
+        "the log says what does not fit",
+        Duration::from_secs(10),
+        || {
+            node.log()
+                .contains("the cluster's services do not fit the datapath: programming what fits")
+        },
     );
 
     // Back within it: nothing is left out.
