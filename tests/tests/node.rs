@@ -678,8 +678,11 @@ fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
     assert_eq!(left_out_metric(&node), 0);
 
     // A change past it: big comes before the fill in key order, so the
-    // re-fit programs all of big and leaves fill-254's last port out.
+    // re-fit programs all of big and leaves fill-254's last port out. At
+    // capacity that swap goes out as its differences too: the Delete
+    // makes the room the Upsert needs.
     let version = status["version"].as_u64().unwrap();
+    let syncs = agent.syncs();
     api.apply(Kind::Service, service_with_ports("big", "10.96.0.30", 256));
     let status = caught_up(
         "big past capacity, the table re-fitted",
@@ -692,6 +695,11 @@ fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
     assert!((1..=256).all(|port| held.contains(&format!("10.96.0.30:{port}/TCP -> []"))));
     assert!(!held.contains(&format!("{} -> []", last_port_of(254))));
     assert_eq!(left_out_metric(&node), 1);
+    assert_eq!(
+        agent.syncs(),
+        syncs,
+        "a swap at capacity went out as the whole table"
+    );
 
     // Still past it, web's endpoints change: the sandbox gets the new one.
     let version = status["version"].as_u64().unwrap();

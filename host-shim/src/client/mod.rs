@@ -85,6 +85,14 @@ impl ClientError {
     }
 }
 
+/// One write of a batch of changes (see
+/// [`AgentClient::apply_changes_expecting`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeWrite {
+    Upsert,
+    Delete,
+}
+
 #[derive(Clone)]
 struct Connection {
     health: HealthClient,
@@ -278,6 +286,57 @@ impl AgentClient {
             desired.generation = response.generation;
         }
         Ok(write_result(response))
+    }
+
+    /// Applies one batch of changes: upserts, then deletes, each refused
+    /// unless the agent's table is at the generation the previous step left
+    /// it (`expected` first; 0: not checked); `done` is told each write and
+    /// whether it was applied. Upserts go first so a VIP whose services are
+    /// all replaced is never unknown in between; at capacity the agent
+    /// refuses them (ResourceExhausted, nothing changed) and the deletes go
+    /// first instead, making room as a whole Sync's own removals would,
+    /// rather than sending the whole table.
+    pub async fn apply_changes_expecting(
+        &mut self,
+        expected: u64,
+        upserts: Vec<Service>,
+        deletes: Vec<ServiceKey>,
+        mut done: impl FnMut(ChangeWrite, bool),
+    ) -> Result<u64, ClientError> {
+        let mut generation = expected;
+        let mut deletes_left = Some(deletes).filter(|deletes| !deletes.is_empty());
+        if !upserts.is_empty() {
+            let mut outcome = self.upsert_expecting(generation, upserts.clone()).await;
+            done(ChangeWrite::Upsert, outcome.is_ok());
+            if let Err(err) = &outcome
+                && err.code() == Some(Code::RESOURCE_EXHAUSTED)
+                && let Some(deletes) = deletes_left.take()
+            {
+                let deleted = self.delete_expecting(generation, deletes).await;
+                done(ChangeWrite::Delete, deleted.is_ok());
+                generation = deleted?.generation;
+                outcome = self.upsert_expecting(generation, upserts).await;
+                done(ChangeWrite::Upsert, outcome.is_ok());
+            }
+            generation = outcome?.generation;
+        }
+        if let Some(deletes) = deletes_left {
+            let deleted = self.delete_expecting(generation, deletes).await;
+            done(ChangeWrite::Delete, deleted.is_ok());
+            generation = deleted?.generation;
+        }
+        Ok(generation)
+    }
+
+    /// [`AgentClient::apply_changes_expecting`] from the generation of the
+    /// table this client synced and wrote since.
+    pub async fn apply_changes(
+        &mut self,
+        upserts: Vec<Service>,
+        deletes: Vec<ServiceKey>,
+    ) -> Result<u64, ClientError> {
+        self.apply_changes_expecting(self.expected_generation(), upserts, deletes, |_, _| {})
+            .await
     }
 
     pub async fn stats(&mut self) -> Result<api::StatsResponse, ClientError> {

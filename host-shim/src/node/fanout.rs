@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     backoff::Backoff,
-    client::{AgentClient, ClientError, SyncPayload, before_external_vips},
+    client::{AgentClient, ChangeWrite, ClientError, SyncPayload, before_external_vips},
     node::{
         health::WatchHealth,
         metrics::Metrics,
@@ -405,19 +405,14 @@ pub async fn serve_sandbox(
                 },
                 Some(from),
             ) => {
-                let mut result = Ok(from.generation);
-                if !upserts.is_empty() {
-                    let outcome = client.upsert_expecting(from.generation, upserts).await;
-                    shared.metrics.upsert_done(outcome.is_ok());
-                    result = outcome.map(|written| written.generation);
-                }
-                if let Ok(generation) = result
-                    && !deletes.is_empty()
-                {
-                    let outcome = client.delete_expecting(generation, deletes).await;
-                    shared.metrics.delete_done(outcome.is_ok());
-                    result = outcome.map(|written| written.generation);
-                }
+                let result = client
+                    .apply_changes_expecting(from.generation, upserts, deletes, |write, ok| {
+                        match write {
+                            ChangeWrite::Upsert => shared.metrics.upsert_done(ok),
+                            ChangeWrite::Delete => shared.metrics.delete_done(ok),
+                        }
+                    })
+                    .await;
                 if result.is_ok() {
                     shared.metrics.acknowledged(since.elapsed());
                 }

@@ -92,19 +92,13 @@ impl TableSink for AgentClient {
     }
 
     async fn change(&mut self, upserts: &[Service], deletes: &[ServiceKey], log: &Logger) -> bool {
-        if !upserts.is_empty()
-            && let Err(err) = self.upsert(upserts.to_vec()).await
-        {
-            warn!(log, "upsert failed; a full sync follows"; "error" => err.to_string());
-            return false;
+        match self.apply_changes(upserts.to_vec(), deletes.to_vec()).await {
+            Ok(_) => true,
+            Err(err) => {
+                warn!(log, "changes failed; a full sync follows"; "error" => err.to_string());
+                false
+            }
         }
-        if !deletes.is_empty()
-            && let Err(err) = self.delete(deletes.to_vec()).await
-        {
-            warn!(log, "delete failed; a full sync follows"; "error" => err.to_string());
-            return false;
-        }
-        true
     }
 
     /// A Health.Check: an agent that restarted broke the connection, and
