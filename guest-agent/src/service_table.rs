@@ -143,7 +143,10 @@ impl ServiceTable {
     }
 
     /// Makes the datapath hold exactly `table`, or leaves it as it was
-    /// (`ProgrammedTable::apply` is all or nothing).
+    /// (`ProgrammedTable::apply` is all or nothing), and answers the digest
+    /// of `table`: once applied, that is what the maps hold, and reading
+    /// them back would cost as many lookups again (Digest and List read
+    /// them).
     pub fn sync(&mut self, table: &Table, generation: u64) -> Result<Written, WriteError> {
         self.check_backends(&table.services)?;
         let summary = self.programmed.apply(table)?;
@@ -154,11 +157,10 @@ impl ServiceTable {
             .filter_map(|s| Some((s.key, s.name.clone()?)))
             .collect();
         self.generation = generation;
-        let programmed = self.programmed.read_table()?;
         Ok(Written {
             generation,
-            services: programmed.services.len(),
-            digest: Some(programmed.digest()),
+            services: self.programmed.service_count(),
+            digest: Some(table.digest()),
         })
     }
 

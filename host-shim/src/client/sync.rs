@@ -151,9 +151,9 @@ fn embedded_bytes(message: &[u8]) -> usize {
 
 impl AgentClient {
     /// Makes the agent hold exactly `payload`'s table and checks the digest
-    /// it read back, but keeps no copy and so does not resync after a
-    /// reconnect: for a caller that shares one table among many agents
-    /// (the node daemon) and resyncs by itself.
+    /// of the table it applied, but keeps no copy and so does not resync
+    /// after a reconnect: for a caller that shares one table among many
+    /// agents (the node daemon) and resyncs by itself.
     pub async fn sync_once(&mut self, payload: &SyncPayload) -> Result<WriteResult, ClientError> {
         let mut result = Err(self.unreachable("not tried".into()));
         for _attempt in 0..2 {
@@ -167,8 +167,9 @@ impl AgentClient {
         result
     }
 
-    /// Makes the agent hold exactly `table`, checks the digest it read back,
-    /// and remembers the table to sync again after any reconnect.
+    /// Makes the agent hold exactly `table`, checks the digest of the table
+    /// it applied, and remembers the table to sync again after any
+    /// reconnect.
     pub async fn sync(&mut self, table: Table) -> Result<WriteResult, ClientError> {
         let generation = self.desired.as_ref().map_or(0, |d| d.generation) + 1;
         let previous = self.desired.replace(Desired { table, generation });
