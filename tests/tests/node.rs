@@ -424,6 +424,45 @@ fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
     );
 }
 
+/// An agent that answers Health and then hangs in its Sync (a guest whose
+/// map writes stall) holds the daemon's one permit for `--timeout` at
+/// most: a sandbox found meanwhile gets its first table after that bound,
+/// not after the hung Sync's calls time out on each of its tries.
+#[test]
+fn an_agent_hanging_in_its_sync_holds_the_permit_for_the_timeout_at_most() {
+    const TIMEOUT: Duration = Duration::from_secs(4);
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    let mut node = Node::new();
+    node.args = vec!["--parallel-syncs".into(), "1".into()];
+    let (hung, _hung_shim) = node.stand_in_sandbox(&runtime, "kata", "hung");
+    // web's four map writes take 12 s: three timeouts.
+    hung.slow_down(Duration::from_secs(3));
+    node.start(&api, TIMEOUT.as_secs());
+    converge(
+        &node,
+        "the hung sandbox holds the permit",
+        Duration::from_secs(20),
+        || hung.calls("SyncCommit") + hung.calls("Sync") > 0,
+    );
+
+    let (agent, _shim) = node.stand_in_sandbox(&runtime, "kata", "new");
+    let found = Instant::now();
+    converge(
+        &node,
+        "the new sandbox's first table, one timeout after the hung one took the permit",
+        TIMEOUT + Duration::from_secs(2),
+        || lines(&agent) == set(&["10.96.0.20:80/TCP -> [10.244.1.1:8080]"]),
+    );
+    println!(
+        "an agent hung in its Sync: the new sandbox's first table {:?} after it appeared",
+        found.elapsed()
+    );
+    // Its remaining writes finish at once, so the runtime can end.
+    hung.slow_down(Duration::ZERO);
+}
+
 /// A sandbox whose agent moved (its VM started again under another CID
 /// or socket, the sandbox id and directory the same) is found again: an
 /// agent that keeps failing has its address asked from Kata's shim anew.
