@@ -188,7 +188,7 @@ struct NodeArgs {
     #[arg(long, default_value_t = 5000)]
     rescan_ms: u64,
     /// Whole tables sent to agents at once, at most
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = node::DEFAULT_PARALLEL_SYNCS)]
     parallel_syncs: usize,
     /// Seconds between reading back each idle agent's table to compare its
     /// digest with the node's (a mismatch is followed by a whole Sync);

@@ -20,6 +20,7 @@ use std::{
 
 use serde_json::{Value, json};
 use socklb_protocols::DEFAULT_AGENT_PORT;
+use socklb_shim::node::DEFAULT_PARALLEL_SYNCS;
 use socklb_tests::{
     apiserver::{FakeApiServer, Kind},
     die_with_parent, shim_bin,
@@ -379,7 +380,7 @@ fn one_watch_reaches_every_sandbox_and_a_hung_agent_delays_none() {
 /// at once, not after the wedged ones' calls time out (30 s each here).
 #[test]
 fn wedged_sandboxes_do_not_delay_a_new_ones_first_table() {
-    const WEDGED: usize = 8;
+    const WEDGED: usize = 2 * DEFAULT_PARALLEL_SYNCS;
     let runtime = runtime();
     let _entered = runtime.enter();
     let api = web_api();

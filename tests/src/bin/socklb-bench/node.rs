@@ -22,7 +22,7 @@ use std::{
 };
 
 use socklb_protocols::DEFAULT_AGENT_PORT;
-use socklb_shim::node::{http::get_unix, status::Report};
+use socklb_shim::node::{DEFAULT_PARALLEL_SYNCS, http::get_unix, status::Report};
 use socklb_tests::{
     Sandbox,
     apiserver::{FakeApiServer, Kind},
@@ -42,8 +42,9 @@ const CHANGES: u32 = 100;
 const BATCH_MS: &str = "10";
 const SETTLE: Duration = Duration::from_secs(600);
 /// Sandboxes whose agent accepts and never answers (a paused VM, a guest
-/// without socklb), added before one more sandbox.
-const WEDGED: usize = 8;
+/// without socklb), added before one more sandbox: twice the daemon's
+/// permits for whole tables, so holding one each would stall it.
+const WEDGED: usize = 2 * DEFAULT_PARALLEL_SYNCS;
 /// The second daemon's `--verify-secs`: each idle sandbox's digest is
 /// checked at its next health tick (every 5 s), so waiting `VERIFY_WAIT`
 /// after its fan-out takes its peak RSS over a whole verification round.
