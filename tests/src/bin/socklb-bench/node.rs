@@ -241,20 +241,9 @@ pub(crate) fn node() {
     let node_watches = watches(&api) - watches_before;
     let node_rss = daemon.rss_kib();
     let first_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:");
-    drop(daemon);
 
-    // A second daemon over the same sandboxes checks every digest soon
-    // after its own fan-out: its peak includes a verification round.
-    let daemon = Children(vec![
-        daemon_command(&["--verify-secs", VERIFY_SECS])
-            .spawn()
-            .expect("socklb-shim node"),
-    ]);
-    wait_all_acked(&runtime, &status_socket, 1);
-    std::thread::sleep(VERIFY_WAIT);
-    let node_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:").max(first_peak);
-
-    // Wedged sandboxes, then a new one: its first whole table.
+    // Wedged sandboxes, then a new one: its first whole table (from the
+    // daemon above, which checks digests at the default interval).
     let mut wedged = Vec::new();
     for i in 0..WEDGED {
         let uds = dir.path().join(format!("wedged-{i}.vsock"));
@@ -284,6 +273,28 @@ pub(crate) fn node() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let newcomer_first = appeared.elapsed();
+    drop(daemon);
+    // The second daemon serves the sandboxes the table is about.
+    shims.truncate(SANDBOXES);
+    drop((wedged, newcomer));
+    for id in (0..WEDGED)
+        .map(|i| format!("wedged-{i}"))
+        .chain(["new".into()])
+    {
+        std::fs::remove_dir_all(roots.join(id)).expect("remove a sandbox directory");
+    }
+
+    // A second daemon over the same sandboxes checks every digest soon
+    // after its own fan-out: its peak includes a verification round.
+    let daemon = Children(vec![
+        daemon_command(&["--verify-secs", VERIFY_SECS])
+            .spawn()
+            .expect("socklb-shim node"),
+    ]);
+    wait_all_acked(&runtime, &status_socket, 1);
+    std::thread::sleep(VERIFY_WAIT);
+    let node_peak = proc_status_kib(daemon.0[0].id() as i32, "VmHWM:").max(first_peak);
+
     drop(daemon);
     let node_latency = percentiles(&mut node_latencies);
     let mib = |kib: u64| kib as f64 / 1024.0;
