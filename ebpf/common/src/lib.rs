@@ -190,6 +190,78 @@ pub struct ServiceCounters {
     pub insert_failures: u64,
 }
 
+/// One decision of a forward hook, written to `TRACE_EVENTS` while a tracer
+/// is attached (`TraceConfig::enabled`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// CLOCK_MONOTONIC.
+    pub time_ns: u64,
+    /// The calling process's cgroup (cgroup v2 id: its directory's inode).
+    pub cgroup_id: u64,
+    /// The destination the socket asked for.
+    pub dst: Endpoint,
+    /// The backend it was sent to (`TRACE_TRANSLATED` only).
+    pub backend: Endpoint,
+    /// The service's id (translated, refused: no endpoints), else 0.
+    pub service_id: u32,
+    /// `TRACE_HOOK_*`.
+    pub hook: u8,
+    pub proto: u8,
+    /// `TRACE_*` verdict.
+    pub verdict: u8,
+    pub _pad: u8,
+}
+
+/// Hooks that decide (the forward ones), as `TraceEvent::hook`.
+pub const TRACE_HOOK_CONNECT4: u8 = 0;
+pub const TRACE_HOOK_CONNECT6: u8 = 1;
+pub const TRACE_HOOK_SENDMSG4: u8 = 2;
+pub const TRACE_HOOK_SENDMSG6: u8 = 3;
+
+/// Verdicts, as `TraceEvent::verdict`.
+pub const TRACE_TRANSLATED: u8 = 1;
+/// A service with no backend.
+pub const TRACE_REFUSED_NO_ENDPOINTS: u8 = 2;
+/// A cluster VIP on a port (or protocol) no service has.
+pub const TRACE_REFUSED_UNKNOWN_PORT: u8 = 3;
+/// A VIP, from an opted-out cgroup.
+pub const TRACE_PASSED_OPTED_OUT: u8 = 4;
+/// An external VIP on a port no service has (its node's SSH, say).
+pub const TRACE_PASSED_EXTERNAL_PORT: u8 = 5;
+/// No VIP: written only when a tracer asks (`TraceConfig::passes`).
+pub const TRACE_PASSED_NOT_A_VIP: u8 = 6;
+
+/// `TRACE_CONFIG`'s one entry, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceConfig {
+    /// Nonzero while a tracer is attached; nothing is written otherwise.
+    pub enabled: u32,
+    /// Nonzero to write `TRACE_PASSED_NOT_A_VIP` too.
+    pub passes: u32,
+    /// Events each CPU may write per second; the rest are counted in
+    /// `TraceBudget::dropped`.
+    pub per_cpu_per_second: u32,
+    pub _pad: u32,
+}
+
+/// `TRACE_BUDGET`'s per-CPU entry: the rate limit's window and the events
+/// not written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceBudget {
+    /// Start of the current one-second window (CLOCK_MONOTONIC).
+    pub window_ns: u64,
+    /// Events written in it.
+    pub written: u64,
+    /// Events not written: past the rate, or the ring buffer full.
+    pub dropped: u64,
+}
+
+/// Bytes of `TRACE_EVENTS` (a power of two pages): 8,192 events.
+pub const TRACE_RING_BYTES: u32 = 1 << 19;
+
 /// Indexes of `GUEST_ADDRS`.
 pub const GUEST_ADDR_V4: u32 = 0;
 pub const GUEST_ADDR_V6: u32 = 1;
@@ -208,6 +280,10 @@ pub mod map_names {
     // The kernel keeps 15 bytes of a map's name.
     pub const OPT_OUT_CGROUPS: &str = "OPT_OUT_CGROUPS";
     pub const OPT_OUT_COUNT: &str = "OPT_OUT_COUNT";
+    // Not pinned: each agent's programs trace to their own.
+    pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
+    pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
+    pub const TRACE_BUDGET: &str = "TRACE_BUDGET";
 }
 
 /// A map's name and the sizes of its key and value: what an agent checks
@@ -231,7 +307,7 @@ impl MapLayout {
 
 /// Every map of the programs, with its key and value types. The agent's
 /// tests hold the built programs to this list.
-pub const MAP_LAYOUTS: [MapLayout; 11] = [
+pub const MAP_LAYOUTS: [MapLayout; 14] = [
     MapLayout::of::<ServiceEntryKey, ServiceEntry>(map_names::SERVICES),
     MapLayout::of::<Addr, u8>(map_names::VIPS),
     MapLayout::of::<BackendSlotKey, Endpoint>(map_names::BACKEND_SLOTS),
@@ -244,6 +320,10 @@ pub const MAP_LAYOUTS: [MapLayout; 11] = [
     MapLayout::of::<u32, Addr>(map_names::GUEST_ADDRS),
     MapLayout::of::<u64, u8>(map_names::OPT_OUT_CGROUPS),
     MapLayout::of::<u32, u32>(map_names::OPT_OUT_COUNT),
+    // A ring buffer has neither keys nor values.
+    MapLayout::of::<(), ()>(map_names::TRACE_EVENTS),
+    MapLayout::of::<u32, TraceConfig>(map_names::TRACE_CONFIG),
+    MapLayout::of::<u32, TraceBudget>(map_names::TRACE_BUDGET),
 ];
 
 #[cfg(feature = "user")]
@@ -269,6 +349,9 @@ mod pod {
         AffinityKey,
         Affinity,
         ServiceCounters,
+        TraceEvent,
+        TraceConfig,
+        TraceBudget,
     );
 }
 
@@ -289,6 +372,9 @@ mod tests {
         assert_eq!(size_of::<Translation>(), 40);
         assert_eq!(size_of::<DatagramVips>(), 168);
         assert_eq!(size_of::<ServiceCounters>(), 24);
+        assert_eq!(size_of::<TraceEvent>(), 64);
+        assert_eq!(size_of::<TraceConfig>(), 16);
+        assert_eq!(size_of::<TraceBudget>(), 24);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_ktime_get_ns, bpf_set_retval,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval,
     },
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
@@ -261,6 +261,13 @@ pub(crate) fn per_cpu_mut<T>(map: &PerCpuArray<T>, index: u32) -> Option<&'stati
 pub(crate) fn current_ancestor_cgroup_id(level: i32) -> u64 {
     // SAFETY: a helper without pointer arguments.
     unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+}
+
+/// The id of the calling process's cgroup.
+#[inline(always)]
+pub(crate) fn current_cgroup_id() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_current_cgroup_id() }
 }
 
 #[inline(always)]

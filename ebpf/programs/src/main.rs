@@ -20,6 +20,11 @@
 //! it, while such a port of an external VIP (`VIP_EXTERNAL`: an
 //! externalIP or LoadBalancer IP) passes untouched.
 //!
+//! While a tracer is attached (`TRACE_CONFIG`), each forward hook's
+//! decision is also written to the `TRACE_EVENTS` ring buffer, at most
+//! `per_cpu_per_second` a second on each CPU, the rest counted as dropped
+//! (`TRACE_BUDGET`); without one, the cost is one array lookup.
+//!
 //! Raw access (context fields, map lookups, helpers) lives in `access`;
 //! the logic here is safe Rust.
 #![no_std]
@@ -28,21 +33,24 @@
 mod access;
 
 use access::{
-    Family, SockAddr, Storage, current_ancestor_cgroup_id, hash_get, lru_get_mut, monotonic_ns,
-    per_cpu_mut, random_u32, set_syscall_error,
+    Family, SockAddr, Storage, current_ancestor_cgroup_id, current_cgroup_id, hash_get,
+    lru_get_mut, monotonic_ns, per_cpu_mut, random_u32, set_syscall_error,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use socklb_common::{
     AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
     GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
     MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, ServiceCounters, ServiceEntry, ServiceEntryKey,
-    Translation, VIP_EXTERNAL, is_loopback, is_v4_mapped,
+    TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4, TRACE_HOOK_SENDMSG6,
+    TRACE_PASSED_EXTERNAL_PORT, TRACE_PASSED_NOT_A_VIP, TRACE_PASSED_OPTED_OUT,
+    TRACE_REFUSED_NO_ENDPOINTS, TRACE_REFUSED_UNKNOWN_PORT, TRACE_RING_BYTES, TRACE_TRANSLATED,
+    TraceBudget, TraceConfig, TraceEvent, Translation, VIP_EXTERNAL, is_loopback, is_v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -85,16 +93,60 @@ static OPT_OUT_COUNT: Array<u32> = Array::pinned(1, 0);
 /// The guest's own addresses (v4-mapped, v6), all-zero when unknown.
 #[map]
 static GUEST_ADDRS: Array<Addr> = Array::pinned(2, 0);
+/// Decisions for a tracer (see the top of this file). Not pinned: each
+/// agent's programs trace to their own, and a tracer of an agent that
+/// stopped is gone with it.
+#[map]
+static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
+#[map]
+static TRACE_CONFIG: Array<TraceConfig> = Array::with_max_entries(1, 0);
+#[map]
+static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-enum Verdict {
-    Pass,
-    Backend(Endpoint),
-    Refuse,
+/// What a forward hook does, and what a tracer is told of it. Every field
+/// is set on every path: a value the compiler may leave unset on one
+/// (an enum's payload) is a register the verifier refuses to read.
+struct Verdict {
+    /// `TRACE_*`: translated, refused or passed, and why.
+    reason: u8,
+    /// The backend (translated only; else zero).
+    backend: Endpoint,
+    /// The service's id, where there is a service; else 0.
+    service_id: u32,
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn pass(reason: u8) -> Verdict {
+        Verdict {
+            reason,
+            backend: Endpoint::default(),
+            service_id: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn refuse(reason: u8, service_id: u32) -> Verdict {
+        Verdict {
+            reason,
+            backend: Endpoint::default(),
+            service_id,
+        }
+    }
+
+    #[inline(always)]
+    fn translate(backend: Endpoint, service_id: u32) -> Verdict {
+        Verdict {
+            reason: TRACE_TRANSLATED,
+            backend,
+            service_id,
+        }
+    }
 }
 
 /// What a forward hook translates. Each hook names a constant, so after
@@ -178,13 +230,80 @@ pub(crate) fn lb_getsockname6(ctx: SockAddrContext) -> i32 {
 fn forward(ctx: &SockAddrContext, family: Family, forward: Forward) -> i32 {
     let sa = &SockAddr::new(ctx);
     let dst = sa.user_endpoint(family);
-    match translate(sa, &dst, forward) {
-        Verdict::Pass => ALLOW,
-        Verdict::Backend(backend) => {
-            sa.set_user_endpoint(family, &backend);
+    let hook = match (forward, family) {
+        (Forward::Connect, Family::V4) => TRACE_HOOK_CONNECT4,
+        (Forward::Connect, Family::V6) => TRACE_HOOK_CONNECT6,
+        (Forward::UnconnectedDatagram, Family::V4) => TRACE_HOOK_SENDMSG4,
+        (Forward::UnconnectedDatagram, Family::V6) => TRACE_HOOK_SENDMSG6,
+    };
+    // Most destinations are no VIP: their path stays the shortest, with
+    // one flag read for a tracer and no verdict built unless one wants it.
+    let Some(vip_kind) = hash_get(&VIPS, &dst.addr) else {
+        untranslated(sa, &dst, forward);
+        if let Some(config) = attached_tracer(true) {
+            trace(
+                sa,
+                config,
+                hook,
+                &dst,
+                &Verdict::pass(TRACE_PASSED_NOT_A_VIP),
+            );
+        }
+        return ALLOW;
+    };
+    let verdict = translate(sa, &dst, forward, vip_kind);
+    if let Some(config) = attached_tracer(false) {
+        trace(sa, config, hook, &dst, &verdict);
+    }
+    match verdict.reason {
+        TRACE_TRANSLATED => {
+            sa.set_user_endpoint(family, &verdict.backend);
             ALLOW
         }
-        Verdict::Refuse => refuse(),
+        TRACE_REFUSED_NO_ENDPOINTS | TRACE_REFUSED_UNKNOWN_PORT => refuse(),
+        _ => ALLOW,
+    }
+}
+
+/// The tracers' settings while one is attached that wants this decision
+/// (`not_a_vip`: a destination that is no VIP, which only some want).
+#[inline(always)]
+fn attached_tracer(not_a_vip: bool) -> Option<&'static TraceConfig> {
+    let config = TRACE_CONFIG.get(0)?;
+    (config.enabled != 0 && (!not_a_vip || config.passes != 0)).then_some(config)
+}
+
+/// Writes `verdict` for the attached tracer if this CPU's rate allows;
+/// else counts it as dropped.
+#[inline(always)]
+fn trace(sa: &SockAddr, config: &TraceConfig, hook: u8, dst: &Endpoint, verdict: &Verdict) {
+    let Some(budget) = per_cpu_mut(&TRACE_BUDGET, 0) else {
+        return;
+    };
+    let now = monotonic_ns();
+    if now.wrapping_sub(budget.window_ns) >= NS_PER_SEC {
+        budget.window_ns = now;
+        budget.written = 0;
+    }
+    if budget.written >= u64::from(config.per_cpu_per_second) {
+        budget.dropped += 1;
+        return;
+    }
+    let event = TraceEvent {
+        time_ns: now,
+        cgroup_id: current_cgroup_id(),
+        dst: *dst,
+        backend: verdict.backend,
+        service_id: verdict.service_id,
+        hook,
+        proto: sa.protocol(),
+        verdict: verdict.reason,
+        _pad: 0,
+    };
+    match TRACE_EVENTS.output(&event, 0) {
+        Ok(()) => budget.written += 1,
+        // The ring is full: the tracer reads slower than connects come.
+        Err(_) => budget.dropped += 1,
     }
 }
 
@@ -195,12 +314,14 @@ fn refuse() -> i32 {
     DENY
 }
 
+/// A destination that is a VIP (of `vip_kind`): its backend, a refusal,
+/// or left alone.
 #[inline(always)]
-fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
-    let vip_kind = match hash_get(&VIPS, &dst.addr) {
-        Some(kind) if !opted_out() => kind,
-        _ => return untranslated(sa, dst, forward),
-    };
+fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> Verdict {
+    if opted_out() {
+        untranslated(sa, dst, forward);
+        return Verdict::pass(TRACE_PASSED_OPTED_OUT);
+    }
     let key = ServiceEntryKey {
         vip: dst.addr,
         port: dst.port,
@@ -212,9 +333,10 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
     // keeps its SSH, kubelet and NodePorts).
     let Some(service) = hash_get(&SERVICES, &key) else {
         if vip_kind == VIP_EXTERNAL {
-            return untranslated(sa, dst, forward);
+            untranslated(sa, dst, forward);
+            return Verdict::pass(TRACE_PASSED_EXTERNAL_PORT);
         }
-        return Verdict::Refuse;
+        return Verdict::refuse(TRACE_REFUSED_UNKNOWN_PORT, 0);
     };
     let backend = match forward {
         Forward::Connect => connected_backend(sa, dst, &key, &service),
@@ -222,16 +344,16 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
     };
     let Some(backend) = backend else {
         count(service.id, |c| c.rejects += 1);
-        return Verdict::Refuse;
+        return Verdict::refuse(TRACE_REFUSED_NO_ENDPOINTS, service.id);
     };
     count(service.id, |c| c.translations += 1);
-    Verdict::Backend(backend)
+    Verdict::translate(backend, service.id)
 }
 
 /// A destination left as it is. A UDP socket connected again, elsewhere,
 /// drops its earlier translation, which no longer describes its peer.
 #[inline(always)]
-fn untranslated(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
+fn untranslated(sa: &SockAddr, dst: &Endpoint, forward: Forward) {
     if matches!(forward, Forward::Connect)
         && sa.protocol() == PROTO_UDP
         && sa
@@ -243,7 +365,6 @@ fn untranslated(sa: &SockAddr, dst: &Endpoint, forward: Forward) -> Verdict {
         // upgrade both agents' programs run for a moment), not a new peer.
         sa.forget_storage(&CONNECTED_VIP);
     }
-    Verdict::Pass
 }
 
 /// The backend of a connect, remembered as the socket's one translation.
