@@ -94,6 +94,10 @@ pub struct Settings {
     #[arg(long, env = "SOCKLB_BPF_STATS", value_name = "on|off", num_args = 0..=1,
           require_equals = true, default_missing_value = "on", value_parser = parse_switch)]
     pub bpf_stats: Option<bool>,
+    /// Decisions each CPU may write per second while a tracer is attached
+    /// (`socklb-shim trace`); the rest are counted as dropped
+    #[arg(long, env = "SOCKLB_TRACE_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub trace_rate: Option<u32>,
 }
 
 /// How the sources of [`Settings`] rank, for `--help`; the keys are listed
@@ -193,6 +197,7 @@ impl Settings {
                 .allow_loopback_backends
                 .or(lower.allow_loopback_backends),
             bpf_stats: self.bpf_stats.or(lower.bpf_stats),
+            trace_rate: self.trace_rate.or(lower.trace_rate),
         }
     }
 }
@@ -216,12 +221,16 @@ pub struct Config {
     pub close_tcp_of_removed_backends: bool,
     pub allow_loopback_backends: bool,
     pub bpf_stats: bool,
+    pub trace_rate: u32,
     /// Kernel command line values left out, each with why: logged as
     /// warnings once the logger exists.
     pub ignored: Vec<String>,
 }
 
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// A tracer's share of a hook's time stays small at this rate: a ring
+/// buffer write is some 100 ns, 0.1 ms a second per CPU.
+pub const DEFAULT_TRACE_RATE: u32 = 1_000;
 
 impl Config {
     /// `given` (flags and environment) over the `socklb.*` keys of
@@ -312,6 +321,7 @@ impl Config {
             close_tcp_of_removed_backends: settings.close_tcp_of_removed_backends.unwrap_or(false),
             allow_loopback_backends: settings.allow_loopback_backends.unwrap_or(false),
             bpf_stats: settings.bpf_stats.unwrap_or(false),
+            trace_rate: settings.trace_rate.unwrap_or(DEFAULT_TRACE_RATE),
             ignored,
         })
     }

@@ -11,7 +11,7 @@ use slog::{Logger, error, info, warn};
 use socklb_agent::{
     addresses::{self, GuestAddrs},
     config::{self, Config, Settings},
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, Tracer},
     kernel,
     peers::PeerRule,
     rpc::Rpc,
@@ -120,7 +120,8 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let cgroup = kernel::prepare(config.cgroup.as_deref(), &config.bpffs, log)?;
     let features = kernel::Features::detect();
     features.report(log);
-    let (datapath, programmed) = Datapath::load(&config.bpffs, log)?;
+    let (mut datapath, programmed) = Datapath::load(&config.bpffs, log)?;
+    let tracer = Tracer::start(datapath.take_trace_maps()?, config.trace_rate, log)?;
     let connected_vip = datapath.connected_vip_map()?;
     let mut service_table = ServiceTable::new(programmed)
         .with_datapath(datapath)
@@ -169,7 +170,8 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     }
     let rpc = Arc::new(
         Rpc::new(service_table.clone(), config.bpf_stats, log)
-            .with_kernel_features(features.names()),
+            .with_kernel_features(features.names())
+            .with_tracer(tracer),
     );
     let peer_rule = PeerRule {
         allowed_cids: config.allowed_cids.clone(),

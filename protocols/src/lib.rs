@@ -13,8 +13,8 @@ pub use protobuf;
 /// 1.1 added the Sync in parts (SyncBegin/SyncPart/SyncCommit) and List pages;
 /// 1.2 the opt-out cgroups (SetOptOutCgroups, ListOptOutCgroups); 1.3
 /// Digest (the table's digest without the table); 1.4 external VIPs
-/// (`Service.vip_kind`).
-pub const API_VERSION: &str = "1.4";
+/// (`Service.vip_kind`); 1.5 Trace (the datapath's decisions, streamed).
+pub const API_VERSION: &str = "1.5";
 
 /// The largest message ttrpc sends or accepts, either way.
 pub const TTRPC_MESSAGE_LIMIT: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;

@@ -4,7 +4,8 @@
 //! maps, or the same contract in memory), `program` writes service tables
 //! into them: `ledger` counts what they hold, `plan` works out a write
 //! without touching them, `program` runs it. `stats` reads counters and
-//! usage back, `convert` maps the table's types to the maps'.
+//! usage back, `convert` maps the table's types to the maps'. `trace` reads
+//! the hooks' decisions for tracers.
 //!
 //! Pins under the bpffs directory `DIR`:
 //! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
@@ -18,6 +19,7 @@ mod maps;
 mod plan;
 mod program;
 mod stats;
+mod trace;
 
 use std::{
     collections::BTreeSet,
@@ -30,7 +32,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
@@ -46,6 +48,7 @@ pub use maps::{TableMaps, WriteFaults};
 pub use plan::ApplySummary;
 pub use program::ProgrammedTable;
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
+pub use trace::{Attached, Decision, TraceMaps, Tracer};
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
@@ -209,6 +212,21 @@ impl Datapath {
         }
         self.cgroup = Some(cgroup.to_path_buf());
         Ok(())
+    }
+
+    /// The maps the hooks trace through (see `trace`), once: the tracer
+    /// owns them.
+    pub fn take_trace_maps(&mut self) -> Result<TraceMaps> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no map {name} (taken already?)"))
+        };
+        Ok(TraceMaps {
+            events: RingBuf::try_from(take(map_names::TRACE_EVENTS)?)?,
+            config: Array::try_from(take(map_names::TRACE_CONFIG)?)?,
+            budget: PerCpuArray::try_from(take(map_names::TRACE_BUDGET)?)?,
+        })
     }
 
     /// The cgroup the hooks are attached to (opt-out paths are below it).

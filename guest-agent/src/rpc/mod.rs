@@ -27,6 +27,7 @@ use crate::{
 
 mod report;
 mod services_api;
+mod trace;
 
 pub use report::prometheus_text;
 use report::{map_usage, stats};
@@ -45,6 +46,8 @@ pub struct Rpc {
     /// Sync and listing ids, never reused while the agent runs.
     next_id: AtomicU64,
     listings: Mutex<VecDeque<Listing>>,
+    /// The datapath's decisions for `Trace`; none for a table in memory.
+    tracer: Option<Arc<datapath::Tracer>>,
     log: Logger,
 }
 
@@ -65,6 +68,7 @@ impl Rpc {
             staged: Mutex::new(None),
             next_id: AtomicU64::new(1),
             listings: Mutex::new(VecDeque::new()),
+            tracer: None,
             log: log.new(slog::o!("component" => "rpc")),
         }
     }
@@ -72,6 +76,12 @@ impl Rpc {
     /// Lists `names` (what the kernel offers or lacks) in Version's features.
     pub fn with_kernel_features(mut self, names: Vec<&'static str>) -> Rpc {
         self.kernel_features = names;
+        self
+    }
+
+    /// Serves `Trace` from `tracer`.
+    pub fn with_tracer(mut self, tracer: Arc<datapath::Tracer>) -> Rpc {
+        self.tracer = Some(tracer);
         self
     }
 

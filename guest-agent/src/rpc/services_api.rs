@@ -236,6 +236,15 @@ impl socklb_ttrpc::Services for Rpc {
         })
     }
 
+    async fn trace(
+        &self,
+        _ctx: &TtrpcContext,
+        request: api::TraceRequest,
+        sink: ttrpc::r#async::ServerStreamSender<api::TraceEvent>,
+    ) -> ttrpc::Result<()> {
+        self.stream_trace(request, sink).await
+    }
+
     async fn stats(
         &self,
         _ctx: &TtrpcContext,

@@ -1,0 +1,296 @@
+//! The datapath's decisions for tracers: the hooks write one `TraceEvent`
+//! per decision to the `TRACE_EVENTS` ring buffer while `TRACE_CONFIG`
+//! says a tracer is attached; one task reads the ring and hands each event
+//! to every attached tracer. A tracer that falls behind loses events (its
+//! channel's oldest), never the hooks' time: they only ever skip a write.
+
+use std::{
+    mem::size_of,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use slog::{Logger, warn};
+use socklb_common::{
+    PROTO_UDP, TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4, TraceBudget,
+    TraceConfig, TraceEvent,
+};
+use socklb_table::{Protocol, ServiceKey};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::broadcast,
+};
+
+use super::convert::socket_addr;
+
+/// Events a tracer may be behind the ring's reader before it loses the
+/// oldest: a second of one CPU's default rate.
+const TRACER_BACKLOG: usize = 1_024;
+
+/// The maps the hooks trace through, taken from the loaded programs.
+pub struct TraceMaps {
+    pub(super) events: RingBuf<MapData>,
+    pub(super) config: Array<MapData, TraceConfig>,
+    pub(super) budget: PerCpuArray<MapData, TraceBudget>,
+}
+
+/// One decision as a tracer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// CLOCK_MONOTONIC, as the hook read it.
+    pub monotonic_ns: u64,
+    pub hook: &'static str,
+    pub protocol: Protocol,
+    pub dst: SocketAddr,
+    /// `socklb_common::TRACE_*`.
+    pub verdict: u8,
+    pub backend: Option<SocketAddr>,
+    pub cgroup_id: u64,
+}
+
+impl Decision {
+    fn of(event: &TraceEvent) -> Decision {
+        let hook = match event.hook {
+            TRACE_HOOK_CONNECT4 => "connect4",
+            TRACE_HOOK_CONNECT6 => "connect6",
+            TRACE_HOOK_SENDMSG4 => "sendmsg4",
+            _ => "sendmsg6",
+        };
+        Decision {
+            monotonic_ns: event.time_ns,
+            hook,
+            protocol: match event.proto {
+                PROTO_UDP => Protocol::Udp,
+                _ => Protocol::Tcp,
+            },
+            dst: socket_addr(&event.dst),
+            verdict: event.verdict,
+            backend: (event.verdict == socklb_common::TRACE_TRANSLATED)
+                .then(|| socket_addr(&event.backend)),
+            cgroup_id: event.cgroup_id,
+        }
+    }
+
+    /// The service key the destination asked for (a service's, or the
+    /// unknown port's).
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.dst.ip(),
+            port: self.dst.port(),
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// Attached tracers, and what the hooks are told about them.
+struct Attachments {
+    config: Array<MapData, TraceConfig>,
+    tracers: usize,
+    /// Tracers that asked for destinations that are no VIP.
+    wanting_passes: usize,
+}
+
+pub struct Tracer {
+    attachments: Mutex<Attachments>,
+    budget: PerCpuArray<MapData, TraceBudget>,
+    decisions: broadcast::Sender<Decision>,
+    per_cpu_per_second: u32,
+}
+
+impl Tracer {
+    /// Starts reading `maps`' ring on the current tokio runtime; the hooks
+    /// write nothing until a tracer attaches.
+    pub fn start(maps: TraceMaps, per_cpu_per_second: u32, log: &Logger) -> Result<Arc<Tracer>> {
+        let TraceMaps {
+            events,
+            mut config,
+            budget,
+        } = maps;
+        config
+            .set(0, TraceConfig::default(), 0)
+            .context("clearing TRACE_CONFIG")?;
+        // SAFETY: the ring owns its map's descriptor, open until the ring
+        // is dropped with the AsyncFd, and answers the same one each time.
+        let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|err| anyhow::Error::from(err.into_parts().1))
+            .context("watching TRACE_EVENTS")?;
+        let (decisions, _) = broadcast::channel(TRACER_BACKLOG);
+        tokio::spawn(read_ring(
+            ring,
+            decisions.clone(),
+            log.new(slog::o!("component" => "trace")),
+        ));
+        Ok(Arc::new(Tracer {
+            attachments: Mutex::new(Attachments {
+                config,
+                tracers: 0,
+                wanting_passes: 0,
+            }),
+            budget,
+            decisions,
+            per_cpu_per_second,
+        }))
+    }
+
+    /// Attaches a tracer (`passes`: destinations that are no VIP too); the
+    /// hooks write while any is attached.
+    pub fn attach(self: &Arc<Self>, passes: bool) -> Result<Attached> {
+        let decisions = self.decisions.subscribe();
+        self.change(1, usize::from(passes), 0, 0)?;
+        Ok(Attached {
+            tracer: self.clone(),
+            passes,
+            decisions,
+        })
+    }
+
+    /// Events the hooks did not write (past the rate, or the ring full),
+    /// summed over the CPUs.
+    pub fn dropped(&self) -> Result<u64> {
+        let per_cpu = self.budget.get(&0, 0).context("reading TRACE_BUDGET")?;
+        Ok(per_cpu.iter().map(|budget| budget.dropped).sum())
+    }
+
+    fn change(&self, add: usize, add_passes: usize, sub: usize, sub_passes: usize) -> Result<()> {
+        let mut attachments = self.attachments.lock().expect("trace attachments lock");
+        attachments.tracers = attachments.tracers + add - sub;
+        attachments.wanting_passes = attachments.wanting_passes + add_passes - sub_passes;
+        let config = TraceConfig {
+            enabled: u32::from(attachments.tracers > 0),
+            passes: u32::from(attachments.wanting_passes > 0),
+            per_cpu_per_second: self.per_cpu_per_second,
+            _pad: 0,
+        };
+        attachments
+            .config
+            .set(0, config, 0)
+            .context("writing TRACE_CONFIG")
+    }
+}
+
+/// One attached tracer; dropping it detaches it.
+pub struct Attached {
+    tracer: Arc<Tracer>,
+    passes: bool,
+    decisions: broadcast::Receiver<Decision>,
+}
+
+impl Attached {
+    /// The next decision, and how many this tracer lost before it because
+    /// it fell behind.
+    pub async fn next(&mut self) -> (Decision, u64) {
+        let mut lost = 0;
+        loop {
+            match self.decisions.recv().await {
+                Ok(decision) => return (decision, lost),
+                Err(broadcast::error::RecvError::Lagged(n)) => lost += n,
+                Err(broadcast::error::RecvError::Closed) => {
+                    unreachable!("the tracer holds the sender")
+                }
+            }
+        }
+    }
+
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        // Only a kernel refusing a write to an array it made can fail this.
+        let _ = self.tracer.change(0, 0, 1, usize::from(self.passes));
+    }
+}
+
+async fn read_ring(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    decisions: broadcast::Sender<Decision>,
+    log: Logger,
+) {
+    loop {
+        let mut ready = match ring.readable_mut().await {
+            Ok(ready) => ready,
+            Err(err) => {
+                warn!(log, "cannot wait on TRACE_EVENTS; tracing stops"; "error" => err.to_string());
+                return;
+            }
+        };
+        while let Some(item) = ready.get_inner_mut().next() {
+            if let Some(event) = event_of(&item) {
+                // No tracer attached: the event is not wanted.
+                let _ = decisions.send(Decision::of(&event));
+            }
+        }
+        ready.clear_ready();
+    }
+}
+
+fn event_of(bytes: &[u8]) -> Option<TraceEvent> {
+    if bytes.len() != size_of::<TraceEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked, `read_unaligned` needs no alignment,
+    // and `TraceEvent` is `#[repr(C)]` integers without padding, so every
+    // bit pattern is a valid value.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TraceEvent>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socklb_common::{Endpoint, PROTO_TCP, TRACE_REFUSED_UNKNOWN_PORT, TRACE_TRANSLATED};
+
+    fn bytes_of(event: &TraceEvent) -> Vec<u8> {
+        // SAFETY: a `#[repr(C)]` value without padding, read as its bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const TraceEvent).cast::<u8>(),
+                size_of::<TraceEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn ring_records_become_decisions() {
+        let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let backend: SocketAddr = "10.244.1.1:8080".parse().unwrap();
+        let translated = TraceEvent {
+            time_ns: 7,
+            cgroup_id: 42,
+            dst: super::super::convert::endpoint(&vip),
+            backend: super::super::convert::endpoint(&backend),
+            service_id: 3,
+            hook: TRACE_HOOK_CONNECT4,
+            proto: PROTO_TCP,
+            verdict: TRACE_TRANSLATED,
+            _pad: 0,
+        };
+        let decision = Decision::of(&event_of(&bytes_of(&translated)).unwrap());
+        assert_eq!(
+            (
+                decision.hook,
+                decision.dst,
+                decision.backend,
+                decision.cgroup_id
+            ),
+            ("connect4", vip, Some(backend), 42)
+        );
+        assert_eq!(decision.key().to_string(), "10.96.0.20:80/TCP");
+
+        let refused = TraceEvent {
+            backend: Endpoint::default(),
+            verdict: TRACE_REFUSED_UNKNOWN_PORT,
+            proto: PROTO_UDP,
+            hook: TRACE_HOOK_SENDMSG4,
+            ..translated
+        };
+        let decision = Decision::of(&event_of(&bytes_of(&refused)).unwrap());
+        assert_eq!((decision.hook, decision.backend), ("sendmsg4", None));
+        assert_eq!(decision.key().to_string(), "10.96.0.20:80/UDP");
+        assert_eq!(event_of(&[0; 63]), None, "a record of another size");
+    }
+}
