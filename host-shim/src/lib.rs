@@ -14,5 +14,6 @@ pub mod node {
 }
 pub mod output;
 pub mod sources;
+pub mod trace;
 
 pub use client::{AgentAddr, AgentClient, ClientError, Options, WriteResult};

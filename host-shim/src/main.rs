@@ -13,6 +13,7 @@ use socklb_shim::{
     AgentAddr, AgentClient, Options,
     output::{Column, Output, table},
     sources::file::watch_file,
+    trace,
 };
 #[cfg(feature = "kubernetes")]
 use socklb_shim::{
@@ -22,7 +23,7 @@ use socklb_shim::{
     },
     sources::kubernetes::{Policy, kube_watch},
 };
-use socklb_table::Table;
+use socklb_table::{ServiceKey, Table};
 
 /// socklb-shim: push Kubernetes service tables into a socklb sandbox.
 #[derive(Parser, Debug)]
@@ -33,7 +34,7 @@ struct Args {
     /// (every command but `node`, which finds the node's agents itself)
     #[arg(long, global = true, env = "SOCKLB_AGENT")]
     agent: Option<AgentAddr>,
-    /// Instead of --agent, for list, stats, health and metrics: the agent
+    /// Instead of --agent, for list, stats, health, metrics and trace: the agent
     /// of this pod's Kata sandbox on this node, as the node daemon found it
     /// (and with `node status`, that sandbox's row)
     #[cfg(feature = "kubernetes")]
@@ -88,6 +89,26 @@ enum Command {
     },
     /// Statistics in the Prometheus text format
     Metrics,
+    /// The datapath's decisions as it makes them, one line each, until
+    /// stopped: which backend a connect to a VIP went to, or why it was
+    /// refused or left alone (API 1.5)
+    Trace {
+        /// Only this service (repeatable)
+        #[arg(long = "service", value_name = "VIP:PORT[/TCP|UDP]", value_parser = trace::parse_service_key)]
+        services: Vec<ServiceKey>,
+        /// Only this verdict (repeatable)
+        #[arg(long = "verdict", value_enum)]
+        verdicts: Vec<trace::Verdict>,
+        /// Only callers in this cgroup, by id (the CGROUP-ID column)
+        /// (repeatable)
+        #[arg(long = "cgroup-id", value_name = "ID")]
+        cgroup_ids: Vec<u64>,
+        /// Destinations that are no VIP too: every connect of the guest
+        #[arg(long)]
+        passes: bool,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = trace::Format::Text)]
+        output: trace::Format,
+    },
     /// Print SHELL's completion script for socklb-shim, e.g.
     /// `source <(socklb-shim completions bash)`
     Completions { shell: clap_complete::Shell },
@@ -138,6 +159,7 @@ impl Command {
             | Command::Stats { .. }
             | Command::Health { .. }
             | Command::Metrics
+            | Command::Trace { .. }
             | Command::Completions { .. }
             | Command::Man { .. } => true,
             #[cfg(feature = "kubernetes")]
@@ -322,6 +344,16 @@ async fn run(args: Args, log: Logger) -> Result<()> {
                 output.render(&data, |wide| services_table(&services, wide))?
             );
         }
+        Command::Trace {
+            services,
+            verdicts,
+            cgroup_ids,
+            passes,
+            output,
+        } => {
+            let request = trace::request(&services, &verdicts, &cgroup_ids, passes);
+            trace::follow(&mut client, &request, output).await?;
+        }
         Command::Stats { output } => {
             let stats = client.stats().await?;
             let data: serde_json::Value =
@@ -493,11 +525,15 @@ async fn agent_of(
 ) -> Result<AgentAddr> {
     if !matches!(
         command,
-        Command::List { .. } | Command::Stats { .. } | Command::Health { .. } | Command::Metrics
+        Command::List { .. }
+            | Command::Stats { .. }
+            | Command::Health { .. }
+            | Command::Metrics
+            | Command::Trace { .. }
     ) {
         bail!(
-            "--pod and --sandbox read one sandbox's agent (list, stats, health, metrics); the \
-             node daemon writes its table"
+            "--pod and --sandbox read one sandbox's agent (list, stats, health, metrics, trace); \
+             the node daemon writes its table"
         );
     }
     let report = status::Report::fetch(status_socket, Duration::from_secs(timeout_secs)).await?;

@@ -22,6 +22,7 @@ mod connection;
 mod sync;
 
 pub use addr::AgentAddr;
+use connection::{Failure, failure};
 pub use sync::SyncPayload;
 use sync::fits_one_message;
 #[cfg(test)]
@@ -337,6 +338,23 @@ impl AgentClient {
     ) -> Result<u64, ClientError> {
         self.apply_changes_expecting(self.expected_generation(), upserts, deletes, |_, _| {})
             .await
+    }
+
+    /// The agent's decisions as its datapath makes them (API 1.5), until
+    /// the stream is dropped; no call timeout applies.
+    pub async fn trace(
+        &mut self,
+        request: &api::TraceRequest,
+    ) -> Result<ttrpc::r#async::ClientStreamReceiver<api::TraceEvent>, ClientError> {
+        let connection = self.connected().await?;
+        connection
+            .services
+            .trace(ttrpc::context::Context::default(), request)
+            .await
+            .map_err(|err| match failure(err) {
+                Failure::Final(err) => err,
+                Failure::Connection(reason) => self.unreachable(reason),
+            })
     }
 
     pub async fn stats(&mut self) -> Result<api::StatsResponse, ClientError> {

@@ -1,0 +1,313 @@
+//! The datapath's decisions as a tracer sees them (`Services.Trace`): the
+//! real agent and programs on a test cgroup, clients in the client
+//! namespace. Needs root (CI runs as root); `cargo xtask test` runs these.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use socklb_protocols::socklb::{self as api, TraceVerdict};
+use socklb_tests::{
+    Sandbox, backend_ip,
+    workload::{errno, one, start_backends, tcp_backends},
+};
+
+const ENETUNREACH: i64 = 101;
+const ECONNREFUSED: i64 = 111;
+
+/// Events of one attached tracer, read on the runtime as they come.
+struct Tracing {
+    events: Arc<Mutex<Vec<api::TraceEvent>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Tracing {
+    /// Attaches a tracer to the sandbox's agent and waits until its first
+    /// event (a refused connect to 10.96.0.20:9, made until one is seen)
+    /// shows the hooks write; that event is not kept.
+    fn attach(sandbox: &Sandbox, request: api::TraceRequest) -> Tracing {
+        Tracing::attach_probing(sandbox, request, "10.96.0.20:9")
+    }
+
+    /// [`Tracing::attach`] probing with connects to `probe`.
+    fn attach_probing(sandbox: &Sandbox, request: api::TraceRequest, probe: &str) -> Tracing {
+        // Its own thread reads the stream while the test runs clients.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+        let mut stream = runtime
+            .block_on(client.trace(&request))
+            .expect("attach a tracer");
+        runtime.spawn(async move {
+            let _client = client;
+            while let Ok(Some(event)) = stream.recv().await {
+                seen.lock().unwrap().push(event);
+            }
+        });
+        let tracing = Tracing {
+            events,
+            _runtime: runtime,
+        };
+        let attached = Instant::now();
+        while tracing.take().iter().all(|e| e.address != probe) {
+            assert!(
+                attached.elapsed() < Duration::from_secs(10),
+                "no event of the tracer's probe within 10 s"
+            );
+            sandbox.client(&["tcp", probe]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        tracing.take();
+        tracing
+    }
+
+    /// The events so far (keep-alives left out), taken.
+    fn take(&self) -> Vec<api::TraceEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+            .into_iter()
+            .filter(|e| {
+                e.verdict.enum_value_or_default() != TraceVerdict::TRACE_VERDICT_UNSPECIFIED
+            })
+            .collect()
+    }
+
+    /// The events once `count` have come (10 s at most).
+    fn wait_for(&self, count: usize) -> Vec<api::TraceEvent> {
+        let started = Instant::now();
+        let mut events = Vec::new();
+        while events.len() < count && started.elapsed() < Duration::from_secs(10) {
+            events.extend(self.take());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        events
+    }
+}
+
+/// What a test checks of an event.
+fn summary(event: &api::TraceEvent) -> (String, String, TraceVerdict, String, String, String) {
+    (
+        event.hook.clone(),
+        event.address.clone(),
+        event.verdict.enum_value_or_default(),
+        event.backend.clone(),
+        event.service.clone(),
+        event.cgroup.clone(),
+    )
+}
+
+/// A TCP connect from `cgroup`: its one result, an error or not.
+fn connect_in(sandbox: &Sandbox, cgroup: &Path, target: &str) -> serde_json::Value {
+    sandbox.client_in_cgroup(cgroup, &["tcp", target]).remove(0)
+}
+
+/// A translated connect, one refused for a service without endpoints, one
+/// refused for a port no service has, and one from an opted-out cgroup:
+/// each is one event with its verdict, address, backend, service and the
+/// caller's cgroup below the attach cgroup.
+#[test]
+fn each_decision_is_one_event_with_its_verdict_and_address() {
+    socklb_tests::require_root!();
+    let mut sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
+  - {{vip: 10.96.0.30, port: 80, backends: []}}",
+            tcp_backends(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    let app = sandbox.child_cgroup("app");
+    let meshed = sandbox.child_cgroup("meshed");
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    runtime
+        .block_on(client.set_opt_out_cgroups(&["meshed".into()]))
+        .expect("set opt-out cgroups");
+    let tracing = Tracing::attach(&sandbox, api::TraceRequest::default());
+
+    let backend = format!("{}:8080", backend_ip(1));
+    assert_eq!(
+        one(vec![connect_in(&sandbox, &app, "10.96.0.20:80")])["backend"],
+        "b1"
+    );
+    assert_eq!(
+        errno(&connect_in(&sandbox, &app, "10.96.0.30:80")),
+        ECONNREFUSED
+    );
+    assert_eq!(
+        errno(&connect_in(&sandbox, &app, "10.96.0.20:81")),
+        ECONNREFUSED
+    );
+    // Passed untranslated: the pod has no route to the VIP itself.
+    assert_eq!(
+        errno(&connect_in(&sandbox, &meshed, "10.96.0.20:80")),
+        ENETUNREACH
+    );
+    let events = tracing.wait_for(4);
+    for event in &events {
+        println!("{}", socklb_shim::trace::text_line(event));
+    }
+    let summaries: Vec<_> = events.iter().map(summary).collect();
+    let expected = |address: &str, verdict, backend: &str, service: &str, cgroup: &str| {
+        (
+            "connect4".to_string(),
+            address.to_string(),
+            verdict,
+            backend.to_string(),
+            service.to_string(),
+            cgroup.to_string(),
+        )
+    };
+    assert_eq!(
+        summaries,
+        vec![
+            expected(
+                "10.96.0.20:80",
+                TraceVerdict::TRANSLATED,
+                &backend,
+                "10.96.0.20:80/TCP",
+                "app"
+            ),
+            expected(
+                "10.96.0.30:80",
+                TraceVerdict::REFUSED_NO_ENDPOINTS,
+                "",
+                "10.96.0.30:80/TCP",
+                "app"
+            ),
+            expected(
+                "10.96.0.20:81",
+                TraceVerdict::REFUSED_UNKNOWN_PORT,
+                "",
+                "",
+                "app"
+            ),
+            expected(
+                "10.96.0.20:80",
+                TraceVerdict::PASSED_OPTED_OUT,
+                "",
+                "",
+                "meshed"
+            ),
+        ]
+    );
+    let app_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&app).unwrap());
+    assert_eq!(events[0].cgroup_id, app_id);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.time_unix_nanos <= now_ns && now_ns - e.time_unix_nanos < 60_000_000_000),
+        "event times are the wall clock's: {events:?}"
+    );
+    assert!(events.iter().all(|e| e.dropped == 0), "{events:?}");
+}
+
+/// A tracer sees only what it asked for, filtered in the guest, and
+/// destinations that are no VIP only when it asks for them.
+#[test]
+fn a_tracer_sees_only_its_services_and_verdicts() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
+  - {{vip: 10.96.0.30, port: 80, backends: []}}",
+            tcp_backends(1)
+        ),
+    );
+    let _agent = sandbox.start_agent(Some(&table));
+    // The probe (refused, 10.96.0.20:9) must pass the filter to be seen.
+    let request = api::TraceRequest {
+        verdicts: vec![socklb_protocols::protobuf::EnumOrUnknown::new(
+            TraceVerdict::REFUSED_UNKNOWN_PORT,
+        )],
+        ..Default::default()
+    };
+    let tracing = Tracing::attach(&sandbox, request);
+    sandbox.client(&["tcp", "10.96.0.20:80"]);
+    sandbox.client(&["tcp", "10.96.0.30:80"]);
+    sandbox.client(&["tcp", "10.96.0.20:82"]);
+    let events = tracing.wait_for(1);
+    std::thread::sleep(Duration::from_millis(200));
+    let events: Vec<_> = events.into_iter().chain(tracing.take()).collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect::<Vec<_>>(),
+        ["10.96.0.20:82"],
+        "{events:?}"
+    );
+    drop(tracing);
+
+    // Destinations that are no VIP only for a tracer that asks.
+    let backend = format!("{}:8080", backend_ip(1));
+    let request = api::TraceRequest {
+        passes: true,
+        ..Default::default()
+    };
+    let tracing = Tracing::attach_probing(&sandbox, request, &backend);
+    assert_eq!(one(sandbox.client(&["tcp", &backend]))["backend"], "b1");
+    let events = tracing.wait_for(1);
+    assert_eq!(
+        events.iter().map(summary).collect::<Vec<_>>(),
+        [(
+            "connect4".to_string(),
+            backend,
+            TraceVerdict::PASSED_NOT_A_VIP,
+            String::new(),
+            String::new(),
+            String::new()
+        )]
+    );
+}
+
+/// Past the agent's --trace-rate (here 5 a second per CPU) the hooks skip
+/// the write and count it: every connect is still refused, fewer events
+/// come than connects, and the rest is the dropped count.
+#[test]
+fn a_flood_past_the_rate_is_counted_as_dropped() {
+    socklb_tests::require_root!();
+    const CONNECTS: usize = 200;
+    let sandbox = Sandbox::create();
+    let table = sandbox.table(
+        "t.yaml",
+        "services: [{vip: 10.96.0.20, port: 80, backends: []}]",
+    );
+    let _agent = sandbox.start_agent_with(Some(&table), &["--trace-rate", "5"]);
+    let tracing = Tracing::attach(&sandbox, api::TraceRequest::default());
+    let results = sandbox.client(&["tcp", "10.96.0.20:80", "--count", &CONNECTS.to_string()]);
+    assert_eq!(results.len(), CONNECTS);
+    assert!(results.iter().all(|r| errno(r) == ECONNREFUSED));
+    // A keep-alive (2 s without events) carries the count too.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let all = std::mem::take(&mut *tracing.events.lock().unwrap());
+    let traced = all
+        .iter()
+        .filter(|e| e.verdict.enum_value_or_default() == TraceVerdict::REFUSED_NO_ENDPOINTS)
+        .count();
+    let dropped = all.iter().map(|e| e.dropped).max().unwrap_or(0);
+    assert!(traced < CONNECTS, "{traced} of {CONNECTS} traced");
+    assert!(dropped > 0, "nothing counted as dropped");
+    assert!(
+        traced as u64 + dropped >= CONNECTS as u64,
+        "{traced} traced + {dropped} dropped < {CONNECTS} connects"
+    );
+}
