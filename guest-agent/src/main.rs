@@ -171,7 +171,7 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
     let rpc = Arc::new(
         Rpc::new(service_table.clone(), config.bpf_stats, log)
             .with_kernel_features(features.names())
-            .with_tracer(tracer),
+            .with_tracer(tracer.clone()),
     );
     let peer_rule = PeerRule {
         allowed_cids: config.allowed_cids.clone(),
@@ -195,6 +195,8 @@ async fn serve(config: &Config, log: &Logger) -> Result<()> {
         }
     }
     info!(log, "stopping; the datapath stays pinned and working");
+    // The server waits for every call to end, a trace stream's too.
+    tracer.stop();
     server.shutdown().await.context("stopping the API server")?;
     Ok(())
 }

@@ -45,8 +45,8 @@ pub enum Format {
     Json,
 }
 
-/// The request for these filters; `verdicts` naming PassedNotAVip implies
-/// `passes`.
+/// The request for these filters (the agent takes `verdicts` naming
+/// PassedNotAVip as asking for `passes`).
 pub fn request(
     services: &[ServiceKey],
     verdicts: &[Verdict],
@@ -60,7 +60,7 @@ pub fn request(
             .map(|verdict| EnumOrUnknown::new(verdict.to_api()))
             .collect(),
         cgroup_ids: cgroup_ids.to_vec(),
-        passes: passes || verdicts.contains(&Verdict::PassedNotAVip),
+        passes,
         ..Default::default()
     }
 }
@@ -102,7 +102,8 @@ pub async fn follow(
         };
         if event.dropped > dropped {
             eprintln!(
-                "{} events not traced so far (past the agent's --trace-rate, or the ring full)",
+                "{} decisions not traced since the agent started (past its --trace-rate, \
+                 the ring full, or this stream behind)",
                 event.dropped
             );
             dropped = event.dropped;
@@ -149,11 +150,7 @@ pub fn text_line(event: &api::TraceEvent) -> String {
     } else {
         &event.cgroup
     };
-    line += &format!(
-        " cgroup /{} ({})",
-        cgroup.trim_start_matches('/'),
-        event.cgroup_id
-    );
+    line += &format!(" cgroup {cgroup} ({})", event.cgroup_id);
     line
 }
 
@@ -171,7 +168,7 @@ mod tests {
             backend: "10.244.1.1:8080".into(),
             service: "10.96.0.20:80/TCP".into(),
             cgroup_id: 4242,
-            cgroup: "kubepods/pod1/ctr1".into(),
+            cgroup: "/kubepods/pod1/ctr1".into(),
             ..Default::default()
         };
         assert_eq!(
@@ -200,16 +197,6 @@ mod tests {
             parse_service_key("10.96.0.20")
                 .unwrap_err()
                 .contains("VIP:PORT")
-        );
-    }
-
-    #[test]
-    fn asking_for_no_vip_destinations_asks_for_passes() {
-        let request = request(&[], &[Verdict::PassedNotAVip], &[], false);
-        assert!(request.passes);
-        assert_eq!(
-            request.verdicts,
-            vec![EnumOrUnknown::new(TraceVerdict::PASSED_NOT_A_VIP)]
         );
     }
 }

@@ -176,28 +176,28 @@ fn each_decision_is_one_event_with_its_verdict_and_address() {
                 TraceVerdict::TRANSLATED,
                 &backend,
                 "10.96.0.20:80/TCP",
-                "app"
+                "/app"
             ),
             expected(
                 "10.96.0.30:80",
                 TraceVerdict::REFUSED_NO_ENDPOINTS,
                 "",
                 "10.96.0.30:80/TCP",
-                "app"
+                "/app"
             ),
             expected(
                 "10.96.0.20:81",
                 TraceVerdict::REFUSED_UNKNOWN_PORT,
                 "",
                 "",
-                "app"
+                "/app"
             ),
             expected(
                 "10.96.0.20:80",
                 TraceVerdict::PASSED_OPTED_OUT,
                 "",
                 "",
-                "meshed"
+                "/meshed"
             ),
         ]
     );
@@ -274,8 +274,60 @@ fn a_tracer_sees_only_its_services_and_verdicts() {
             TraceVerdict::PASSED_NOT_A_VIP,
             String::new(),
             String::new(),
-            String::new()
+            // The pod's client runs in the attach cgroup itself.
+            "/".to_string()
         )]
+    );
+}
+
+/// A tracer whose caller went away is detached though decisions it does
+/// not want keep coming (the keep-alive is timed from what was sent), and
+/// an agent stopping ends the streams of tracers still attached at once.
+#[test]
+fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    let table = sandbox.table(
+        "t.yaml",
+        "services: [{vip: 10.96.0.20, port: 80, backends: []}]",
+    );
+    let mut agent = sandbox.start_agent(Some(&table));
+    let request = api::TraceRequest {
+        verdicts: vec![socklb_protocols::protobuf::EnumOrUnknown::new(
+            TraceVerdict::REFUSED_UNKNOWN_PORT,
+        )],
+        ..Default::default()
+    };
+    let tracing = Tracing::attach(&sandbox, request.clone());
+    agent.wait_for("tracer attached");
+    drop(tracing);
+    // Decisions the gone tracer's filter rejects keep coming, every 100
+    // ms or so, while its detaching is waited for: past two keep-alive
+    // intervals would be too late.
+    let dropped_at = Instant::now();
+    let detached = loop {
+        assert_eq!(
+            errno(&sandbox.client(&["tcp", "10.96.0.20:80"])[0]),
+            ECONNREFUSED
+        );
+        if let Some(record) = agent.next_record("tracer detached", Duration::from_millis(100)) {
+            break record;
+        }
+        assert!(
+            dropped_at.elapsed() < Duration::from_secs(4),
+            "the gone tracer is still attached after {:?}",
+            dropped_at.elapsed()
+        );
+    };
+    assert_eq!(detached["tracers"], 0, "{detached}");
+
+    let _tracing = Tracing::attach(&sandbox, request);
+    let stopping = Instant::now();
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "the agent took {:?} to stop with a tracer attached",
+        stopping.elapsed()
     );
 }
 

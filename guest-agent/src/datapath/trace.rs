@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use slog::{Logger, warn};
+use slog::{Logger, info, warn};
 use socklb_common::{
     PROTO_UDP, TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4, TraceBudget,
     TraceConfig, TraceEvent,
@@ -20,7 +20,7 @@ use socklb_common::{
 use socklb_table::{Protocol, ServiceKey};
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    sync::broadcast,
+    sync::{broadcast, watch},
 };
 
 use super::convert::socket_addr;
@@ -96,7 +96,10 @@ pub struct Tracer {
     attachments: Mutex<Attachments>,
     budget: PerCpuArray<MapData, TraceBudget>,
     decisions: broadcast::Sender<Decision>,
+    /// True once the agent stops: every tracer's stream ends.
+    stopping: watch::Sender<bool>,
     per_cpu_per_second: u32,
+    log: Logger,
 }
 
 impl Tracer {
@@ -117,11 +120,8 @@ impl Tracer {
             .map_err(|err| anyhow::Error::from(err.into_parts().1))
             .context("watching TRACE_EVENTS")?;
         let (decisions, _) = broadcast::channel(TRACER_BACKLOG);
-        tokio::spawn(read_ring(
-            ring,
-            decisions.clone(),
-            log.new(slog::o!("component" => "trace")),
-        ));
+        let log = log.new(slog::o!("component" => "trace"));
+        tokio::spawn(read_ring(ring, decisions.clone(), log.clone()));
         Ok(Arc::new(Tracer {
             attachments: Mutex::new(Attachments {
                 config,
@@ -130,19 +130,28 @@ impl Tracer {
             }),
             budget,
             decisions,
+            stopping: watch::Sender::new(false),
             per_cpu_per_second,
+            log,
         }))
+    }
+
+    /// Ends every tracer's stream: the agent is stopping, and its server
+    /// waits for its calls to end.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// Attaches a tracer (`passes`: destinations that are no VIP too); the
     /// hooks write while any is attached.
     pub fn attach(self: &Arc<Self>, passes: bool) -> Result<Attached> {
         let decisions = self.decisions.subscribe();
-        self.change(1, usize::from(passes), 0, 0)?;
+        self.change(1, i8::from(passes))?;
         Ok(Attached {
             tracer: self.clone(),
             passes,
             decisions,
+            stopping: self.stopping.subscribe(),
         })
     }
 
@@ -153,20 +162,32 @@ impl Tracer {
         Ok(per_cpu.iter().map(|budget| budget.dropped).sum())
     }
 
-    fn change(&self, add: usize, add_passes: usize, sub: usize, sub_passes: usize) -> Result<()> {
+    /// Counts one tracer more (`by` 1) or less (-1), `passes` of them
+    /// wanting destinations that are no VIP, and tells the hooks; the
+    /// counts change only once the hooks are told.
+    fn change(&self, by: i8, passes: i8) -> Result<()> {
         let mut attachments = self.attachments.lock().expect("trace attachments lock");
-        attachments.tracers = attachments.tracers + add - sub;
-        attachments.wanting_passes = attachments.wanting_passes + add_passes - sub_passes;
+        let tracers = attachments.tracers.saturating_add_signed(by.into());
+        let wanting_passes = attachments
+            .wanting_passes
+            .saturating_add_signed(passes.into());
         let config = TraceConfig {
-            enabled: u32::from(attachments.tracers > 0),
-            passes: u32::from(attachments.wanting_passes > 0),
+            enabled: u32::from(tracers > 0),
+            passes: u32::from(wanting_passes > 0),
             per_cpu_per_second: self.per_cpu_per_second,
             _pad: 0,
         };
         attachments
             .config
             .set(0, config, 0)
-            .context("writing TRACE_CONFIG")
+            .context("writing TRACE_CONFIG")?;
+        (attachments.tracers, attachments.wanting_passes) = (tracers, wanting_passes);
+        if by > 0 {
+            info!(self.log, "tracer attached"; "tracers" => tracers, "wanting_passes" => wanting_passes);
+        } else {
+            info!(self.log, "tracer detached"; "tracers" => tracers, "wanting_passes" => wanting_passes);
+        }
+        Ok(())
     }
 }
 
@@ -175,33 +196,33 @@ pub struct Attached {
     tracer: Arc<Tracer>,
     passes: bool,
     decisions: broadcast::Receiver<Decision>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl Attached {
     /// The next decision, and how many this tracer lost before it because
-    /// it fell behind.
-    pub async fn next(&mut self) -> (Decision, u64) {
+    /// it fell behind; None once the agent is stopping.
+    pub async fn next(&mut self) -> Option<(Decision, u64)> {
         let mut lost = 0;
         loop {
-            match self.decisions.recv().await {
-                Ok(decision) => return (decision, lost),
+            let received = tokio::select! {
+                received = self.decisions.recv() => received,
+                _ = self.stopping.wait_for(|stopping| *stopping) => return None,
+            };
+            match received {
+                Ok(decision) => return Some((decision, lost)),
                 Err(broadcast::error::RecvError::Lagged(n)) => lost += n,
-                Err(broadcast::error::RecvError::Closed) => {
-                    unreachable!("the tracer holds the sender")
-                }
+                Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
-    }
-
-    pub fn tracer(&self) -> &Tracer {
-        &self.tracer
     }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        // Only a kernel refusing a write to an array it made can fail this.
-        let _ = self.tracer.change(0, 0, 1, usize::from(self.passes));
+        if let Err(err) = self.tracer.change(-1, -i8::from(self.passes)) {
+            warn!(self.tracer.log, "cannot tell the hooks a tracer left"; "error" => format!("{err:#}"));
+        }
     }
 }
 

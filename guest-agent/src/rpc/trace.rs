@@ -11,14 +11,15 @@ use nix::time::{ClockId, clock_gettime};
 use protobuf::{Enum as _, EnumOrUnknown};
 use socklb_protocols::socklb::{self as api, TraceVerdict};
 use socklb_table::{Protocol, ServiceKey, TableError};
+use tokio::time::Instant;
 use ttrpc::{Code, r#async::ServerStreamSender};
 
 use super::{Rpc, invalid, status};
 use crate::{datapath::Decision, opt_out};
 
-/// With no event for this long a stream carries a keep-alive (verdict
-/// unspecified, with the dropped count), so a caller that hung up is
-/// noticed and its tracer detached.
+/// With nothing sent for this long a stream carries a keep-alive (verdict
+/// unspecified, with the dropped count): a send is the only way to notice
+/// a caller that hung up, and so to detach its tracer.
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Cgroup paths remembered per stream before the cache starts afresh.
 const CGROUPS_CACHED: usize = 1_024;
@@ -28,6 +29,8 @@ struct Filter {
     services: BTreeSet<ServiceKey>,
     verdicts: BTreeSet<u8>,
     cgroup_ids: BTreeSet<u64>,
+    /// Destinations that are no VIP: asked, or named among the verdicts.
+    passes: bool,
 }
 
 impl Filter {
@@ -53,9 +56,10 @@ impl Filter {
                     message: format!("{} is no verdict", verdict.value()),
                 }),
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<BTreeSet<u8>, _>>()?;
         Ok(Filter {
             services,
+            passes: request.passes || verdicts.contains(&socklb_common::TRACE_PASSED_NOT_A_VIP),
             verdicts,
             cgroup_ids: request.cgroup_ids.iter().copied().collect(),
         })
@@ -90,19 +94,20 @@ impl Rpc {
             .await?;
         let to_unix_ns = unix_minus_monotonic_ns()?;
         let mut attached = tracer
-            .attach(request.passes)
+            .attach(filter.passes)
             .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
         let mut cgroups: HashMap<u64, String> = HashMap::new();
         let mut lost = 0;
+        let mut keep_alive_at = Instant::now() + KEEP_ALIVE;
         loop {
-            let next = tokio::time::timeout(KEEP_ALIVE, attached.next()).await;
-            let dropped = tracer.dropped().unwrap_or(0);
-            let event = match next {
+            let event = match tokio::time::timeout_at(keep_alive_at, attached.next()).await {
+                // The agent is stopping.
+                Ok(None) => return Ok(()),
                 Err(_) => api::TraceEvent {
-                    dropped: dropped + lost,
+                    dropped: tracer.dropped().unwrap_or(0) + lost,
                     ..Default::default()
                 },
-                Ok((decision, lost_now)) => {
+                Ok(Some((decision, lost_now))) => {
                     lost += lost_now;
                     if !filter.admits(&decision) {
                         continue;
@@ -119,13 +124,15 @@ impl Rpc {
                             path
                         }
                     };
-                    api_event(&decision, to_unix_ns, cgroup, dropped + lost)
+                    let dropped = tracer.dropped().unwrap_or(0) + lost;
+                    api_event(&decision, to_unix_ns, cgroup, dropped)
                 }
             };
             if sink.send(&event).await.is_err() {
                 // The caller hung up: dropping `attached` detaches it.
                 return Ok(());
             }
+            keep_alive_at = Instant::now() + KEEP_ALIVE;
         }
     }
 }
@@ -173,12 +180,14 @@ fn unix_minus_monotonic_ns() -> ttrpc::Result<i128> {
     Ok(ns(ClockId::CLOCK_REALTIME)? - ns(ClockId::CLOCK_MONOTONIC)?)
 }
 
-/// The cgroup's path below `attach` ("" for that cgroup), or "" when it
-/// is gone or elsewhere: a walk of the tree, off the runtime's threads.
+/// The cgroup's path below `attach` ("/" for that cgroup, "/app" below
+/// it), or "" when it is gone or elsewhere: a walk of the tree, off the
+/// runtime's threads.
 async fn cgroup_path(attach: PathBuf, id: u64) -> String {
     tokio::task::spawn_blocking(move || {
         opt_out::paths_of(&attach, &BTreeSet::from([id]))
             .remove(&id)
+            .map(|relative| format!("/{relative}"))
             .unwrap_or_default()
     })
     .await
@@ -216,6 +225,20 @@ mod tests {
         ] {
             assert_eq!(wire.value(), i32::from(code), "{wire:?}");
         }
+    }
+
+    #[test]
+    fn asking_for_no_vip_destinations_by_verdict_asks_for_them() {
+        let request = api::TraceRequest {
+            verdicts: vec![EnumOrUnknown::new(TraceVerdict::PASSED_NOT_A_VIP)],
+            ..Default::default()
+        };
+        assert!(Filter::from_api(&request).unwrap().passes);
+        assert!(
+            !Filter::from_api(&api::TraceRequest::default())
+                .unwrap()
+                .passes
+        );
     }
 
     #[test]
