@@ -15,7 +15,7 @@ use std::{
 
 use socklb_agent::datapath::{HookStats, enable_run_time_stats, hook_stats};
 use socklb_protocols::socklb as api;
-use socklb_tests::{Sandbox, backend_ip};
+use socklb_tests::{Agent, Sandbox, backend_ip};
 
 use crate::*;
 
@@ -38,7 +38,7 @@ pub(crate) fn hooks() {
   - {{vip: 10.96.0.10, port: 53, protocol: UDP, backends: [{{ip: {backend}, port: 5353}}]}}"
         ),
     );
-    let _agent = sandbox.start_agent(Some(&table));
+    let agent = sandbox.start_agent(Some(&table));
     let _stats = enable_run_time_stats().expect("BPF run-time stats");
 
     let tcp_backend = format!("{backend}:8080");
@@ -73,7 +73,7 @@ pub(crate) fn hooks() {
         }
     }
     let mut out = hooks_table(&samples);
-    out += &tracer_costs(&sandbox);
+    out += &tracer_costs(&sandbox, &agent);
     report::write("hooks", &out);
 }
 
@@ -118,7 +118,7 @@ impl Tracer {
 /// connect4's run time to the VIP and connections per second through it,
 /// without a tracer and with one attached and reading, alternated
 /// (ABBA) over `REPEATS` rounds.
-fn tracer_costs(sandbox: &Sandbox) -> String {
+fn tracer_costs(sandbox: &Sandbox, agent: &Agent) -> String {
     const LOAD_MS: &str = "2000";
     let load = || {
         let before = hook_stats(&sandbox.bpffs).expect("hook stats");
@@ -154,9 +154,11 @@ fn tracer_costs(sandbox: &Sandbox) -> String {
                 events += tracer.events.load(Ordering::Relaxed);
                 dropped = dropped.max(tracer.dropped.load(Ordering::Relaxed));
                 drop(tracer);
-                // Detached at the agent's next write to the gone stream.
-                sandbox.client(&["tcp", "10.96.0.20:80"]);
-                std::thread::sleep(Duration::from_millis(200));
+                // Detached at the stream's next send, a keep-alive at the
+                // latest: the next untraced round must not trace.
+                agent
+                    .next_record("tracer detached", Duration::from_secs(10))
+                    .expect("the tracer detached");
             }
         }
     }
