@@ -259,6 +259,9 @@ pub struct TraceBudget {
     pub dropped: u64,
 }
 
+/// Entries of `DECISIONS`: one per verdict code, indexed by it.
+pub const DECISION_KINDS: u32 = 8;
+
 /// Bytes of `TRACE_EVENTS` (a power of two pages): 8,192 events.
 pub const TRACE_RING_BYTES: u32 = 1 << 19;
 
@@ -284,6 +287,7 @@ pub mod map_names {
     pub const TRACE_EVENTS: &str = "TRACE_EVENTS";
     pub const TRACE_CONFIG: &str = "TRACE_CONFIG";
     pub const TRACE_BUDGET: &str = "TRACE_BUDGET";
+    pub const DECISIONS: &str = "DECISIONS";
 }
 
 /// A map's name and the sizes of its key and value: what an agent checks
@@ -307,7 +311,7 @@ impl MapLayout {
 
 /// Every map of the programs, with its key and value types. The agent's
 /// tests hold the built programs to this list.
-pub const MAP_LAYOUTS: [MapLayout; 14] = [
+pub const MAP_LAYOUTS: [MapLayout; 15] = [
     MapLayout::of::<ServiceEntryKey, ServiceEntry>(map_names::SERVICES),
     MapLayout::of::<Addr, u8>(map_names::VIPS),
     MapLayout::of::<BackendSlotKey, Endpoint>(map_names::BACKEND_SLOTS),
@@ -324,6 +328,7 @@ pub const MAP_LAYOUTS: [MapLayout; 14] = [
     MapLayout::of::<(), ()>(map_names::TRACE_EVENTS),
     MapLayout::of::<u32, TraceConfig>(map_names::TRACE_CONFIG),
     MapLayout::of::<u32, TraceBudget>(map_names::TRACE_BUDGET),
+    MapLayout::of::<u32, u64>(map_names::DECISIONS),
 ];
 
 #[cfg(feature = "user")]

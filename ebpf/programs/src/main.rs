@@ -23,7 +23,8 @@
 //! While a tracer is attached (`TRACE_CONFIG`), each forward hook's
 //! decision is also written to the `TRACE_EVENTS` ring buffer, at most
 //! `per_cpu_per_second` a second on each CPU, the rest counted as dropped
-//! (`TRACE_BUDGET`); without one, the cost is one array lookup.
+//! (`TRACE_BUDGET`); without one, the cost is one array lookup. Every
+//! decision on a VIP destination is also counted by verdict (`DECISIONS`).
 //!
 //! Raw access (context fields, map lookups, helpers) lives in `access`;
 //! the logic here is safe Rust.
@@ -44,13 +45,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use socklb_common::{
-    AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DatagramVips, Endpoint,
-    GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS, MAX_OPT_OUT_CGROUPS,
-    MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, ServiceCounters, ServiceEntry, ServiceEntryKey,
-    TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4, TRACE_HOOK_SENDMSG6,
-    TRACE_PASSED_EXTERNAL_PORT, TRACE_PASSED_NOT_A_VIP, TRACE_PASSED_OPTED_OUT,
-    TRACE_REFUSED_NO_ENDPOINTS, TRACE_REFUSED_UNKNOWN_PORT, TRACE_RING_BYTES, TRACE_TRANSLATED,
-    TraceBudget, TraceConfig, TraceEvent, Translation, VIP_EXTERNAL, is_loopback, is_v4_mapped,
+    AFFINITY_ENTRIES, Addr, Affinity, AffinityKey, BackendSlotKey, DECISION_KINDS, DatagramVips,
+    Endpoint, GUEST_ADDR_V4, GUEST_ADDR_V6, MAX_BACKEND_SLOTS, MAX_CGROUP_LEVELS,
+    MAX_OPT_OUT_CGROUPS, MAX_SERVICES, MAX_VIPS, MemberKey, PROTO_UDP, ServiceCounters,
+    ServiceEntry, ServiceEntryKey, TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4,
+    TRACE_HOOK_SENDMSG6, TRACE_PASSED_EXTERNAL_PORT, TRACE_PASSED_NOT_A_VIP,
+    TRACE_PASSED_OPTED_OUT, TRACE_REFUSED_NO_ENDPOINTS, TRACE_REFUSED_UNKNOWN_PORT,
+    TRACE_RING_BYTES, TRACE_TRANSLATED, TraceBudget, TraceConfig, TraceEvent, Translation,
+    VIP_EXTERNAL, is_loopback, is_v4_mapped,
 };
 
 // Services are rewritten by user space while programs read them: without
@@ -102,6 +104,11 @@ static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 static TRACE_CONFIG: Array<TraceConfig> = Array::with_max_entries(1, 0);
 #[map]
 static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
+/// Decisions on VIP destinations, per CPU, indexed by their `TRACE_*`
+/// verdict: what a node daemon polls per sandbox. Not pinned: counters
+/// start again with each agent, as a process's do.
+#[map]
+static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_KINDS, 0);
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -252,6 +259,9 @@ fn forward(ctx: &SockAddrContext, family: Family, forward: Forward) -> i32 {
         return ALLOW;
     };
     let verdict = translate(sa, &dst, forward, vip_kind);
+    if let Some(count) = per_cpu_mut(&DECISIONS, u32::from(verdict.reason)) {
+        *count += 1;
+    }
     if let Some(config) = attached_tracer(false) {
         trace(sa, config, hook, &dst, &verdict);
     }

@@ -48,7 +48,7 @@ pub use maps::{TableMaps, WriteFaults};
 pub use plan::ApplySummary;
 pub use program::ProgrammedTable;
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
-pub use trace::{Attached, Decision, TraceMaps, Tracer};
+pub use trace::{Attached, Decision, DecisionCounts, TraceMaps, Tracer};
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
@@ -226,6 +226,7 @@ impl Datapath {
             events: RingBuf::try_from(take(map_names::TRACE_EVENTS)?)?,
             config: Array::try_from(take(map_names::TRACE_CONFIG)?)?,
             budget: PerCpuArray::try_from(take(map_names::TRACE_BUDGET)?)?,
+            decisions: PerCpuArray::try_from(take(map_names::DECISIONS)?)?,
         })
     }
 

@@ -3,6 +3,7 @@
 //! says a tracer is attached; one task reads the ring and hands each event
 //! to every attached tracer. A tracer that falls behind loses events (its
 //! channel's oldest), never the hooks' time: they only ever skip a write.
+//! The hooks also count every decision on a VIP by verdict (`DECISIONS`).
 
 use std::{
     mem::size_of,
@@ -34,6 +35,19 @@ pub struct TraceMaps {
     pub(super) events: RingBuf<MapData>,
     pub(super) config: Array<MapData, TraceConfig>,
     pub(super) budget: PerCpuArray<MapData, TraceBudget>,
+    pub(super) decisions: PerCpuArray<MapData, u64>,
+}
+
+/// Decisions on VIP destinations since the agent started, by verdict, and
+/// the trace records the hooks skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionCounts {
+    pub translated: u64,
+    pub refused_no_endpoints: u64,
+    pub refused_unknown_port: u64,
+    pub passed_opted_out: u64,
+    pub passed_external_port: u64,
+    pub trace_dropped: u64,
 }
 
 /// One decision as a tracer sees it.
@@ -95,7 +109,8 @@ struct Attachments {
 pub struct Tracer {
     attachments: Mutex<Attachments>,
     budget: PerCpuArray<MapData, TraceBudget>,
-    decisions: broadcast::Sender<Decision>,
+    decisions: PerCpuArray<MapData, u64>,
+    fan_out: broadcast::Sender<Decision>,
     /// True once the agent stops: every tracer's stream ends.
     stopping: watch::Sender<bool>,
     per_cpu_per_second: u32,
@@ -110,6 +125,7 @@ impl Tracer {
             events,
             mut config,
             budget,
+            decisions: counted,
         } = maps;
         config
             .set(0, TraceConfig::default(), 0)
@@ -119,9 +135,9 @@ impl Tracer {
         let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|err| anyhow::Error::from(err.into_parts().1))
             .context("watching TRACE_EVENTS")?;
-        let (decisions, _) = broadcast::channel(TRACER_BACKLOG);
+        let (fan_out, _) = broadcast::channel(TRACER_BACKLOG);
         let log = log.new(slog::o!("component" => "trace"));
-        tokio::spawn(read_ring(ring, decisions.clone(), log.clone()));
+        tokio::spawn(read_ring(ring, fan_out.clone(), log.clone()));
         Ok(Arc::new(Tracer {
             attachments: Mutex::new(Attachments {
                 config,
@@ -129,7 +145,8 @@ impl Tracer {
                 wanting_passes: 0,
             }),
             budget,
-            decisions,
+            decisions: counted,
+            fan_out,
             stopping: watch::Sender::new(false),
             per_cpu_per_second,
             log,
@@ -145,7 +162,7 @@ impl Tracer {
     /// Attaches a tracer (`passes`: destinations that are no VIP too); the
     /// hooks write while any is attached.
     pub fn attach(self: &Arc<Self>, passes: bool) -> Result<Attached> {
-        let decisions = self.decisions.subscribe();
+        let decisions = self.fan_out.subscribe();
         self.change(1, i8::from(passes))?;
         Ok(Attached {
             tracer: self.clone(),
@@ -165,6 +182,26 @@ impl Tracer {
     /// Counts one tracer more (`by` 1) or less (-1), `passes` of them
     /// wanting destinations that are no VIP, and tells the hooks; the
     /// counts change only once the hooks are told.
+    /// The hooks' decisions by verdict, and the trace records they skipped,
+    /// summed over the CPUs.
+    pub fn counts(&self) -> Result<DecisionCounts> {
+        let count = |verdict: u8| -> Result<u64> {
+            let per_cpu = self
+                .decisions
+                .get(&u32::from(verdict), 0)
+                .context("reading DECISIONS")?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok(DecisionCounts {
+            translated: count(socklb_common::TRACE_TRANSLATED)?,
+            refused_no_endpoints: count(socklb_common::TRACE_REFUSED_NO_ENDPOINTS)?,
+            refused_unknown_port: count(socklb_common::TRACE_REFUSED_UNKNOWN_PORT)?,
+            passed_opted_out: count(socklb_common::TRACE_PASSED_OPTED_OUT)?,
+            passed_external_port: count(socklb_common::TRACE_PASSED_EXTERNAL_PORT)?,
+            trace_dropped: self.dropped()?,
+        })
+    }
+
     fn change(&self, by: i8, passes: i8) -> Result<()> {
         let mut attachments = self.attachments.lock().expect("trace attachments lock");
         let tracers = attachments.tracers.saturating_add_signed(by.into());

@@ -245,6 +245,31 @@ impl socklb_ttrpc::Services for Rpc {
         self.stream_trace(request, sink).await
     }
 
+    async fn decisions(
+        &self,
+        _ctx: &TtrpcContext,
+        _: api::DecisionsRequest,
+    ) -> ttrpc::Result<api::DecisionsResponse> {
+        let Some(tracer) = &self.tracer else {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "this agent keeps its table in memory: no datapath decides",
+            ));
+        };
+        let counts = tracer
+            .counts()
+            .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
+        Ok(api::DecisionsResponse {
+            translated: counts.translated,
+            refused_no_endpoints: counts.refused_no_endpoints,
+            refused_unknown_port: counts.refused_unknown_port,
+            passed_opted_out: counts.passed_opted_out,
+            passed_external_port: counts.passed_external_port,
+            trace_dropped: counts.trace_dropped,
+            ..Default::default()
+        })
+    }
+
     async fn stats(
         &self,
         _ctx: &TtrpcContext,
