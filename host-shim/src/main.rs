@@ -217,6 +217,10 @@ struct NodeArgs {
     /// 0: never
     #[arg(long, default_value_t = 300)]
     verify_secs: u64,
+    /// Seconds between reading each idle agent's decision counts for the
+    /// per-sandbox metrics (API 1.5 agents); 0: never
+    #[arg(long, default_value_t = 30)]
+    decisions_secs: u64,
     /// Seconds the Kubernetes watch may keep failing before /healthz
     /// answers 503 (it does too until the first table)
     #[arg(long, default_value_t = 60)]
@@ -505,6 +509,8 @@ async fn run_node(
         call_timeout: Duration::from_secs(timeout_secs),
         parallel_syncs: args.parallel_syncs,
         verify_every: (args.verify_secs > 0).then(|| Duration::from_secs(args.verify_secs)),
+        decisions_every: (args.decisions_secs > 0)
+            .then(|| Duration::from_secs(args.decisions_secs)),
         watch_stale: Duration::from_secs(args.watch_stale_secs),
     };
     let kube = kube_client(args.kubeconfig).await?;

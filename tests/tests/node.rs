@@ -22,11 +22,15 @@ use serde_json::{Value, json};
 use socklb_protocols::DEFAULT_AGENT_PORT;
 use socklb_shim::node::DEFAULT_PARALLEL_SYNCS;
 use socklb_tests::{
+    Sandbox,
     apiserver::{FakeApiServer, Kind},
     die_with_parent, shim_bin,
-    standin::{KataShim, SilentAgent, StandInAgent},
+    standin::{HybridFront, KataShim, SilentAgent, StandInAgent},
     vm::{AGENT_PORT, GuestImage, Vm, eventually},
+    workload::{errno, one, start_backends},
 };
+
+const ECONNREFUSED: i64 = 111;
 
 fn service(name: &str, vip: &str) -> Value {
     json!({"metadata": {"namespace": "default", "name": name,
@@ -758,6 +762,62 @@ fn past_capacity_what_fits_is_programmed_and_the_rest_is_said() {
         agent.syncs(),
         syncs,
         "a change of what fits went out as the whole table"
+    );
+}
+
+/// A sandbox's datapath decisions reach the node's /metrics under its pod
+/// name, read from its agent (the real one, on a test cgroup behind
+/// hybrid vsock) every --decisions-secs.
+#[test]
+fn a_sandboxs_decisions_are_counted_on_the_nodes_metrics() {
+    socklb_tests::require_root!();
+    let runtime = runtime();
+    let _entered = runtime.enter();
+    let api = web_api();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let _agent = sandbox.start_agent(None);
+    let mut node = Node::new();
+    node.args = vec!["--decisions-secs".into(), "1".into()];
+    let (uds, url) = node.vsock("real");
+    let _front = HybridFront::start(
+        &uds,
+        DEFAULT_AGENT_PORT,
+        &sandbox.workdir.path().join("agent.sock"),
+    );
+    node.pod_bundle("real", "default", "client");
+    let _shim = node.sandbox("kata", "real", &url);
+    node.start(&api, 30);
+    converge(
+        &node,
+        "the real agent synced",
+        Duration::from_secs(30),
+        || node.log().contains("\"msg\":\"table synced\""),
+    );
+
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
+    );
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.20:81"])[0]),
+        ECONNREFUSED
+    );
+    let series = |verdict: &str, n: u64| {
+        format!(
+            "socklb_node_sandbox_decisions_total{{sandbox=\"real\",pod=\"default/client\",verdict=\"{verdict}\"}} {n}"
+        )
+    };
+    converge(
+        &node,
+        "the decisions on /metrics",
+        Duration::from_secs(15),
+        || {
+            let metrics = node.metrics();
+            [series("translated", 1), series("refused-unknown-port", 1)]
+                .iter()
+                .all(|line| metrics.lines().any(|l| l == line))
+        },
     );
 }
 

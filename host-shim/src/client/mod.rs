@@ -357,6 +357,16 @@ impl AgentClient {
             })
     }
 
+    /// The agent's decisions by verdict since it started (API 1.5).
+    pub async fn decisions(&mut self) -> Result<api::DecisionsResponse, ClientError> {
+        self.call(|c, ctx| async move {
+            c.services
+                .decisions(ctx, &api::DecisionsRequest::new())
+                .await
+        })
+        .await
+    }
+
     pub async fn stats(&mut self) -> Result<api::StatsResponse, ClientError> {
         self.call(|c, ctx| async move { c.services.stats(ctx, &api::StatsRequest::new()).await })
             .await

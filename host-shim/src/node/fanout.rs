@@ -24,7 +24,7 @@ use crate::{
     node::{
         health::WatchHealth,
         metrics::Metrics,
-        status::{Registry, State},
+        status::{DecisionCounts, Registry, State},
     },
     sources::kubernetes::kube_watch::TableSink,
 };
@@ -344,6 +344,8 @@ pub struct Shared {
     /// How often an idle agent's table is read back and its digest
     /// compared with the node's (None: never).
     pub verify_every: Option<Duration>,
+    /// How often an idle agent's decision counts are read (None: never).
+    pub decisions_every: Option<Duration>,
 }
 
 /// Keeps one sandbox's agent at the hub's newest version until aborted,
@@ -364,6 +366,7 @@ pub async fn serve_sandbox(
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_verified = jittered_start(Instant::now(), shared.verify_every);
+    let mut last_counted = jittered_start(Instant::now(), shared.decisions_every);
     loop {
         if shared.hub.version() == 0 {
             shared.registry.set_state(id, State::WaitingForTable);
@@ -391,6 +394,15 @@ pub async fn serve_sandbox(
                                 acked = None;
                                 shared.registry.failed(id, &err.to_string());
                             }
+                        }
+                        if shared
+                            .decisions_every
+                            .is_some_and(|every| last_counted.elapsed() >= every)
+                        {
+                            last_counted = Instant::now();
+                            // An agent before API 1.5 counts nothing: no row.
+                            let counts = client.decisions().await.ok().map(|d| DecisionCounts::from_api(&d));
+                            shared.registry.set_decisions(id, counts);
                         }
                     }
                 }

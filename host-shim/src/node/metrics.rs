@@ -16,7 +16,7 @@ use std::{
 
 use socklb_table::ServiceKey;
 
-use crate::node::status::State;
+use crate::node::status::{DecisionCounts, State};
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -55,6 +55,8 @@ pub struct Snapshot<'a> {
     pub sandboxes: &'a std::collections::BTreeMap<State, usize>,
     pub version: u64,
     pub services: usize,
+    /// Each sandbox's decisions as last read: (id, pod, counts).
+    pub decisions: &'a [(String, Option<String>, DecisionCounts)],
 }
 
 impl Metrics {
@@ -212,6 +214,45 @@ impl Metrics {
              classes, a backend that is its own VIP:port), skipped and logged by name.",
             vec![(String::new(), self.refused.load(Relaxed).to_string())],
         );
+        // One series per sandbox and verdict: bounded by the sandboxes a
+        // node runs, never per service.
+        let sandbox_labels = |id: &str, pod: &Option<String>| {
+            format!("sandbox=\"{id}\",pod=\"{}\"", pod.as_deref().unwrap_or(""))
+        };
+        family(
+            "socklb_node_sandbox_decisions_total",
+            "counter",
+            "Connects and datagrams to VIPs each sandbox's datapath decided since its agent \
+             started, by verdict (read every --decisions-secs).",
+            snapshot
+                .decisions
+                .iter()
+                .flat_map(|(id, pod, counts)| {
+                    counts.by_verdict().map(|(verdict, n)| {
+                        (
+                            format!("{{{},verdict=\"{verdict}\"}}", sandbox_labels(id, pod)),
+                            n.to_string(),
+                        )
+                    })
+                })
+                .collect(),
+        );
+        family(
+            "socklb_node_sandbox_trace_dropped_total",
+            "counter",
+            "Decisions each sandbox's hooks did not write for a tracer (past its rate, or the \
+             ring full) since its agent started.",
+            snapshot
+                .decisions
+                .iter()
+                .map(|(id, pod, counts)| {
+                    (
+                        format!("{{{}}}", sandbox_labels(id, pod)),
+                        counts.trace_dropped.to_string(),
+                    )
+                })
+                .collect(),
+        );
         out
     }
 }
@@ -232,10 +273,21 @@ mod tests {
         metrics.acknowledged(Duration::from_millis(30));
         metrics.set_refused(3);
         let sandboxes = BTreeMap::from([(State::InSync, 2), (State::Failing, 1)]);
+        let decisions = [(
+            "sb1".to_string(),
+            Some("default/client".to_string()),
+            DecisionCounts {
+                translated: 5,
+                refused_unknown_port: 2,
+                trace_dropped: 9,
+                ..Default::default()
+            },
+        )];
         let text = metrics.render(&Snapshot {
             sandboxes: &sandboxes,
             version: 7,
             services: 40,
+            decisions: &decisions,
         });
         for line in [
             "socklb_node_sandboxes{state=\"in_sync\"} 2",
@@ -251,6 +303,10 @@ mod tests {
             "socklb_node_table_version 7",
             "socklb_node_services_refused 3",
             "# TYPE socklb_node_change_to_ack_seconds histogram",
+            "socklb_node_sandbox_decisions_total{sandbox=\"sb1\",pod=\"default/client\",verdict=\"translated\"} 5",
+            "socklb_node_sandbox_decisions_total{sandbox=\"sb1\",pod=\"default/client\",verdict=\"refused-unknown-port\"} 2",
+            "socklb_node_sandbox_decisions_total{sandbox=\"sb1\",pod=\"default/client\",verdict=\"passed-opted-out\"} 0",
+            "socklb_node_sandbox_trace_dropped_total{sandbox=\"sb1\",pod=\"default/client\"} 9",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -69,6 +69,9 @@ pub struct NodeConfig {
     /// How often each idle agent's table digest is checked against the
     /// node's (None: never).
     pub verify_every: Option<Duration>,
+    /// How often each idle agent's decision counts are read for the
+    /// per-sandbox metrics (None: never).
+    pub decisions_every: Option<Duration>,
     /// How long the Kubernetes watch may keep failing before `/healthz`
     /// answers 503.
     pub watch_stale: Duration,
@@ -91,6 +94,7 @@ pub async fn run(config: NodeConfig, kube: kube::Client, log: &Logger) -> Result
         whole_syncs: Arc::new(Semaphore::new(config.parallel_syncs.max(1))),
         permit_hold: config.call_timeout,
         verify_every: config.verify_every,
+        decisions_every: config.decisions_every,
     };
     let watch = Arc::new(WatchHealth::default());
     serve_status(&config, &shared, log)?;
@@ -332,10 +336,12 @@ async fn serve_metrics(
     let handler: Handler = Arc::new(move |path| match path {
         "/metrics" => {
             let sandboxes = state.registry.counts();
+            let decisions = state.registry.decisions();
             let text = state.metrics.render(&Snapshot {
                 sandboxes: &sandboxes,
                 version: state.hub.version(),
                 services: state.hub.service_count(),
+                decisions: &decisions,
             });
             Reply::ok("text/plain; version=0.0.4", text)
         }

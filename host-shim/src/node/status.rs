@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, sync::Mutex, time:
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+use socklb_protocols::socklb as api;
 
 use crate::output::{Column, table};
 
@@ -64,6 +65,47 @@ pub struct SandboxRow {
     /// Versions behind the newest (None before the first acknowledgement).
     pub lag: Option<u64>,
     pub last_error: Option<String>,
+    /// The agent's decisions by verdict, as last read (`--decisions-secs`);
+    /// None before, or from an agent before API 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<DecisionCounts>,
+}
+
+/// What a sandbox's datapath decided on VIP destinations since its agent
+/// started (`Services.Decisions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionCounts {
+    pub translated: u64,
+    pub refused_no_endpoints: u64,
+    pub refused_unknown_port: u64,
+    pub passed_opted_out: u64,
+    pub passed_external_port: u64,
+    pub trace_dropped: u64,
+}
+
+impl DecisionCounts {
+    pub fn from_api(response: &api::DecisionsResponse) -> DecisionCounts {
+        DecisionCounts {
+            translated: response.translated,
+            refused_no_endpoints: response.refused_no_endpoints,
+            refused_unknown_port: response.refused_unknown_port,
+            passed_opted_out: response.passed_opted_out,
+            passed_external_port: response.passed_external_port,
+            trace_dropped: response.trace_dropped,
+        }
+    }
+
+    /// Each verdict's label value (as `socklb-shim trace --verdict` names
+    /// it) and count.
+    pub fn by_verdict(&self) -> [(&'static str, u64); 5] {
+        [
+            ("translated", self.translated),
+            ("refused-no-endpoints", self.refused_no_endpoints),
+            ("refused-unknown-port", self.refused_unknown_port),
+            ("passed-opted-out", self.passed_opted_out),
+            ("passed-external-port", self.passed_external_port),
+        ]
+    }
 }
 
 /// The status report `GET /status` answers.
@@ -97,6 +139,7 @@ impl Registry {
                 acked: None,
                 lag: None,
                 last_error: None,
+                decisions: None,
             },
         );
     }
@@ -133,6 +176,20 @@ impl Registry {
             row.state = state;
             row.last_error = Some(error.into());
         });
+    }
+
+    pub fn set_decisions(&self, id: &str, decisions: Option<DecisionCounts>) {
+        self.update(id, |row| row.decisions = decisions);
+    }
+
+    /// Each sandbox's decisions as last read: (id, pod, counts).
+    pub fn decisions(&self) -> Vec<(String, Option<String>, DecisionCounts)> {
+        self.rows
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|row| Some((row.id.clone(), row.pod.clone(), row.decisions?)))
+            .collect()
     }
 
     pub fn acknowledged(&self, id: &str, version: u64) {
