@@ -90,6 +90,19 @@ impl Tracing {
     }
 }
 
+/// 10.96.0.20:80 on b1 (started by the caller), 10.96.0.30:80 on none.
+fn web_and_empty_table(sandbox: &Sandbox) -> std::path::PathBuf {
+    sandbox.table(
+        "t.yaml",
+        &format!(
+            "services:
+  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
+  - {{vip: 10.96.0.30, port: 80, backends: []}}",
+            tcp_backends(1)
+        ),
+    )
+}
+
 /// What a test checks of an event.
 fn summary(event: &api::TraceEvent) -> (String, String, TraceVerdict, String, String, String) {
     (
@@ -116,16 +129,7 @@ fn each_decision_is_one_event_with_its_verdict_and_address() {
     socklb_tests::require_root!();
     let mut sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services:
-  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
-  - {{vip: 10.96.0.30, port: 80, backends: []}}",
-            tcp_backends(1)
-        ),
-    );
-    let _agent = sandbox.start_agent(Some(&table));
+    let _agent = sandbox.start_agent(Some(&web_and_empty_table(&sandbox)));
     let app = sandbox.child_cgroup("app");
     let meshed = sandbox.child_cgroup("meshed");
     let runtime = socklb_tests::runtime();
@@ -223,16 +227,7 @@ fn a_tracer_sees_only_its_services_and_verdicts() {
     socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services:
-  - {{vip: 10.96.0.20, port: 80, backends: [{}]}}
-  - {{vip: 10.96.0.30, port: 80, backends: []}}",
-            tcp_backends(1)
-        ),
-    );
-    let _agent = sandbox.start_agent(Some(&table));
+    let _agent = sandbox.start_agent(Some(&web_and_empty_table(&sandbox)));
     // The probe (refused, 10.96.0.20:9) must pass the filter to be seen.
     let request = api::TraceRequest {
         verdicts: vec![socklb_protocols::protobuf::EnumOrUnknown::new(
