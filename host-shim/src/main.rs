@@ -218,7 +218,8 @@ struct NodeArgs {
     #[arg(long, default_value_t = 300)]
     verify_secs: u64,
     /// Seconds between reading each idle agent's decision counts for the
-    /// per-sandbox metrics (API 1.5 agents); 0: never
+    /// per-sandbox metrics (API 1.5 agents; checked at the 5 s health
+    /// tick, so 5 at least); 0: never
     #[arg(long, default_value_t = 30)]
     decisions_secs: u64,
     /// Seconds the Kubernetes watch may keep failing before /healthz

@@ -381,12 +381,34 @@ pub async fn serve_sandbox(
                         let verify = shared
                             .verify_every
                             .is_some_and(|every| last_verified.elapsed() >= every);
-                        let alive = if verify {
+                        let mut alive = if verify {
                             last_verified = Instant::now();
                             verify_digest(client, shared, acked, log).await
                         } else {
                             client.check().await.map(|_| true)
                         };
+                        // Asked of an agent that just answered, before the
+                        // reconnect check below, which then covers it too.
+                        if matches!(alive, Ok(true))
+                            && shared
+                                .decisions_every
+                                .is_some_and(|every| last_counted.elapsed() >= every)
+                        {
+                            last_counted = Instant::now();
+                            match client.decisions().await {
+                                Ok(counts) => shared
+                                    .registry
+                                    .set_decisions(id, Some(DecisionCounts::from_api(&counts))),
+                                // An agent before API 1.5 (or one keeping
+                                // its table in memory) counts nothing.
+                                Err(ClientError::Refused { .. }) => {
+                                    shared.registry.set_decisions(id, None)
+                                }
+                                // The last counts stay shown; the sandbox
+                                // is failing, not its counters gone.
+                                Err(err) => alive = Err(err),
+                            }
+                        }
                         match alive {
                             Ok(same) if same && client.connections_opened() == opened_at_sync => {}
                             Ok(_) => acked = None,
@@ -394,15 +416,6 @@ pub async fn serve_sandbox(
                                 acked = None;
                                 shared.registry.failed(id, &err.to_string());
                             }
-                        }
-                        if shared
-                            .decisions_every
-                            .is_some_and(|every| last_counted.elapsed() >= every)
-                        {
-                            last_counted = Instant::now();
-                            // An agent before API 1.5 counts nothing: no row.
-                            let counts = client.decisions().await.ok().map(|d| DecisionCounts::from_api(&d));
-                            shared.registry.set_decisions(id, counts);
                         }
                     }
                 }
