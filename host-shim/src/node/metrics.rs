@@ -217,7 +217,11 @@ impl Metrics {
         // One series per sandbox and verdict: bounded by the sandboxes a
         // node runs, never per service.
         let sandbox_labels = |id: &str, pod: &Option<String>| {
-            format!("sandbox=\"{id}\",pod=\"{}\"", pod.as_deref().unwrap_or(""))
+            format!(
+                "sandbox=\"{}\",pod=\"{}\"",
+                escape_label(id),
+                escape_label(pod.as_deref().unwrap_or(""))
+            )
         };
         family(
             "socklb_node_sandbox_decisions_total",
@@ -257,11 +261,26 @@ impl Metrics {
     }
 }
 
+/// A label value as the text format needs it: a sandbox directory's name
+/// and a bundle's pod annotations may hold any character.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(escape_label("default/client"), "default/client");
+    }
 
     #[test]
     fn renders_counts_states_and_a_cumulative_histogram() {
