@@ -292,7 +292,8 @@ impl AgentClient {
     /// Applies one batch of changes: upserts, then deletes, each refused
     /// unless the agent's table is at the generation the previous step left
     /// it (`expected` first; 0: not checked); `done` is told each write and
-    /// whether it was applied. Upserts go first so a VIP whose services are
+    /// whether it was applied (an Upsert refused for capacity and tried
+    /// again after the Deletes counts once, as its second try). Upserts go first so a VIP whose services are
     /// all replaced is never unknown in between; at capacity the agent
     /// refuses them (ResourceExhausted, nothing changed) and the deletes go
     /// first instead, making room as a whole Sync's own removals would,
@@ -308,17 +309,17 @@ impl AgentClient {
         let mut deletes_left = Some(deletes).filter(|deletes| !deletes.is_empty());
         if !upserts.is_empty() {
             let mut outcome = self.upsert_expecting(generation, upserts.clone()).await;
-            done(ChangeWrite::Upsert, outcome.is_ok());
             if let Err(err) = &outcome
                 && err.code() == Some(Code::RESOURCE_EXHAUSTED)
                 && let Some(deletes) = deletes_left.take()
             {
+                // Refused whole, and tried again below: not a failed write.
                 let deleted = self.delete_expecting(generation, deletes).await;
                 done(ChangeWrite::Delete, deleted.is_ok());
                 generation = deleted?.generation;
                 outcome = self.upsert_expecting(generation, upserts).await;
-                done(ChangeWrite::Upsert, outcome.is_ok());
             }
+            done(ChangeWrite::Upsert, outcome.is_ok());
             generation = outcome?.generation;
         }
         if let Some(deletes) = deletes_left {
