@@ -179,9 +179,6 @@ impl Tracer {
         Ok(per_cpu.iter().map(|budget| budget.dropped).sum())
     }
 
-    /// Counts one tracer more (`by` 1) or less (-1), `passes` of them
-    /// wanting destinations that are no VIP, and tells the hooks; the
-    /// counts change only once the hooks are told.
     /// The hooks' decisions by verdict, and the trace records they skipped,
     /// summed over the CPUs.
     pub fn counts(&self) -> Result<DecisionCounts> {
@@ -202,12 +199,19 @@ impl Tracer {
         })
     }
 
+    /// Counts one tracer more (`by` 1) or less (-1), `passes` of them
+    /// wanting destinations that are no VIP, and tells the hooks. A tracer
+    /// counts once the hooks are told; one leaving stops counting at once,
+    /// so a later change tells them again if this one could not.
     fn change(&self, by: i8, passes: i8) -> Result<()> {
         let mut attachments = self.attachments.lock().expect("trace attachments lock");
         let tracers = attachments.tracers.saturating_add_signed(by.into());
         let wanting_passes = attachments
             .wanting_passes
             .saturating_add_signed(passes.into());
+        if by < 0 {
+            (attachments.tracers, attachments.wanting_passes) = (tracers, wanting_passes);
+        }
         let config = TraceConfig {
             enabled: u32::from(tracers > 0),
             passes: u32::from(wanting_passes > 0),
@@ -252,6 +256,14 @@ impl Attached {
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+impl Attached {
+    /// Returns once the agent is stopping.
+    pub async fn stopped(&mut self) {
+        // Err: the tracer is gone, which is stopping too.
+        let _ = self.stopping.wait_for(|stopping| *stopping).await;
     }
 }
 

@@ -21,6 +21,8 @@ use crate::{datapath::Decision, opt_out};
 /// unspecified, with the dropped count): a send is the only way to notice
 /// a caller that hung up, and so to detach its tracer.
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A send that waits longer (the caller stopped reading) ends the stream.
+const SEND_TIMEOUT: Duration = Duration::from_secs(4);
 /// Cgroup paths remembered per stream before the cache starts afresh.
 const CGROUPS_CACHED: usize = 1_024;
 
@@ -128,8 +130,15 @@ impl Rpc {
                     api_event(&decision, to_unix_ns, cgroup, dropped)
                 }
             };
-            if sink.send(&event).await.is_err() {
-                // The caller hung up: dropping `attached` detaches it.
+            let sent = tokio::select! {
+                sent = sink.send(&event) => sent.is_ok(),
+                // A caller that stopped reading (its connection's queue
+                // full) holds no tracer attached.
+                _ = tokio::time::sleep(SEND_TIMEOUT) => false,
+                _ = attached.stopped() => false,
+            };
+            if !sent {
+                // Dropping `attached` detaches it.
                 return Ok(());
             }
             keep_alive_at = Instant::now() + KEEP_ALIVE;
