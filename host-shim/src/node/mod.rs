@@ -80,8 +80,8 @@ pub struct NodeConfig {
 /// Whole tables sent at once by default. Each costs the daemon about
 /// 0.4 MiB while it is sent (the encoded table is shared), and an agent
 /// on kernel maps about 0.5 s at 10,000 x 8 on its own vCPUs: at 24, a
-/// daemon starting over 200 empty sandboxes needs some 9 rounds of that
-/// (about 4 s), at a peak RSS of 63 MiB in `socklb-bench node`.
+/// daemon starting over 200 empty sandboxes needs about 200 / 24 x 0.51 s
+/// = 4.3 s, at a peak RSS of 63 MiB in `socklb-bench node`.
 pub const DEFAULT_PARALLEL_SYNCS: usize = 24;
 
 /// Runs the daemon until the watch ends (it does not, short of the
