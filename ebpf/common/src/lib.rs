@@ -201,16 +201,15 @@ pub struct TraceEvent {
     pub cgroup_id: u64,
     /// The destination the socket asked for.
     pub dst: Endpoint,
-    /// The backend it was sent to (`TRACE_TRANSLATED` only).
+    /// The backend it was sent to (`TRACE_TRANSLATED` only). The service
+    /// is the one of `dst` and `proto`: no id is needed.
     pub backend: Endpoint,
-    /// The service's id (translated, refused: no endpoints), else 0.
-    pub service_id: u32,
     /// `TRACE_HOOK_*`.
     pub hook: u8,
     pub proto: u8,
     /// `TRACE_*` verdict.
     pub verdict: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Hooks that decide (the forward ones), as `TraceEvent::hook`.

@@ -123,35 +123,23 @@ struct Verdict {
     reason: u8,
     /// The backend (translated only; else zero).
     backend: Endpoint,
-    /// The service's id, where there is a service; else 0.
-    service_id: u32,
 }
 
 impl Verdict {
+    /// Refused or passed, for `reason`.
     #[inline(always)]
-    fn pass(reason: u8) -> Verdict {
+    fn without_backend(reason: u8) -> Verdict {
         Verdict {
             reason,
             backend: Endpoint::default(),
-            service_id: 0,
         }
     }
 
     #[inline(always)]
-    fn refuse(reason: u8, service_id: u32) -> Verdict {
-        Verdict {
-            reason,
-            backend: Endpoint::default(),
-            service_id,
-        }
-    }
-
-    #[inline(always)]
-    fn translate(backend: Endpoint, service_id: u32) -> Verdict {
+    fn translate(backend: Endpoint) -> Verdict {
         Verdict {
             reason: TRACE_TRANSLATED,
             backend,
-            service_id,
         }
     }
 }
@@ -253,7 +241,7 @@ fn forward(ctx: &SockAddrContext, family: Family, forward: Forward) -> i32 {
                 config,
                 hook,
                 &dst,
-                &Verdict::pass(TRACE_PASSED_NOT_A_VIP),
+                &Verdict::without_backend(TRACE_PASSED_NOT_A_VIP),
             );
         }
         return ALLOW;
@@ -304,11 +292,10 @@ fn trace(sa: &SockAddr, config: &TraceConfig, hook: u8, dst: &Endpoint, verdict:
         cgroup_id: current_cgroup_id(),
         dst: *dst,
         backend: verdict.backend,
-        service_id: verdict.service_id,
         hook,
         proto: sa.protocol(),
         verdict: verdict.reason,
-        _pad: 0,
+        _pad: [0; 5],
     };
     match TRACE_EVENTS.output(&event, 0) {
         Ok(()) => budget.written += 1,
@@ -330,7 +317,7 @@ fn refuse() -> i32 {
 fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> Verdict {
     if opted_out() {
         untranslated(sa, dst, forward);
-        return Verdict::pass(TRACE_PASSED_OPTED_OUT);
+        return Verdict::without_backend(TRACE_PASSED_OPTED_OUT);
     }
     let key = ServiceEntryKey {
         vip: dst.addr,
@@ -344,9 +331,9 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> V
     let Some(service) = hash_get(&SERVICES, &key) else {
         if vip_kind == VIP_EXTERNAL {
             untranslated(sa, dst, forward);
-            return Verdict::pass(TRACE_PASSED_EXTERNAL_PORT);
+            return Verdict::without_backend(TRACE_PASSED_EXTERNAL_PORT);
         }
-        return Verdict::refuse(TRACE_REFUSED_UNKNOWN_PORT, 0);
+        return Verdict::without_backend(TRACE_REFUSED_UNKNOWN_PORT);
     };
     let backend = match forward {
         Forward::Connect => connected_backend(sa, dst, &key, &service),
@@ -354,10 +341,10 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> V
     };
     let Some(backend) = backend else {
         count(service.id, |c| c.rejects += 1);
-        return Verdict::refuse(TRACE_REFUSED_NO_ENDPOINTS, service.id);
+        return Verdict::without_backend(TRACE_REFUSED_NO_ENDPOINTS);
     };
     count(service.id, |c| c.translations += 1);
-    Verdict::translate(backend, service.id)
+    Verdict::translate(backend)
 }
 
 /// A destination left as it is. A UDP socket connected again, elsewhere,

@@ -333,11 +333,10 @@ mod tests {
             cgroup_id: 42,
             dst: super::super::convert::endpoint(&vip),
             backend: super::super::convert::endpoint(&backend),
-            service_id: 3,
             hook: TRACE_HOOK_CONNECT4,
             proto: PROTO_TCP,
             verdict: TRACE_TRANSLATED,
-            _pad: 0,
+            _pad: [0; 5],
         };
         let decision = Decision::of(&event_of(&bytes_of(&translated)).unwrap());
         assert_eq!(
