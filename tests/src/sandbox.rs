@@ -99,6 +99,9 @@ pub struct Sandbox {
     pub workdir: tempfile::TempDir,
     /// The agent's --bpffs directory, inside the sandbox's own bpffs mount.
     pub bpffs: PathBuf,
+    /// The agent binary its agents run: [`agent_bin`] unless a benchmark
+    /// compares another build.
+    pub agent_bin: PathBuf,
     created: Vec<Created>,
     processes: Mutex<Vec<Child>>,
 }
@@ -124,6 +127,7 @@ impl Sandbox {
             client_ns: format!("{id}-c"),
             backend_ns: format!("{id}-b"),
             bpffs: workdir.path().join("bpffs").join("socklb"),
+            agent_bin: agent_bin(),
             id,
             workdir,
             created: Vec::new(),
@@ -200,10 +204,10 @@ impl Sandbox {
         let mut command = match launcher.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(agent_bin());
+                command.args(args).arg(&self.agent_bin);
                 command
             }
-            None => Command::new(agent_bin()),
+            None => Command::new(&self.agent_bin),
         };
         command
             .arg("--cgroup")

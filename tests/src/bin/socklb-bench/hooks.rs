@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -24,6 +25,107 @@ pub(crate) type Samples = BTreeMap<(&'static str, &'static str), Vec<f64>>;
 
 pub(crate) fn hooks() {
     let sandbox = Sandbox::create();
+    let agent = start(&sandbox);
+    let _stats = enable_run_time_stats().expect("BPF run-time stats");
+    let mut samples = Samples::new();
+    for _ in 0..REPEATS {
+        sample(&sandbox, &mut samples);
+    }
+    let mut out = hooks_table(&samples);
+    out += &tracer_costs(&sandbox, &agent);
+    report::write("hooks", &out);
+}
+
+/// Rounds of `hooks-against`: enough that a few percent stands out of
+/// this machine's run-to-run spread (5-10%), or does not.
+const AGAINST_ROUNDS: usize = 30;
+
+/// `hooks-against <agent binary> <what it is>`: each hook's cost in this
+/// agent's programs against another build's (an earlier commit's), in
+/// sandboxes side by side, so both see the same machine at the same time.
+pub(crate) fn hooks_against() {
+    let mut args = std::env::args().skip(2);
+    let (Some(baseline), Some(label), None) = (args.next(), args.next(), args.next()) else {
+        eprintln!("usage: socklb-bench hooks-against <agent binary> <what that build is>");
+        std::process::exit(2);
+    };
+    assert!(
+        Path::new(&baseline).is_file(),
+        "{baseline}: no such agent binary"
+    );
+    let baseline = PathBuf::from(baseline);
+    let _stats = enable_run_time_stats().expect("BPF run-time stats");
+    // This build, that build, and this build again: the last is the
+    // control, whose ratio to the first is what the method cannot tell
+    // apart from nothing.
+    let mut samples: [Samples; 3] = Default::default();
+    for round in 0..AGAINST_ROUNDS {
+        // New sandboxes each round, created and sampled in an order that
+        // rotates: where the kernel put a sandbox's maps shows in its
+        // hooks (15% on a no-VIP connect4 between two sandboxes of one
+        // build, every round), so no build may keep one placement.
+        let mut sandboxes = [Sandbox::create(), Sandbox::create(), Sandbox::create()];
+        let position = |build: usize| (build + round) % 3;
+        sandboxes[position(1)].agent_bin = baseline.clone();
+        let _agents = sandboxes.each_ref().map(start);
+        // Not counted: a sandbox's first sockets pay for allocations
+        // later ones reuse.
+        for sandbox in &sandboxes {
+            sample(sandbox, &mut Samples::new());
+        }
+        for (at, sandbox) in sandboxes.iter().enumerate() {
+            // The build `position` put here.
+            let build = (at + 3 - round % 3) % 3;
+            sample(sandbox, &mut samples[build]);
+        }
+    }
+    report::write("hooks-against", &against_table(&samples, &label));
+}
+
+/// Each hook of each workload: both builds' medians, the median and range
+/// of the per-round ratios (which cancel what a round shares: the
+/// machine's load, memory, frequency), and the control's.
+fn against_table([this, that, control]: &[Samples; 3], label: &str) -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut out = format!(
+        "## Per-hook cost against {label}\n\n\
+         BPF run-time stats, kernel {}, {CALLS} calls per workload and round, \
+         {AGAINST_ROUNDS} rounds; each round three new sandboxes side by side: this \
+         build, that one, and this one again as a control, created and run in an order \
+         rotated each round. A ratio is the median of the rounds' ratios, with their \
+         range; the control's says how far from 1.00x this method reads two runs of \
+         the same programs.\n\n\
+         | workload | hook | this build, ns/call | that build | this / that | min - max | \
+         control: this / this | min - max |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+        kernel.trim()
+    );
+    let ratios = |a: &[f64], b: &[f64]| {
+        let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+        summary(&ratios)
+    };
+    for (key, ours) in this {
+        let (Some(theirs), Some(again)) = (that.get(key), control.get(key)) else {
+            continue;
+        };
+        let (min, median, max) = ratios(ours, theirs);
+        let (control_min, control, control_max) = ratios(ours, again);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {median:.3}x | {min:.2}-{max:.2} | {control:.3}x | \
+             {control_min:.2}-{control_max:.2} |",
+            key.0,
+            key.1,
+            summary(ours).1,
+            summary(theirs).1
+        );
+    }
+    out
+}
+
+/// The benchmark's services in `sandbox`: one backend serving TCP and
+/// UDP, a VIP for each, programmed by an agent of `sandbox.agent_bin`.
+fn start(sandbox: &Sandbox) -> Agent {
     let backend = backend_ip(1);
     sandbox.backend(
         "b1",
@@ -38,43 +140,35 @@ pub(crate) fn hooks() {
   - {{vip: 10.96.0.10, port: 53, protocol: UDP, backends: [{{ip: {backend}, port: 5353}}]}}"
         ),
     );
-    let agent = sandbox.start_agent(Some(&table));
-    let _stats = enable_run_time_stats().expect("BPF run-time stats");
+    sandbox.start_agent(Some(&table))
+}
 
+/// One run of each workload (TCP and UDP, to the VIP and to the backend
+/// itself) in `sandbox`: each hook's ns per call, added to `samples`.
+fn sample(sandbox: &Sandbox, samples: &mut Samples) {
+    let backend = backend_ip(1);
     let tcp_backend = format!("{backend}:8080");
     let udp_backend = format!("{backend}:5353");
-    let workloads: [(&str, Vec<&str>); 4] = [
-        ("TCP to VIP", vec!["tcp", "10.96.0.20:80", "--count", CALLS]),
-        (
-            "TCP to non-VIP",
-            vec!["tcp", &tcp_backend, "--count", CALLS],
-        ),
-        ("UDP to VIP", vec!["udp", "10.96.0.10:53", "--count", CALLS]),
-        (
-            "UDP to non-VIP",
-            vec!["udp", &udp_backend, "--count", CALLS],
-        ),
+    let workloads: [(&str, [&str; 4]); 4] = [
+        ("TCP to VIP", ["tcp", "10.96.0.20:80", "--count", CALLS]),
+        ("TCP to non-VIP", ["tcp", &tcp_backend, "--count", CALLS]),
+        ("UDP to VIP", ["udp", "10.96.0.10:53", "--count", CALLS]),
+        ("UDP to non-VIP", ["udp", &udp_backend, "--count", CALLS]),
     ];
-    let mut samples = Samples::new();
-    for _ in 0..REPEATS {
-        for (workload, args) in &workloads {
-            let before = hook_stats(&sandbox.bpffs).expect("hook stats");
-            let results = sandbox.client(args);
-            assert!(
-                results.iter().all(|r| r.get("error").is_none()),
-                "{workload} failed"
-            );
-            let after = hook_stats(&sandbox.bpffs).expect("hook stats");
-            for (b, a) in before.iter().zip(&after) {
-                if let Some(ns) = ns_per_call(b, a) {
-                    samples.entry((workload, a.hook)).or_default().push(ns);
-                }
+    for (workload, args) in workloads {
+        let before = hook_stats(&sandbox.bpffs).expect("hook stats");
+        let results = sandbox.client(&args);
+        assert!(
+            results.iter().all(|r| r.get("error").is_none()),
+            "{workload} failed"
+        );
+        let after = hook_stats(&sandbox.bpffs).expect("hook stats");
+        for (b, a) in before.iter().zip(&after) {
+            if let Some(ns) = ns_per_call(b, a) {
+                samples.entry((workload, a.hook)).or_default().push(ns);
             }
         }
     }
-    let mut out = hooks_table(&samples);
-    out += &tracer_costs(&sandbox, &agent);
-    report::write("hooks", &out);
 }
 
 /// A tracer attached to the sandbox's agent, reading every event on a

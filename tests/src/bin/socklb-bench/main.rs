@@ -4,6 +4,10 @@
 //! for traffic to a service VIP and, as the baseline measured in the same
 //! run, to a destination that is not a service.
 //!
+//! `hooks-against <agent binary> <what it is>`: each hook's cost in this
+//! agent's programs against another build's, alternated in one run (see
+//! `hooks`).
+//!
 //! `control-plane`: a full Sync of 10,000 services x 8 backends (time to
 //! acknowledgement, agent RSS and map memory after it) and one-service
 //! Upserts, against a bare Health.Check round trip as the baseline.
@@ -59,6 +63,7 @@ const REPEATS: usize = 3;
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("hooks") => hooks(),
+        Some("hooks-against") => hooks::hooks_against(),
         Some("control-plane") => control_plane(),
         Some("kube") => kube(),
         Some("datapath") => datapath(),
@@ -69,7 +74,7 @@ fn main() {
         Some("real-client") => real_client::real_client(),
         _ => {
             eprintln!(
-                "usage: socklb-bench hooks|control-plane|kube|datapath|guest-hooks|guest-datapath|node|sockets|real-client"
+                "usage: socklb-bench hooks|hooks-against|control-plane|kube|datapath|guest-hooks|guest-datapath|node|sockets|real-client"
             );
             std::process::exit(2);
         }
