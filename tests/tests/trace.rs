@@ -115,6 +115,21 @@ fn summary(event: &api::TraceEvent) -> (String, String, TraceVerdict, String, St
     )
 }
 
+/// The name of the program the sandbox's connect4 link runs.
+fn connect4_program(sandbox: &Sandbox) -> String {
+    let hooks = socklb_agent::datapath::hook_stats(&sandbox.bpffs).expect("hook stats");
+    let id = hooks
+        .iter()
+        .find(|hook| hook.hook == "connect4")
+        .expect("a connect4 link")
+        .program_id;
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|program| program.id() == id)
+        .and_then(|program| program.name_as_str().map(str::to_string))
+        .expect("the link's program is loaded")
+}
+
 /// A TCP connect from `cgroup`: its one result, an error or not.
 fn connect_in(sandbox: &Sandbox, cgroup: &Path, target: &str) -> serde_json::Value {
     sandbox.client_in_cgroup(cgroup, &["tcp", target]).remove(0)
@@ -277,7 +292,8 @@ fn a_tracer_sees_only_its_services_and_verdicts() {
 
 /// A tracer whose caller went away is detached though decisions it does
 /// not want keep coming (the keep-alive is timed from what was sent), and
-/// an agent stopping ends the streams of tracers still attached at once.
+/// an agent stopping ends the streams of tracers still attached at once;
+/// the traced twins run only while a tracer is attached.
 #[test]
 fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
     socklb_tests::require_root!();
@@ -287,6 +303,7 @@ fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
         "services: [{vip: 10.96.0.20, port: 80, backends: []}]",
     );
     let mut agent = sandbox.start_agent(Some(&table));
+    assert_eq!(connect4_program(&sandbox), "lb_connect4");
     let request = api::TraceRequest {
         verdicts: vec![socklb_protocols::protobuf::EnumOrUnknown::new(
             TraceVerdict::REFUSED_UNKNOWN_PORT,
@@ -295,6 +312,7 @@ fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
     };
     let tracing = Tracing::attach(&sandbox, request.clone());
     agent.wait_for("tracer attached");
+    assert_eq!(connect4_program(&sandbox), "traced_connect4");
     drop(tracing);
     // Decisions the gone tracer's filter rejects keep coming, every 100
     // ms or so, while its detaching is waited for: past two keep-alive
@@ -315,6 +333,11 @@ fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
         );
     };
     assert_eq!(detached["tracers"], 0, "{detached}");
+    assert_eq!(
+        connect4_program(&sandbox),
+        "lb_connect4",
+        "no tracing code runs without a tracer"
+    );
 
     let _tracing = Tracing::attach(&sandbox, request);
     let stopping = Instant::now();
@@ -324,6 +347,8 @@ fn a_tracer_gone_is_detached_and_a_stopping_agent_ends_the_streams() {
         "the agent took {:?} to stop with a tracer attached",
         stopping.elapsed()
     );
+    // The links outlive the agent: they run the plain programs again.
+    assert_eq!(connect4_program(&sandbox), "lb_connect4");
 }
 
 /// Past the agent's --trace-rate (here 5 a second per CPU) the hooks skip

@@ -190,8 +190,8 @@ pub struct ServiceCounters {
     pub insert_failures: u64,
 }
 
-/// One decision of a forward hook, written to `TRACE_EVENTS` while a tracer
-/// is attached (`TraceConfig::enabled`).
+/// One decision of a forward hook, written to `TRACE_EVENTS` by the traced
+/// programs, attached only while a tracer is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TraceEvent {
@@ -235,14 +235,11 @@ pub const TRACE_PASSED_NOT_A_VIP: u8 = 6;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TraceConfig {
-    /// Nonzero while a tracer is attached; nothing is written otherwise.
-    pub enabled: u32,
     /// Nonzero to write `TRACE_PASSED_NOT_A_VIP` too.
     pub passes: u32,
     /// Events each CPU may write per second; the rest are counted in
     /// `TraceBudget::dropped`.
     pub per_cpu_per_second: u32,
-    pub _pad: u32,
 }
 
 /// `TRACE_BUDGET`'s per-CPU entry: the rate limit's window and the events

@@ -5,7 +5,8 @@
 //! into them: `ledger` counts what they hold, `plan` works out a write
 //! without touching them, `program` runs it. `stats` reads counters and
 //! usage back, `convert` maps the table's types to the maps'. `trace` reads
-//! the hooks' decisions for tracers.
+//! the hooks' decisions for tracers, and `twins` swaps in the programs that
+//! write them.
 //!
 //! Pins under the bpffs directory `DIR`:
 //! - `DIR/maps/<MAP>`: every map; a later agent adopts them as they are.
@@ -20,6 +21,7 @@ mod plan;
 mod program;
 mod stats;
 mod trace;
+mod twins;
 
 use std::{
     collections::BTreeSet,
@@ -49,56 +51,69 @@ pub use plan::ApplySummary;
 pub use program::ProgrammedTable;
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 pub use trace::{Attached, Decision, DecisionCounts, TraceMaps, Tracer};
+pub use twins::TracedTwins;
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
 
-/// A hook: the program's symbol and the name its link is pinned under.
+/// A hook: the program's symbol, the name its link is pinned under, and
+/// (forward hooks) the traced twin's symbol.
 pub struct Hook {
     pub program: &'static str,
     pub name: &'static str,
+    pub traced: Option<&'static str>,
 }
 
 pub const HOOKS: [Hook; 10] = [
     Hook {
         program: "lb_connect4",
         name: "connect4",
+        traced: Some("traced_connect4"),
     },
     Hook {
         program: "lb_connect6",
         name: "connect6",
+        traced: Some("traced_connect6"),
     },
     Hook {
         program: "lb_sendmsg4",
         name: "sendmsg4",
+        traced: Some("traced_sendmsg4"),
     },
     Hook {
         program: "lb_sendmsg6",
         name: "sendmsg6",
+        traced: Some("traced_sendmsg6"),
     },
     Hook {
         program: "lb_recvmsg4",
         name: "recvmsg4",
+        traced: None,
     },
     Hook {
         program: "lb_recvmsg6",
         name: "recvmsg6",
+        traced: None,
     },
     Hook {
         program: "lb_getpeername4",
         name: "getpeername4",
+        traced: None,
     },
     Hook {
         program: "lb_getpeername6",
         name: "getpeername6",
+        traced: None,
     },
     Hook {
         program: "lb_getsockname4",
         name: "getsockname4",
+        traced: None,
     },
     Hook {
         program: "lb_getsockname6",
         name: "getsockname6",
+        traced: None,
     },
 ];
 
@@ -130,14 +145,16 @@ impl Datapath {
             .load(PROGRAMS)
             .context("loading the eBPF object")?;
         for hook in &HOOKS {
-            let program: &mut CgroupSockAddr = program(&mut ebpf, hook)?;
-            program.load().with_context(|| {
-                format!(
-                    "the kernel refused the {} program (attach type cgroup/{}): it needs \
-                     BPF_PROG_TYPE_CGROUP_SOCK_ADDR with that attach type",
-                    hook.program, hook.name
-                )
-            })?;
+            for symbol in std::iter::once(hook.program).chain(hook.traced) {
+                let program: &mut CgroupSockAddr = program(&mut ebpf, symbol)?;
+                program.load().with_context(|| {
+                    format!(
+                        "the kernel refused the {symbol} program (attach type cgroup/{}): it \
+                         needs BPF_PROG_TYPE_CGROUP_SOCK_ADDR with that attach type",
+                        hook.name
+                    )
+                })?;
+            }
         }
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -176,7 +193,7 @@ impl Datapath {
         let cgroup_dir = fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         for hook in &HOOKS {
-            let program: &mut CgroupSockAddr = program(&mut self.ebpf, hook)?;
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, hook.program)?;
             // A cgroup bpf_link always coexists with other links (the kernel
             // refuses attach flags on links), so the old and new programs
             // overlap for a moment: the first rewrites, the second passes.
@@ -214,9 +231,24 @@ impl Datapath {
         Ok(())
     }
 
-    /// The maps the hooks trace through (see `trace`), once: the tracer
-    /// owns them.
+    /// The maps the hooks trace through and the traced twins (see `trace`,
+    /// `twins`), once: the tracer owns them.
     pub fn take_trace_maps(&mut self) -> Result<TraceMaps> {
+        let mut twins = Vec::new();
+        for hook in &HOOKS {
+            if let Some(traced) = hook.traced {
+                let mut fd_of = |symbol| -> Result<_> {
+                    Ok(program(&mut self.ebpf, symbol)?.fd()?.try_clone()?)
+                };
+                let plain = fd_of(hook.program)?;
+                twins.push((
+                    hook.name,
+                    self.links_dir.join(hook.name),
+                    plain,
+                    fd_of(traced)?,
+                ));
+            }
+        }
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)
@@ -227,6 +259,7 @@ impl Datapath {
             config: Array::try_from(take(map_names::TRACE_CONFIG)?)?,
             budget: PerCpuArray::try_from(take(map_names::TRACE_BUDGET)?)?,
             decisions: PerCpuArray::try_from(take(map_names::DECISIONS)?)?,
+            twins: TracedTwins::new(twins),
         })
     }
 
@@ -308,11 +341,11 @@ pub fn detach(dir: &Path, log: &Logger) -> Result<()> {
     Ok(())
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, hook: &Hook) -> Result<&'a mut CgroupSockAddr> {
-    ebpf.program_mut(hook.program)
-        .ok_or_else(|| anyhow!("the eBPF object has no program {}", hook.program))?
+fn program<'a>(ebpf: &'a mut Ebpf, symbol: &str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(symbol)
+        .ok_or_else(|| anyhow!("the eBPF object has no program {symbol}"))?
         .try_into()
-        .with_context(|| format!("{} is not a cgroup sock_addr program", hook.program))
+        .with_context(|| format!("{symbol} is not a cgroup sock_addr program"))
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

@@ -1,7 +1,8 @@
-//! The datapath's decisions for tracers: the hooks write one `TraceEvent`
-//! per decision to the `TRACE_EVENTS` ring buffer while `TRACE_CONFIG`
-//! says a tracer is attached; one task reads the ring and hands each event
-//! to every attached tracer. A tracer that falls behind loses events (its
+//! The datapath's decisions for tracers: while a tracer is attached, the
+//! forward hooks run their traced twins (see `twins`), which write one
+//! `TraceEvent` per decision to the `TRACE_EVENTS` ring buffer as
+//! `TRACE_CONFIG` says; one task reads the ring and hands each event to
+//! every attached tracer. A tracer that falls behind loses events (its
 //! channel's oldest), never the hooks' time: they only ever skip a write.
 //! The hooks also count every decision on a VIP by verdict (`DECISIONS`).
 
@@ -24,18 +25,20 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
-use super::convert::socket_addr;
+use super::{TracedTwins, convert::socket_addr};
 
 /// Events a tracer may be behind the ring's reader before it loses the
 /// oldest: a second of one CPU's default rate.
 const TRACER_BACKLOG: usize = 1_024;
 
-/// The maps the hooks trace through, taken from the loaded programs.
+/// The maps the hooks trace through and the traced twins, taken from the
+/// loaded programs.
 pub struct TraceMaps {
     pub(super) events: RingBuf<MapData>,
     pub(super) config: Array<MapData, TraceConfig>,
     pub(super) budget: PerCpuArray<MapData, TraceBudget>,
     pub(super) decisions: PerCpuArray<MapData, u64>,
+    pub(super) twins: TracedTwins,
 }
 
 /// Decisions on VIP destinations since the agent started, by verdict, and
@@ -101,6 +104,7 @@ impl Decision {
 /// Attached tracers, and what the hooks are told about them.
 struct Attachments {
     config: Array<MapData, TraceConfig>,
+    twins: TracedTwins,
     tracers: usize,
     /// Tracers that asked for destinations that are no VIP.
     wanting_passes: usize,
@@ -119,13 +123,14 @@ pub struct Tracer {
 
 impl Tracer {
     /// Starts reading `maps`' ring on the current tokio runtime; the hooks
-    /// write nothing until a tracer attaches.
+    /// run their plain programs until a tracer attaches.
     pub fn start(maps: TraceMaps, per_cpu_per_second: u32, log: &Logger) -> Result<Arc<Tracer>> {
         let TraceMaps {
             events,
             mut config,
             budget,
             decisions: counted,
+            twins,
         } = maps;
         config
             .set(0, TraceConfig::default(), 0)
@@ -141,6 +146,7 @@ impl Tracer {
         Ok(Arc::new(Tracer {
             attachments: Mutex::new(Attachments {
                 config,
+                twins,
                 tracers: 0,
                 wanting_passes: 0,
             }),
@@ -200,9 +206,10 @@ impl Tracer {
     }
 
     /// Counts one tracer more (`by` 1) or less (-1), `passes` of them
-    /// wanting destinations that are no VIP, and tells the hooks. A tracer
-    /// counts once the hooks are told; one leaving stops counting at once,
-    /// so a later change tells them again if this one could not.
+    /// wanting destinations that are no VIP, and tells the hooks: the
+    /// traced twins run while any is attached. A tracer counts once the
+    /// hooks are told; one leaving stops counting at once, so a later
+    /// change tells them again if this one could not.
     fn change(&self, by: i8, passes: i8) -> Result<()> {
         let mut attachments = self.attachments.lock().expect("trace attachments lock");
         let tracers = attachments.tracers.saturating_add_signed(by.into());
@@ -213,15 +220,14 @@ impl Tracer {
             (attachments.tracers, attachments.wanting_passes) = (tracers, wanting_passes);
         }
         let config = TraceConfig {
-            enabled: u32::from(tracers > 0),
             passes: u32::from(wanting_passes > 0),
             per_cpu_per_second: self.per_cpu_per_second,
-            _pad: 0,
         };
         attachments
             .config
             .set(0, config, 0)
             .context("writing TRACE_CONFIG")?;
+        attachments.twins.run_traced(tracers > 0)?;
         (attachments.tracers, attachments.wanting_passes) = (tracers, wanting_passes);
         if by > 0 {
             info!(self.log, "tracer attached"; "tracers" => tracers, "wanting_passes" => wanting_passes);
