@@ -383,3 +383,54 @@ fn a_flood_past_the_rate_is_counted_as_dropped() {
         "{traced} traced + {dropped} dropped < {CONNECTS} connects"
     );
 }
+
+/// The counts a node daemon polls (`Services.Decisions`) keep what a
+/// removed service translated: the services' counters, reset when a
+/// removed service's id is reused, are added up at removal.
+#[test]
+fn decisions_keep_what_a_removed_service_counted() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    let agent = sandbox.start_agent(Some(&table));
+    for _ in 0..2 {
+        assert_eq!(
+            one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+            "b1"
+        );
+    }
+    assert_eq!(
+        errno(&sandbox.client(&["tcp", "10.96.0.20:81"])[0]),
+        ECONNREFUSED
+    );
+    // The service goes; another takes its id.
+    sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.40, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    agent.reload();
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.40:80"]))["backend"],
+        "b1"
+    );
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let decisions = runtime
+        .block_on(client.decisions())
+        .expect("Services.Decisions");
+    assert_eq!(
+        (decisions.translated, decisions.refused_unknown_port),
+        (3, 1),
+        "{decisions:?}"
+    );
+}

@@ -27,7 +27,9 @@
 //! links only while a tracer is attached, so without one no tracing code
 //! runs: even a flag read cost a no-VIP connect4 ~30 ns, a cache line the
 //! path touches for nothing else. Every decision on a VIP destination is
-//! counted by verdict (`DECISIONS`), traced or not.
+//! counted, traced or not: a translation or a refusal for no endpoints in
+//! its service's `SERVICE_COUNTERS`, the rest by verdict in `DECISIONS`
+//! (a counter of its own cost a VIP connect4 ~3%).
 //!
 //! Raw access (context fields, map lookups, helpers) lives in `access`;
 //! the logic here is safe Rust.
@@ -107,9 +109,10 @@ static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(TRACE_RING_BYTES, 0);
 static TRACE_CONFIG: Array<TraceConfig> = Array::with_max_entries(1, 0);
 #[map]
 static TRACE_BUDGET: PerCpuArray<TraceBudget> = PerCpuArray::with_max_entries(1, 0);
-/// Decisions on VIP destinations, per CPU, indexed by their `TRACE_*`
-/// verdict: what a node daemon polls per sandbox. Not pinned: counters
-/// start again with each agent, as a process's do.
+/// Decisions on VIP destinations that no service's counters count (opted
+/// out, a port no service has), per CPU, indexed by their `TRACE_*`
+/// verdict. Not pinned: counters start again with each agent, as a
+/// process's do.
 #[map]
 static DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_KINDS, 0);
 
@@ -279,9 +282,6 @@ fn forward(ctx: &SockAddrContext, family: Family, forward: Forward, tracing: Tra
         return ALLOW;
     };
     let verdict = translate(sa, &dst, forward, vip_kind);
-    if let Some(count) = per_cpu_mut(&DECISIONS, u32::from(verdict.reason)) {
-        *count += 1;
-    }
     if let Some(config) = tracer_wanting(tracing, false) {
         trace(sa, config, hook, &dst, &verdict);
     }
@@ -353,7 +353,7 @@ fn refuse() -> i32 {
 fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> Verdict {
     if opted_out() {
         untranslated(sa, dst, forward);
-        return Verdict::without_backend(TRACE_PASSED_OPTED_OUT);
+        return uncounted(TRACE_PASSED_OPTED_OUT);
     }
     let key = ServiceEntryKey {
         vip: dst.addr,
@@ -367,9 +367,9 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> V
     let Some(service) = hash_get(&SERVICES, &key) else {
         if vip_kind == VIP_EXTERNAL {
             untranslated(sa, dst, forward);
-            return Verdict::without_backend(TRACE_PASSED_EXTERNAL_PORT);
+            return uncounted(TRACE_PASSED_EXTERNAL_PORT);
         }
-        return Verdict::without_backend(TRACE_REFUSED_UNKNOWN_PORT);
+        return uncounted(TRACE_REFUSED_UNKNOWN_PORT);
     };
     let backend = match forward {
         Forward::Connect => connected_backend(sa, dst, &key, &service),
@@ -381,6 +381,16 @@ fn translate(sa: &SockAddr, dst: &Endpoint, forward: Forward, vip_kind: u8) -> V
     };
     count(service.id, |c| c.translations += 1);
     Verdict::translate(backend)
+}
+
+/// The verdict of a decision no service's counters count (opted out, a
+/// port no service has), counted in `DECISIONS` by `reason`.
+#[inline(always)]
+fn uncounted(reason: u8) -> Verdict {
+    if let Some(count) = per_cpu_mut(&DECISIONS, u32::from(reason)) {
+        *count += 1;
+    }
+    Verdict::without_backend(reason)
 }
 
 /// A destination left as it is. A UDP socket connected again, elsewhere,

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context as _, Result};
 use foldhash::{HashMap, HashSet};
 use slog::{Logger, info};
-use socklb_common::{Addr, BackendSlotKey, Endpoint, MemberKey, ServiceEntry, ServiceEntryKey};
+use socklb_common::{
+    Addr, BackendSlotKey, Endpoint, MemberKey, ServiceCounters, ServiceEntry, ServiceEntryKey,
+};
 use socklb_table::{Service, ServiceKey, Table, TableError};
 
 use super::{
@@ -29,6 +31,9 @@ pub struct ProgrammedTable {
     /// the ledger counts (or without a service): put right at once if the
     /// kernel lets, else before the next write.
     vips_to_repair: BTreeSet<Addr>,
+    /// What the services this agent removed had counted: a removed id's
+    /// counters are reset when it is reused.
+    removed_counts: ServiceCounters,
     log: Logger,
 }
 
@@ -40,6 +45,7 @@ impl ProgrammedTable {
             maps,
             ledger: Ledger::default(),
             vips_to_repair: BTreeSet::new(),
+            removed_counts: ServiceCounters::default(),
             log: log.new(slog::o!("component" => "table")),
         };
         let programmed = table.read_programmed()?;
@@ -366,7 +372,9 @@ impl ProgrammedTable {
 
     fn remove(&mut self, key: &ServiceEntryKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
+        let counted = self.maps.counters.total(id)?;
         self.maps.services.remove(key)?;
+        add_counts(&mut self.removed_counts, &counted);
         // Gone with the last service of its VIP, external with its last
         // cluster service (the ledger counts it until this step has run).
         self.change_vip_kind(
@@ -387,6 +395,17 @@ impl ProgrammedTable {
             })?;
         }
         Ok(())
+    }
+
+    /// What the hooks counted for the services: each one programmed now
+    /// since it was (the counters are pinned: an earlier agent's counts
+    /// are in), and the ones this agent removed.
+    pub fn counted(&self) -> Result<ServiceCounters> {
+        let mut total = self.removed_counts;
+        for (_, entry) in self.maps.services.entries()? {
+            add_counts(&mut total, &self.maps.counters.total(entry.id)?);
+        }
+        Ok(total)
     }
 
     /// The programmed state of the services with `keys` (absent ones left out).
@@ -422,6 +441,12 @@ impl ProgrammedTable {
             backends,
         })
     }
+}
+
+fn add_counts(total: &mut ServiceCounters, more: &ServiceCounters) {
+    total.translations += more.translations;
+    total.rejects += more.rejects;
+    total.insert_failures += more.insert_failures;
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! `TRACE_CONFIG` says; one task reads the ring and hands each event to
 //! every attached tracer. A tracer that falls behind loses events (its
 //! channel's oldest), never the hooks' time: they only ever skip a write.
-//! The hooks also count every decision on a VIP by verdict (`DECISIONS`).
+//! The hooks also count the decisions on VIPs no service counter counts
+//! (`DECISIONS`).
 
 use std::{
     mem::size_of,
@@ -16,8 +17,8 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use slog::{Logger, info, warn};
 use socklb_common::{
-    PROTO_UDP, TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4, TraceBudget,
-    TraceConfig, TraceEvent,
+    PROTO_UDP, ServiceCounters, TRACE_HOOK_CONNECT4, TRACE_HOOK_CONNECT6, TRACE_HOOK_SENDMSG4,
+    TraceBudget, TraceConfig, TraceEvent,
 };
 use socklb_table::{Protocol, ServiceKey};
 use tokio::{
@@ -185,9 +186,11 @@ impl Tracer {
         Ok(per_cpu.iter().map(|budget| budget.dropped).sum())
     }
 
-    /// The hooks' decisions by verdict, and the trace records they skipped,
-    /// summed over the CPUs.
-    pub fn counts(&self) -> Result<DecisionCounts> {
+    /// The hooks' decisions on VIPs by verdict, and the trace records they
+    /// skipped, summed over the CPUs; translations and refusals for no
+    /// endpoints are the services' own counters (`services`, see
+    /// `ProgrammedTable::counted`).
+    pub fn counts(&self, services: &ServiceCounters) -> Result<DecisionCounts> {
         let count = |verdict: u8| -> Result<u64> {
             let per_cpu = self
                 .decisions
@@ -196,8 +199,8 @@ impl Tracer {
             Ok(per_cpu.iter().sum())
         };
         Ok(DecisionCounts {
-            translated: count(socklb_common::TRACE_TRANSLATED)?,
-            refused_no_endpoints: count(socklb_common::TRACE_REFUSED_NO_ENDPOINTS)?,
+            translated: services.translations,
+            refused_no_endpoints: services.rejects,
             refused_unknown_port: count(socklb_common::TRACE_REFUSED_UNKNOWN_PORT)?,
             passed_opted_out: count(socklb_common::TRACE_PASSED_OPTED_OUT)?,
             passed_external_port: count(socklb_common::TRACE_PASSED_EXTERNAL_PORT)?,

@@ -256,8 +256,9 @@ impl socklb_ttrpc::Services for Rpc {
                 "this agent keeps its table in memory: no datapath decides",
             ));
         };
+        let services = self.with_table(|t| t.programmed().counted()).await?;
         let counts = tracer
-            .counts()
+            .counts(&services)
             .map_err(|err| status(Code::INTERNAL, format!("{err:#}")))?;
         Ok(api::DecisionsResponse {
             translated: counts.translated,

@@ -358,7 +358,8 @@ impl AgentClient {
             })
     }
 
-    /// The agent's decisions by verdict since it started (API 1.5).
+    /// The agent's decisions on VIPs by verdict (API 1.5; what each
+    /// counts since when: `DecisionsResponse`).
     pub async fn decisions(&mut self) -> Result<api::DecisionsResponse, ClientError> {
         self.call(|c, ctx| async move {
             c.services
