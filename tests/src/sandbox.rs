@@ -248,7 +248,19 @@ impl Sandbox {
         table: Option<&Path>,
         extra: &[&str],
     ) -> Agent {
-        let mut command = self.agent_command_via(launcher);
+        self.start(self.agent_command_via(launcher), table, extra)
+    }
+
+    /// A second agent on this sandbox's cgroup and pins, serving `listen`
+    /// (`unix://PATH`): what an in-place upgrade starts beside the running
+    /// one.
+    pub fn start_next_agent(&self, listen: &str, table: Option<&Path>) -> Agent {
+        let mut command = self.agent_command();
+        command.env("SOCKLB_LISTEN", listen);
+        self.start(command, table, &[])
+    }
+
+    fn start(&self, mut command: Command, table: Option<&Path>, extra: &[&str]) -> Agent {
         command
             .args([
                 "--pod-ip",

@@ -117,17 +117,23 @@ fn summary(event: &api::TraceEvent) -> (String, String, TraceVerdict, String, St
 
 /// The name of the program the sandbox's connect4 link runs.
 fn connect4_program(sandbox: &Sandbox) -> String {
+    connect4_program_of(sandbox).1
+}
+
+/// The id and name of the program the sandbox's connect4 link runs.
+fn connect4_program_of(sandbox: &Sandbox) -> (u32, String) {
     let hooks = socklb_agent::datapath::hook_stats(&sandbox.bpffs).expect("hook stats");
     let id = hooks
         .iter()
         .find(|hook| hook.hook == "connect4")
         .expect("a connect4 link")
         .program_id;
-    aya::programs::loaded_programs()
+    let name = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|program| program.id() == id)
         .and_then(|program| program.name_as_str().map(str::to_string))
-        .expect("the link's program is loaded")
+        .expect("the link's program is loaded");
+    (id, name)
 }
 
 /// A TCP connect from `cgroup`: its one result, an error or not.
@@ -432,5 +438,45 @@ fn decisions_keep_what_a_removed_service_counted() {
         (decisions.translated, decisions.refused_unknown_port),
         (3, 1),
         "{decisions:?}"
+    );
+}
+
+/// After an in-place upgrade took the hooks' links over, the old agent's
+/// tracer leaving does not swap the new agent's programs: the swap names
+/// the program it replaces, the kernel refuses it, the old agent says so.
+#[test]
+fn a_tracer_leaving_an_upgraded_agent_leaves_the_new_programs() {
+    socklb_tests::require_root!();
+    let sandbox = Sandbox::create();
+    start_backends(&sandbox, 1);
+    let table = sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    );
+    let old = sandbox.start_agent(Some(&table));
+    let tracing = Tracing::attach(&sandbox, api::TraceRequest::default());
+    assert_eq!(connect4_program(&sandbox), "traced_connect4");
+    let listen = format!(
+        "unix://{}",
+        sandbox.workdir.path().join("next.sock").display()
+    );
+    let _next = sandbox.start_next_agent(&listen, Some(&table));
+    let upgraded = connect4_program_of(&sandbox);
+    assert_eq!(upgraded.1, "lb_connect4");
+
+    drop(tracing);
+    let refused = old.wait_for("cannot tell the hooks a tracer left");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("connect4") && error.contains("another program"),
+        "{refused}"
+    );
+    assert_eq!(connect4_program_of(&sandbox), upgraded);
+    assert_eq!(
+        one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
+        "b1"
     );
 }
