@@ -391,8 +391,9 @@ fn a_flood_past_the_rate_is_counted_as_dropped() {
 }
 
 /// The counts a node daemon polls (`Services.Decisions`) keep what a
-/// removed service translated: the services' counters, reset when a
-/// removed service's id is reused, are added up at removal.
+/// removed service translated (the services' counters, reset when a
+/// removed service's id is reused, are added up at removal), and start
+/// again with each agent though the services' counters are pinned.
 #[test]
 fn decisions_keep_what_a_removed_service_counted() {
     socklb_tests::require_root!();
@@ -405,7 +406,7 @@ fn decisions_keep_what_a_removed_service_counted() {
             tcp_backends(1)
         ),
     );
-    let agent = sandbox.start_agent(Some(&table));
+    let mut agent = sandbox.start_agent(Some(&table));
     for _ in 0..2 {
         assert_eq!(
             one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],
@@ -416,7 +417,7 @@ fn decisions_keep_what_a_removed_service_counted() {
         errno(&sandbox.client(&["tcp", "10.96.0.20:81"])[0]),
         ECONNREFUSED
     );
-    // The service goes; another takes its id.
+    // The service goes; another comes.
     sandbox.table(
         "t.yaml",
         &format!(
@@ -430,15 +431,23 @@ fn decisions_keep_what_a_removed_service_counted() {
         "b1"
     );
     let runtime = socklb_tests::runtime();
-    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
-    let decisions = runtime
-        .block_on(client.decisions())
-        .expect("Services.Decisions");
+    let decisions = || {
+        let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+        let decisions = runtime
+            .block_on(client.decisions())
+            .expect("Services.Decisions");
+        (decisions.translated, decisions.refused_unknown_port)
+    };
+    assert_eq!(decisions(), (3, 1));
+
+    assert!(agent.signal(nix::sys::signal::Signal::SIGTERM).success());
+    let _restarted = sandbox.start_agent(Some(&table));
+    assert_eq!(decisions(), (0, 0), "a restarted agent's counts");
     assert_eq!(
-        (decisions.translated, decisions.refused_unknown_port),
-        (3, 1),
-        "{decisions:?}"
+        one(sandbox.client(&["tcp", "10.96.0.40:80"]))["backend"],
+        "b1"
     );
+    assert_eq!(decisions(), (1, 0));
 }
 
 /// After an in-place upgrade took the hooks' links over, the old agent's

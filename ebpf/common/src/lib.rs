@@ -190,6 +190,24 @@ pub struct ServiceCounters {
     pub insert_failures: u64,
 }
 
+impl ServiceCounters {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &ServiceCounters) {
+        self.translations += other.translations;
+        self.rejects += other.rejects;
+        self.insert_failures += other.insert_failures;
+    }
+
+    /// What was counted since `earlier` was read of the same counters.
+    pub fn since(&self, earlier: &ServiceCounters) -> ServiceCounters {
+        ServiceCounters {
+            translations: self.translations.saturating_sub(earlier.translations),
+            rejects: self.rejects.saturating_sub(earlier.rejects),
+            insert_failures: self.insert_failures.saturating_sub(earlier.insert_failures),
+        }
+    }
+}
+
 /// One decision of a forward hook, written to `TRACE_EVENTS` by the traced
 /// programs, attached only while a tracer is.
 #[repr(C)]

@@ -116,14 +116,11 @@ impl Counters for PerCpuArray<MapData, ServiceCounters> {
     }
 
     fn total(&self, id: u32) -> Result<ServiceCounters> {
-        Ok(self
-            .get(&id, 0)?
-            .iter()
-            .fold(ServiceCounters::default(), |sum, c| ServiceCounters {
-                translations: sum.translations + c.translations,
-                rejects: sum.rejects + c.rejects,
-                insert_failures: sum.insert_failures + c.insert_failures,
-            }))
+        let mut total = ServiceCounters::default();
+        for per_cpu in self.get(&id, 0)?.iter() {
+            total.add(per_cpu);
+        }
+        Ok(total)
     }
 }
 

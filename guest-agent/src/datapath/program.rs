@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, Result};
 use foldhash::{HashMap, HashSet};
-use slog::{Logger, info};
+use slog::{Logger, info, warn};
 use socklb_common::{
     Addr, BackendSlotKey, Endpoint, MemberKey, ServiceCounters, ServiceEntry, ServiceEntryKey,
 };
@@ -34,6 +34,9 @@ pub struct ProgrammedTable {
     /// What the services this agent removed had counted: a removed id's
     /// counters are reset when it is reused.
     removed_counts: ServiceCounters,
+    /// What the services it adopted had counted before it started (the
+    /// counters are pinned), left out of `counted`.
+    adopted_counts: ServiceCounters,
     log: Logger,
 }
 
@@ -46,12 +49,14 @@ impl ProgrammedTable {
             ledger: Ledger::default(),
             vips_to_repair: BTreeSet::new(),
             removed_counts: ServiceCounters::default(),
+            adopted_counts: ServiceCounters::default(),
             log: log.new(slog::o!("component" => "table")),
         };
         let programmed = table.read_programmed()?;
         table.sweep_orphans(&programmed)?;
         table.ledger = Ledger::of(&programmed);
         table.reconcile_vips()?;
+        table.adopted_counts = table.counted()?;
         Ok(table)
     }
 
@@ -372,9 +377,16 @@ impl ProgrammedTable {
 
     fn remove(&mut self, key: &ServiceEntryKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
-        let counted = self.maps.counters.total(id)?;
         self.maps.services.remove(key)?;
-        add_counts(&mut self.removed_counts, &counted);
+        // Read once no connect finds the service: a reset at the id's reuse
+        // loses nothing counted after this.
+        match self.maps.counters.total(id) {
+            Ok(counted) => self.removed_counts.add(&counted),
+            Err(err) => {
+                warn!(self.log, "a removed service's counts are lost"; "service_id" => id,
+                      "error" => format!("{err:#}"));
+            }
+        }
         // Gone with the last service of its VIP, external with its last
         // cluster service (the ledger counts it until this step has run).
         self.change_vip_kind(
@@ -397,15 +409,15 @@ impl ProgrammedTable {
         Ok(())
     }
 
-    /// What the hooks counted for the services: each one programmed now
-    /// since it was (the counters are pinned: an earlier agent's counts
-    /// are in), and the ones this agent removed.
+    /// What the hooks counted for the services since this agent started:
+    /// those programmed now and those it removed, less what the services
+    /// it adopted had counted before.
     pub fn counted(&self) -> Result<ServiceCounters> {
         let mut total = self.removed_counts;
         for (_, entry) in self.maps.services.entries()? {
-            add_counts(&mut total, &self.maps.counters.total(entry.id)?);
+            total.add(&self.maps.counters.total(entry.id)?);
         }
-        Ok(total)
+        Ok(total.since(&self.adopted_counts))
     }
 
     /// The programmed state of the services with `keys` (absent ones left out).
@@ -441,12 +453,6 @@ impl ProgrammedTable {
             backends,
         })
     }
-}
-
-fn add_counts(total: &mut ServiceCounters, more: &ServiceCounters) {
-    total.translations += more.translations;
-    total.rejects += more.rejects;
-    total.insert_failures += more.insert_failures;
 }
 
 #[cfg(test)]

@@ -358,8 +358,7 @@ impl AgentClient {
             })
     }
 
-    /// The agent's decisions on VIPs by verdict (API 1.5; what each
-    /// counts since when: `DecisionsResponse`).
+    /// The agent's decisions on VIPs by verdict since it started (API 1.5).
     pub async fn decisions(&mut self) -> Result<api::DecisionsResponse, ClientError> {
         self.call(|c, ctx| async move {
             c.services
