@@ -451,8 +451,8 @@ fn decisions_keep_what_a_removed_service_counted() {
 }
 
 /// After an in-place upgrade took the hooks' links over, the old agent's
-/// tracer leaving does not swap the new agent's programs: the swap names
-/// the program it replaces, the kernel refuses it, the old agent says so.
+/// tracer leaving does not swap the new agent's programs, and the old
+/// agent says so; a tracer asking it afterwards is refused.
 #[test]
 fn a_tracer_leaving_an_upgraded_agent_leaves_the_new_programs() {
     socklb_tests::require_root!();
@@ -480,9 +480,24 @@ fn a_tracer_leaving_an_upgraded_agent_leaves_the_new_programs() {
     let refused = old.wait_for("cannot tell the hooks a tracer left");
     let error = refused["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("connect4") && error.contains("another program"),
+        error.contains("connect4") && error.contains("neither of this agent's"),
         "{refused}"
     );
+    assert_eq!(connect4_program_of(&sandbox), upgraded);
+
+    // A tracer asking the old agent now is refused, not left blind.
+    let runtime = socklb_tests::runtime();
+    let mut client = socklb_tests::agent_client(&sandbox.api_addr(), Default::default());
+    let refused = runtime.block_on(async {
+        match client.trace(&api::TraceRequest::default()).await {
+            Err(err) => err.to_string(),
+            Ok(mut stream) => match stream.recv().await {
+                Err(err) => err.to_string(),
+                Ok(event) => panic!("a tracer attached to the old agent: {event:?}"),
+            },
+        }
+    });
+    assert!(refused.contains("neither of this agent's"), "{refused}");
     assert_eq!(connect4_program_of(&sandbox), upgraded);
     assert_eq!(
         one(sandbox.client(&["tcp", "10.96.0.20:80"]))["backend"],

@@ -51,7 +51,7 @@ pub use plan::ApplySummary;
 pub use program::ProgrammedTable;
 pub use stats::{HookStats, MapUsage, enable_run_time_stats, hook_stats, lru_usage};
 pub use trace::{Attached, Decision, DecisionCounts, TraceMaps, Tracer};
-pub use twins::TracedTwins;
+use twins::{Program, TracedTwins, Twin};
 
 /// The programs, built by build.rs from ebpf/programs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/socklb"));
@@ -237,16 +237,19 @@ impl Datapath {
         let mut twins = Vec::new();
         for hook in &HOOKS {
             if let Some(traced) = hook.traced {
-                let mut fd_of = |symbol| -> Result<_> {
-                    Ok(program(&mut self.ebpf, symbol)?.fd()?.try_clone()?)
+                let mut loaded = |symbol| -> Result<Program> {
+                    let program = program(&mut self.ebpf, symbol)?;
+                    Ok(Program {
+                        fd: program.fd()?.try_clone()?,
+                        id: program.info()?.id(),
+                    })
                 };
-                let plain = fd_of(hook.program)?;
-                twins.push((
-                    hook.name,
-                    self.links_dir.join(hook.name),
-                    plain,
-                    fd_of(traced)?,
-                ));
+                twins.push(Twin {
+                    hook: hook.name,
+                    link_pin: self.links_dir.join(hook.name),
+                    plain: loaded(hook.program)?,
+                    traced: loaded(traced)?,
+                });
             }
         }
         let mut take = |name: &str| {
@@ -259,7 +262,7 @@ impl Datapath {
             config: Array::try_from(take(map_names::TRACE_CONFIG)?)?,
             budget: PerCpuArray::try_from(take(map_names::TRACE_BUDGET)?)?,
             decisions: PerCpuArray::try_from(take(map_names::DECISIONS)?)?,
-            twins: TracedTwins::new(twins),
+            twins: TracedTwins(twins),
         })
     }
 

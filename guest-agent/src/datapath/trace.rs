@@ -26,7 +26,7 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
-use super::{TracedTwins, convert::socket_addr};
+use super::{convert::socket_addr, twins::TracedTwins};
 
 /// Events a tracer may be behind the ring's reader before it loses the
 /// oldest: a second of one CPU's default rate.

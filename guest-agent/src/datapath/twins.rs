@@ -1,9 +1,9 @@
 //! The forward hooks' traced twins, swapped into the hooks' pinned links
 //! while a tracer is attached and out when the last one leaves. Each swap
 //! is one BPF_LINK_UPDATE, atomic for the sockets connecting meanwhile,
-//! and names the program it expects to replace: the kernel refuses it if
-//! the link runs another (a later agent's, after an in-place upgrade), so
-//! an agent only ever swaps its own programs.
+//! and names the program it expects to replace: an agent only ever swaps
+//! its own programs, never those of a later agent that took the links
+//! over (an in-place upgrade).
 
 use std::{
     ffi::CString,
@@ -15,97 +15,118 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
-use aya::programs::ProgramFd;
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{
+    ProgramFd,
+    links::{FdLink, PinnedLink},
+};
 use aya_obj::generated::{BPF_F_REPLACE, bpf_attr, bpf_cmd};
 
-/// One forward hook: its pinned link and its two programs.
-struct Twin {
-    hook: &'static str,
-    link_pin: PathBuf,
-    plain: ProgramFd,
-    traced: ProgramFd,
+/// A loaded program: its descriptor, to swap it in, and its id, to tell
+/// it in a link.
+pub(super) struct Program {
+    pub(super) fd: ProgramFd,
+    pub(super) id: u32,
 }
 
-/// Which of each forward hook's programs its link runs, and the swap.
-pub struct TracedTwins {
-    twins: Vec<Twin>,
-    traced: bool,
+/// One forward hook: its pinned link and its two programs.
+pub(super) struct Twin {
+    pub(super) hook: &'static str,
+    pub(super) link_pin: PathBuf,
+    pub(super) plain: Program,
+    pub(super) traced: Program,
 }
+
+/// Every forward hook's twins.
+pub(super) struct TracedTwins(pub(super) Vec<Twin>);
 
 impl TracedTwins {
-    /// `twins`: each forward hook's name, link pin and (plain, traced)
-    /// programs; the links run the plain ones (as `Datapath::attach`
-    /// leaves them).
-    pub(super) fn new(twins: Vec<(&'static str, PathBuf, ProgramFd, ProgramFd)>) -> TracedTwins {
-        TracedTwins {
-            twins: twins
-                .into_iter()
-                .map(|(hook, link_pin, plain, traced)| Twin {
-                    hook,
-                    link_pin,
-                    plain,
-                    traced,
-                })
-                .collect(),
-            traced: false,
-        }
-    }
-
     /// Makes every forward hook's link run its traced twin (`traced`) or
-    /// its plain program; all or none: a refused swap puts back the ones
-    /// already made.
-    pub fn run_traced(&mut self, traced: bool) -> Result<()> {
-        if traced == self.traced {
-            return Ok(());
-        }
-        let step = |twin: &Twin, traced: bool| {
-            let (from, to) = if traced {
-                (&twin.plain, &twin.traced)
-            } else {
-                (&twin.traced, &twin.plain)
-            };
-            replace_program(&twin.link_pin, from, to).with_context(|| {
-                format!(
-                    "cannot swap the {} program {} its traced twin in {}",
-                    twin.hook,
-                    if traced { "for" } else { "back from" },
-                    twin.link_pin.display()
-                )
-            })
-        };
-        for (done, twin) in self.twins.iter().enumerate() {
-            if let Err(err) = step(twin, traced) {
-                for swapped in &self.twins[..done] {
-                    // Best effort: the error names the hook that failed.
-                    let _ = step(swapped, !traced);
+    /// its plain program, all or none: a refused swap puts back the ones
+    /// this call made. A link already running the wanted program is left
+    /// as it is.
+    pub(super) fn run_traced(&self, traced: bool) -> Result<()> {
+        let mut swapped = Vec::new();
+        for twin in &self.0 {
+            match twin.swap(traced) {
+                Ok(true) => swapped.push(twin),
+                Ok(false) => {}
+                Err(mut err) => {
+                    for done in swapped {
+                        if let Err(back) = done.swap(!traced) {
+                            err = err.context(format!(
+                                "putting the {} program back failed too: {back:#}",
+                                done.hook
+                            ));
+                        }
+                    }
+                    return Err(err);
                 }
-                return Err(err);
             }
         }
-        self.traced = traced;
         Ok(())
     }
 }
 
-/// Swaps the program of the link pinned at `pin` from `from` to `to`.
-fn replace_program(pin: &Path, from: &ProgramFd, to: &ProgramFd) -> Result<()> {
-    let link = open_pin(pin)?;
-    let mut attr = zeroed_attr();
-    attr.link_update.link_fd = link.as_raw_fd() as u32;
-    attr.link_update.__bindgen_anon_1.new_prog_fd = to.as_fd().as_raw_fd() as u32;
-    attr.link_update.__bindgen_anon_2.old_prog_fd = from.as_fd().as_raw_fd() as u32;
-    attr.link_update.flags = BPF_F_REPLACE;
-    match bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr) {
-        Ok(_) => Ok(()),
-        Err(err) if err.raw_os_error() == Some(libc::EPERM) => Err(anyhow!(
-            "the link runs another program than this agent's (a later agent's?)"
-        )),
-        Err(err) => Err(anyhow::Error::from(err).context("BPF_LINK_UPDATE")),
+impl Twin {
+    /// Swaps the traced twin (`traced`) or the plain program into the
+    /// link; false if it ran that one already.
+    fn swap(&self, traced: bool) -> Result<bool> {
+        let (from, to) = if traced {
+            (&self.plain, &self.traced)
+        } else {
+            (&self.traced, &self.plain)
+        };
+        let running = FdLink::from(
+            PinnedLink::from_pin(&self.link_pin)
+                .with_context(|| format!("cannot open pinned link {}", self.link_pin.display()))?,
+        )
+        .info()?
+        .program_id();
+        if running == to.id {
+            return Ok(false);
+        }
+        if running != from.id {
+            bail!(
+                "the {} link runs program {running}, neither of this agent's ({} or {}): \
+                 a later agent's?",
+                self.hook,
+                self.plain.id,
+                self.traced.id
+            );
+        }
+        replace_program(&self.link_pin, from, to).with_context(|| {
+            format!(
+                "cannot swap the {} program {} its traced twin",
+                self.hook,
+                if traced { "for" } else { "back from" }
+            )
+        })?;
+        Ok(true)
     }
 }
 
-/// A descriptor of the object pinned at `pin` (BPF_OBJ_GET).
+/// Swaps the program of the link pinned at `pin` from `from` to `to`; the
+/// kernel refuses if the link no longer runs `from`.
+fn replace_program(pin: &Path, from: &Program, to: &Program) -> Result<()> {
+    let link = open_pin(pin)?;
+    let mut attr = zeroed_attr();
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = to.fd.as_fd().as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_2.old_prog_fd = from.fd.as_fd().as_raw_fd() as u32;
+    attr.link_update.flags = BPF_F_REPLACE;
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).with_context(|| {
+        format!(
+            "BPF_LINK_UPDATE of {} (EPERM: its program changed meanwhile, or a security \
+             module forbids it)",
+            pin.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// A descriptor of the object pinned at `pin` (BPF_OBJ_GET): aya's
+/// `FdLink` does not lend its own.
 fn open_pin(pin: &Path) -> Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())
         .with_context(|| format!("{} holds a NUL byte", pin.display()))?;
