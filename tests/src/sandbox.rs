@@ -99,8 +99,8 @@ pub struct Sandbox {
     pub workdir: tempfile::TempDir,
     /// The agent's --bpffs directory, inside the sandbox's own bpffs mount.
     pub bpffs: PathBuf,
-    /// The agent binary its agents run: [`agent_bin`] unless a benchmark
-    /// compares another build.
+    /// The agent binary its agents run: [`crate::agent_bin`] unless a
+    /// benchmark compares another build.
     pub agent_bin: PathBuf,
     created: Vec<Created>,
     processes: Mutex<Vec<Child>>,

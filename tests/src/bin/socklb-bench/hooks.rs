@@ -39,6 +39,20 @@ pub(crate) fn hooks() {
 /// Rounds of `hooks-against`: enough that a few percent stands out of
 /// this machine's run-to-run spread (5-10%), or does not.
 const AGAINST_ROUNDS: usize = 30;
+/// `hooks-against`'s builds, as indexes of its samples.
+const THIS: usize = 0;
+const THAT: usize = 1;
+const CONTROL: usize = 2;
+/// The orders `hooks-against` creates and samples the builds in, one a
+/// round: every order as often (`AGAINST_ROUNDS` is a multiple of 6).
+const ORDERS: [[usize; 3]; 6] = [
+    [THIS, THAT, CONTROL],
+    [THIS, CONTROL, THAT],
+    [THAT, THIS, CONTROL],
+    [THAT, CONTROL, THIS],
+    [CONTROL, THIS, THAT],
+    [CONTROL, THAT, THIS],
+];
 
 /// `hooks-against <agent binary> <what it is>`: each hook's cost in this
 /// agent's programs against another build's (an earlier commit's), in
@@ -60,24 +74,35 @@ pub(crate) fn hooks_against() {
     // apart from nothing.
     let mut samples: [Samples; 3] = Default::default();
     for round in 0..AGAINST_ROUNDS {
-        // New sandboxes each round, created and sampled in an order that
-        // rotates: where the kernel put a sandbox's maps shows in its
-        // hooks (15% on a no-VIP connect4 between two sandboxes of one
-        // build, every round), so no build may keep one placement.
+        // New sandboxes each round, created and sampled in each of the six
+        // orders in turn: where the kernel put a sandbox's maps shows in
+        // its hooks (15% on a no-VIP connect4 between two sandboxes of one
+        // build, every round), and so may what ran just before, so no
+        // build keeps a place or a neighbour.
+        let order = ORDERS[round % ORDERS.len()];
         let mut sandboxes = [Sandbox::create(), Sandbox::create(), Sandbox::create()];
-        let position = |build: usize| (build + round) % 3;
-        sandboxes[position(1)].agent_bin = baseline.clone();
+        for (sandbox, build) in sandboxes.iter_mut().zip(order) {
+            if build == THAT {
+                sandbox.agent_bin = baseline.clone();
+            }
+        }
         let _agents = sandboxes.each_ref().map(start);
         // Not counted: a sandbox's first sockets pay for allocations
         // later ones reuse.
         for sandbox in &sandboxes {
             sample(sandbox, &mut Samples::new());
         }
-        for (at, sandbox) in sandboxes.iter().enumerate() {
-            // The build `position` put here.
-            let build = (at + 3 - round % 3) % 3;
+        for (sandbox, build) in sandboxes.iter().zip(order) {
             sample(sandbox, &mut samples[build]);
         }
+        // The ratios pair the builds' samples by round.
+        let counts = samples
+            .each_ref()
+            .map(|s| s.values().map(Vec::len).collect::<Vec<_>>());
+        assert!(
+            counts.iter().all(|c| *c == counts[0]),
+            "a hook ran in one build's workload and not in another's: {counts:?}"
+        );
     }
     report::write("hooks-against", &against_table(&samples, &label));
 }
@@ -85,14 +110,15 @@ pub(crate) fn hooks_against() {
 /// Each hook of each workload: both builds' medians, the median and range
 /// of the per-round ratios (which cancel what a round shares: the
 /// machine's load, memory, frequency), and the control's.
-fn against_table([this, that, control]: &[Samples; 3], label: &str) -> String {
+fn against_table(samples: &[Samples; 3], label: &str) -> String {
+    let (this, that, control) = (&samples[THIS], &samples[THAT], &samples[CONTROL]);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = format!(
         "## Per-hook cost against {label}\n\n\
          BPF run-time stats, kernel {}, {CALLS} calls per workload and round, \
          {AGAINST_ROUNDS} rounds; each round three new sandboxes side by side: this \
-         build, that one, and this one again as a control, created and run in an order \
-         rotated each round. A ratio is the median of the rounds' ratios, with their \
+         build, that one, and this one again as a control, created and run in each of \
+         the six orders in turn. A ratio is the median of the rounds' ratios, with their \
          range; the control's says how far from 1.00x this method reads two runs of \
          the same programs.\n\n\
          | workload | hook | this build, ns/call | that build | this / that | min - max | \
@@ -180,7 +206,7 @@ struct Tracer {
 }
 
 impl Tracer {
-    fn attach(sandbox: &Sandbox) -> Tracer {
+    fn attach(sandbox: &Sandbox, agent: &Agent) -> Tracer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -199,8 +225,10 @@ impl Tracer {
                 counted_dropped.store(event.dropped, Ordering::Relaxed);
             }
         });
-        // The agent attaches once it has the request.
-        std::thread::sleep(Duration::from_millis(200));
+        // Attached once the agent has the request and swapped the twins in.
+        agent
+            .next_record("tracer attached", Duration::from_secs(10))
+            .expect("the tracer attached");
         Tracer {
             events,
             dropped,
@@ -235,7 +263,7 @@ fn tracer_costs(sandbox: &Sandbox, agent: &Agent) -> String {
     load();
     for round in 0..REPEATS {
         for with_tracer in [round % 2 == 1, round % 2 == 0] {
-            let tracer = with_tracer.then(|| Tracer::attach(sandbox));
+            let tracer = with_tracer.then(|| Tracer::attach(sandbox, agent));
             let (per_sec, ns) = load();
             let into = if with_tracer {
                 &mut traced
@@ -293,7 +321,12 @@ fn tracer_costs(sandbox: &Sandbox, agent: &Agent) -> String {
     out
 }
 
+/// ns per call between two reads of one hook's stats; none if it ran no
+/// call, or another program ran it in between (a tracer's twin swapped).
 pub(crate) fn ns_per_call(before: &HookStats, after: &HookStats) -> Option<f64> {
+    if before.program_id != after.program_id {
+        return None;
+    }
     let calls = after.run_count - before.run_count;
     (calls > 0).then(|| (after.run_time - before.run_time).as_nanos() as f64 / calls as f64)
 }
