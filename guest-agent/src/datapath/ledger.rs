@@ -78,6 +78,11 @@ impl Ledger {
         }
     }
 
+    /// The ids of the programmed services.
+    pub(super) fn service_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used_ids.iter().copied()
+    }
+
     pub(super) fn service_count(&self) -> usize {
         self.used_ids.len()
     }
