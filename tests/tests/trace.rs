@@ -103,6 +103,18 @@ fn web_and_empty_table(sandbox: &Sandbox) -> std::path::PathBuf {
     )
 }
 
+/// The table file t.yaml: one service, `vip`:80 on b1 (started by the
+/// caller).
+fn web_on(sandbox: &Sandbox, vip: &str) -> std::path::PathBuf {
+    sandbox.table(
+        "t.yaml",
+        &format!(
+            "services: [{{vip: {vip}, port: 80, backends: [{}]}}]",
+            tcp_backends(1)
+        ),
+    )
+}
+
 /// What a test checks of an event.
 fn summary(event: &api::TraceEvent) -> (String, String, TraceVerdict, String, String, String) {
     (
@@ -399,13 +411,7 @@ fn decisions_keep_what_a_removed_service_counted() {
     socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(1)
-        ),
-    );
+    let table = web_on(&sandbox, "10.96.0.20");
     let mut agent = sandbox.start_agent(Some(&table));
     for _ in 0..2 {
         assert_eq!(
@@ -418,13 +424,7 @@ fn decisions_keep_what_a_removed_service_counted() {
         ECONNREFUSED
     );
     // The service goes; another comes.
-    sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.40, port: 80, backends: [{}]}}]",
-            tcp_backends(1)
-        ),
-    );
+    web_on(&sandbox, "10.96.0.40");
     agent.reload();
     assert_eq!(
         one(sandbox.client(&["tcp", "10.96.0.40:80"]))["backend"],
@@ -458,13 +458,7 @@ fn a_tracer_leaving_an_upgraded_agent_leaves_the_new_programs() {
     socklb_tests::require_root!();
     let sandbox = Sandbox::create();
     start_backends(&sandbox, 1);
-    let table = sandbox.table(
-        "t.yaml",
-        &format!(
-            "services: [{{vip: 10.96.0.20, port: 80, backends: [{}]}}]",
-            tcp_backends(1)
-        ),
-    );
+    let table = web_on(&sandbox, "10.96.0.20");
     let old = sandbox.start_agent(Some(&table));
     let tracing = Tracing::attach(&sandbox, api::TraceRequest::default());
     assert_eq!(connect4_program(&sandbox), "traced_connect4");
