@@ -170,7 +170,8 @@ impl ProgrammedTable {
     /// Counts the service at `key` in the ledger as a step left it: `new`
     /// once the step has run; after a failure, as the maps hold it (a
     /// service may be rewritten in part). Unreadable maps leave the count
-    /// as it was.
+    /// as it was. A service whose id leaves the ledger leaves its counts
+    /// in `removed_counts`, so `counted` has them once.
     fn settle(
         &mut self,
         key: &ServiceEntryKey,
@@ -178,19 +179,42 @@ impl ProgrammedTable {
         new: Option<&Programmed>,
         step: Result<()>,
     ) -> Result<()> {
-        match step {
-            Ok(()) => self.ledger.record(key, old, new),
-            Err(err) => {
-                if let Ok(now) = self.read_some(std::iter::once(key)) {
-                    self.ledger.record(key, old, now.get(key));
-                }
-                self.vips_to_repair.insert(key.vip);
-                // Best effort: `write` tries again.
-                let _ = self.repair_vips();
-                return Err(err);
+        let gone = match &step {
+            Ok(()) => {
+                self.ledger.record(key, old, new);
+                new.is_none()
             }
+            Err(_) => match self.read_some(std::iter::once(key)) {
+                Ok(now) => {
+                    self.ledger.record(key, old, now.get(key));
+                    !now.contains_key(key)
+                }
+                Err(_) => false,
+            },
+        };
+        if let (Some(old), true) = (old, gone) {
+            self.keep_removed_counts(old.entry.id);
+        }
+        if let Err(err) = step {
+            self.vips_to_repair.insert(key.vip);
+            // Best effort: `write` tries again.
+            let _ = self.repair_vips();
+            return Err(err);
         }
         Ok(())
+    }
+
+    /// Adds what the removed service `id` counted to `removed_counts`: read
+    /// once no connect finds the service, before a reuse of the id resets
+    /// its counters.
+    fn keep_removed_counts(&mut self, id: u32) {
+        match self.maps.counters.total(id) {
+            Ok(counted) => self.removed_counts.add(&counted),
+            Err(err) => {
+                warn!(self.log, "a removed service's counts are lost"; "service_id" => id,
+                      "error" => format!("{err:#}"));
+            }
+        }
     }
 
     /// The table as the maps hold it (names are not kept in the datapath).
@@ -378,15 +402,6 @@ impl ProgrammedTable {
     fn remove(&mut self, key: &ServiceEntryKey, programmed: &Programmed) -> Result<()> {
         let id = programmed.entry.id;
         self.maps.services.remove(key)?;
-        // Read once no connect finds the service: a reset at the id's reuse
-        // loses nothing counted after this.
-        match self.maps.counters.total(id) {
-            Ok(counted) => self.removed_counts.add(&counted),
-            Err(err) => {
-                warn!(self.log, "a removed service's counts are lost"; "service_id" => id,
-                      "error" => format!("{err:#}"));
-            }
-        }
         // Gone with the last service of its VIP, external with its last
         // cluster service (the ledger counts it until this step has run).
         self.change_vip_kind(
