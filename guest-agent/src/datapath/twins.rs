@@ -42,27 +42,36 @@ pub(super) struct TracedTwins(pub(super) Vec<Twin>);
 
 impl TracedTwins {
     /// Makes every forward hook's link run its traced twin (`traced`) or
-    /// its plain program, all or none: a refused swap puts back the ones
-    /// this call made. A link already running the wanted program is left
-    /// as it is.
+    /// its plain program; a link already running the wanted program is
+    /// left as it is. Swapping the twins in is all or none: a refused swap
+    /// puts back the ones this call made. Swapping them out goes as far as
+    /// it can, so a refusal on one hook leaves no other traced.
     pub(super) fn run_traced(&self, traced: bool) -> Result<()> {
         let mut swapped = Vec::new();
+        let mut refused = Vec::new();
         for twin in &self.0 {
             match twin.swap(traced) {
                 Ok(true) => swapped.push(twin),
                 Ok(false) => {}
-                Err(mut err) => {
-                    for done in swapped {
-                        if let Err(back) = done.swap(!traced) {
-                            err = err.context(format!(
-                                "putting the {} program back failed too: {back:#}",
-                                done.hook
-                            ));
-                        }
+                Err(err) if traced => {
+                    let put_back: Vec<String> = swapped
+                        .iter()
+                        .filter_map(|done| done.swap(false).err())
+                        .map(|back| format!("{back:#}"))
+                        .collect();
+                    if put_back.is_empty() {
+                        return Err(err);
                     }
-                    return Err(err);
+                    bail!(
+                        "{err:#}; putting the twins back failed too: {}",
+                        put_back.join("; ")
+                    );
                 }
+                Err(err) => refused.push(format!("{err:#}")),
             }
+        }
+        if !refused.is_empty() {
+            bail!("{}", refused.join("; "));
         }
         Ok(())
     }
@@ -81,7 +90,8 @@ impl Twin {
             PinnedLink::from_pin(&self.link_pin)
                 .with_context(|| format!("cannot open pinned link {}", self.link_pin.display()))?,
         )
-        .info()?
+        .info()
+        .with_context(|| format!("cannot read the {} link's program", self.hook))?
         .program_id();
         if running == to.id {
             return Ok(false);
