@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(size_of::<DatagramVips>(), 168);
         assert_eq!(size_of::<ServiceCounters>(), 24);
         assert_eq!(size_of::<TraceEvent>(), 64);
-        assert_eq!(size_of::<TraceConfig>(), 16);
+        assert_eq!(size_of::<TraceConfig>(), 8);
         assert_eq!(size_of::<TraceBudget>(), 24);
     }
 
