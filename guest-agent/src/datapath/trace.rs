@@ -128,14 +128,11 @@ impl Tracer {
     pub fn start(maps: TraceMaps, per_cpu_per_second: u32, log: &Logger) -> Result<Arc<Tracer>> {
         let TraceMaps {
             events,
-            mut config,
+            config,
             budget,
             decisions: counted,
             twins,
         } = maps;
-        config
-            .set(0, TraceConfig::default(), 0)
-            .context("clearing TRACE_CONFIG")?;
         // SAFETY: the ring owns its map's descriptor, open until the ring
         // is dropped with the AsyncFd, and answers the same one each time.
         let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
