@@ -19,7 +19,8 @@ pub const GUEST_CID: u32 = 4;
 pub const AGENT_PORT: u32 = socklb_protocols::DEFAULT_AGENT_PORT;
 /// socklb-testkit guest-exec in the test image.
 pub const EXEC_PORT: u32 = 1026;
-const MEMORY: &str = "512M";
+/// Guest memory, MiB, unless a caller needs more.
+const MEMORY_MIB: u32 = 512;
 
 /// A guest kernel and the initramfs to boot it with.
 #[derive(Clone, Debug)]
@@ -64,6 +65,12 @@ impl Vm {
     /// Boots `image` and waits until the guest's init is up (its console
     /// says so) or fails after 60 s, showing the console.
     pub fn boot(image: &GuestImage, extra_cmdline: &str) -> Vm {
+        Vm::boot_with_memory(image, extra_cmdline, MEMORY_MIB)
+    }
+
+    /// [`Vm::boot`] with `memory_mib` MiB of guest memory.
+    pub fn boot_with_memory(image: &GuestImage, extra_cmdline: &str, memory_mib: u32) -> Vm {
+        let memory = format!("{memory_mib}M");
         let dir = tempfile::Builder::new()
             .prefix("socklb-vm-")
             .tempdir()
@@ -94,7 +101,7 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         }
         let qemu = crate::die_with_parent(&mut Command::new("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-cpu", "max", "-m", MEMORY, "-smp", "1"])
+            .args(["-accel", "tcg", "-cpu", "max", "-m", &memory, "-smp", "1"])
             .args([
                 "-nographic",
                 "-no-reboot",
@@ -117,7 +124,7 @@ impl Vm {
             ))
             .args([
                 "-object",
-                &format!("memory-backend-memfd,id=mem0,size={MEMORY},share=on"),
+                &format!("memory-backend-memfd,id=mem0,size={memory},share=on"),
             ])
             .args(["-machine", "q35,memory-backend=mem0"])
             .arg("-chardev")
@@ -170,8 +177,13 @@ impl Vm {
     }
 
     /// Runs a command in the guest (through socklb-testkit guest-exec) and
-    /// returns {status, stdout, stderr}.
+    /// returns {status, stdout, stderr}; it may take 30 s.
     pub fn exec(&self, argv: &[&str]) -> Value {
+        self.exec_within(argv, Duration::from_secs(30))
+    }
+
+    /// [`Vm::exec`] for a command that may take up to `limit`.
+    pub fn exec_within(&self, argv: &[&str], limit: Duration) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut stream = loop {
             match self.connect(EXEC_PORT) {
@@ -183,12 +195,17 @@ impl Vm {
                 Err(err) => panic!("guest-exec unreachable: {err}"),
             }
         };
+        stream
+            .set_read_timeout(Some(limit))
+            .expect("set the answer's timeout");
         let request = serde_json::to_string(argv).expect("json");
         stream
             .write_all(format!("{request}\n").as_bytes())
             .expect("send command");
         let mut answer = String::new();
-        stream.read_to_string(&mut answer).expect("read answer");
+        stream
+            .read_to_string(&mut answer)
+            .unwrap_or_else(|err| panic!("no answer to {argv:?} within {limit:?}: {err}"));
         serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
     }
 
