@@ -420,14 +420,22 @@ fn endpoint_index_or(backend: &str, fallback: usize) -> usize {
 /// protocol, port) to a service chain, numgen random over endpoint chains
 /// that DNAT; an `nft -f` input.
 pub(crate) fn nft_layout(services: &[KubeService]) -> String {
-    let mut out = String::from(
-        "add table ip kube-proxy\n\
-         add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
-         add chain ip kube-proxy services\n\
-         add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n\
-         add rule ip kube-proxy nat-output jump services\n\
-         add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n",
-    );
+    format!("{NFT_TABLE}{}", nft_services(services))
+}
+
+/// The table of the nftables layout: the output hook's chain, and the
+/// services chain looking the verdict map up.
+pub(crate) const NFT_TABLE: &str = "add table ip kube-proxy\n\
+     add chain ip kube-proxy nat-output { type nat hook output priority -100 ; policy accept ; }\n\
+     add chain ip kube-proxy services\n\
+     add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }\n\
+     add rule ip kube-proxy nat-output jump services\n\
+     add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n";
+
+/// `services` in the nftables layout, for a table [`NFT_TABLE`] made:
+/// their chains and verdict map elements.
+pub(crate) fn nft_services(services: &[KubeService]) -> String {
+    let mut out = String::new();
     let mut service = |i: u32, vip: Ipv4Addr, backends: &[String]| {
         for (k, backend) in backends.iter().enumerate() {
             let chain = format!("endpoint-{i:08X}-{k}");
