@@ -119,8 +119,14 @@ impl Vm {
             .arg("-append")
             // Hybrid vsock: vhost-device-vsock picks the source port the
             // guest sees, so the agent cannot insist on a privileged one.
+            // tsc=reliable: under a busy emulator the clocksource watchdog
+            // finds TCG's TSC (which follows the host's clock) skewed
+            // against late timer ticks, marks it unstable and falls back to
+            // refined-jiffies, so every clock in the guest moves in 4 ms
+            // steps from then on (seen 5 minutes into a benchmark run).
             .arg(format!(
-                "console=ttyS0 panic=-1 quiet socklb.allow_unprivileged_port=1 {extra_cmdline}"
+                "console=ttyS0 panic=-1 quiet tsc=reliable socklb.allow_unprivileged_port=1 \
+                 {extra_cmdline}"
             ))
             .args([
                 "-object",
