@@ -170,14 +170,19 @@ fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Gues
 }
 
 /// The bench image's kube-proxy baselines, Debian's tools (setup installs
-/// them): ipvsadm, nft, and iptables (Debian's iptables-nft, as
-/// `xtables-nft-multi iptables-restore`) with the extensions it loads.
+/// them): ipvsadm, nft, and iptables (as `xtables-legacy-multi
+/// iptables-restore`: iptables-nft's restore takes more than 20 minutes for
+/// 10,000 services in the emulated guest) with the extensions it loads;
+/// and iproute2's ip, for veth pairs with named peers and for `-batch`,
+/// which puts 10,000 ClusterIPs on kube-ipvs0 in one process (busybox's ip
+/// takes one address a process).
 fn bench_tools() -> Result<Vec<PathBuf>> {
     const XTABLES: &str = "/usr/lib/x86_64-linux-gnu/xtables";
     let mut tools: Vec<PathBuf> = [
+        "/usr/sbin/ip",
         "/usr/sbin/ipvsadm",
         "/usr/sbin/nft",
-        "/usr/sbin/xtables-nft-multi",
+        "/usr/sbin/xtables-legacy-multi",
     ]
     .into_iter()
     .map(PathBuf::from)
