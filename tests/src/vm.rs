@@ -14,6 +14,9 @@ use std::{
 
 use serde_json::Value;
 
+mod profile;
+pub use profile::{KernelSymbols, PcSampler};
+
 /// The guest's vsock CID; the host is CID 2.
 pub const GUEST_CID: u32 = 4;
 pub const AGENT_PORT: u32 = socklb_protocols::DEFAULT_AGENT_PORT;
@@ -56,6 +59,8 @@ pub struct Vm {
     qemu: Child,
     /// The hybrid vsock socket (vhost-device-vsock's uds-path).
     pub uds: PathBuf,
+    /// QEMU's human monitor (HMP), for [`Vm::sample_pc`].
+    monitor: PathBuf,
     pub console: PathBuf,
     _dir: tempfile::TempDir,
     pub booted_in: Duration,
@@ -77,6 +82,7 @@ impl Vm {
             .expect("tempdir");
         let uds = dir.path().join("vsock.sock");
         let backend = dir.path().join("vhost-user.sock");
+        let monitor = dir.path().join("monitor.sock");
         let console = dir.path().join("console.log");
         let started = Instant::now();
         let mut vhost = crate::die_with_parent(&mut Command::new("vhost-device-vsock"))
@@ -102,14 +108,9 @@ impl Vm {
         }
         let qemu = crate::die_with_parent(&mut Command::new("qemu-system-x86_64"))
             .args(["-accel", "tcg", "-cpu", "max", "-m", &memory, "-smp", "1"])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-nic",
-                "none",
-                "-monitor",
-                "none",
-            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
@@ -145,6 +146,7 @@ impl Vm {
             vhost,
             qemu,
             uds,
+            monitor,
             console,
             _dir: dir,
             booted_in: Duration::ZERO,
@@ -247,6 +249,19 @@ impl Vm {
                 format!("guest port {port}: {:?}", String::from_utf8_lossy(&line)),
             ))
         }
+    }
+
+    /// Samples the guest's program counter every `interval` until the
+    /// sampler is finished (see [`PcSampler`]).
+    pub fn sample_pc(&self, interval: Duration) -> PcSampler {
+        PcSampler::start(&self.monitor, interval)
+    }
+
+    /// The guest kernel's code symbols, from its /proc/kallsyms.
+    pub fn kernel_symbols(&self) -> KernelSymbols {
+        let answer = self.exec(&["cat", "/proc/kallsyms"]);
+        assert_eq!(answer["status"], 0, "/proc/kallsyms: {answer}");
+        KernelSymbols::parse(answer["stdout"].as_str().unwrap_or_default())
     }
 
     /// Resident memory of a guest process, in KiB (busybox pidof + /proc).

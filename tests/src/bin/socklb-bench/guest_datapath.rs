@@ -21,7 +21,7 @@ use socklb_shim::{AgentClient, Options};
 use socklb_table::Table;
 use socklb_tests::{
     agent_client, runtime,
-    vm::{GuestImage, Vm},
+    vm::{GuestImage, KernelSymbols, Vm},
 };
 
 use crate::{
@@ -52,6 +52,10 @@ const RULES_LIMIT: Duration = Duration::from_secs(3600);
 /// table). IPVS: one `ipvsadm -R` of 10,000 services had not finished
 /// after 13 minutes; in pieces it took 8.3 and 9.5 (two runs).
 const RULES_PIECE: usize = 1_000;
+/// How often the guest's program counter is sampled during a round.
+const PROFILE_INTERVAL: Duration = Duration::from_millis(20);
+/// Functions named per mode in the profile's table.
+const PROFILE_TOP: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Mode {
@@ -311,9 +315,10 @@ fn socklb_table(services: &[KubeService]) -> Table {
 /// The booted bench guest, its namespaces wired, and an agent client with
 /// an empty table.
 fn boot() -> (Vm, AgentClient) {
+    // bpf_jit_kallsyms: the profile names socklb's programs too.
     let vm = Vm::boot_with_memory(
         &GuestImage::from_env("BENCH"),
-        "socklb.bpf_stats=1",
+        "socklb.bpf_stats=1 sysctl.net.core.bpf_jit_kallsyms=1",
         GUEST_MEMORY_MIB,
     );
     // A Sync of 10,000 services took 4 s in an idle guest and up to 156 s
@@ -381,22 +386,26 @@ type Phase = (u32, Mode);
 /// round, with the CPU it took; socklb's hooks: (phase, hook) -> (ns per
 /// call, calls per connection), one per round; how long loading the
 /// services took: (services, mode) -> socklb's Sync in each round, a
-/// baseline's one load.
+/// baseline's one load; the guest's sampled program counters, (phase,
+/// mode) -> samples per function, all rounds together.
 #[derive(Default)]
 struct Results {
     samples: BTreeMap<(Phase, Mode), Vec<Sample>>,
     cpu: BTreeMap<(Phase, Mode), Vec<CpuPerConnection>>,
     hooks: BTreeMap<(Phase, String), Vec<(f64, f64)>>,
     loading: BTreeMap<(u32, Mode), Vec<Duration>>,
+    profile: BTreeMap<(Phase, Mode), BTreeMap<String, u64>>,
 }
 
 pub(crate) fn guest_datapath() {
     let (vm, mut agent) = boot();
+    let symbols = vm.kernel_symbols();
     let mut results = Results::default();
     for scale in SCALES {
         let services = services(scale);
         for baseline in BASELINES {
-            measure(&vm, &mut agent, (scale, baseline), &services, &mut results);
+            let phase = (scale, baseline);
+            measure(&vm, &symbols, &mut agent, phase, &services, &mut results);
         }
     }
     report::write("guest-datapath", &results.markdown());
@@ -410,6 +419,7 @@ pub(crate) fn guest_datapath() {
 /// phase, modes run beside the same rules (docs/benchmarks.md).
 fn measure(
     vm: &Vm,
+    symbols: &KernelSymbols,
     agent: &mut AgentClient,
     phase: Phase,
     services: &[KubeService],
@@ -441,6 +451,7 @@ fn measure(
                 _ => cluster_ip(scale),
             };
             let before = runtime().block_on(agent.stats()).expect("stats").hooks;
+            let sampler = vm.sample_pc(PROFILE_INTERVAL);
             let answer = guest_sh_in(
                 vm,
                 Some(&mode.netns()),
@@ -453,6 +464,7 @@ fn measure(
                 ),
                 Duration::from_secs(30),
             );
+            let pcs = sampler.finish();
             let after = runtime().block_on(agent.stats()).expect("stats").hooks;
             if mode == Mode::Socklb {
                 runtime()
@@ -496,6 +508,10 @@ fn measure(
                 .entry((phase, mode))
                 .or_default()
                 .push(CpuPerConnection::between(stat[0], stat[1], connections));
+            let profile = results.profile.entry((phase, mode)).or_default();
+            for (function, count) in symbols.count(&pcs) {
+                *profile.entry(function).or_default() += count;
+            }
             if mode == Mode::Socklb {
                 for (b, a) in before.iter().zip(&after) {
                     let calls = (a.run_count - b.run_count) as f64;
@@ -625,6 +641,37 @@ impl Results {
                 baseline.name(),
                 summary(&ns).1,
                 summary(&calls).1
+            );
+        }
+        let _ = write!(
+            out,
+            "\n### Where the guest's CPU went\n\nThe vCPU's program counter, sampled from the \
+             host every {} ms through QEMU's monitor during the rounds, named with the \
+             guest's /proc/kallsyms (a sample names the function of the translation block \
+             QEMU runs, not the instruction): the functions most seen, in shares of a \
+             mode's samples in a phase, all rounds together. The guest is saturated, so \
+             the shares are of its CPU time.\n\n\
+             | services | phase | mode | samples | most seen |\n\
+             |---:|---|---|---:|---|\n",
+            PROFILE_INTERVAL.as_millis()
+        );
+        for (&((scale, baseline), mode), counts) in &self.profile {
+            let total: u64 = counts.values().sum();
+            let mut ranked: Vec<(&String, &u64)> = counts.iter().collect();
+            ranked.sort_by(|a, b| b.1.cmp(a.1));
+            let top: Vec<String> = ranked
+                .iter()
+                .take(PROFILE_TOP)
+                .map(|(function, count)| {
+                    format!("{function} {:.0}%", **count as f64 * 100.0 / total as f64)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {scale} | {} | {} | {total} | {} |",
+                baseline.name(),
+                mode.name(),
+                top.join(", ")
             );
         }
         out.push_str(&format!(
