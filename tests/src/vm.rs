@@ -125,9 +125,11 @@ impl Vm {
             // against late timer ticks, marks it unstable and falls back to
             // refined-jiffies, so every clock in the guest moves in 4 ms
             // steps from then on (seen 5 minutes into a benchmark run).
+            // tsc_early_khz: see `host_tsc_khz`.
             .arg(format!(
-                "console=ttyS0 panic=-1 quiet tsc=reliable socklb.allow_unprivileged_port=1 \
-                 {extra_cmdline}"
+                "console=ttyS0 panic=-1 quiet tsc=reliable tsc_early_khz={} \
+                 socklb.allow_unprivileged_port=1 {extra_cmdline}",
+                host_tsc_khz()
             ))
             .args([
                 "-object",
@@ -153,6 +155,17 @@ impl Vm {
         };
         vm.wait_console("socklb-init: up", Duration::from_secs(60));
         vm.booted_in = started.elapsed();
+        // Every time a test or benchmark reads in the guest depends on it.
+        let clocksource = vm.exec(&[
+            "cat",
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        ]);
+        assert_eq!(
+            clocksource["stdout"].as_str().map(str::trim),
+            Some("tsc"),
+            "the guest's clocksource: {clocksource}\n{}",
+            vm.console_text()
+        );
         vm
     }
 
@@ -299,6 +312,27 @@ impl Drop for Vm {
             let _ = child.wait();
         }
     }
+}
+
+/// The host's TSC frequency, kHz, measured once. Under TCG the guest's TSC
+/// is the host's counter, and the guest has no HPET or ACPI PM timer to
+/// calibrate it against: its calibration against the emulated PIT fails
+/// now and then ("tsc: Unable to calibrate against PIT"), and the guest
+/// then marks the TSC unstable and runs on refined-jiffies, every clock in
+/// 4 ms steps (seen at the boot of a benchmark run). Given the frequency,
+/// the guest skips its calibration.
+fn host_tsc_khz() -> u64 {
+    static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let started = Instant::now();
+        // SAFETY: RDTSC only reads the time-stamp counter.
+        let start = unsafe { std::arch::x86_64::_rdtsc() };
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: as above.
+        let ticks = unsafe { std::arch::x86_64::_rdtsc() } - start;
+        let nanos = started.elapsed().as_nanos() as u64;
+        ticks * 1_000_000 / nanos
+    })
 }
 
 /// Waits until `check` passes or `timeout` ends; returns whether it passed.
