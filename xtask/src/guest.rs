@@ -171,8 +171,9 @@ fn initramfs(kernel: Kernel, image: KernelImage, binaries: &Path) -> Result<Gues
 
 /// The bench image's kube-proxy baselines, Debian's tools (setup installs
 /// them): ipvsadm, nft, and iptables (as `xtables-legacy-multi
-/// iptables-restore`: iptables-nft's restore takes more than 20 minutes for
-/// 10,000 services in the emulated guest) with the extensions it loads;
+/// iptables-restore`: iptables-nft's restore took more than 20 minutes for
+/// 10,000 services in the emulated guest on its earlier SLOB kernel) with
+/// the extensions it loads;
 /// and iproute2's ip, for veth pairs with named peers and for `-batch`,
 /// which puts 10,000 ClusterIPs on kube-ipvs0 in one process (busybox's ip
 /// takes one address a process).
