@@ -155,18 +155,32 @@ impl Vm {
         };
         vm.wait_console("socklb-init: up", Duration::from_secs(60));
         vm.booted_in = started.elapsed();
-        // Every time a test or benchmark reads in the guest depends on it.
-        let clocksource = vm.exec(&[
-            "cat",
-            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-        ]);
-        assert_eq!(
-            clocksource["stdout"].as_str().map(str::trim),
-            Some("tsc"),
-            "the guest's clocksource: {clocksource}\n{}",
-            vm.console_text()
-        );
+        vm.wait_for_tsc_clock();
         vm
+    }
+
+    /// Waits until the guest's clocksource is the TSC: every time a test or
+    /// benchmark reads in the guest depends on it. The guest starts on
+    /// tsc-early and moves to tsc a second or more into its boot; any
+    /// other clocksource (jiffies) fails at once.
+    fn wait_for_tsc_clock(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answer = self.exec(&[
+                "cat",
+                "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+            ]);
+            let clocksource = answer["stdout"].as_str().unwrap_or_default().trim();
+            if clocksource == "tsc" {
+                return;
+            }
+            assert!(
+                clocksource == "tsc-early" && Instant::now() < deadline,
+                "the guest's clocksource is not the TSC: {answer}\n{}",
+                self.console_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The agent's address for socklb-shim.
@@ -324,15 +338,28 @@ impl Drop for Vm {
 fn host_tsc_khz() -> u64 {
     static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *KHZ.get_or_init(|| {
-        let started = Instant::now();
-        // SAFETY: RDTSC only reads the time-stamp counter.
-        let start = unsafe { std::arch::x86_64::_rdtsc() };
-        std::thread::sleep(Duration::from_millis(50));
-        // SAFETY: as above.
-        let ticks = unsafe { std::arch::x86_64::_rdtsc() } - start;
-        let nanos = started.elapsed().as_nanos() as u64;
-        ticks * 1_000_000 / nanos
+        let (started, start) = tsc_at_instant();
+        std::thread::sleep(Duration::from_millis(100));
+        let (ended, end) = tsc_at_instant();
+        (end - start) * 1_000_000 / (ended - started).as_nanos() as u64
     })
+}
+
+/// The TSC and the instant it was read at: of a few reads, the one the
+/// closest pair of clock reads brackets, so a preemption on a busy host
+/// does not skew the frequency.
+fn tsc_at_instant() -> (Instant, u64) {
+    (0..5)
+        .map(|_| {
+            let before = Instant::now();
+            // SAFETY: RDTSC only reads the time-stamp counter.
+            let tsc = unsafe { std::arch::x86_64::_rdtsc() };
+            let after = Instant::now();
+            (after - before, before + (after - before) / 2, tsc)
+        })
+        .min_by_key(|(bracket, _, _)| *bracket)
+        .map(|(_, at, tsc)| (at, tsc))
+        .expect("five reads")
 }
 
 /// Waits until `check` passes or `timeout` ends; returns whether it passed.
