@@ -42,17 +42,15 @@ const THREADS: &str = "16";
 /// 42 MB, in the guest's memory) while they load.
 const GUEST_MEMORY_MIB: u32 = 2048;
 /// Loading one baseline's 10,000 services takes minutes in the emulated
-/// guest (nftables: 185 and 191 s in two runs); room for a slower machine.
+/// guest; five times the slowest seen, for a slower machine.
 const RULES_LIMIT: Duration = Duration::from_secs(900);
 /// IPVS and nftables rules load in pieces of this many services (one
 /// `ipvsadm -R` or `nft -f` each). nftables: the kernel walks a
 /// transaction's whole list for each anonymous verdict map it binds (one a
 /// service), so one `nft -f` of 10,000 services took 61 s on this host and
 /// pieces of 1,000 took 32 s (of 100, 53 s: each piece re-reads the
-/// table). IPVS: one `ipvsadm -R` of 10,000 services had not finished
-/// after 13 minutes on the guest's earlier SLOB kernel, where pieces took
-/// 8.3 and 9.5 minutes; on SLUB pieces take 51-53 s (one whole file was not
-/// tried again).
+/// table). IPVS: one `ipvsadm -R` of 10,000 services did not finish in
+/// 13 minutes on the guest's earlier kernel; not tried since.
 const RULES_PIECE: usize = 1_000;
 /// How often the guest's program counter is sampled during a round.
 const PROFILE_INTERVAL: Duration = Duration::from_millis(20);
@@ -317,14 +315,12 @@ fn socklb_table(services: &[KubeService]) -> Table {
 /// The booted bench guest, its namespaces wired, and an agent client with
 /// an empty table.
 fn boot() -> (Vm, AgentClient) {
-    // bpf_jit_kallsyms: the profile names socklb's programs too.
     let vm = Vm::boot_with_memory(
         &GuestImage::from_env("BENCH"),
-        "socklb.bpf_stats=1 sysctl.net.core.bpf_jit_kallsyms=1",
+        "socklb.bpf_stats=1",
         GUEST_MEMORY_MIB,
     );
-    // A Sync of 10,000 services took 3.0-5.4 s in two runs (up to
-    // 156 s on the earlier SLOB kernel, beside nftables' 10,000).
+    // A Sync of 10,000 services takes seconds in the emulated guest.
     let options = Options {
         connect_timeout: Duration::from_secs(60),
         call_timeout: Duration::from_secs(60),
@@ -649,11 +645,10 @@ impl Results {
         let _ = write!(
             out,
             "\n### Where the guest's CPU went\n\nThe vCPU's program counter, sampled from the \
-             host every {} ms through QEMU's monitor during the rounds, named with the \
-             guest's /proc/kallsyms (a sample names the function of the translation block \
-             QEMU runs, not the instruction): the functions most seen, in shares of a \
-             mode's samples in a phase, all rounds together. The guest is saturated, so \
-             the shares are of its CPU time.\n\n\
+             host every {} ms through QEMU's monitor during the rounds and named with the \
+             guest's /proc/kallsyms (what a sample names: docs/benchmarks.md): the functions \
+             most seen, in shares of a mode's samples in a phase, all rounds together. The \
+             guest is saturated, so the shares are of its CPU time.\n\n\
              | services | phase | mode | samples | most seen |\n\
              |---:|---|---|---:|---|\n",
             PROFILE_INTERVAL.as_millis()
